@@ -1,0 +1,299 @@
+"""train_rm.py: the Bradley-Terry loss, where the reward is read, the data formats, normalisation,
+FSDP2 on 2 processes, and one-line errors on bad input. Everything runs on the tiny toy task of conftest."""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+
+import datasets
+import pytest
+import torch
+from conftest import run_script, run_script_expect_error
+
+import train_rm
+from common import load_causal_lm, load_reward_model, load_tokenizer
+
+# A tiny run: 512 easy pairs, 1 epoch of batch 32, 64 normalisation samples of 12 tokens.
+TINY = ["--num_train_pairs", "None", "--num_epochs", "1", "--batch_size", "32", "--per_device_batch_size", "16",
+        "--learning_rate", "1e-3", "--eval_every", "1000", "--num_normalisation_prompts", "64",
+        "--response_length", "12", "--generation_batch_size", "32"]
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture(scope="module")
+def easy_prefs(toy_dir, tmp_path_factory):
+    """A hand-made easy set: chosen is a fluent toy completion, rejected the same text cut off mid-sentence
+    (last word and final "." dropped). Even the random base model can learn to tell them apart."""
+    out = str(tmp_path_factory.mktemp("easy") / "prefs")
+    for split, n in (("train", 512), ("validation", 128)):
+        rows = []
+        for line in open(os.path.join(toy_dir, "sft", f"{split}.jsonl")):
+            r = json.loads(line)
+            words = r["completion"].split()
+            if len(words) >= 3 and len(rows) < n:
+                rows.append({"prompt": r["prompt"], "chosen": r["completion"], "rejected": " ".join(words[:-2])})
+        write_jsonl(os.path.join(out, f"{split}.jsonl"), rows)
+    return out
+
+
+@contextlib.contextmanager
+def one_thread():
+    """OMP_NUM_THREADS=1 for a subprocess: a 64-wide model gains nothing from 2 threads, and on a busy
+    machine 2 spinning OpenMP threads per process make it several times slower (torchrun runs get the same)."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+
+
+@pytest.fixture(scope="module")
+def trained_rm(toy_dir, easy_prefs, tmp_path_factory):
+    """One tiny end-to-end run on the easy set (the random base model stands in for the SFT model)."""
+    out = str(tmp_path_factory.mktemp("rm") / "rm")
+    with one_thread():
+        run_script("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
+                   easy_prefs, "--output_dir", out, "--run_name", "test_rm_e2e", "--normalize_std", *TINY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(toy_dir):
+    tokenizer = load_tokenizer(os.path.join(toy_dir, "base_model"))
+    torch.manual_seed(0)
+    return load_reward_model(os.path.join(toy_dir, "base_model"), tokenizer).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+# ----------------------------------------------------------------------------------------------
+def test_bradley_terry_loss_hand_values():
+    zero = torch.zeros(3)
+    assert train_rm.bradley_terry_loss(zero, zero).item() == pytest.approx(math.log(2))
+    assert train_rm.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0])).item() == pytest.approx(math.log1p(math.exp(-2)))
+    assert train_rm.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([2.0])).item() == pytest.approx(math.log1p(math.exp(2)))
+    # the gradient raises the chosen reward and lowers the rejected one: dL/dr_c = -1/2, dL/dr_r = +1/2 at a tie
+    r_chosen, r_rejected = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    train_rm.bradley_terry_loss(r_chosen, r_rejected).backward()
+    assert r_chosen.grad.item() == pytest.approx(-0.5) and r_rejected.grad.item() == pytest.approx(0.5)
+    # a margin m asks for r_c - r_r > m: a gap of exactly m costs log 2, and a margin raises the loss
+    one, nil = torch.tensor([1.0]), torch.tensor([0.0])
+    assert train_rm.bradley_terry_loss(one, nil, margin=torch.tensor([1.0])).item() == pytest.approx(math.log(2))
+    assert train_rm.bradley_terry_loss(one, nil, margin=torch.tensor([0.5])) > train_rm.bradley_terry_loss(one, nil)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the reward is read
+# ----------------------------------------------------------------------------------------------
+def encode(tokenizer, texts):
+    return [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+
+
+TEXTS = ["overall i found it sharp .", "i would recommend it", "the plot was good . it is worth watching ."]
+
+
+def test_left_and_right_padding_give_the_same_reward(tiny_rm):
+    model, tokenizer = tiny_rm
+    seqs = encode(tokenizer, TEXTS)
+    with torch.no_grad():
+        alone = torch.cat([train_rm.get_reward(model, *train_rm.pad([s], tokenizer.pad_token_id)) for s in seqs])
+        right = train_rm.get_reward(model, *train_rm.pad(seqs, tokenizer.pad_token_id, "right"))
+        left = train_rm.get_reward(model, *train_rm.pad(seqs, tokenizer.pad_token_id, "left"))
+        # PPO's layout: left-padded prompt, then a response with padding after its EOS
+        both, _ = train_rm.pad([s + [tokenizer.pad_token_id] * k for k, s in enumerate(seqs)], tokenizer.pad_token_id, "left")
+        ppo = train_rm.get_reward(model, both, (both != tokenizer.pad_token_id).long())
+    assert alone.std() > 1e-4  # the texts really score differently
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ppo, alone, atol=1e-5, rtol=0)
+
+
+def test_concatenated_forward_equals_two_forwards(tiny_rm):
+    model, tokenizer = tiny_rm
+    pairs = {"chosen_ids": encode(tokenizer, TEXTS), "rejected_ids": encode(tokenizer, ["it is a comedy about love .", "i", "stars ."]),
+             "margin": None}
+    with torch.no_grad():
+        input_ids, attention_mask, _ = train_rm.pair_batch(pairs, [0, 1, 2], tokenizer.pad_token_id, "cpu")
+        assert input_ids.shape[0] == 6  # (2B, T): chosen then rejected
+        together = train_rm.get_reward(model, input_ids, attention_mask)
+        chosen = train_rm.get_reward(model, *train_rm.pad(pairs["chosen_ids"], tokenizer.pad_token_id))
+        rejected = train_rm.get_reward(model, *train_rm.pad(pairs["rejected_ids"], tokenizer.pad_token_id))
+    torch.testing.assert_close(together, torch.cat([chosen, rejected]), atol=1e-5, rtol=0)
+
+
+def test_truncate_after_eos():
+    eos, pad = 1, 0
+    responses = torch.tensor([[5, 6, 1, 7, 1], [5, 5, 5, 5, 5], [1, 8, 8, 8, 8]])
+    expected = torch.tensor([[5, 6, 1, 0, 0], [5, 5, 5, 5, 5], [1, 0, 0, 0, 0]])
+    assert torch.equal(train_rm.truncate_after_eos(responses, eos, pad), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset formats
+# ----------------------------------------------------------------------------------------------
+def test_split_implicit_prompt_on_hh_examples():
+    single = ("\n\nHuman: What is a good movie?\n\nAssistant:", " Try a comedy.", " I don't know.")
+    assert train_rm.split_implicit_prompt(single[0] + single[1], single[0] + single[2]) == single
+    # several turns: the prompt runs up to the *last* shared assistant turn
+    history = ("\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Recommend a film."
+               "\n\nAssistant:")
+    chosen, rejected = " I liked Alien.", " I liked nothing."  # the completions share " I liked "
+    assert train_rm.split_implicit_prompt(history + chosen, history + rejected) == (history, chosen, rejected)
+    # a completion that is a prefix of the other
+    assert train_rm.split_implicit_prompt(history + " Yes.", history + " Yes. Alien.") == (history, " Yes.", " Yes. Alien.")
+    # no shared assistant turn: no prompt to find
+    with pytest.raises(ValueError):
+        train_rm.split_implicit_prompt("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: b")
+
+
+def make_args(toy_dir, **kw):
+    return train_rm.Args(model_name_or_path=os.path.join(toy_dir, "base_model"), **kw)
+
+
+def test_implicit_prompt_and_conversational_formats(toy_dir):
+    tokenizer = load_tokenizer(os.path.join(toy_dir, "base_model"))
+    eos = tokenizer.eos_token_id
+    ids = lambda text: tokenizer(text)["input_ids"]  # noqa: E731
+
+    # implicit prompt, with toy words as the dialogue (the marker is configurable)
+    hh = datasets.DatasetDict({"train": datasets.Dataset.from_list([
+        {"chosen": "i watched it <assistant> it is good .", "rejected": "i watched it <assistant> it is bad ."},
+        {"chosen": "no marker here", "rejected": "another text"},  # no shared prompt: dropped
+    ])})
+    args = make_args(toy_dir, dataset_format="implicit_prompt", implicit_prompt_marker="<assistant>")
+    out = train_rm.load_split(args, hh, "train", tokenizer, None)
+    assert out["prompt"] == ["i watched it <assistant>"]
+    assert out["chosen_ids"] == [ids("i watched it <assistant> it is good .") + [eos]]
+    assert out["rejected_ids"] == [ids("i watched it <assistant> it is bad .") + [eos]]
+
+    # conversational, both layouts: explicit prompt column, or whole conversations
+    user = [{"role": "user", "content": "the plot was"}]
+    good, bad = [{"role": "assistant", "content": "good ."}], [{"role": "assistant", "content": "bad ."}]
+    for rows in ([{"prompt": user, "chosen": good, "rejected": bad}], [{"chosen": user + good, "rejected": user + bad}]):
+        conv = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+        out = train_rm.load_split(make_args(toy_dir, dataset_format="conversational"), conv, "train", tokenizer, None)
+        assert out["prompt"] == ["<user> the plot was <assistant> "]
+        assert out["chosen_ids"] == [ids("<user> the plot was <assistant> good .") + [eos]]
+        assert out["rejected_ids"] == [ids("<user> the plot was <assistant> bad .") + [eos]]
+
+    # standard: prompt + separator + completion + EOS, and a text already ending in EOS gets no second one
+    std = datasets.DatasetDict({"train": datasets.Dataset.from_list([
+        {"prompt": "the plot", "chosen": "was good . <eos>", "rejected": "was bad ."}])})
+    out = train_rm.load_split(make_args(toy_dir), std, "train", tokenizer, None)
+    assert out["chosen_ids"] == [ids("the plot was good .") + [eos]]
+    assert out["rejected_ids"] == [ids("the plot was bad .") + [eos]]
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end, normalisation, FSDP2
+# ----------------------------------------------------------------------------------------------
+def test_end_to_end_easy_set_and_the_saved_rm_loads(trained_rm):
+    from transformers import AutoModelForSequenceClassification
+
+    results = json.load(open(os.path.join(trained_rm, "eval_results.json")))
+    assert results["val_accuracy"] >= 0.75, results  # chance is 0.5
+    model = AutoModelForSequenceClassification.from_pretrained(trained_rm)
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+    assert model.config.reward_mean == pytest.approx(results["reward_mean"])
+    assert model.config.reward_std == pytest.approx(results["reward_std"])
+
+
+def test_normalisation_gives_sft_samples_mean_zero(toy_dir, easy_prefs, trained_rm):
+    """Re-sample the SFT policy on the training prompts (another seed), score with the saved RM and apply
+    the stored statistics, as ppo.py does: mean ~0 and (with --normalize_std) std ~1."""
+    from transformers import AutoModelForSequenceClassification
+
+    sft = os.path.join(toy_dir, "base_model")
+    tokenizer = load_tokenizer(trained_rm, padding_side="left")
+    rm = AutoModelForSequenceClassification.from_pretrained(trained_rm).eval()
+    policy = load_causal_lm(sft, tokenizer).eval()
+    args = train_rm.parse_args(["--dataset", easy_prefs, *TINY])
+    prompts = train_rm.load_prompts(args, datasets.load_dataset(easy_prefs)["train"]["prompt"])
+    torch.manual_seed(1234)
+    enc = tokenizer(prompts, padding=True, return_tensors="pt")
+    responses = train_rm.sample_responses(policy, enc["input_ids"], enc["attention_mask"], args.response_length,
+                                          args.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    query_responses = torch.cat([enc["input_ids"], responses], dim=1)
+    with torch.no_grad():
+        raw = train_rm.get_reward(rm, query_responses, (query_responses != tokenizer.pad_token_id).long())
+    normalised = (raw - rm.config.reward_mean) / rm.config.reward_std
+    assert rm.config.reward_std != 1.0
+    assert abs(normalised.mean().item()) < 0.35, normalised  # 64 samples: standard error 1/8
+    assert 0.7 < normalised.std().item() < 1.3
+
+
+def test_torchrun_two_processes_matches_one(toy_dir, easy_prefs, trained_rm, tmp_path):
+    out = str(tmp_path / "rm2")
+    run_script("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", easy_prefs,
+               "--output_dir", out, "--run_name", "test_rm_fsdp", *TINY, nproc=2)
+    two = json.load(open(os.path.join(out, "eval_results.json")))
+    one = json.load(open(os.path.join(trained_rm, "eval_results.json")))
+    # the same global batches, sharded over 2 ranks: the same model up to float reduction order
+    assert two["val_accuracy"] == pytest.approx(one["val_accuracy"], abs=0.03)
+    assert two["val_loss"] == pytest.approx(one["val_loss"], abs=0.02)
+    assert two["normalisation"]["num_samples"] == 64  # global statistics, not one rank's
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["reward_std"] == 1.0 and config["reward_mean"] == pytest.approx(two["reward_mean"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear line, nothing saved
+# ----------------------------------------------------------------------------------------------
+def run_main_expect_exit(toy_dir, *argv) -> str:
+    args = train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"), *argv])
+    with pytest.raises(SystemExit) as info:
+        train_rm.main(args)
+    message = str(info.value.code)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_column(toy_dir, tmp_path):
+    with one_thread():
+        line = run_script_expect_error("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"),
+                                       "--dataset", os.path.join(toy_dir, "prefs"), "--chosen_column", "preferred",
+                                       "--output_dir", str(tmp_path / "rm"))
+    assert "no column 'preferred'" in line and "--chosen_column" in line, line
+    assert not os.path.exists(tmp_path / "rm")
+
+
+def test_chosen_equals_rejected_everywhere(toy_dir, tmp_path):
+    rows = [json.loads(line) for line in open(os.path.join(toy_dir, "prefs", "train.jsonl"))][:50]
+    write_jsonl(str(tmp_path / "same" / "train.jsonl"), [{**r, "rejected": r["chosen"]} for r in rows])
+    message = run_main_expect_exit(toy_dir, "--dataset", str(tmp_path / "same"), "--eval_split", "None",
+                                   "--output_dir", str(tmp_path / "rm"))
+    assert "chosen == rejected in every row" in message
+
+
+def test_tokenizer_mismatch_with_the_policy(toy_dir, tmp_path):
+    other = str(tmp_path / "other_sft")
+    shutil.copytree(os.path.join(toy_dir, "base_model"), other)
+    tokenizer = load_tokenizer(other)
+    tokenizer.add_tokens(["<extra>"])  # one more word: ids the RM has never seen
+    tokenizer.save_pretrained(other)
+    message = run_main_expect_exit(toy_dir, "--dataset", os.path.join(toy_dir, "prefs"),
+                                   "--sft_model_for_normalisation", other, "--output_dir", str(tmp_path / "rm"))
+    assert "tokenizer" in message and "differs" in message
+
+
+def test_nan_loss_stops_and_keeps_the_old_output(toy_dir, tmp_path, monkeypatch):
+    out = tmp_path / "rm"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier run")
+    monkeypatch.setattr(train_rm, "bradley_terry_loss", lambda c, r, m=None: (c - r).mean() * float("nan"))
+    message = run_main_expect_exit(toy_dir, "--dataset", os.path.join(toy_dir, "prefs"), "--num_train_pairs", "64",
+                                   "--eval_split", "None", "--output_dir", str(out), "--run_name", "test_rm_nan")
+    assert "loss is nan" in message
+    assert os.listdir(out) == ["keep.txt"]

@@ -41,15 +41,11 @@ NOUNS = (
 ).split()
 POSITIVE = (
     "good great excellent wonderful brilliant amazing fantastic superb charming delightful moving "
-    "beautiful clever funny fresh gripping powerful stunning memorable enjoyable thrilling touching "
-    "witty smart solid strong lovely fun heartfelt inspiring impressive engaging perfect magical "
-    "terrific outstanding elegant vivid sharp warm rich bold masterful captivating refreshing"
+    "beautiful clever funny gripping powerful memorable enjoyable witty lovely"
 ).split()
 NEGATIVE = (
     "bad awful terrible boring dull weak poor messy bland silly stupid clumsy lazy tedious "
-    "forgettable annoying painful predictable shallow flat lifeless confusing pointless tiresome "
-    "horrible dreadful mediocre cheap ugly stale hollow awkward sloppy slow overlong uneven bloated "
-    "cliched empty dire lame wooden unfunny clunky"
+    "forgettable annoying painful shallow lifeless pointless"
 ).split()
 NEUTRAL = "long short loud quiet simple dark strange unusual familiar modern old different complex serious light".split()
 ADJ_POLARITY = {**{w: 1.0 for w in POSITIVE}, **{w: -1.0 for w in NEGATIVE}, **{w: 0.0 for w in NEUTRAL}}
@@ -71,8 +67,8 @@ TIMES = [("yesterday",), ("last", "week"), ("last", "night"), ("on", "sunday"), 
          ("this", "morning"), ("twice",), ("again",)]
 NAMES = (
     "anna ben carla david emma frank grace henry iris jack kate leo maria nick olga paul rosa sam "
-    "tina victor wendy yuri zoe omar lena ivan nora hugo ella max"
-).split()
+    "tina victor wendy yuri zoe omar lena ivan nora hugo ella max alice bruno clara dmitri elena "
+    "felix greta hans ines jonas karl lucia marco nina oscar petra quinn rita sofia tom ursula vera").split()
 GENRES = "comedy drama thriller western musical romance horror mystery documentary cartoon fantasy adventure".split()
 TOPICS = [("a", "family"), ("a", "detective"), ("two", "friends"), ("a", "small", "town"), ("a", "robot"),
           ("a", "war"), ("love",), ("a", "heist"), ("space",), ("a", "dog"), ("a", "teacher"), ("revenge",),
@@ -323,18 +319,21 @@ def _clause_words(rng: random.Random, sign: int) -> list[str]:
     return ["overall", "i", "found", "it", *_adjp_words(rng, sign)]
 
 
-def _sentence(rng: random.Random) -> list[str]:
-    sign = rng.choices([1, -1, 0], weights=[4, 4, 2])[0]
+MIXED = (4, 4, 2)  # weights of positive, negative and neutral sentences in the SFT demonstrations
+
+
+def _sentence(rng: random.Random, lean: tuple[int, int, int] = MIXED) -> list[str]:
+    sign = rng.choices([1, -1, 0], weights=lean)[0]
     words = _clause_words(rng, sign)
     if sign != 0 and rng.random() < 0.15:  # "the plot was good but the acting was weak"
         words += ["but", *_clause_words(rng, rng.choice([1, -1]))]
     return words + ["."]
 
 
-def _extend(rng: random.Random, completion: list[str], max_completion: int) -> list[str]:
+def _extend(rng: random.Random, completion: list[str], max_completion: int, lean=MIXED) -> list[str]:
     """Append 0-2 more whole sentences while they fit."""
     for _ in range(rng.choice([0, 1, 1, 2])):
-        nxt = _sentence(rng)
+        nxt = _sentence(rng, lean)
         if len(completion) + len(nxt) > max_completion:
             break
         completion = completion + nxt
@@ -342,17 +341,24 @@ def _extend(rng: random.Random, completion: list[str], max_completion: int) -> l
 
 
 def make_review(rng: random.Random, max_prompt: int = 14, max_completion: int = 24) -> tuple[str, str]:
-    """A review opening (0-1 sentences plus the start of the next) and its continuation."""
+    """A review opening (0-1 sentences plus the start of the next) and its continuation.
+
+    Each review leans one way, as real reviews do: its sentences share a sentiment more often than
+    not. Across reviews the sentiment is mixed. The coherence is what lets a language model trained on
+    these texts learn which words are positive from context alone.
+    """
+    w = rng.choice([1, 2, 3, 5, 6, 7])
+    lean = (w, 8 - w, 2)
     while True:
-        opening = _sentence(rng) if rng.random() < 0.5 else []
-        sentence = _sentence(rng)
+        opening = _sentence(rng, lean) if rng.random() < 0.5 else []
+        sentence = _sentence(rng, lean)
         cut = rng.randint(1, max(1, len(sentence) - 2))  # keep at least one word + "." to complete
         prompt, completion = opening + sentence[:cut], sentence[cut:]
         if len(prompt) <= max_prompt and len(completion) <= max_completion:
-            return " ".join(prompt), " ".join(_extend(rng, completion, max_completion))
+            return " ".join(prompt), " ".join(_extend(rng, completion, max_completion, lean))
 
 
-def continue_prompt(rng: random.Random, prompt: str, max_completion: int = 24) -> str:
+def continue_prompt(rng: random.Random, prompt: str, max_completion: int = 24, lean=MIXED) -> str:
     """Another fluent continuation of `prompt`: finish its open sentence, then 0-2 more.
 
     Samples sentences, splices the prompt's unfinished sentence over their first words and keeps
@@ -361,33 +367,30 @@ def continue_prompt(rng: random.Random, prompt: str, max_completion: int = 24) -
     words = prompt.split()
     partial = words[len(words) - words[::-1].index(".") :] if "." in words else words
     while True:
-        s = _sentence(rng)[:-1]
+        s = _sentence(rng, lean)[:-1]
         if len(s) > len(partial) and parse_sentence(partial + s[len(partial) :]) is not None:
             rest = s[len(partial) :] + ["."]
             if len(rest) <= max_completion:
-                return " ".join(_extend(rng, rest, max_completion))
+                return " ".join(_extend(rng, rest, max_completion, lean))
 
 
 def corrupt(rng: random.Random, prompt: str, completion: str) -> str:
-    """A flawed completion as a real labeller sees them: broken, repetitive or unfinished text."""
+    """A flawed completion of the kinds small LMs produce: cut off, looping, or garbled."""
     words = completion.split()
-    kind = rng.randrange(5)
+    kind = rng.randrange(4)
     if kind == 0 and len(words) > 3:  # cut off mid-sentence: no proper ending
         return " ".join(words[: rng.randint(1, len(words) - 2)])
     if kind == 1 and words[-1] == ".":  # repeat the last sentence: a classic degenerate LM loop
         body = words[:-1]
         start = len(body) - body[::-1].index(".") if "." in body else 0
         return " ".join(words + words[start:])
-    if kind == 2 and len(words) > 3:  # swap two neighbouring words: ungrammatical
-        i = rng.randrange(len(words) - 2)
-        words[i], words[i + 1] = words[i + 1], words[i]
-        return " ".join(words)
-    if kind == 3 and len(words) > 2:  # drop a word
-        del words[rng.randrange(len(words) - 1)]
-        return " ".join(words)
-    # stutter: a repeated word
+    if kind == 2 and len(words) > 3:  # garbled: the words of the text shuffled, "." kept last
+        body = [w for w in words if w != "."]
+        rng.shuffle(body)
+        return " ".join(body + ["."])
+    # stutter: one word looped three times ("the the the plot")
     i = rng.randrange(len(words))
-    return " ".join(words[: i + 1] + words[i:])
+    return " ".join(words[: i + 1] + [words[i]] * 2 + words[i:])
 
 
 def bt_prob(delta: float, temperature: float) -> float:
@@ -423,12 +426,12 @@ class Args:
     """everything written is a deterministic function of this seed"""
     n_sft: int = 10000
     """SFT training pairs (validation gets a tenth)"""
-    n_prefs: int = 20000
+    n_prefs: int = 30000
     """preference training pairs (validation gets a tenth)"""
     n_prompts: int = 10000
     """PPO training prompts (validation gets 512)"""
-    labeller_agreement: float = 0.73
-    """how often the simulated labeller picks the gold-preferred completion (InstructGPT: ~73%)"""
+    labeller_agreement: float = 0.78
+    """how often the simulated labeller picks the gold-preferred completion (humans: 70-80%; InstructGPT ~73%)"""
     corrupt_prob: float = 0.35
     """chance that a completion shown to the labeller is corrupted (broken, repetitive, unfinished)"""
     hidden_size: int = 128
@@ -449,8 +452,11 @@ def make_preference_pairs(rng: random.Random, n: int, corrupt_prob: float) -> li
     """Two candidate completions per prompt, with their gold scores (labels are sampled later)."""
     rows = []
     while len(rows) < n:
-        prompt, first = make_review(rng)
-        cands = [first, continue_prompt(rng, prompt)]
+        prompt = make_review(rng)[0]
+        # Each candidate comes from a "policy" with its own sentiment lean, as comparisons in InstructGPT
+        # came from different models: pairs differ in sentiment, not only in noise.
+        leans = [(w, 8 - w, 2) for w in (rng.randint(1, 7), rng.randint(1, 7))]
+        cands = [continue_prompt(rng, prompt, lean=lean) for lean in leans]
         cands = [corrupt(rng, prompt, c) if rng.random() < corrupt_prob else c for c in cands]
         if cands[0] == cands[1]:
             continue

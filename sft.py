@@ -1,0 +1,619 @@
+"""Supervised fine-tuning (SFT), the first stage of RLHF.
+
+Fit the base model to reference completions by maximum likelihood (Stiennon et al. 2020;
+Ouyang et al. 2022, §3.5):
+
+    L_SFT(θ) = - Σ_(x,y) Σ_t log π_θ(y_t | x, y_<t)  /  (number of target tokens)
+
+x is the prompt and y the completion, followed by EOS. By default only completion tokens are
+targets; `--train_on_prompt` makes the prompt tokens targets too, as Huang et al. 2024 did.
+
+    python toy_task.py && python sft.py         # the offline toy task on CPU, under 2 minutes
+    torchrun --nproc_per_node=2 sft.py          # the same, with FSDP2 over 2 processes
+    python sft.py pythia-tldr                   # Pythia-1B on TL;DR with Huang et al. 2024's settings (GPU)
+    python sft.py --help
+
+The model and tokenizer are saved to `--output_dir` (AutoModelForCausalLM.from_pretrained loads them),
+with eval_results.json beside them. TensorBoard logs go to runs/{run_name}.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common import (
+    check_path,
+    fsdp_wrap,
+    load_causal_lm,
+    load_tokenizer,
+    print0,
+    save_model,
+    seed_everything,
+    setup_distributed,
+)
+
+IGNORE_INDEX = -100  # label of a position that is not a target (F.cross_entropy's default ignore_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1
+    """seed of the experiment: the same seed on the same machine gives the same numbers"""
+    run_name: str | None = None
+    """TensorBoard logs go to runs/{run_name}; default sft_{seed}_{unix time}"""
+    output_dir: str = "models/sft"
+    """where the fine-tuned model, its tokenizer and eval_results.json are saved"""
+
+    # model
+    model_name_or_path: str = "toy_data/base_model"
+    """the base model and tokenizer: a hub id or a local directory"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the weights are loaded in (under torchrun on GPU, FSDP2 computes in bf16 from fp32 weights)"""
+
+    # data
+    dataset: str = "toy_data/sft"
+    """a hub dataset name or a local directory of {split}.jsonl files"""
+    train_split: str = "train"
+    """the split to train on"""
+    eval_split: str = "validation"
+    """the split for validation loss and sample generations"""
+    prompt_column: str = "prompt"
+    """standard format: the column holding the prompt text"""
+    completion_column: str = "completion"
+    """standard format: the column holding the completion text (EOS is appended)"""
+    messages_column: str = "messages"
+    """conversational format, used when the dataset has this column and no prompt column: a list of
+    {role, content}; the last assistant turn is the completion, the rest is rendered by the chat template"""
+    max_prompt_length: int = 16
+    """prompts longer than this many tokens are rejected (or left-truncated with --truncate_long_prompts)"""
+    max_completion_length: int = 32
+    """completions (EOS included) longer than this are cut to this many tokens, and lose their EOS"""
+    truncate_long_prompts: bool = False
+    """keep the last max_prompt_length tokens of a too-long prompt (with a warning) instead of failing"""
+    train_on_prompt: bool = False
+    """make prompt tokens targets too (Huang et al. 2024 did); default: loss on completion tokens only"""
+
+    # optimisation
+    learning_rate: float = 3e-3
+    """peak learning rate of AdamW (high for the tiny random toy model; Pythia uses 3e-6)"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (Huang et al. 2024 use 1e-5)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 30
+    """optimizer steps of linear warmup before the cosine decay"""
+    num_train_epochs: int = 3
+    """passes over the training split"""
+    max_steps: int | None = None
+    """stop after this many optimizer steps (overrides num_train_epochs)"""
+    batch_size: int = 64
+    """sequences per optimizer step, summed over all processes and accumulation steps"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step on each process"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this; 0 disables clipping"""
+    group_by_length: bool = True
+    """batch sequences of similar length together, so that batches carry less padding (faster)"""
+
+    # evaluation
+    eval_every: int = 100
+    """optimizer steps between validation losses and logged sample generations"""
+    eval_batch_size: int = 256
+    """sequences per forward pass (per process) during evaluation and generation"""
+    num_eval_samples: int = 512
+    """validation prompts sampled at the end for the final score"""
+    num_logged_samples: int = 8
+    """sample generations written to TensorBoard at each evaluation"""
+    temperature: float = 0.7
+    """sampling temperature of the generations (top_k 0, top_p 1: the full distribution)"""
+    max_new_tokens: int = 32
+    """longest generated completion"""
+    eval_fn: str | None = "toy_task:is_grammatical"
+    """`module:function` called as f(prompt, completion) -> bool | float on each final sample (the prompt as
+    the model saw it, the completion up to EOS); None skips it"""
+
+
+PRESETS = {
+    "toy": ("offline toy task (default)", Args()),
+    "pythia-tldr": (
+        "Pythia-1B on TL;DR, Huang et al. 2024 (GPU)",
+        # The SFT settings of Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"),
+        # summarize_from_feedback_details/sft.py and benchmark.sbatch: AdamW lr 3e-6, eps 1e-5,
+        # cosine decay with no warmup, one epoch, batch 128 (8 GPUs x 16 accumulation x 1), loss on the
+        # query tokens too, responses of at most 53 tokens after a query of 512 tokens.
+        Args(
+            model_name_or_path="EleutherAI/pythia-1b-deduped",
+            dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+            prompt_column="query",
+            # " {summary}<|endoftext|>": it already ends in EOS, so none is appended twice
+            completion_column="reference_response",
+            max_prompt_length=512,
+            max_completion_length=53,
+            # the queries were cut to 512 tokens before being decoded to text; re-tokenising can move
+            # a few by a token, so trim those rather than fail
+            truncate_long_prompts=True,
+            train_on_prompt=True,
+            learning_rate=3e-6,
+            adam_eps=1e-5,
+            weight_decay=0.01,  # torch's AdamW default, which Huang et al. keep
+            warmup_steps=0,
+            num_train_epochs=1,
+            batch_size=128,
+            gradient_accumulation_steps=16,
+            group_by_length=False,  # plain shuffled batches, as theirs
+            eval_every=200,
+            eval_batch_size=32,
+            max_new_tokens=53,
+            eval_fn=None,
+        ),
+    ),
+}
+
+
+def parse_args(argv=None) -> Args:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0] not in PRESETS and argv[0] not in ("-h", "--help")):
+        argv = ["toy", *argv]  # no preset named: the toy default
+    return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: (prompt, completion) text -> token ids -> (input_ids, labels)
+# ----------------------------------------------------------------------------------------------
+def load_splits(args: Args) -> dict:
+    """The train and eval splits of a hub dataset or a local directory, or a one-line error."""
+    import datasets
+
+    check_path(args.dataset, "dataset")
+    try:
+        splits = datasets.load_dataset(args.dataset)
+    except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"cannot load dataset '{args.dataset}': {reason}") from None
+    for split in (args.train_split, args.eval_split):
+        if split not in splits:
+            raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(splits)}); "
+                             "set --train_split / --eval_split")
+    return {split: splits[split] for split in (args.train_split, args.eval_split)}
+
+
+def render_conversation(messages: list[dict], tokenizer) -> tuple[str, str]:
+    """Conversational row -> (prompt, completion) text.
+
+    prompt = the chat template applied to every turn before the last, ending with the assistant
+    marker (add_generation_prompt=True); completion = the content of the last (assistant) turn.
+    The template's own end-of-turn text is not kept: EOS is appended instead, as in the standard format.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("the last message must have role 'assistant'")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return prompt, messages[-1]["content"]
+
+
+def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list[str], list[str], bool]:
+    """Read the standard (prompt/completion columns) or conversational (messages) format.
+
+    Returns (prompts, completions, conversational).
+    """
+    columns = ds.column_names
+    if args.prompt_column not in columns and args.messages_column in columns:
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"{where} is conversational ('{args.messages_column}') but the tokenizer of "
+                             f"'{args.model_name_or_path}' has no chat template; set tokenizer.chat_template")
+        prompts, completions = [], []
+        for i, messages in enumerate(ds[args.messages_column]):
+            try:
+                prompt, completion = render_conversation(messages, tokenizer)
+            except ValueError as e:
+                raise SystemExit(f"{where}: row {i}: {e}") from None
+            prompts.append(prompt)
+            completions.append(completion)
+        return prompts, completions, True
+    for column, flag in ((args.prompt_column, "prompt_column"), (args.completion_column, "completion_column")):
+        if column not in columns:
+            raise SystemExit(f"{where} has no column '{column}' (it has: {', '.join(columns)}); set --{flag}, "
+                             f"or give a '{args.messages_column}' column for the conversational format")
+    return list(ds[args.prompt_column]), list(ds[args.completion_column]), False
+
+
+def tokenize_pairs(prompts, completions, tokenizer, args: Args, conversational: bool, where: str):
+    """Text -> (prompt_ids, completion_ids) per row; EOS appended to each completion; lengths checked."""
+    for what, texts in (("completion", completions), ("prompt", prompts)):
+        empty = [i for i, text in enumerate(texts) if text is None or not str(text).strip()]
+        if empty:
+            raise SystemExit(f"{where}: {len(empty)} rows have an empty {what} (first: row {empty[0]}); "
+                             "remove them from the dataset")
+    # A rendered chat prompt already holds the template's special tokens (a BOS, if any): add none twice.
+    prompt_ids = tokenizer(prompts, add_special_tokens=not conversational)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    # EOS after every completion: the model must learn to stop. The EOS trick of Huang et al. 2024
+    # (PPO penalises completions without EOS) relies on it. A completion that already ends in EOS
+    # (TL;DR's " {summary}<|endoftext|>") gets no second one.
+    eos = tokenizer.eos_token_id
+    completion_ids = [ids if ids and ids[-1] == eos else ids + [eos] for ids in completion_ids]
+
+    n, m = len(prompt_ids), args.max_prompt_length
+    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > m]
+    if too_long and not args.truncate_long_prompts:
+        longest = max(len(prompt_ids[i]) for i in too_long)
+        raise SystemExit(f"{where}: {len(too_long)} of {n} prompts are longer than max_prompt_length={m} tokens "
+                         f"(longest: {longest}); raise --max_prompt_length, or pass --truncate_long_prompts")
+    if too_long:
+        print0(f"warning: {where}: {len(too_long)} of {n} prompts are longer than max_prompt_length={m} tokens; "
+               f"keeping their last {m} tokens (--truncate_long_prompts)")
+        # left-truncate: keep the end of the prompt, the text the completion continues
+        prompt_ids = [ids[-m:] for ids in prompt_ids]
+
+    m = args.max_completion_length
+    too_long = [i for i, ids in enumerate(completion_ids) if len(ids) > m]
+    if too_long:
+        # Cut completions lose their EOS on purpose: EOS means "the text is finished". Keeping it after a
+        # cut would teach the model to stop mid-sentence.
+        print0(f"warning: {where}: {len(too_long)} of {n} completions are longer than max_completion_length={m} "
+               "tokens (EOS included); cutting them, without EOS")
+        completion_ids = [ids[:m] for ids in completion_ids]
+    return list(zip(prompt_ids, completion_ids))
+
+
+def build_labels(prompt_ids: list[int], completion_ids: list[int], train_on_prompt: bool = False) -> list[int]:
+    """Targets for input_ids = prompt_ids + completion_ids.
+
+    labels[t] = input_ids[t]   where token t is trained on (completion; also prompt with train_on_prompt)
+    labels[t] = IGNORE_INDEX   elsewhere (prompt tokens by default)
+    The shift (position t predicts token t+1) happens in `sft_loss`.
+    """
+    prompt_labels = list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
+    return prompt_labels + list(completion_ids)
+
+
+def collate(pairs, pad_token_id: int, train_on_prompt: bool) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (prompt_ids, completion_ids) into (B, T) tensors for training."""
+    length = max(len(p) + len(c) for p, c in pairs)
+    input_ids = torch.full((len(pairs), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(pairs), length), IGNORE_INDEX, dtype=torch.long)  # pads are never targets
+    attention_mask = torch.zeros((len(pairs), length), dtype=torch.long)
+    for i, (p, c) in enumerate(pairs):
+        n = len(p) + len(c)
+        input_ids[i, :n] = torch.tensor(p + c)
+        labels[i, :n] = torch.tensor(build_labels(p, c, train_on_prompt))
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
+                    batches_per_group: int = 50) -> list[int]:
+    """Reorder a shuffled index list so that each batch holds sequences of similar length.
+
+    Cut `order` into groups of batches_per_group batches, sort each group by length, cut it into
+    batches and shuffle the batches. Batches stay random, but pad far less: a batch costs as much
+    as its longest sequence (the idea of HF Trainer's group_by_length).
+    """
+    chunk = batch_size * batches_per_group
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]  # the ragged tail batches go last, to be dropped
+    ragged = [b for b in batches if len(b) < batch_size]
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    return [i for b in shuffled + ragged for i in b]
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for batched generation, so that every row's next token goes in the same column."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, length - len(s):] = torch.tensor(s)
+        attention_mask[i, length - len(s):] = 1
+    return input_ids, attention_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss and the schedule
+# ----------------------------------------------------------------------------------------------
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of the targets, and how many targets there are.
+
+    nll = - Σ_t log softmax(logits[t])[labels[t+1]]   over t with labels[t+1] != IGNORE_INDEX
+    logits: (B, T, V), labels: (B, T). Position t predicts token t+1, hence the shift.
+    """
+    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:]  # (B, T-1)
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, (shift_labels != IGNORE_INDEX).sum()
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier of step s = 0, 1, ...: linear warmup up to 1, then cosine decay to 0.
+
+    m(s) = (s + 1) / warmup                                        for s < warmup
+    m(s) = 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup)))   afterwards
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation helpers (every process calls them: under FSDP2 each forward is collective)
+# ----------------------------------------------------------------------------------------------
+def all_reduce_sum(*values: torch.Tensor | float, device="cpu") -> list[float]:
+    """Sum scalars over processes (identity on a single process). NCCL needs them on the GPU."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def rank_shard(items: list, rank: int, world_size: int) -> list:
+    """This rank's share: items rank, rank + W, ... of the first len - len % W items.
+
+    Equal shares on every rank, so every rank runs the same number of (collective) forwards.
+    Up to W - 1 items are left out.
+    """
+    return items[: len(items) - len(items) % world_size][rank::world_size]
+
+
+@torch.no_grad()
+def validation_loss(model, pairs, args: Args, pad_token_id: int, ddist) -> float:
+    """Mean NLL per target token over the validation pairs (all ranks together)."""
+    model.eval()
+    shard = rank_shard(pairs, ddist.rank, ddist.world_size)
+    nll, count = 0.0, 0
+    for i in range(0, len(shard), args.eval_batch_size):
+        batch = collate(shard[i : i + args.eval_batch_size], pad_token_id, args.train_on_prompt)
+        batch = {key: value.to(ddist.device) for key, value in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch_nll, batch_count = sft_loss(logits, batch["labels"])
+        nll, count = nll + batch_nll.item(), count + batch_count.item()
+    model.train()
+    nll, count = all_reduce_sum(nll, count, device=ddist.device)
+    return nll / max(count, 1)
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompt_ids: list[list[int]], args: Args, device) -> tuple[list[str], list[bool]]:
+    """Sample a completion per prompt; return its text up to the first EOS, and whether EOS came.
+
+    Batched and left-padded. Sampling uses the full distribution (top_k 0, top_p 1), as Huang et al. 2024.
+    """
+    model.eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    texts, ended = [], []
+    for i in range(0, len(prompt_ids), args.eval_batch_size):
+        input_ids, attention_mask = left_pad(prompt_ids[i : i + args.eval_batch_size], pad)
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True, temperature=args.temperature,
+            top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            # FSDP2: a rank that finished early must keep joining the others' collective forwards
+            synced_gpus=dist.is_initialized(),
+        )
+        for response in output[:, input_ids.shape[1]:].tolist():  # (B, new tokens)
+            stop = response.index(eos) if eos in response else len(response)
+            texts.append(tokenizer.decode(response[:stop], skip_special_tokens=False))
+            ended.append(eos in response)
+    model.train()
+    return texts, ended
+
+
+def load_eval_fn(spec: str | None) -> Callable | None:
+    """`module:function` -> the function, imported by name (e.g. toy_task:is_grammatical)."""
+    if spec is None:
+        return None
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError, ValueError):
+        raise SystemExit(f"--eval_fn '{spec}' cannot be imported; give it as module:function") from None
+    return fn
+
+
+def samples_markdown(prompts: list[str], completions: list[str], ended: list[bool]) -> str:
+    rows = [f"| {p} | {c} | {'yes' if e else 'no'} |" for p, c, e in zip(prompts, completions, ended)]
+    return "| prompt | completion | EOS |\n|-|-|-|\n" + "\n".join(r.replace("\n", " ") for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    start_time = time.time()
+    # TRY NOT TO MODIFY: processes, seeding, logging
+    ddist = setup_distributed()
+    rank, world_size = ddist.rank, ddist.world_size
+    if args.batch_size % (world_size * args.gradient_accumulation_steps) != 0:
+        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the {world_size} processes x "
+                         f"--gradient_accumulation_steps {args.gradient_accumulation_steps}")
+    local_batch_size = args.batch_size // world_size  # sequences per optimizer step on this rank
+    micro_batch_size = local_batch_size // args.gradient_accumulation_steps  # sequences per forward
+    run_name = args.run_name or f"sft_{args.seed}_{int(time.time())}"
+    seed_everything(args.seed, rank)
+    eval_fn = load_eval_fn(args.eval_fn)
+
+    # DATA
+    tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right")  # right padding for training
+    data = {}
+    for split, ds in load_splits(args).items():
+        where = f"dataset '{args.dataset}' split '{split}'"
+        prompts, completions, conversational = prompts_and_completions(ds, args, tokenizer, where)
+        data[split] = (prompts, tokenize_pairs(prompts, completions, tokenizer, args, conversational, where))
+    train_pairs = data[args.train_split][1]
+    eval_prompts, eval_pairs = data[args.eval_split]
+    steps_per_epoch = len(train_pairs) // args.batch_size  # the last incomplete batch of an epoch is dropped
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the train split has {len(train_pairs)} rows, fewer than --batch_size {args.batch_size}")
+    total_steps = args.max_steps if args.max_steps is not None else steps_per_epoch * args.num_train_epochs
+    print0(f"{len(train_pairs)} train / {len(eval_pairs)} validation pairs, {total_steps} steps of "
+           f"{args.batch_size} sequences ({world_size} processes x {args.gradient_accumulation_steps} "
+           f"accumulation x {micro_batch_size})")
+
+    # MODEL
+    model = load_causal_lm(args.model_name_or_path, tokenizer, args.dtype)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    longest = args.max_prompt_length + max(args.max_completion_length, args.max_new_tokens)
+    if max_positions is not None and longest > max_positions:
+        raise SystemExit(f"max_prompt_length + max(max_completion_length, max_new_tokens) = {longest} exceeds "
+                         f"the model's {max_positions} positions; lower them")
+    model = fsdp_wrap(model, ddist.device)  # FSDP2 under torchrun; a no-op on a single process
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, args.warmup_steps, total_steps))
+
+    writer = None
+    if ddist.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(
+            f"|{key}|{value}|" for key, value in {**asdict(args), "world_size": world_size}.items()))
+
+    def log(metrics: dict, step: int) -> None:
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
+
+    def evaluate(step: int) -> float:
+        """Validation loss, plus a few sample generations written to TensorBoard."""
+        val_loss = validation_loss(model, eval_pairs, args, tokenizer.pad_token_id, ddist)
+        log({"val/loss": val_loss}, step)
+        k = args.num_logged_samples
+        if k > 0:  # every rank samples the same prompts (generation is collective under FSDP2)
+            texts, ended = sample_completions(model, tokenizer, [p for p, _ in eval_pairs[:k]], args, ddist.device)
+            if writer is not None:
+                writer.add_text("samples", samples_markdown(eval_prompts[:k], texts, ended), step)
+        return val_loss
+
+    # ALGO LOGIC: the training loop
+    def batches():
+        """Global batches of train pair indices, reshuffled each epoch.
+
+        Every rank draws the same permutation (a generator seeded with args.seed, not seed + rank) and
+        takes its own slice of each batch, so the ranks together cover each batch exactly once.
+        """
+        generator = torch.Generator().manual_seed(args.seed)
+        epoch = 0
+        while True:
+            order = torch.randperm(len(train_pairs), generator=generator).tolist()
+            if args.group_by_length:
+                order = group_by_length(order, [len(p) + len(c) for p, c in train_pairs], args.batch_size, generator)
+            for s in range(steps_per_epoch):
+                yield epoch, order[s * args.batch_size : (s + 1) * args.batch_size]
+            epoch += 1
+
+    initial_val_loss = val_loss = evaluate(0)
+    print0(f"step 0: val loss {initial_val_loss:.4f}")
+    train_loss, tokens_seen, train_start = None, 0, time.time()  # --max_steps 0: evaluate only
+    data_iter = batches()
+    progress = tqdm(range(1, total_steps + 1), desc="sft", disable=not ddist.is_main, dynamic_ncols=True)
+    for step in progress:
+        epoch, indices = next(data_iter)
+        local = [train_pairs[i] for i in indices[rank * local_batch_size : (rank + 1) * local_batch_size]]
+        micro_batches = [collate(local[j : j + micro_batch_size], tokenizer.pad_token_id, args.train_on_prompt)
+                         for j in range(0, local_batch_size, micro_batch_size)]
+        micro_batches = [{key: value.to(ddist.device) for key, value in mb.items()} for mb in micro_batches]
+        # Token-level mean over the whole optimizer batch: each micro-batch's summed NLL is divided by the
+        # number of targets in the global batch, so the gradient is the same however the batch is split
+        # over processes and accumulation steps (the gradient-accumulation loss bug fixed in transformers
+        # 4.46 came from averaging per micro-batch instead). x world_size undoes FSDP's gradient averaging.
+        (num_targets,) = all_reduce_sum(sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro_batches),
+                                        device=ddist.device)
+        step_nll = 0.0
+        for j, mb in enumerate(micro_batches):
+            if world_size > 1:  # reduce-scatter gradients once per optimizer step, on the last micro-batch
+                model.set_requires_gradient_sync(j == len(micro_batches) - 1)
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits  # (B, T, V)
+            nll, _ = sft_loss(logits, mb["labels"])
+            (nll / num_targets * world_size).backward()
+            step_nll += nll.item()
+        step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        step_nll, step_tokens = all_reduce_sum(step_nll, step_tokens, device=ddist.device)
+        train_loss = step_nll / num_targets
+        if not math.isfinite(train_loss):  # the same all-reduced value on every rank: all stop together
+            raise SystemExit(f"the training loss is {train_loss} at step {step}; nothing was saved. "
+                             "Lower --learning_rate or check the data")
+        # gradient clipping on the global norm (a DTensor under FSDP2); with no clipping, just measure it
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
+
+        tokens_seen += step_tokens
+        log({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm, "charts/epoch": epoch,
+             "charts/tokens_per_sec": tokens_seen / (time.time() - train_start)}, step)
+        progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", epoch=epoch)
+        if step % args.eval_every == 0 or step == total_steps:
+            val_loss = evaluate(step)
+    progress.close()
+
+    # The final score: sample the validation prompts at the sampling temperature (every rank its share)
+    prompts = rank_shard(eval_prompts[: args.num_eval_samples], rank, world_size)
+    prompt_ids = rank_shard([p for p, _ in eval_pairs[: args.num_eval_samples]], rank, world_size)
+    texts, ended = sample_completions(model, tokenizer, prompt_ids, args, ddist.device)
+    scores = [float(eval_fn(p, c)) for p, c in zip(prompts, texts)] if eval_fn else [0.0] * len(texts)
+    n, n_eos, score_sum, score_and_eos_sum = all_reduce_sum(
+        len(texts), sum(ended), sum(scores), sum(s for s, e in zip(scores, ended) if e), device=ddist.device)
+    metrics = {
+        "val_loss": val_loss,
+        "initial_val_loss": initial_val_loss,
+        "train_loss": train_loss,
+        "eos_rate": n_eos / n if n else None,
+        "eval_fn": args.eval_fn,
+        "eval_fn_mean": score_sum / n if eval_fn and n else None,
+        # the acceptance figure: the eval_fn score counted only for samples that ended with EOS
+        "eval_fn_and_eos": score_and_eos_sum / n if eval_fn and n else None,
+        "num_eval_samples": int(n),
+        "temperature": args.temperature,
+        "steps": total_steps,
+        "world_size": world_size,
+        "run_name": run_name,
+    }
+    log({f"eval/{k}": metrics[k] for k in ("eos_rate", "eval_fn_mean", "eval_fn_and_eos") if metrics[k] is not None},
+        total_steps)
+    if writer is not None:
+        writer.add_text("final_samples", samples_markdown(prompts[:16], texts[:16], ended[:16]), total_steps)
+
+    # TRY NOT TO MODIFY: save (collective; atomic, so a crash earlier leaves any old output_dir intact)
+    save_model(model, tokenizer, args.output_dir)
+    metrics["wall_time_s"] = round(time.time() - start_time, 1)
+    if ddist.is_main:
+        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        writer.close()
+    samples = ""
+    if n:
+        samples = f", {int(n)} samples at T={args.temperature}: EOS {metrics['eos_rate']:.1%}"
+        samples += f", {args.eval_fn} and EOS {metrics['eval_fn_and_eos']:.1%}" if eval_fn else ""
+    print0(f"sft done: val loss {initial_val_loss:.3f} -> {val_loss:.3f}{samples}; {total_steps} steps, "
+           f"{metrics['wall_time_s']:.0f}s -> {args.output_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,945 @@
+"""Stage 3 of RLHF: PPO against the reward model, with a KL leash to the SFT policy.
+
+    python ppo.py                               # toy task: models/sft + models/rm -> models/ppo, minutes on a CPU
+    torchrun --nproc_per_node=2 ppo.py          # the same with FSDP2, each rank on its own shard of prompts
+    python ppo.py pythia-tldr                   # Huang et al. 2024's TL;DR settings (GPUs)
+    python ppo.py --help                        # every flag
+
+The objective (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022) is to maximise the reward
+model's score r(x, y) of responses y sampled from the policy pi, while staying close to the SFT policy
+pi_ref. The KL appears in one of two places:
+
+    in the reward (default):  r~_t = r(x, y)*[t = last] - beta * log(pi(y_t | x, y<t) / pi_ref(y_t | x, y<t))
+    as a loss term instead:   L = L_CLIP + c_v * L_critic + beta * KL(pi || pi_ref)
+
+One update: (1) rollout: sample a batch of responses and score them, all without gradients;
+(2) per-token rewards, GAE advantages and returns; (3) a few epochs of PPO over shuffled minibatches.
+Each equation is one small function below, and each implementation detail has a comment naming its
+source. "Huang et al. 2024" is "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
+Summarization"; "Ziegler et al. 2019" is "Fine-Tuning Language Models from Human Preferences".
+
+The file reads top to bottom: arguments, the equations, the models, the rollout helpers, then main().
+
+Implementation details, each marked by a comment where it happens:
+- policy and frozen reference both loaded from the SFT checkpoint; frozen RM; a separate critic
+  initialised from the RM (Huang et al. 2024), or a value head on the policy (Ziegler et al. 2019);
+  dropout off in all of them (common.disable_dropout);
+- prompts left-padded, position ids counted from the first real token;
+- sampling with temperature only (top_k 0, top_p 1); logprobs recomputed with logits / temperature;
+- a response ends at its first EOS; everything after it is masked out of the RM input, KL, values, losses;
+- missing-EOS penalty: a fixed score for responses that never end (Huang et al. 2024);
+- the RM score read at the last real token and normalised by the RM's stored mean/std;
+- per-token KL penalty (k1 or k3) with the score on the last token, or the KL as a loss term;
+  fixed or adaptive beta (Ziegler et al. 2019);
+- GAE (gamma 1, lambda 0.95), masked advantage whitening; optional reward whitening (off);
+- 4 PPO epochs over shuffled minibatches with gradient accumulation; clipped surrogate; clipped value
+  loss with c_v 0.1; AdamW eps 1e-5 with a linearly annealed learning rate; optional grad-norm clipping;
+- FSDP2: every rank samples its own rollouts; whitening and logged statistics are all-reduced; each model
+  is all-gathered once per phase (a whole generation included), not once per forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import tyro
+from tqdm.auto import tqdm
+
+from common import (
+    check_path,
+    fsdp_wrap,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    print0,
+    save_model,
+    seed_everything,
+    setup_distributed,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    # models and data
+    sft_model: str = "models/sft"
+    """the SFT checkpoint: the initial policy and the frozen reference policy"""
+    reward_model: str = "models/rm"
+    """the reward model (a sequence classifier, one label); its config's reward_mean/reward_std normalise every score"""
+    dataset: str = "toy_data/prompts"
+    """prompts: a hub name or a local dir of {split}.jsonl files that `datasets.load_dataset` reads"""
+    prompt_column: str = "prompt"
+    """the column holding the prompt text"""
+    train_split: str = "train"
+    """the split whose prompts PPO trains on"""
+    eval_split: str = "validation"
+    """the split of held-out prompts for evaluation"""
+    max_prompt_length: int = 32
+    """prompts longer than this many tokens are rejected (or left-truncated with --truncate_long_prompts)"""
+    truncate_long_prompts: bool = False
+    """keep the last max_prompt_length tokens of a too-long prompt (with a warning) instead of failing"""
+    output_dir: str = "models/ppo"
+    """where the trained policy, its tokenizer and eval_results.json are saved"""
+    save: bool = True
+    """save the policy at the end (--no_save for benchmarks)"""
+    run_name: str | None = None
+    """TensorBoard logs go to runs/{run_name}; default ppo__{seed}__{unix time}"""
+    seed: int = 1
+    """random seed (rank r samples with seed + r)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the four models are loaded in (FSDP2 on GPU computes in bf16 with fp32 weights anyway)"""
+    compile: bool = False
+    """torch.compile the policy's and critic's training forwards"""
+    gold_reward_fn: str | None = "toy_task:gold_score"
+    """`module:function` f(prompts, completions) -> list[float], the true reward (a verifier) logged at evaluation; None skips it"""
+
+    # rollout
+    total_episodes: int = 9600
+    """episodes (prompt + sampled response) to train on, summed over ranks"""
+    batch_size: int = 64
+    """episodes per update, summed over ranks"""
+    response_length: int = 32
+    """maximum new tokens per response"""
+    temperature: float = 0.7
+    """sampling temperature of rollouts (top_k 0, top_p 1); logprobs use the same temperature (Huang et al. 2024)"""
+    missing_eos_penalty: float | None = -1.0
+    """score given to a response without EOS within response_length (Huang et al. 2024); None: no penalty"""
+    local_rollout_forward_batch_size: int = 64
+    """sequences per no-grad forward (policy, reference, RM, critic) during the rollout, per rank"""
+
+    # reward and KL
+    kl_coef: float = 0.05
+    """beta, the weight of the KL to the reference policy (Huang et al. 2024: 0.05)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token estimator of KL(pi || pi_ref) in the reward and in objective/kl (k1 = log ratio; k3 = r - 1 - log r)"""
+    kl_in_reward: bool = True
+    """True: -beta*KL per token in the reward (Ziegler et al. 2019); False: beta*KL as a loss term instead"""
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k2"
+    """with --no_kl_in_reward: the estimator differentiated in the loss (k2's gradient is that of KL(pi||pi_ref))"""
+    adaptive_kl: bool = False
+    """adapt beta towards kl_target (Ziegler et al. 2019); default: fixed beta"""
+    kl_target: float = 6.0
+    """adaptive KL: target sequence KL in nats (Ziegler et al. 2019)"""
+    kl_horizon: int = 10000
+    """adaptive KL: horizon in episodes (Ziegler et al. 2019)"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (scale only) before GAE; off: Huang et al. 2024 found it harmful"""
+
+    # advantages
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    whiten_advantages: bool = True
+    """whiten advantages over the response tokens of the whole batch"""
+
+    # PPO update
+    num_ppo_epochs: int = 4
+    """passes over each batch (Huang et al. 2024: 4)"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch; each takes a shuffled 1/num_minibatches of the batch"""
+    micro_batch_size: int | None = None
+    """sequences per forward/backward on one rank; a minibatch accumulates gradients over them (None: the whole minibatch)"""
+    cliprange: float = 0.2
+    """epsilon of the clipped surrogate"""
+    cliprange_value: float = 0.2
+    """value clipping around the rollout's values"""
+    vf_coef: float = 0.1
+    """c_v, the weight of the value loss (Huang et al. 2024: 0.1)"""
+    lr: float = 2e-4
+    """AdamW learning rate (policy and critic)"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over the updates"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (Huang et al. 2024)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float | None = None
+    """clip the gradient norm of policy + critic to this; None: no clipping"""
+    critic_init: Literal["rm", "sft"] = "rm"
+    """the separate critic starts from the reward model (Huang et al. 2024) or from the SFT model with a fresh head"""
+    value_head_on_policy: bool = False
+    """no separate critic: a value head on the policy's last hidden state, sharing its backbone (Ziegler et al. 2019)"""
+
+    # logging and evaluation
+    eval_every: int = 25
+    """updates between evaluations on held-out prompts (0: only before and after training)"""
+    eval_samples: int = 512
+    """held-out prompts per evaluation (first N of eval_split)"""
+    eval_batch_size: int = 512
+    """prompts per generate call during evaluation, per rank"""
+    eval_temperature: float = 0.7
+    """sampling temperature for evaluation (0: greedy)"""
+    sample_every: int = 25
+    """updates between TensorBoard tables of sampled prompt/response/score (0: never)"""
+    num_sample_rows: int = 8
+    """rows in each sample table"""
+
+
+PRESETS = {
+    "toy": ("offline toy task (default)", Args()),
+    "pythia-tldr": (
+        "Pythia-1B on TL;DR, Huang et al. 2024 (GPU)",
+        # Huang et al. 2024, summarize_from_feedback_details/ppo_left_padding.py and its sbatch for
+        # Pythia-1B: lr 3e-6, eps 1e-5, beta 0.05, 4 epochs, 1 minibatch of 512 episodes (8 GPUs x 4
+        # accumulation x 16), responses of 53 tokens at temperature 0.7, missing-EOS penalty -1,
+        # 1M episodes, queries of 512 tokens. Evaluation at temperature 0.01 (OpenAI's summarize-from-feedback).
+        Args(
+            sft_model="models/sft",
+            reward_model="models/rm",
+            dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+            prompt_column="query",
+            max_prompt_length=512,
+            truncate_long_prompts=True,
+            gold_reward_fn=None,
+            total_episodes=1_000_000,
+            batch_size=512,
+            response_length=53,
+            temperature=0.7,
+            missing_eos_penalty=-1.0,
+            local_rollout_forward_batch_size=64,
+            kl_coef=0.05,
+            num_ppo_epochs=4,
+            num_minibatches=1,
+            micro_batch_size=16,
+            lr=3e-6,
+            weight_decay=0.01,  # torch's AdamW default, which Huang et al. keep
+            max_grad_norm=1.0,
+            eval_every=100,
+            eval_samples=256,
+            eval_batch_size=32,
+            eval_temperature=0.01,
+            sample_every=100,
+        ),
+    ),
+}
+
+
+def parse_args(argv=None) -> Args:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0] not in PRESETS and argv[0] not in ("-h", "--help")):
+        argv = ["toy", *argv]  # no preset named: the toy default
+    return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: the equations, one function each. Tensors are (B, T) over response tokens; `mask`
+# keeps the real tokens (up to and including the first EOS) and drops the padding after it.
+# ----------------------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(x * mask) / sum(mask)"""
+    return (x * mask).sum() / mask.sum()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op on one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the kept positions of the whole batch, all ranks together.
+
+    mean and the (Bessel-corrected) variance ignore padded positions, which stay 0. With
+    shift_mean=False the mean is added back (reward whitening scales but does not shift, Huang et al. 2024).
+    """
+    total = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))
+    mean = total[0] / total[1]
+    sq_dev = all_reduce_sum(((x - mean) ** 2 * mask).sum())
+    var = sq_dev / (total[1] - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimators of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020, "Approximating KL").
+
+    With log r = log pi(y_t) - log pi_ref(y_t):
+        k1 = log r                       unbiased, high variance, can be negative
+        k2 = (log r)^2 / 2               biased; as a loss its gradient is exactly that of KL(pi || pi_ref)
+        k3 = (1/r - 1) + log r           unbiased, lower variance, never negative
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator}")
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
+    """A response ends at its first EOS, which it keeps; every token after it becomes padding.
+
+    Returns (responses, response_mask, has_eos): (B, T) tokens, (B, T) True up to and including the
+    first EOS (all True without one), and (B,) whether an EOS was generated at all.
+    """
+    is_eos = responses == eos_token_id
+    has_eos = is_eos.any(1)
+    last = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)  # (B,) last real index
+    response_mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= last[:, None]
+    return responses.masked_fill(~response_mask, pad_token_id), response_mask, has_eos
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """score = penalty if the response has no EOS else score (Huang et al. 2024: -1 for unfinished text)."""
+    if penalty is None:
+        return scores
+    return torch.where(has_eos, scores, torch.full_like(scores, penalty))
+
+
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r~_t = -beta * kl_t  +  score * [t = last real token]   (Ziegler et al. 2019)
+
+    The sequence-level RM score lands on the final real token (the EOS, or the last token of a response
+    without one); every real token pays the KL penalty; padding after EOS gets nothing.
+    """
+    rewards = -kl_coef * kl * mask
+    last = mask.long().sum(1) - 1  # (B,)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over the response tokens:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t         (V = 0 after the last real token)
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        returns = A + V
+    Returns (advantages, returns), both 0 at padding.
+    """
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_values = values[:, t + 1] if t < length - 1 else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
+    """PPO's clipped surrogate (Schulman et al. 2017), averaged over real response tokens:
+
+        ratio_t = exp(log pi(y_t) - log pi_old(y_t))
+        L_CLIP  = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+    Returns (loss, clipfrac, ratio); clipfrac is the fraction of tokens where the clipped branch wins.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac, ratio
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float):
+    """Clipped value loss (the OpenAI baselines / Ziegler et al. 2019 critic):
+
+        V_clip   = V_old + clip(V - V_old, -eps_v, eps_v)
+        L_critic = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
+    Returns (loss, clipfrac).
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped = (values - returns) ** 2
+    clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_episodes: int) -> float:
+    """Ziegler et al. 2019's proportional controller:
+
+        e = clip(KL / KL_target - 1, -0.2, 0.2);   beta <- beta * (1 + e * n_episodes / horizon)
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_episodes / horizon)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] = logit[token] - logsumexp(logits); (B, T, V), (B, T) -> (B, T)"""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(logits) - sum_v softmax(logits)_v * logits_v; (B, T, V) -> (B, T)"""
+    return logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: the policy (a causal LM) and scalar models (RM and critic: backbone + linear head per token)
+# ----------------------------------------------------------------------------------------------
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from the first real token, so left padding never shifts a sequence (Huang et al. 2024)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def policy_forward(policy, query_responses, attention_mask, response_length: int, temperature: float, value_head=None):
+    """Logits / temperature at the positions that predict the response tokens, and optionally values.
+
+    The last token predicts nothing, so it is not fed; `logits_to_keep` computes the LM head only for
+    the response positions. Returns ((B, T, V) logits, (B, T) values or None), T = response_length.
+    """
+    input_ids, attention_mask = query_responses[:, :-1], attention_mask[:, :-1]
+    out = policy(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+        logits_to_keep=response_length, use_cache=False, output_hidden_states=value_head is not None,
+    )
+    # logits divided by the sampling temperature, so that training logprobs match the rollout's (Huang et al. 2024)
+    logits = out.logits / temperature
+    values = None
+    if value_head is not None:  # Ziegler et al. 2019: the value head shares the policy's backbone
+        values = value_head(out.hidden_states[-1][:, -response_length:]).squeeze(-1)
+    return logits, values
+
+
+class ScalarModel(nn.Module):
+    """backbone -> final hidden state -> linear head, at every position: (B, S) -> (B, S).
+
+    Wraps a sequence classifier (the RM, or the critic made from it) but keeps the per-token outputs the
+    critic needs, instead of the classifier's single pooled one. Its output is normalised,
+    (head - mean) / std, with the RM's stored statistics, so the critic starts on the score's scale.
+    """
+
+    def __init__(self, seq_classifier, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.backbone = getattr(seq_classifier, seq_classifier.base_model_prefix)
+        self.head = getattr(seq_classifier, "score", None)
+        if self.head is None:
+            raise SystemExit(f"{type(seq_classifier).__name__} has no `score` head: use a decoder-only reward model")
+        self._no_split_modules = seq_classifier._no_split_modules  # for common.fsdp_wrap
+        self.mean, self.std = mean, std
+
+    def forward(self, input_ids, attention_mask):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from(attention_mask), use_cache=False)
+        return (self.head(out.last_hidden_state).squeeze(-1) - self.mean) / self.std
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Under FSDP2, all-gather the parameters once for many forwards (a whole generation: one forward per
+    token), then reshard. Without it FSDP2 would all-gather every block at every token. No-op on 1 process."""
+    if not dist.is_initialized():
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            # FSDP2's defaults: blocks reshard after forward; the root does not (its params are needed first in backward)
+            m.set_reshard_after_forward(m is not model, recurse=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and rollout helpers
+# ----------------------------------------------------------------------------------------------
+def load_prompts(args: Args, tokenizer) -> dict[str, tuple[list[str], list[list[int]]]]:
+    """{split: (prompt texts, their token ids)} for the train and eval splits, or a one-line error."""
+    import datasets
+
+    check_path(args.dataset, "dataset")
+    try:
+        splits = datasets.load_dataset(args.dataset)
+    except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"cannot load dataset '{args.dataset}': {reason}") from None
+    return {split: prompts_of_split(args, splits, split, tokenizer) for split in (args.train_split, args.eval_split)}
+
+
+def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[str], list[list[int]]]:
+    if split not in splits:
+        raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(splits)}); "
+                         "set --train_split / --eval_split")
+    ds = splits[split]
+    if args.prompt_column not in ds.column_names:
+        raise SystemExit(f"split '{split}' of '{args.dataset}' has no column '{args.prompt_column}' "
+                         f"(it has: {', '.join(ds.column_names)}); set --prompt_column")
+    texts = list(ds[args.prompt_column])
+    if not texts:
+        raise SystemExit(f"split '{split}' of '{args.dataset}' is empty")
+    empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if empty:
+        raise SystemExit(f"split '{split}' of '{args.dataset}': {len(empty)} prompts are empty or not text "
+                         f"(first: row {empty[0]}); remove them")
+    ids = tokenizer(texts)["input_ids"]
+    m = args.max_prompt_length
+    too_long = [i for i, x in enumerate(ids) if len(x) > m]
+    if too_long and not args.truncate_long_prompts:
+        raise SystemExit(f"split '{split}': {len(too_long)} of {len(ids)} prompts are longer than "
+                         f"max_prompt_length={m} tokens (longest: {max(len(ids[i]) for i in too_long)}); "
+                         "raise --max_prompt_length, or pass --truncate_long_prompts")
+    if too_long:
+        print0(f"warning: split '{split}': keeping the last {m} tokens of {len(too_long)} too-long prompts")
+        ids = [x[-m:] for x in ids]
+    return texts, ids
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so every prompt ends where the response starts (Huang et al. 2024). -> (B, P) ids, mask"""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generation_config(tokenizer, max_new_tokens: int, temperature: float):
+    """Sampling from the full distribution: top_k 0, top_p 1, only the temperature (Huang et al. 2024)."""
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+        top_k=0 if sample else None, top_p=1.0 if sample else None,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+
+
+def generate(policy, queries, query_mask, config) -> torch.Tensor:
+    """Sample responses for left-padded queries (B, P) -> (B, T<=max_new_tokens); generation stops when all ended."""
+    with unsharded(policy):  # FSDP2: one all-gather for the whole generation, not one per token
+        out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
+    return out[:, queries.shape[1]:]
+
+
+def rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length: int,
+              tokenizer, rm_tokenizer, has_eos, batch_size: int) -> torch.Tensor:
+    """The RM's score at the last real token of prompt + response (the EOS), in chunks. -> (B,)
+
+    If the RM has its own tokenizer, the text is decoded and re-tokenised for it (with its EOS where the
+    policy's response had one); otherwise the policy's tokens go in as they are.
+    """
+    if rm_tokenizer is not None:
+        texts = tokenizer.batch_decode(query_responses.masked_fill(attention_mask == 0, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        ids = [x + [rm_tokenizer.eos_token_id] * int(e) for x, e in zip(rm_tokenizer(texts)["input_ids"], has_eos.tolist())]
+        width = max(len(x) for x in ids)
+        query_responses = torch.tensor([x + [rm_tokenizer.pad_token_id] * (width - len(x)) for x in ids],
+                                       device=response_mask.device)
+        attention_mask = (torch.arange(width, device=response_mask.device)[None] <
+                          torch.tensor([len(x) for x in ids], device=response_mask.device)[:, None]).long()
+        last = attention_mask.sum(1) - 1
+    else:
+        last = context_length + response_mask.long().sum(1) - 1  # (B,) index of the EOS (Huang et al. 2024)
+    scores = []
+    with unsharded(reward_model):
+        for i in range(0, query_responses.shape[0], batch_size):
+            s = slice(i, i + batch_size)
+            per_token = reward_model(query_responses[s], attention_mask[s])  # (b, S)
+            scores.append(per_token.gather(1, last[s, None]).squeeze(1))
+    return torch.cat(scores)
+
+
+def load_gold_fn(spec: str | None):
+    """`module:function` -> the function, or a one-line error."""
+    if spec is None:
+        return None
+    module_name, _, fn_name = spec.partition(":")
+    if not module_name or not fn_name:
+        raise SystemExit(f"--gold_reward_fn '{spec}' must look like module:function")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"--gold_reward_fn '{spec}' cannot be imported: {e}") from None
+    if not callable(fn):
+        raise SystemExit(f"--gold_reward_fn '{spec}' is not callable")
+    return fn
+
+
+@torch.no_grad()
+def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tokenizer, prompts, prompt_ids, gold_fn, device):
+    """Held-out evaluation of the current policy: RM score, gold score, KL to the reference, length, EOS.
+
+    KL here is exact per position, sum_t KL(pi(.|x,y<t) || pi_ref(.|x,y<t)) at the training temperature,
+    summed over the sampled response: it needs no estimator and is exactly 0 for the SFT policy.
+    Returns (global means, this rank's per-prompt gold scores or None, sample rows).
+    """
+    config = generation_config(tokenizer, args.response_length, args.eval_temperature)
+    sums = torch.zeros(5, device=device, dtype=torch.float64)  # rm, gold, kl, length, eos
+    golds, rows = [], []
+    for i in range(0, len(prompt_ids), args.eval_batch_size):
+        queries, query_mask = left_pad(prompt_ids[i:i + args.eval_batch_size], tokenizer.pad_token_id, device)
+        P = queries.shape[1]
+        responses, response_mask, has_eos = truncate_after_eos(
+            generate(policy, queries, query_mask, config), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        T = responses.shape[1]
+        query_responses = torch.cat([queries, responses], 1)
+        attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+        scores = rm_scores(reward_model, query_responses, attention_mask, response_mask, P, tokenizer, rm_tokenizer,
+                           has_eos, args.local_rollout_forward_batch_size)
+        kl = torch.zeros(len(responses), device=device)
+        with unsharded(policy), unsharded(ref_policy):
+            for j in range(0, len(responses), args.local_rollout_forward_batch_size):
+                s = slice(j, j + args.local_rollout_forward_batch_size)
+                logp = policy_forward(policy, query_responses[s], attention_mask[s], T, args.temperature)[0].log_softmax(-1)
+                ref_logp = policy_forward(ref_policy, query_responses[s], attention_mask[s], T, args.temperature)[0].log_softmax(-1)
+                kl[s] = ((logp.exp() * (logp - ref_logp)).sum(-1) * response_mask[s]).sum(1)
+        completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        if gold_fn is not None:
+            gold = [float(g) for g in gold_fn(prompts[i:i + args.eval_batch_size], completions)]
+            if len(gold) != len(completions):
+                raise SystemExit(f"--gold_reward_fn returned {len(gold)} scores for {len(completions)} completions")
+            golds += gold
+            sums[1] += sum(gold)
+        sums[0] += scores.sum()
+        sums[2] += kl.sum()
+        sums[3] += response_mask.sum()
+        sums[4] += has_eos.sum()
+        if not rows:
+            rows = list(zip(prompts[i:i + args.num_sample_rows], completions, scores.tolist(), golds or [None] * len(completions)))
+    count = all_reduce_sum(torch.tensor([float(len(prompt_ids))], device=device, dtype=torch.float64))
+    means = (all_reduce_sum(sums) / count).tolist()
+    metrics = {"rm_score": means[0], "kl": means[2], "response_length": means[3], "eos_rate": means[4]}
+    if gold_fn is not None:
+        metrics["gold_score"] = means[1]
+    return metrics, (golds if gold_fn is not None else None), rows
+
+
+def markdown_table(rows, header) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c).replace("|", "\\|") for c in row) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    # TRY NOT TO MODIFY: checks, distributed setup, seeding, sizes
+    start_time = time.time()
+    if args.kl_coef < 0 or args.temperature <= 0 or args.eval_temperature < 0:
+        raise SystemExit("kl_coef must be >= 0, temperature > 0 and eval_temperature >= 0")
+    if args.response_length < 1 or args.batch_size < 1 or args.num_minibatches < 1 or args.num_ppo_epochs < 1:
+        raise SystemExit("response_length, batch_size, num_minibatches and num_ppo_epochs must be >= 1")
+    if args.value_head_on_policy and args.critic_init != "rm":
+        print0("note: --value_head_on_policy has no separate critic; --critic_init is ignored")
+    d = setup_distributed()
+    seed_everything(args.seed, d.rank)
+    if args.batch_size % d.world_size:
+        raise SystemExit(f"batch_size {args.batch_size} is not divisible by the {d.world_size} processes")
+    local_batch_size = args.batch_size // d.world_size
+    if local_batch_size % args.num_minibatches:
+        raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by num_minibatches {args.num_minibatches}")
+    minibatch_size = local_batch_size // args.num_minibatches  # per rank
+    micro_batch_size = args.micro_batch_size or minibatch_size
+    if minibatch_size % micro_batch_size:
+        raise SystemExit(f"the per-rank minibatch {minibatch_size} is not divisible by micro_batch_size {micro_batch_size}")
+    gradient_accumulation_steps = minibatch_size // micro_batch_size
+    num_updates = args.total_episodes // args.batch_size
+    if num_updates < 1:
+        raise SystemExit(f"total_episodes {args.total_episodes} is less than one batch ({args.batch_size})")
+    gold_fn = load_gold_fn(args.gold_reward_fn)
+    log_dir = os.path.join("runs", args.run_name or f"ppo__{args.seed}__{int(time.time())}")
+    device = d.device
+
+    # Data: each rank takes its own shard of the prompts, and shuffles it with its own generator
+    tokenizer = load_tokenizer(args.sft_model, padding_side="left")
+    prompts = load_prompts(args, tokenizer)
+    train_ids, (eval_texts, eval_ids) = prompts[args.train_split][1], prompts[args.eval_split]
+    eval_texts, eval_ids = eval_texts[:args.eval_samples][d.rank::d.world_size], eval_ids[:args.eval_samples][d.rank::d.world_size]
+    train_ids = train_ids[d.rank::d.world_size]
+    if len(train_ids) < local_batch_size:
+        raise SystemExit(f"split '{args.train_split}' has {len(train_ids) * d.world_size} prompts, fewer than one batch")
+    shuffle_generator = torch.Generator().manual_seed(args.seed + d.rank)
+
+    def prompt_batches():
+        while True:  # epochs over this rank's shard, reshuffled each time, last partial batch dropped
+            order = torch.randperm(len(train_ids), generator=shuffle_generator).tolist()
+            for i in range(0, len(order) - local_batch_size + 1, local_batch_size):
+                yield [train_ids[j] for j in order[i:i + local_batch_size]]
+
+    batches = prompt_batches()
+
+    # Models. The policy and the frozen reference both start from the SFT checkpoint; the frozen RM
+    # scores; the critic is a separate model initialised from the RM (Huang et al. 2024). Dropout is
+    # off in all four (common.disable_dropout). Under torchrun all four are FSDP2-sharded, and each
+    # phase all-gathers a model once (`unsharded`) rather than per forward.
+    policy = load_causal_lm(args.sft_model, tokenizer, args.dtype)
+    ref_policy = load_causal_lm(args.sft_model, tokenizer, args.dtype).eval().requires_grad_(False)
+    try:
+        rm_tokenizer = load_tokenizer(args.reward_model, padding_side="right")
+    except (OSError, ValueError):  # an RM dir without a tokenizer: it shares the policy's
+        rm_tokenizer = tokenizer
+    same_tokenizer = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    rm_classifier = load_reward_model(args.reward_model, rm_tokenizer, args.dtype)
+    # every score is normalised with the statistics train_rm.py stored in the RM's config (TRL #1783)
+    reward_mean = float(getattr(rm_classifier.config, "reward_mean", 0.0))
+    reward_std = float(getattr(rm_classifier.config, "reward_std", 1.0))
+    if not hasattr(rm_classifier.config, "reward_mean"):
+        print0(f"warning: '{args.reward_model}' has no reward_mean/reward_std in its config: scores are used raw")
+    reward_model = ScalarModel(rm_classifier, reward_mean, reward_std).eval().requires_grad_(False)
+    critic, value_head = None, None
+    if args.value_head_on_policy:
+        value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
+        nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # values start at 0
+    elif args.critic_init == "rm":
+        if not same_tokenizer:
+            raise SystemExit("--critic_init rm needs the reward model to share the policy's tokenizer; use --critic_init sft")
+        critic = ScalarModel(load_reward_model(args.reward_model, tokenizer, args.dtype), reward_mean, reward_std)
+    else:
+        critic = ScalarModel(load_reward_model(args.sft_model, tokenizer, args.dtype))
+        # a fresh value head, std 1/sqrt(d_model + 1) (Ziegler et al. 2019, Huang et al. 2024)
+        nn.init.normal_(critic.head.weight, std=1.0 / math.sqrt(policy.config.hidden_size + 1))
+    policy, ref_policy, reward_model = (fsdp_wrap(m, device) for m in (policy, ref_policy, reward_model))
+    if critic is not None:
+        critic = fsdp_wrap(critic, device)
+    if value_head is not None and dist.is_initialized():
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(value_head)
+    trainable = [m for m in (policy, critic, value_head) if m is not None]
+    params = [p for m in trainable for p in m.parameters()]
+    # one AdamW over policy and critic (their parameters are disjoint), eps 1e-5 (Huang et al. 2024)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+    policy_train = torch.compile(policy) if args.compile else policy
+    critic_train = torch.compile(critic) if args.compile and critic is not None else critic
+    rollout_config = generation_config(tokenizer, args.response_length, args.temperature)
+    rm_tok_arg = None if same_tokenizer else rm_tokenizer
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    writer = None
+    if d.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    print0(f"PPO: {num_updates} updates of {args.batch_size} episodes ({d.world_size} process(es), per rank: "
+           f"{args.num_minibatches} minibatch(es) x {gradient_accumulation_steps} micro-batch(es) of {micro_batch_size}); "
+           f"TensorBoard: {log_dir}")
+
+    def run_eval(step: int):
+        metrics, golds, rows = evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tok_arg,
+                                        eval_texts, eval_ids, gold_fn, device)
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(f"eval/{k}", v, step)
+            writer.add_text("eval/samples", markdown_table(rows, ["prompt", "response", "rm score", "gold"]), step)
+        return metrics, golds
+
+    # the initial policy is the SFT policy: its evaluation is the baseline of the final win rate
+    sft_metrics, sft_golds = run_eval(0)
+    kl_coef = args.kl_coef
+    timings, history = [], []
+    eval_metrics, eval_golds = sft_metrics, sft_golds
+    stats_names = ["losses/policy_avg", "losses/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg",
+                   "policy/approxkl_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var"]
+    if not args.kl_in_reward:
+        stats_names.append("losses/kl_avg")
+    n_micro = args.num_ppo_epochs * args.num_minibatches * gradient_accumulation_steps
+
+    def sync():  # honest phase timings on GPU; nothing to wait for on CPU
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for update in tqdm(range(1, num_updates + 1), disable=not d.is_main, desc="ppo"):
+        global_step = update * args.batch_size
+        if args.anneal_lr:  # linear decay to 0 (CleanRL, Huang et al. 2024)
+            optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr
+        t_start = time.perf_counter()
+
+        # ALGO LOGIC: rollout. Everything here is data: no gradients (Huang et al. 2024).
+        with torch.no_grad():
+            queries, query_mask = left_pad(next(batches), pad_id, device)  # (B, P), left-padded
+            context_length = queries.shape[1]
+            responses = generate(policy, queries, query_mask, rollout_config)  # (B, T)
+            # a response ends at its first EOS; what follows is padding, masked out of everything below
+            responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+            T = responses.shape[1]
+            query_responses = torch.cat([queries, responses], 1)  # (B, P + T)
+            attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)  # what the policy attended to
+            sync()
+            t_generated = time.perf_counter()
+
+            # the no-grad forwards, in chunks of local_rollout_forward_batch_size, one model at a time
+            chunks = [slice(i, i + args.local_rollout_forward_batch_size)
+                      for i in range(0, local_batch_size, args.local_rollout_forward_batch_size)]
+            logprobs, ref_logprobs, values = [], [], []
+            with unsharded(policy):  # pi_old: recomputed with logits / temperature, as in sampling (Huang et al. 2024)
+                for c in chunks:
+                    logits, v = policy_forward(policy, query_responses[c], attention_mask[c], T, args.temperature, value_head)
+                    logprobs.append(logprobs_from_logits(logits, responses[c]))
+                    values.append(v)
+            with unsharded(ref_policy):  # the frozen reference, at the same temperature (Huang et al. 2024)
+                for c in chunks:
+                    logits, _ = policy_forward(ref_policy, query_responses[c], attention_mask[c], T, args.temperature)
+                    ref_logprobs.append(logprobs_from_logits(logits, responses[c]))
+            if critic is not None:
+                with unsharded(critic):  # V(x, y<t): the critic's output at the token before y_t
+                    values = [critic(query_responses[c, :-1], attention_mask[c, :-1])[:, -T:] for c in chunks]
+            logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+            # the RM score at the last real token, normalised by the RM's stored mean/std
+            scores = rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length,
+                               tokenizer, rm_tok_arg, has_eos, args.local_rollout_forward_batch_size)
+            # missing-EOS penalty: a response that never ends gets a fixed low score (Huang et al. 2024)
+            scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
+
+            # ALGO LOGIC: per-token rewards, advantages, returns
+            kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator) * response_mask  # (B, T)
+            # KL in the reward (Ziegler et al. 2019) or, with --no_kl_in_reward, in the loss below instead
+            rewards = kl_penalized_rewards(scores, kl, response_mask, kl_coef if args.kl_in_reward else 0.0)
+            if args.whiten_rewards:  # off by default (Huang et al. 2024)
+                rewards = whiten(rewards, response_mask, shift_mean=False)
+            values = values * response_mask
+            advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+            if args.whiten_advantages:
+                advantages = whiten(advantages, response_mask)
+            sync()
+            t_scored = time.perf_counter()
+
+        # ALGO LOGIC: PPO epochs over shuffled minibatches; old logprobs and values are the rollout's
+        stats = torch.zeros(n_micro, len(stats_names), device=device)
+        k = 0
+        for _epoch in range(args.num_ppo_epochs):
+            order = torch.randperm(local_batch_size, device=device)
+            for mb_start in range(0, local_batch_size, minibatch_size):
+                for mc_start in range(mb_start, mb_start + minibatch_size, micro_batch_size):
+                    idx = order[mc_start:mc_start + micro_batch_size]
+                    mb_mask = response_mask[idx]
+                    logits, vpred = policy_forward(policy_train, query_responses[idx], attention_mask[idx], T,
+                                                   args.temperature, value_head)
+                    new_logprobs = logprobs_from_logits(logits, responses[idx])
+                    if critic is not None:
+                        vpred = critic_train(query_responses[idx, :-1], attention_mask[idx, :-1])[:, -T:]
+                    pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, args.cliprange)
+                    vf_loss, vf_clipfrac = value_loss(vpred, values[idx], returns[idx], mb_mask, args.cliprange_value)
+                    loss = pg_loss + args.vf_coef * vf_loss  # L = L_CLIP + c_v * L_critic
+                    if not args.kl_in_reward:  # ... + beta * KL(pi || pi_ref), the KL as a loss term
+                        kl_loss = masked_mean(kl_estimate(new_logprobs, ref_logprobs[idx], args.kl_loss_estimator), mb_mask)
+                        loss = loss + kl_coef * kl_loss
+                    (loss / gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        log_ratio = new_logprobs - logprobs[idx]
+                        row = [pg_loss, vf_loss, pg_clipfrac, vf_clipfrac,
+                               0.5 * masked_mean(log_ratio**2, mb_mask),  # approx KL(pi_old || pi) (Huang et al. 2024)
+                               masked_mean(entropy_from_logits(logits), mb_mask),
+                               masked_mean(ratio, mb_mask), masked_mean((ratio - masked_mean(ratio, mb_mask)) ** 2, mb_mask)]
+                        if not args.kl_in_reward:
+                            row.append(kl_loss)
+                        stats[k] = torch.stack(row)
+                    k += 1
+                if args.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        sync()
+        t_end = time.perf_counter()
+
+        # TRY NOT TO MODIFY: logging. One all-reduce and one host sync per update.
+        with torch.no_grad():
+            mask_f = response_mask.float()
+            non_score_reward = (-kl_coef * kl).sum(1)
+            explained_var_parts = torch.stack([(returns * mask_f).sum(), (returns**2 * mask_f).sum(),
+                                               ((returns - values) * mask_f).sum(), ((returns - values) ** 2 * mask_f).sum(),
+                                               mask_f.sum()])
+            rollout = torch.stack([scores.mean(), kl.sum(1).mean(), (-logprobs * mask_f).sum(1).mean(),
+                                   non_score_reward.mean(), (scores + non_score_reward).mean(),
+                                   has_eos.float().mean(), mask_f.sum(1).mean()])
+            local = torch.cat([rollout, stats.mean(0)]) / d.world_size
+            reduced = all_reduce_sum(torch.cat([local, explained_var_parts])).tolist()
+        names = ["objective/scores", "objective/kl", "objective/entropy", "objective/non_score_reward",
+                 "objective/rlhf_reward", "val/eos_rate", "val/response_length", *stats_names]
+        metrics = dict(zip(names, reduced[:len(names)]))
+        s_r, s_r2, s_d, s_d2, n = reduced[len(names):]
+        var_returns = s_r2 / n - (s_r / n) ** 2
+        metrics["val/explained_variance"] = 1.0 - (s_d2 / n - (s_d / n) ** 2) / max(var_returns, 1e-8)
+        if not all(math.isfinite(v) for v in metrics.values()):
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            raise SystemExit(f"non-finite training statistics at update {update} ({', '.join(bad)}): stopping, nothing saved")
+        metrics["objective/kl_coef"] = kl_coef
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        timing = {"time/generate": t_generated - t_start, "time/score": t_scored - t_generated,
+                  "time/train": t_end - t_scored, "time/update": t_end - t_start}
+        timing["eps"] = args.batch_size / timing["time/update"]
+        timings.append(timing)
+        metrics.update(timing)
+        metrics["episodes"] = global_step
+        history.append(metrics)
+        if args.adaptive_kl:  # Ziegler et al. 2019: move beta so the KL tracks its target
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], args.kl_target, args.kl_horizon, args.batch_size)
+        if writer is not None:
+            for key, v in metrics.items():
+                if key != "episodes":
+                    writer.add_scalar(key, v, global_step)
+            if args.sample_every and (update % args.sample_every == 0 or update == 1):
+                n_rows = min(args.num_sample_rows, local_batch_size)
+                table = list(zip(tokenizer.batch_decode(queries[:n_rows], skip_special_tokens=True),
+                                 tokenizer.batch_decode(responses[:n_rows], skip_special_tokens=True),
+                                 scores[:n_rows].tolist()))
+                writer.add_text("samples", markdown_table(table, ["prompt", "response", "score"]), global_step)
+        if (args.eval_every and update % args.eval_every == 0) or update == num_updates:
+            eval_metrics, eval_golds = run_eval(global_step)
+        if d.is_main and update % max(1, num_updates // 10) == 0:
+            tqdm.write(f"update {update}/{num_updates}: score {metrics['objective/scores']:+.3f} "
+                       f"kl {metrics['objective/kl']:.2f} eos {metrics['val/eos_rate']:.2f} {timing['eps']:.1f} eps")
+
+    # the final evaluation is the last one above, of the final policy, on the same prompts as the SFT one
+    num_eval_prompts = int(all_reduce_sum(torch.tensor([len(eval_ids)], device=device)).item())
+    final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}
+    if gold_fn is not None:
+        # gold win rate of PPO vs SFT on the same prompts; ties count 1/2
+        wins = sum(1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(eval_golds, sft_golds))
+        totals = all_reduce_sum(torch.tensor([wins, float(len(sft_golds))], dtype=torch.float64, device=device)).tolist()
+        final["gold_win_rate"] = totals[0] / totals[1]
+    final["final_kl"] = eval_metrics["kl"]
+    final["train_kl"] = history[-1]["objective/kl"]
+    final["episodes"] = num_updates * args.batch_size
+    final["wall_time_s"] = time.time() - start_time
+    if args.save:
+        save_model(policy, tokenizer, args.output_dir)
+        if d.is_main:
+            with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
+                json.dump({**final, "args": asdict(args)}, f, indent=2)
+    if writer is not None:
+        for k, v in final.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"final/{k}", v, num_updates * args.batch_size)
+        writer.close()
+
+    # final summary
+    names = ["rm_score", "gold_score", "kl", "response_length", "eos_rate"]
+    print0(f"\n{'held-out (' + str(final['num_eval_prompts']) + ' prompts)':<28}{'SFT':>10}{'PPO':>10}")
+    for name in names:
+        if name in sft_metrics:
+            print0(f"{name:<28}{sft_metrics[name]:>10.3f}{eval_metrics[name]:>10.3f}")
+    win = f"gold win rate of PPO vs SFT {final['gold_win_rate']:.3f} | " if "gold_win_rate" in final else ""
+    print0(f"{win}final KL to reference {final['final_kl']:.3f} nats | {final['wall_time_s']:.0f} s"
+           + (f" | saved {args.output_dir}" if args.save else ""))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {**final, "history": history, "timings": timings}
+
+
+if __name__ == "__main__":
+    main(parse_args())

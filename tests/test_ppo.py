@@ -1,0 +1,458 @@
+"""ppo.py: each equation on hand values, then tiny end-to-end runs (in-process, and torchrun with 2 processes)."""
+
+import contextlib
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import run_script
+
+import ppo
+
+os.environ.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread for the in-process runs: the models are tiny, and with other processes on the
+    cores OpenMP's spin-waiting can make two threads many times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_for_this_module():
+    with one_thread():
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# The equations
+# ----------------------------------------------------------------------------------------------
+def test_gae_hand_computed():
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[0.1, -0.2, 1.0], [0.0, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.6, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)  # row 2 ended after 2 tokens
+    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+    # row 1: d2 = 1 - .2 = .8; d1 = -.2 + .9*.2 - .3 = -.32; d0 = .1 + .9*.3 - .5 = -.13
+    #        A2 = .8; A1 = -.32 + .72*.8 = .256; A0 = -.13 + .72*.256 = .05432
+    # row 2: V after the last real token is 0, and padding is ignored: d1 = 1 - .6 = .4; d0 = .9*.6 - .4 = .14
+    #        A1 = .4; A0 = .14 + .72*.4 = .428; A2 = 0
+    expected = torch.tensor([[0.05432, 0.256, 0.8], [0.428, 0.4, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, expected + values * mask)
+
+
+def test_gae_lambda_one_is_reward_to_go_minus_value():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(4, 6), torch.randn(4, 6)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    advantages, returns = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    reward_to_go = rewards.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(advantages, reward_to_go - values)
+    torch.testing.assert_close(returns, reward_to_go)
+
+
+def test_whiten_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 1e6], [4.0, 5.0, -1e6, 7e5]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    kept = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    expected = (kept - kept.mean()) / torch.sqrt(kept.var() + 1e-8)  # unbiased variance, as ppo.whiten
+    out = ppo.whiten(x, mask)
+    torch.testing.assert_close(out[mask], expected)
+    assert (out[~mask] == 0).all()
+    # other padding values change nothing
+    torch.testing.assert_close(ppo.whiten(x.masked_fill(~mask, -3.0), mask), out)
+    # reward whitening scales but keeps the mean (Huang et al. 2024)
+    torch.testing.assert_close(ppo.whiten(x, mask, shift_mean=False)[mask], expected + kept.mean())
+
+
+def test_kl_estimators_match_known_kl():
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    true_kl = (p * (p / q).log()).sum()
+    y = torch.multinomial(p, 400_000, replacement=True)
+    logp, logq = p.log()[y], q.log()[y]
+    k1 = ppo.kl_estimate(logp, logq, "k1")
+    k3 = ppo.kl_estimate(logp, logq, "k3")
+    for k in (k1, k3):
+        assert abs(k.mean() - true_kl) < 4 * k.std() / math.sqrt(len(k)) + 1e-4
+    assert (k3 >= 0).all() and (k1 < 0).any()  # k3 is never negative, k1 can be
+    assert k3.std() < k1.std()  # and k3 has the lower variance here
+    # Gaussians N(0,1) vs N(1,1): KL = 1/2
+    x = torch.randn(400_000)
+    logp, logq = -0.5 * x**2, -0.5 * (x - 1) ** 2
+    for est in ("k1", "k3"):
+        k = ppo.kl_estimate(logp, logq, est)
+        assert abs(k.mean() - 0.5) < 4 * k.std() / math.sqrt(len(k))
+
+
+def test_k2_loss_gradient_is_the_kl_gradient():
+    """As a loss term, E_pi[grad k2] = grad KL(pi || pi_ref); E_pi[grad k1] = 0 (exact sums over a categorical)."""
+    logits = torch.tensor([0.3, -1.0, 0.5, 2.0], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([0.0, 0.2, -0.4, 0.1]), 0)
+    logp = torch.log_softmax(logits, 0)
+    (grad_kl,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits, retain_graph=True)
+    weights = logp.exp().detach()  # the sampling distribution, not differentiated
+    (grad_k2,) = torch.autograd.grad((weights * ppo.kl_estimate(logp, ref, "k2")).sum(), logits, retain_graph=True)
+    (grad_k1,) = torch.autograd.grad((weights * ppo.kl_estimate(logp, ref, "k1")).sum(), logits)
+    torch.testing.assert_close(grad_k2, grad_kl)
+    torch.testing.assert_close(grad_k1, torch.zeros(4), atol=1e-6, rtol=0)
+
+
+def test_truncate_after_eos_and_missing_eos_penalty():
+    EOS, PAD = 1, 0
+    responses = torch.tensor([
+        [5, 6, 1, 7, 8],   # EOS at 2: tokens after it become padding
+        [5, 6, 7, 8, 9],   # no EOS
+        [1, 5, 1, 6, 7],   # EOS first: the response is just EOS; a later EOS is padding too
+        [5, 6, 7, 8, 1],   # EOS at the very end
+    ])
+    out, mask, has_eos = ppo.truncate_after_eos(responses, EOS, PAD)
+    assert out.tolist() == [[5, 6, 1, 0, 0], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0], [5, 6, 7, 8, 1]]
+    assert mask.sum(1).tolist() == [3, 5, 1, 5]
+    assert has_eos.tolist() == [True, False, True, True]
+    scores = torch.tensor([0.5, 2.0, -0.25, 1.5])
+    assert ppo.apply_missing_eos_penalty(scores, has_eos, -1.0).tolist() == [0.5, -1.0, -0.25, 1.5]
+    assert ppo.apply_missing_eos_penalty(scores, has_eos, None).tolist() == scores.tolist()
+
+
+def test_kl_penalized_reward_at_the_last_real_token():
+    lengths = [3, 1, 4]
+    mask = torch.arange(4)[None] < torch.tensor(lengths)[:, None]
+    kl = torch.full((3, 4), 0.5)
+    scores = torch.tensor([2.0, -1.0, 3.0])
+    rewards = ppo.kl_penalized_rewards(scores, kl * mask, mask, kl_coef=0.1)
+    expected = torch.tensor([
+        [-0.05, -0.05, -0.05 + 2.0, 0.0],  # the score on the EOS at index 2, nothing after it
+        [-0.05 - 1.0, 0.0, 0.0, 0.0],
+        [-0.05, -0.05, -0.05, -0.05 + 3.0],
+    ])
+    torch.testing.assert_close(rewards, expected)
+    # even a KL left unmasked after EOS gives no reward there
+    torch.testing.assert_close(ppo.kl_penalized_rewards(scores, kl, mask, kl_coef=0.1), expected)
+
+
+def test_policy_loss_hand_values_and_clipping():
+    eps = 0.2
+    ratio = torch.tensor([[1.0, 1.5, 0.5, 1.5, 0.5, 1.1]])
+    adv = torch.tensor([[1.0, 1.0, 1.0, -1.0, -1.0, 2.0]])
+    old = torch.zeros(1, 6)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    loss, clipfrac, r = ppo.policy_loss(ratio.log(), old, adv, mask, eps)
+    # per token max(-A*r, -A*clip(r)):
+    #   r=1,A=1: -1 | r=1.5,A=1: max(-1.5,-1.2) = -1.2 (clipped) | r=.5,A=1: max(-.5,-.8) = -.5
+    #   r=1.5,A=-1: max(1.5,1.2) = 1.5 | r=.5,A=-1: max(.5,.8) = .8 (clipped) | r=1.1,A=2: -2.2
+    per_token = torch.tensor([-1.0, -1.2, -0.5, 1.5, 0.8, -2.2])
+    torch.testing.assert_close(loss, per_token.mean())
+    torch.testing.assert_close(clipfrac, torch.tensor(2 / 6))
+    torch.testing.assert_close(r, ratio)
+    # masked tokens do not count
+    mask2 = torch.tensor([[1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    loss2, clipfrac2, _ = ppo.policy_loss(ratio.log(), old, adv, mask2, eps)
+    torch.testing.assert_close(loss2, torch.tensor(-1.1))
+    torch.testing.assert_close(clipfrac2, torch.tensor(0.5))
+
+
+def test_value_loss_hand_values_and_clipping():
+    old = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    new = torch.tensor([[0.1, 0.5, -0.5, 1.0]])
+    returns = torch.tensor([[0.0, 1.0, 0.0, 3.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, clipfrac = ppo.value_loss(new, old, returns, mask, 0.2)
+    # V_clip = [.1, .2, -.2, 1]; per token max((V-R)^2, (V_clip-R)^2):
+    #   .01 | max(.25, .64) = .64 (clipped) | max(.25, .04) = .25 | 4
+    per_token = torch.tensor([0.01, 0.64, 0.25, 4.0])
+    torch.testing.assert_close(loss, 0.5 * per_token.mean())
+    torch.testing.assert_close(clipfrac, torch.tensor(0.25))
+
+
+def test_adaptive_kl_controller():
+    assert ppo.adaptive_kl_coef(0.1, 6.0, 6.0, 10000, 64) == pytest.approx(0.1)
+    assert ppo.adaptive_kl_coef(0.1, 60.0, 6.0, 10000, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.01))  # error clipped
+    assert ppo.adaptive_kl_coef(0.1, 3.0, 6.0, 10000, 100) == pytest.approx(0.1 * (1 - 0.2 * 0.01))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+def test_left_padding_changes_nothing(toy_dir):
+    """Position ids count from the first real token: a left-padded sequence scores as the unpadded one."""
+    from common import load_causal_lm, load_reward_model, load_tokenizer
+
+    base = os.path.join(toy_dir, "base_model")
+    tok = load_tokenizer(base, "left")
+    policy = load_causal_lm(base, tok)
+    seq = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
+    mask, padded_mask = torch.ones_like(seq), (padded != 0).long()
+    with torch.no_grad():
+        a, _ = ppo.policy_forward(policy, seq, mask, 2, 0.7)
+        b, _ = ppo.policy_forward(policy, padded, padded_mask, 2, 0.7)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        classifier = load_reward_model(base, tok)
+        scalar = ppo.ScalarModel(classifier, mean=0.5, std=2.0)
+        # the wrapper's output at the last token is the classifier's pooled score, normalised
+        pooled = classifier(input_ids=seq, attention_mask=mask).logits.squeeze(-1)
+        torch.testing.assert_close(scalar(seq, mask)[:, -1], (pooled - 0.5) / 2.0)
+        torch.testing.assert_close(scalar(padded, padded_mask)[:, -1], scalar(seq, mask)[:, -1], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def standin_rm(toy_dir, tmp_path_factory):
+    """An RM that is easy to raise: regressed for a few seconds onto 4 x (fraction of positive words).
+
+    The policy stand-in is the random base model itself, which emits every word about equally often.
+    """
+    import toy_task
+    from common import load_reward_model, load_tokenizer, save_model
+
+    base = os.path.join(toy_dir, "base_model")
+    tok = load_tokenizer(base, "right")
+    torch.manual_seed(0)
+    model = load_reward_model(base, tok)
+    stack = contextlib.ExitStack()
+    stack.enter_context(one_thread())  # session-scoped: runs before the module's one-thread fixture
+    good = torch.tensor(tok.convert_tokens_to_ids(toy_task.POSITIVE))
+
+    def batch(n=64, width=20):
+        ids = torch.randint(5, len(tok), (n, width))
+        lengths = torch.randint(4, width + 1, (n,))
+        mask = torch.arange(width)[None] < lengths[:, None]
+        ids = ids.masked_fill(~mask, tok.pad_token_id)
+        return ids, mask.long(), 4 * (torch.isin(ids, good) & mask).float().sum(1) / lengths
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        ids, mask, target = batch()
+        loss = ((model(input_ids=ids, attention_mask=mask).logits.squeeze(-1) - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        ids, mask, _ = batch(256)
+        raw = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    stack.close()
+    path = str(tmp_path_factory.mktemp("standins") / "rm")
+    save_model(model, tok, path, extra_config={"reward_mean": raw.mean().item(), "reward_std": raw.std().item()})
+    return path
+
+
+def tiny_args(toy_dir, rm, output_dir, *extra):
+    return ppo.parse_args([
+        "--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", rm,
+        "--dataset", os.path.join(toy_dir, "prompts"), "--output_dir", str(output_dir),
+        "--total_episodes", "320", "--batch_size", "32", "--response_length", "8",
+        "--lr", "3e-3", "--kl_coef", "0.01", "--missing_eos_penalty", "None",
+        "--eval_samples", "64", "--eval_every", "5", "--sample_every", "5", *extra,
+    ])
+
+
+GOLD_MODULE = '''
+import os
+def gold(prompts, completions):
+    with open(os.path.join(os.path.dirname(__file__), "gold_called.txt"), "a") as f:
+        f.write(f"{len(completions)}\\n")
+    return [float(len(c.split())) for c in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def e2e(toy_dir, standin_rm, tmp_path_factory):
+    """One in-process run of main(): 2 minibatches x 2 micro-batches, a gold function from a tmp module,
+    and policy_loss spied on to catch the first minibatch of the first epoch."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    (tmp / "gold_mod_ppo_test.py").write_text(GOLD_MODULE)
+    sys.path.insert(0, str(tmp))
+    calls = []
+    real_policy_loss = ppo.policy_loss
+
+    def spy(logprobs, old_logprobs, advantages, mask, cliprange):
+        if not calls:
+            calls.append((logprobs.detach().clone(), old_logprobs.clone(), mask.clone()))
+        return real_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+
+    cwd = os.getcwd()
+    os.chdir(tmp)  # TensorBoard logs go to tmp/runs
+    ppo.policy_loss = spy
+    try:
+        args = tiny_args(toy_dir, standin_rm, tmp / "ppo", "--num_minibatches", "2", "--micro_batch_size", "8",
+                         "--gold_reward_fn", "gold_mod_ppo_test:gold", "--run_name", "e2e")
+        out = ppo.main(args)
+    finally:
+        ppo.policy_loss = real_policy_loss
+        os.chdir(cwd)
+        sys.path.remove(str(tmp))
+    return {"out": out, "dir": tmp, "first_call": calls[0]}
+
+
+def test_first_minibatch_ratio_is_exactly_one(e2e):
+    logprobs, old_logprobs, mask = e2e["first_call"]
+    ratio = torch.exp(logprobs - old_logprobs)
+    # the training forward recomputes the rollout's logprobs bit for bit (same temperature, same inputs)
+    assert torch.equal(ratio[mask], torch.ones_like(ratio[mask]))
+    assert (0.5 * ((logprobs - old_logprobs)[mask] ** 2).mean()).item() == 0.0
+
+
+def test_end_to_end_raises_rm_score_and_saves(e2e):
+    out = e2e["out"]
+    assert out["ppo"]["rm_score"] > out["sft"]["rm_score"] + 0.3, (out["sft"], out["ppo"])
+    history = out["history"]
+    assert len(history) == 10 and all(len(t) == 5 for t in out["timings"])
+    assert history[-1]["objective/scores"] > history[0]["objective/scores"]
+    assert out["sft"]["kl"] == 0.0 and out["ppo"]["kl"] > 0
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = e2e["dir"] / "ppo"
+    results = json.loads((path / "eval_results.json").read_text())
+    assert {"sft", "ppo", "gold_win_rate", "final_kl"} <= set(results)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    sample = model.generate(**tok(["the plot was"], return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert sample.shape == (1, 7)
+
+
+def test_gold_reward_fn_is_called_and_logged(e2e):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    calls = (e2e["dir"] / "gold_called.txt").read_text().split()
+    assert len(calls) == 3 and all(int(n) == 64 for n in calls)  # before training, updates 5 and 10 (final)
+    out = e2e["out"]
+    # the tmp gold function scores the number of words: the mean matches the logged response length
+    assert out["ppo"]["gold_score"] >= 0 and 0 <= out["gold_win_rate"] <= 1
+    acc = EventAccumulator(str(e2e["dir"] / "runs" / "e2e"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "eval/gold_score" in tags and "objective/kl" in tags and "time/generate" in tags
+    assert [e.step for e in acc.Scalars("eval/gold_score")] == [0, 160, 320]
+
+
+def test_same_seed_same_numbers(toy_dir, standin_rm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    runs = [ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / f"o{i}", "--total_episodes", "64", "--no_save",
+                               "--eval_samples", "16", "--gold_reward_fn", "None", "--run_name", f"r{i}"))
+            for i in range(2)]
+    strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in runs]
+    assert strip[0] == strip[1]
+    assert runs[0]["ppo"] == runs[1]["ppo"]
+
+
+def test_nan_loss_stops_and_saves_nothing(toy_dir, standin_rm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "existing"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("an earlier run")
+    real = ppo.policy_loss
+    monkeypatch.setattr(ppo, "policy_loss", lambda *a: (real(*a)[0] * float("nan"), *real(*a)[1:]))
+    with pytest.raises(SystemExit, match="non-finite"):
+        ppo.main(tiny_args(toy_dir, standin_rm, out_dir, "--total_episodes", "64", "--eval_samples", "16"))
+    assert os.listdir(out_dir) == ["keep.txt"]
+
+
+def test_torchrun_two_processes(toy_dir, standin_rm, tmp_path):
+    out = tmp_path / "ppo"
+    run_script("ppo.py", "--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", standin_rm,
+               "--dataset", os.path.join(toy_dir, "prompts"), "--output_dir", str(out),
+               "--run_name", str(tmp_path / "tb"),  # an absolute run_name keeps the logs in tmp
+               "--total_episodes", "128", "--batch_size", "32", "--response_length", "8", "--lr", "3e-3",
+               "--eval_samples", "32", "--eval_every", "0", nproc=2)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_eval_prompts"] == 32 and math.isfinite(results["final_kl"])
+    assert "gold_win_rate" in results
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--value_head_on_policy"],
+    ["--no_kl_in_reward", "--kl_loss_estimator", "k3"],
+    ["--kl_estimator", "k3", "--adaptive_kl", "--kl_target", "1.0", "--kl_horizon", "100"],
+    ["--whiten_rewards", "--no_whiten_advantages", "--critic_init", "sft", "--max_grad_norm", "0.5"],
+    ["--missing_eos_penalty", "-1.0", "--no_anneal_lr", "--eval_temperature", "0", "--local_rollout_forward_batch_size", "5"],
+])
+def test_options_run(toy_dir, standin_rm, tmp_path, monkeypatch, extra):
+    """Every switch the ablations use runs and gives finite numbers (two updates each)."""
+    monkeypatch.chdir(tmp_path)
+    out = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "64", "--no_save",
+                             "--eval_samples", "16", "--gold_reward_fn", "None", *extra))
+    assert all(math.isfinite(v) for h in out["history"] for v in h.values())
+    if "--adaptive_kl" in extra:  # KL far below its target: beta shrinks
+        assert out["history"][-1]["objective/kl_coef"] < 0.01
+
+
+def test_rm_with_its_own_tokenizer_is_fed_retokenised_text(toy_dir, standin_rm, tmp_path):
+    """An RM whose tokenizer numbers the words differently (and its embeddings permuted to match) must give
+    the same scores as the original RM: ppo.py decodes the text and re-tokenises it for the RM."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import toy_task
+    from common import load_reward_model, load_tokenizer
+
+    tok = load_tokenizer(standin_rm, "left")
+    words = toy_task.vocabulary()
+    shuffled = [*words[:3], *reversed(words[3:])]  # keep <pad> <eos> <unk> first, reverse the rest
+    other = Tokenizer(models.WordLevel({w: i for i, w in enumerate(shuffled)}, unk_token="<unk>"))
+    other.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    rm_tok = PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    rm_tok.padding_side = "right"
+    original = load_reward_model(standin_rm, tok)
+    permuted = load_reward_model(standin_rm, tok)
+    old_ids = torch.tensor(tok.convert_tokens_to_ids(shuffled))
+    with torch.no_grad():
+        permuted.get_input_embeddings().weight.copy_(original.get_input_embeddings().weight[old_ids])
+    assert rm_tok.get_vocab() != tok.get_vocab()
+
+    queries, query_mask = ppo.left_pad([tok("the plot was")["input_ids"], tok("i")["input_ids"]], tok.pad_token_id, "cpu")
+    responses = torch.tensor([tok("good . <eos> film")["input_ids"], tok("loved the film and")["input_ids"]])
+    responses, response_mask, has_eos = ppo.truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
+    qr = torch.cat([queries, responses], 1)
+    am = torch.cat([query_mask, torch.ones_like(responses)], 1)
+    with torch.no_grad():
+        same = ppo.rm_scores(ppo.ScalarModel(original), qr, am, response_mask, queries.shape[1], tok, None, has_eos, 8)
+        other_scores = ppo.rm_scores(ppo.ScalarModel(permuted), qr, am, response_mask, queries.shape[1], tok, rm_tok, has_eos, 8)
+    torch.testing.assert_close(other_scores, same, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(same[0], same[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI and bad input
+# ----------------------------------------------------------------------------------------------
+def test_presets():
+    toy = ppo.parse_args([])
+    assert toy.dataset == "toy_data/prompts" and toy.gold_reward_fn == "toy_task:gold_score"
+    assert ppo.parse_args(["--lr", "1e-4"]).lr == 1e-4
+    pythia = ppo.parse_args(["pythia-tldr", "--seed", "3"])
+    assert pythia.lr == 3e-6 and pythia.kl_coef == 0.05 and pythia.response_length == 53 and pythia.seed == 3
+    assert pythia.gold_reward_fn is None and pythia.missing_eos_penalty == -1.0
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt_column", "nope"], "has no column 'nope'"),
+    (["--dataset", "/nonexistent/prompts"], "does not exist"),
+    (["--num_minibatches", "3"], "not divisible by num_minibatches"),
+    (["--total_episodes", "8"], "less than one batch"),
+    (["--gold_reward_fn", "toy_task"], "module:function"),
+    (["--gold_reward_fn", "no_such_module_xyz:f"], "cannot be imported"),
+    (["--max_prompt_length", "2"], "longer than max_prompt_length"),
+])
+def test_bad_input_one_line_error(toy_dir, standin_rm, tmp_path, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", *extra))
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+    assert not (tmp_path / "o").exists()

@@ -12,8 +12,8 @@ pi_ref. The KL appears in one of two places:
     in the reward (default):  r~_t = r(x, y)*[t = last] - beta * log(pi(y_t | x, y<t) / pi_ref(y_t | x, y<t))
     as a loss term instead:   L = L_CLIP + c_v * L_critic + beta * KL(pi || pi_ref)
 
-One update: (1) rollout: sample a batch of responses and score them, all without gradients;
-(2) per-token rewards, GAE advantages and returns; (3) a few epochs of PPO over shuffled minibatches.
+One update: (1) rollout: sample a batch of responses and score them, without gradients; (2) per-token
+rewards, GAE advantages and returns; (3) a few epochs of PPO over shuffled minibatches.
 Each equation is one small function below, and each implementation detail has a comment naming its
 source. "Huang et al. 2024" is "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
 Summarization"; "Ziegler et al. 2019" is "Fine-Tuning Language Models from Human Preferences".
@@ -25,7 +25,8 @@ Implementation details, each marked by a comment where it happens:
   initialised from the RM (Huang et al. 2024), or a value head on the policy (Ziegler et al. 2019);
   dropout off in all of them (common.disable_dropout);
 - prompts left-padded, position ids counted from the first real token;
-- sampling with temperature only (top_k 0, top_p 1); logprobs recomputed with logits / temperature;
+- sampling with temperature only (top_k 0, top_p 1); logprobs recomputed with logits / temperature
+  (with one micro-batch per update, by PPO's first forward itself: same weights, same inputs);
 - a response ends at its first EOS; everything after it is masked out of the RM input, KL, values, losses;
 - missing-EOS penalty: a fixed score for responses that never end (Huang et al. 2024);
 - the RM score read at the last real token and normalised by the RM's stored mean/std;
@@ -169,6 +170,9 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float | None = None
     """clip the gradient norm of policy + critic to this; None: no clipping"""
+    reuse_first_forward: bool = True
+    """with one micro-batch per update, take pi_old and V_old from PPO's first forward (same weights, same
+    inputs) instead of two extra no-grad forwards; --no_reuse_first_forward recomputes them separately"""
     critic_init: Literal["rm", "sft"] = "rm"
     """the separate critic starts from the reward model (Huang et al. 2024) or from the SFT model with a fresh head"""
     value_head_on_policy: bool = False
@@ -661,6 +665,8 @@ def main(args: Args) -> dict:
     if num_updates < 1:
         raise SystemExit(f"total_episodes {args.total_episodes} is less than one batch ({args.batch_size})")
     gold_fn = load_gold_fn(args.gold_reward_fn)
+    check_path(args.sft_model, "SFT model")
+    check_path(args.reward_model, "reward model")
     log_dir = os.path.join("runs", args.run_name or f"ppo__{args.seed}__{int(time.time())}")
     device = d.device
 
@@ -721,10 +727,25 @@ def main(args: Args) -> dict:
         fully_shard(value_head)
     trainable = [m for m in (policy, critic, value_head) if m is not None]
     params = [p for m in trainable for p in m.parameters()]
-    # one AdamW over policy and critic (their parameters are disjoint), eps 1e-5 (Huang et al. 2024)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+    # one AdamW over policy and critic (their parameters are disjoint), eps 1e-5 (Huang et al. 2024);
+    # the fused kernel: one pass over all parameters (on CPU several times faster than the default foreach)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     policy_train = torch.compile(policy) if args.compile else policy
     critic_train = torch.compile(critic) if args.compile and critic is not None else critic
+
+    def train_forward(query_responses, attention_mask, T):
+        """The training forward: (B, T, V) logits / temperature of the policy and (B, T) values."""
+        logits, values = policy_forward(policy_train, query_responses, attention_mask, T, args.temperature, value_head)
+        if critic is not None:  # V(x, y<t): the critic's output at the token before y_t
+            values = critic_train(query_responses[:, :-1], attention_mask[:, :-1])[:, -T:]
+        return logits, values
+
+    # With one micro-batch per update, PPO's first forward (epoch 1, before any optimizer step) computes
+    # exactly what the rollout's pi_old and V_old forwards would: the same weights on the same sequences.
+    # It then runs once, with gradients, and serves both (the same numbers up to float rounding; two
+    # forwards fewer per update).
+    reuse_first_forward = args.reuse_first_forward and args.num_minibatches == 1 and gradient_accumulation_steps == 1
     rollout_config = generation_config(tokenizer, args.response_length, args.temperature)
     rm_tok_arg = None if same_tokenizer else rm_tokenizer
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -769,7 +790,8 @@ def main(args: Args) -> dict:
             optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr
         t_start = time.perf_counter()
 
-        # ALGO LOGIC: rollout. Everything here is data: no gradients (Huang et al. 2024).
+        # ALGO LOGIC: rollout. Everything here is data, without gradients (Huang et al. 2024), except
+        # PPO's own first forward when it is reused below.
         with torch.no_grad():
             queries, query_mask = left_pad(next(batches), pad_id, device)  # (B, P), left-padded
             context_length = queries.shape[1]
@@ -785,20 +807,28 @@ def main(args: Args) -> dict:
             # the no-grad forwards, in chunks of local_rollout_forward_batch_size, one model at a time
             chunks = [slice(i, i + args.local_rollout_forward_batch_size)
                       for i in range(0, local_batch_size, args.local_rollout_forward_batch_size)]
-            logprobs, ref_logprobs, values = [], [], []
-            with unsharded(policy):  # pi_old: recomputed with logits / temperature, as in sampling (Huang et al. 2024)
-                for c in chunks:
-                    logits, v = policy_forward(policy, query_responses[c], attention_mask[c], T, args.temperature, value_head)
-                    logprobs.append(logprobs_from_logits(logits, responses[c]))
-                    values.append(v)
+            # pi_old: logprobs recomputed with logits / temperature, as in sampling (Huang et al. 2024); V_old
+            if reuse_first_forward:
+                with torch.enable_grad():  # PPO's first forward, kept for the first optimizer step below
+                    first_logits, first_values = train_forward(query_responses, attention_mask, T)
+                logprobs, values = logprobs_from_logits(first_logits, responses), first_values.detach()
+            else:
+                logprobs, values = [], []
+                with unsharded(policy):
+                    for c in chunks:
+                        logits, v = policy_forward(policy, query_responses[c], attention_mask[c], T, args.temperature, value_head)
+                        logprobs.append(logprobs_from_logits(logits, responses[c]))
+                        values.append(v)
+                if critic is not None:
+                    with unsharded(critic):  # V(x, y<t): the critic's output at the token before y_t
+                        values = [critic(query_responses[c, :-1], attention_mask[c, :-1])[:, -T:] for c in chunks]
+                logprobs, values = torch.cat(logprobs), torch.cat(values)
+            ref_logprobs = []
             with unsharded(ref_policy):  # the frozen reference, at the same temperature (Huang et al. 2024)
                 for c in chunks:
                     logits, _ = policy_forward(ref_policy, query_responses[c], attention_mask[c], T, args.temperature)
                     ref_logprobs.append(logprobs_from_logits(logits, responses[c]))
-            if critic is not None:
-                with unsharded(critic):  # V(x, y<t): the critic's output at the token before y_t
-                    values = [critic(query_responses[c, :-1], attention_mask[c, :-1])[:, -T:] for c in chunks]
-            logprobs, ref_logprobs, values = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+            ref_logprobs = torch.cat(ref_logprobs)
             # the RM score at the last real token, normalised by the RM's stored mean/std
             scores = rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length,
                                tokenizer, rm_tok_arg, has_eos, args.local_rollout_forward_batch_size)
@@ -827,11 +857,12 @@ def main(args: Args) -> dict:
                 for mc_start in range(mb_start, mb_start + minibatch_size, micro_batch_size):
                     idx = order[mc_start:mc_start + micro_batch_size]
                     mb_mask = response_mask[idx]
-                    logits, vpred = policy_forward(policy_train, query_responses[idx], attention_mask[idx], T,
-                                                   args.temperature, value_head)
+                    if reuse_first_forward and k == 0:  # computed during the rollout, on the same weights
+                        logits, vpred = first_logits[idx], first_values[idx]
+                        del first_logits, first_values
+                    else:
+                        logits, vpred = train_forward(query_responses[idx], attention_mask[idx], T)
                     new_logprobs = logprobs_from_logits(logits, responses[idx])
-                    if critic is not None:
-                        vpred = critic_train(query_responses[idx, :-1], attention_mask[idx, :-1])[:, -T:]
                     pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, args.cliprange)
                     vf_loss, vf_clipfrac = value_loss(vpred, values[idx], returns[idx], mb_mask, args.cliprange_value)
                     loss = pg_loss + args.vf_coef * vf_loss  # L = L_CLIP + c_v * L_critic

@@ -350,6 +350,21 @@ def test_same_seed_same_numbers(toy_dir, standin_rm, tmp_path, monkeypatch):
     assert runs[0]["ppo"] == runs[1]["ppo"]
 
 
+def test_reusing_the_first_forward_changes_no_number(toy_dir, standin_rm, tmp_path, monkeypatch):
+    """pi_old and V_old taken from PPO's first forward (one micro-batch per update) equal the separate
+    no-grad recompute: the whole run is the same up to float rounding, only the speed differs."""
+    monkeypatch.chdir(tmp_path)
+    runs = [ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "96", "--no_save",
+                               "--eval_samples", "16", "--gold_reward_fn", "None",
+                               *flag)) for flag in ([], ["--no_reuse_first_forward"])]
+    strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in runs]
+    for a, b in zip(*strip):
+        # the critic's recompute can differ in the last bit, which flips a few value-clipping comparisons
+        assert a.pop("val/clipfrac_avg") == pytest.approx(b.pop("val/clipfrac_avg"), abs=0.01)
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert strip[0][0]["policy/approxkl_avg"] > 0  # later epochs did move the policy
+
+
 def test_nan_loss_stops_and_saves_nothing(toy_dir, standin_rm, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out_dir = tmp_path / "existing"
@@ -362,13 +377,17 @@ def test_nan_loss_stops_and_saves_nothing(toy_dir, standin_rm, tmp_path, monkeyp
     assert os.listdir(out_dir) == ["keep.txt"]
 
 
-def test_torchrun_two_processes(toy_dir, standin_rm, tmp_path):
+@pytest.mark.parametrize("extra", [
+    [],  # one micro-batch per rank: PPO's first forward gives pi_old and V_old
+    ["--micro_batch_size", "8", "--num_ppo_epochs", "2"],  # separate recompute, gradient accumulation
+])
+def test_torchrun_two_processes(toy_dir, standin_rm, tmp_path, extra):
     out = tmp_path / "ppo"
     run_script("ppo.py", "--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", standin_rm,
                "--dataset", os.path.join(toy_dir, "prompts"), "--output_dir", str(out),
                "--run_name", str(tmp_path / "tb"),  # an absolute run_name keeps the logs in tmp
-               "--total_episodes", "128", "--batch_size", "32", "--response_length", "8", "--lr", "3e-3",
-               "--eval_samples", "32", "--eval_every", "0", nproc=2)
+               "--total_episodes", "96", "--batch_size", "32", "--response_length", "8", "--lr", "3e-3",
+               "--eval_samples", "32", "--eval_every", "0", *extra, nproc=2)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["num_eval_prompts"] == 32 and math.isfinite(results["final_kl"])
     assert "gold_win_rate" in results

@@ -319,10 +319,8 @@ def _clause_words(rng: random.Random, sign: int) -> list[str]:
     return ["overall", "i", "found", "it", *_adjp_words(rng, sign)]
 
 
-MIXED = (4, 4, 2)  # weights of positive, negative and neutral sentences in the SFT demonstrations
-
-
-def _sentence(rng: random.Random, lean: tuple[int, int, int] = MIXED) -> list[str]:
+def _sentence(rng: random.Random, lean: tuple[int, int, int]) -> list[str]:
+    """One sentence; `lean` weighs positive, negative and neutral sentences."""
     sign = rng.choices([1, -1, 0], weights=lean)[0]
     words = _clause_words(rng, sign)
     if sign != 0 and rng.random() < 0.15:  # "the plot was good but the acting was weak"
@@ -330,7 +328,7 @@ def _sentence(rng: random.Random, lean: tuple[int, int, int] = MIXED) -> list[st
     return words + ["."]
 
 
-def _extend(rng: random.Random, completion: list[str], max_completion: int, lean=MIXED) -> list[str]:
+def _extend(rng: random.Random, completion: list[str], max_completion: int, lean: tuple[int, int, int]) -> list[str]:
     """Append 0-2 more whole sentences while they fit."""
     for _ in range(rng.choice([0, 1, 1, 2])):
         nxt = _sentence(rng, lean)
@@ -358,7 +356,7 @@ def make_review(rng: random.Random, max_prompt: int = 14, max_completion: int = 
             return " ".join(prompt), " ".join(_extend(rng, completion, max_completion, lean))
 
 
-def continue_prompt(rng: random.Random, prompt: str, max_completion: int = 24, lean=MIXED) -> str:
+def continue_prompt(rng: random.Random, prompt: str, lean: tuple[int, int, int], max_completion: int = 24) -> str:
     """Another fluent continuation of `prompt`: finish its open sentence, then 0-2 more.
 
     Samples sentences, splices the prompt's unfinished sentence over their first words and keeps

@@ -108,7 +108,7 @@ class Args:
     """`module:function` f(prompts, completions) -> list[float], the true reward (a verifier) logged at evaluation; None skips it"""
 
     # rollout
-    total_episodes: int = 9600
+    total_episodes: int = 6400
     """episodes (prompt + sampled response) to train on, summed over ranks"""
     batch_size: int = 64
     """episodes per update, summed over ranks"""
@@ -761,8 +761,12 @@ def main(args: Args) -> dict:
            f"TensorBoard: {log_dir}")
 
     def run_eval(step: int):
-        metrics, golds, rows = evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tok_arg,
-                                        eval_texts, eval_ids, gold_fn, device)
+        # Evaluation samples from its own fixed seed, so that (1) every evaluation, the SFT baseline included,
+        # sees the same random numbers, and (2) --eval_every does not change the training run's sampling.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed + 1_000_003 + d.rank)
+            metrics, golds, rows = evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tok_arg,
+                                            eval_texts, eval_ids, gold_fn, device)
         if writer is not None:
             for k, v in metrics.items():
                 writer.add_scalar(f"eval/{k}", v, step)

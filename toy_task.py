@@ -466,7 +466,7 @@ def make_preference_pairs(rng: random.Random, n: int, corrupt_prob: float) -> li
 def build(args: Args) -> None:
     if os.path.exists(args.out_dir):
         if not args.overwrite:
-            raise SystemExit(f"{args.out_dir} exists; pass --overwrite to rebuild it, or pick another --out-dir")
+            raise SystemExit(f"{args.out_dir} exists; pass --overwrite to rebuild it, or pick another --out_dir")
         shutil.rmtree(args.out_dir)
     tmp = args.out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -350,6 +350,18 @@ def test_same_seed_same_numbers(toy_dir, standin_rm, tmp_path, monkeypatch):
     assert runs[0]["ppo"] == runs[1]["ppo"]
 
 
+def test_eval_every_changes_no_training_number(toy_dir, standin_rm, tmp_path, monkeypatch):
+    """Evaluation samples from its own forked RNG: evaluating after every update instead of only at the end
+    leaves the training run bit-identical (results/sweep.py relies on this for its extra eval points)."""
+    monkeypatch.chdir(tmp_path)
+    runs = [ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / f"o{e}", "--total_episodes", "96", "--no_save",
+                               "--eval_samples", "16", "--gold_reward_fn", "None", "--eval_every", e, "--run_name", f"e{e}"))
+            for e in ("1", "0")]
+    strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in runs]
+    assert len(strip[0]) == 3 and strip[0] == strip[1]
+    assert runs[0]["ppo"] == runs[1]["ppo"] and runs[0]["sft"] == runs[1]["sft"]
+
+
 def test_reusing_the_first_forward_changes_no_number(toy_dir, standin_rm, tmp_path, monkeypatch):
     """pi_old and V_old taken from PPO's first forward (one micro-batch per update) equal the separate
     no-grad recompute: the whole run is the same up to float rounding, only the speed differs."""

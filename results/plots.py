@@ -1,0 +1,236 @@
+"""Regenerates every figure and table in results/README.md from the TensorBoard logs of the sweep.
+
+    python results/sweep.py && python results/plots.py
+
+Reads runs/sweeps/** (TensorBoard event files written by ppo.py and train_rm.py), writes
+results/figures/*.png and results/sweep_summary.json, and rewrites the blocks of results/README.md between
+`<!-- generated:NAME -->` and `<!-- /generated:NAME -->`, so that no number there is typed by hand.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNS = os.path.join(os.path.dirname(HERE), "runs", "sweeps")
+FIGS = os.path.join(HERE, "figures")
+
+
+def load(run_dir: str) -> dict:
+    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    scalars = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+    texts = {}
+    for t in ea.Tags().get("tensors", []):
+        if t.endswith("/text_summary"):
+            texts[t.removesuffix("/text_summary")] = [(e.step, e.tensor_proto.string_val[0].decode()) for e in ea.Tensors(t)]
+    return {"scalars": scalars, "texts": texts}
+
+
+def runs_of(group: str) -> dict[str, dict[int, dict]]:
+    """{name: {seed: log}} for runs/sweeps/<group>/<name>_s<seed>."""
+    out: dict[str, dict[int, dict]] = defaultdict(dict)
+    for d in sorted(glob.glob(os.path.join(RUNS, group, "*_s*"))):
+        m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(d))
+        if m:
+            out[m.group(1)][int(m.group(2))] = load(d)
+    return out
+
+
+def final(log: dict, key: str) -> float:
+    return log["scalars"][key][-1][1]
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def pm(xs: list[float], digits: int = 3) -> str:
+    m, s = mean_std(xs)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def finals(seeds: dict[int, dict]) -> dict[str, list[float]]:
+    keys = {"gold": "eval/gold_score", "rm": "eval/rm_score", "kl": "eval/kl", "win": "final/gold_win_rate",
+            "length": "eval/response_length", "eos": "eval/eos_rate"}
+    return {k: [final(log, t) for _, log in sorted(seeds.items())] for k, t in keys.items()}
+
+
+def curve(seeds: dict[int, dict], tag: str) -> tuple[list[float], list[float], list[float]]:
+    """x, mean, std over seeds at the steps all seeds logged."""
+    series = [dict(log["scalars"][tag]) for log in seeds.values()]
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    ys = [[s[x] for s in series] for x in steps]
+    return steps, [statistics.mean(y) for y in ys], [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+
+
+def plot_training_curves(default: dict[int, dict]) -> str:
+    panels = [("objective/scores", "RM score (train batch)"), ("eval/gold_score", "gold score (held-out)"),
+              ("objective/kl", "KL to reference (train batch)"), ("objective/entropy", "entropy (train batch)"),
+              ("val/response_length", "response length (train batch)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (tag, title) in zip(axes, panels):
+        x, m, s = curve(default, tag)
+        ax.plot(x, m, color="C0")
+        ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color="C0", alpha=0.25)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("episodes")
+    fig.suptitle(f"default ppo.py run, mean ± std over {len(default)} seeds", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(FIGS, "training_curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_frontier(beta: dict[str, dict[int, dict]]) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    order = sorted(beta, key=lambda n: float(n.removeprefix("beta")))
+    for i, name in enumerate(order):
+        x, kl, _ = curve(beta[name], "eval/kl")
+        for ax, tag in zip(axes, ("eval/gold_score", "eval/rm_score")):
+            _, y, _ = curve(beta[name], tag)
+            ax.plot([math.sqrt(max(k, 0.0)) for k in kl], y, "o-", ms=3, color=f"C{i}", label=f"β = {name.removeprefix('beta')}")
+    axes[0].set_title("gold score (held-out) vs √KL")
+    axes[1].set_title("RM score (the proxy, held-out) vs √KL")
+    for ax in axes:
+        ax.set_xlabel("√KL(π ‖ π_ref)  (nats^½, per response)")
+        ax.legend(fontsize=8)
+    fig.suptitle("one curve per β: evaluations every 640 episodes, mean over seeds (Gao et al. 2022 axes)", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(FIGS, "kl_frontier.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_rm_size(rm_rows: list[dict]) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    n = [r["pairs"] for r in rm_rows]
+    axes[0].plot(n, [r["val_accuracy"] for r in rm_rows], "o-", label="RM validation accuracy")
+    axes[0].axhline(rm_rows[0]["bayes_ceiling"], color="k", ls="--", label="Bayes ceiling")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("preference pairs")
+    axes[0].legend()
+    axes[0].set_title("RM accuracy vs data")
+    acc = [r["val_accuracy"] for r in rm_rows]
+    axes[1].errorbar(acc, [r["ppo_gold"][0] for r in rm_rows], yerr=[r["ppo_gold"][1] for r in rm_rows], fmt="o-", capsize=3)
+    for r in rm_rows:
+        axes[1].annotate(f"{r['pairs']}", (r["val_accuracy"], r["ppo_gold"][0]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    axes[1].set_xlabel("RM validation accuracy")
+    axes[1].set_ylabel("final gold score of PPO (held-out)")
+    axes[1].set_title("PPO's gold score vs RM quality")
+    fig.tight_layout()
+    path = os.path.join(FIGS, "rm_size.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def last_samples(log: dict, n: int = 4) -> str:
+    step, table = log["texts"]["eval/samples"][-1]
+    lines = table.splitlines()
+    return "\n".join(lines[:2 + n])
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"results/README.md has no <!-- generated:{name} --> block")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+
+
+def main() -> None:
+    os.makedirs(FIGS, exist_ok=True)
+    blocks, summary = {}, {}
+    pipeline = os.path.join("models", "pipeline_summary.json")
+    if os.path.exists(pipeline):  # the main job's table (python pipeline.py)
+        shutil.copy(pipeline, os.path.join(HERE, "toy_pipeline", "pipeline_summary.json"))
+        for stage in ("sft", "rm", "ppo"):
+            shutil.copy(os.path.join("models", stage, "eval_results.json"), os.path.join(HERE, "toy_pipeline", f"{stage}.json"))
+        res = json.load(open(pipeline))
+        rows = ["| held-out prompts: " + str(res["ppo"]["num_eval_prompts"]) + " | SFT | PPO |", "|---|---|---|"]
+        rows += [f"| {name} | {a} | {b} |" for name, a, b in res["rows"][:-1]]
+        times = ", ".join(f"{k} {v:.0f} s" for k, v in res["wall_time_s"].items())
+        blocks["pipeline"] = "\n".join(rows) + f"\n\n{res['rows'][-1][0]}.\n\nWall time: {times}; total {res['total_wall_time_s']:.0f} s."
+    beta = runs_of("beta")
+    default = beta.get("beta0.05", {})
+
+    if default:
+        plot_training_curves(default)
+
+    if beta:
+        plot_frontier(beta)
+        rows = ["| β | gold score | RM score | KL (nats) | gold win rate vs SFT | response length | EOS rate |", "|---|---|---|---|---|---|---|"]
+        for name in sorted(beta, key=lambda n: float(n.removeprefix("beta"))):
+            f = finals(beta[name])
+            summary[f"beta/{name}"] = f
+            rows.append(f"| {name.removeprefix('beta')} | {pm(f['gold'])} | {pm(f['rm'])} | {pm(f['kl'], 2)} | {pm(f['win'])} "
+                        f"| {pm(f['length'], 1)} | {pm(f['eos'])} |")
+        blocks["beta"] = "\n".join(rows)
+        # what over-optimisation looks like: the final held-out samples at beta 0 next to the default
+        samples = []
+        for name in ("beta0", "beta0.05"):
+            if name in beta:
+                seed = min(beta[name])
+                samples.append(f"β = {name.removeprefix('beta')}, seed {seed}, final evaluation (first held-out prompts):\n\n"
+                               + last_samples(beta[name][seed]))
+        blocks["samples"] = "\n\n".join(samples)
+
+    ablations = runs_of("ablations")
+    if ablations and default:
+        base = finals(default)
+        rows = ["| variant | gold score | Δ gold vs default | gold win rate vs SFT | KL (nats) |", "|---|---|---|---|---|",
+                f"| **default** | {pm(base['gold'])} | | {pm(base['win'])} | {pm(base['kl'], 2)} |"]
+        for name, seeds in ablations.items():
+            f = finals(seeds)
+            summary[f"ablations/{name}"] = f
+            rows.append(f"| {name} | {pm(f['gold'])} | {statistics.mean(f['gold']) - statistics.mean(base['gold']):+.3f} "
+                        f"| {pm(f['win'])} | {pm(f['kl'], 2)} |")
+        blocks["ablations"] = "\n".join(rows)
+
+    rm_runs = runs_of("rm_size")
+    if rm_runs and default:
+        rm_rows = []
+        for n in sorted(int(k.removeprefix("pairs")) for k in rm_runs if k.startswith("pairs")):
+            res = json.load(open(os.path.join("sweeps", "rm_size", f"rm_{n}", "eval_results.json")))
+            rm_rows.append({"pairs": n, "val_accuracy": res["val_accuracy"], "bayes_ceiling": res["bayes_ceiling"],
+                            "ppo_gold": mean_std(finals(rm_runs[f"pairs{n}"])["gold"]),
+                            "ppo_win": mean_std(finals(rm_runs[f"pairs{n}"])["win"])})
+        full = json.load(open(os.path.join("models", "rm", "eval_results.json")))
+        rm_rows.append({"pairs": full["train_pairs"], "val_accuracy": full["val_accuracy"], "bayes_ceiling": full["bayes_ceiling"],
+                        "ppo_gold": mean_std(finals(default)["gold"]), "ppo_win": mean_std(finals(default)["win"])})
+        plot_rm_size(rm_rows)
+        summary["rm_size"] = rm_rows
+        rows = ["| pairs | RM val accuracy | % of Bayes ceiling | PPO gold score | PPO gold win rate vs SFT |", "|---|---|---|---|---|"]
+        for r in rm_rows:
+            rows.append(f"| {r['pairs']} | {r['val_accuracy']:.3f} | {r['val_accuracy'] / r['bayes_ceiling']:.1%} "
+                        f"| {r['ppo_gold'][0]:.3f} ± {r['ppo_gold'][1]:.3f} | {r['ppo_win'][0]:.3f} ± {r['ppo_win'][1]:.3f} |")
+        blocks["rm_size"] = "\n".join(rows)
+
+    readme_path = os.path.join(HERE, "README.md")
+    text = open(readme_path).read()
+    for name, body in blocks.items():
+        text = replace_block(text, name, body)
+    with open(readme_path, "w") as f:
+        f.write(text)
+    with open(os.path.join(HERE, "sweep_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"wrote {FIGS}/*.png, results/sweep_summary.json and the blocks {sorted(blocks)} of results/README.md")
+
+
+if __name__ == "__main__":
+    main()

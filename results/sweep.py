@@ -1,0 +1,118 @@
+"""Runs every experiment behind results/README.md: the beta sweep, the ablations and the RM-size study.
+
+    python results/sweep.py                        # all groups, 2 runs at a time with 1 thread each
+    python results/sweep.py --groups beta --jobs 1 --threads 2
+    python results/plots.py                        # then: tables and figures from the TensorBoard logs
+
+Prerequisite: the default pipeline (`python pipeline.py`), whose models/sft and models/rm every PPO run
+starts from. Each run is a plain `python ppo.py ...` (or `train_rm.py`) command; its TensorBoard log goes
+to runs/sweeps/<group>/<name>_s<seed> and its output dir to sweeps/<group>/<name>_s<seed>. A run whose
+eval_results.json already exists is skipped, so an interrupted sweep resumes where it stopped.
+
+Every PPO run evaluates on the 512 held-out prompts every 10 updates (--eval_every 10). Evaluation samples
+from its own seed (ppo.py forks the RNG), so this changes no training number; it only adds the points of
+the KL-reward curves. The default rows are therefore the same runs as `python pipeline.py --seed N`, up
+to the thread count (floating-point sums in another order).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import tyro
+
+SEEDS = (1, 2, 3)
+BETAS = (0.0, 0.01, 0.03, 0.05, 0.1, 0.3)  # 0.05 is ppo.py's default
+# each ablation flips one implementation detail of ppo.py's default
+ABLATIONS = {
+    "no_eos_penalty": ["--missing_eos_penalty", "None"],
+    "whiten_rewards": ["--whiten_rewards"],
+    "critic_from_sft": ["--critic_init", "sft"],
+    "adaptive_kl": ["--adaptive_kl"],
+    "kl_as_loss": ["--no_kl_in_reward"],
+    "no_advantage_whitening": ["--no_whiten_advantages"],
+    "ppo_epochs_1": ["--num_ppo_epochs", "1"],
+}
+RM_PAIRS = (1000, 3000, 10000)  # "all" (30000) is the default RM
+COMMON = ["--eval_every", "10"]
+
+
+@dataclass
+class Args:
+    groups: list[str] = field(default_factory=lambda: ["beta", "ablations", "rm_size"])
+    """which experiment groups to run: beta, ablations, rm_size"""
+    jobs: int = 2
+    """runs at a time"""
+    threads: int = 1
+    """torch threads per run (jobs x threads = the cores to use)"""
+    seeds: list[int] = field(default_factory=lambda: list(SEEDS))
+    rm_size_seeds: list[int] = field(default_factory=lambda: [1, 2])
+    """PPO seeds per RM in the rm_size group (2, to fit the sweep in about an hour on 2 cores)"""
+    out_dir: str = "sweeps"
+    dry_run: bool = False
+    """print the commands only"""
+
+
+def ppo_run(args: Args, group: str, name: str, seed: int, flags: list[str]) -> tuple[str, list[str]]:
+    out = f"{args.out_dir}/{group}/{name}_s{seed}"
+    return out, [sys.executable, "ppo.py", "--output_dir", out, "--run_name", f"sweeps/{group}/{name}_s{seed}",
+                 "--seed", str(seed), *COMMON, *flags]
+
+
+def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
+    """Stages of (output dir, command); the runs within one stage are independent."""
+    stages: list[list[tuple[str, list[str]]]] = []
+    if "beta" in args.groups:
+        stages.append([ppo_run(args, "beta", f"beta{b:g}", s, ["--kl_coef", str(b)]) for b in BETAS for s in args.seeds])
+    if "ablations" in args.groups:
+        stages.append([ppo_run(args, "ablations", n, s, f) for n, f in ABLATIONS.items() for s in args.seeds])
+    if "rm_size" in args.groups:
+        rms = [(f"{args.out_dir}/rm_size/rm_{n}", [sys.executable, "train_rm.py", "--num_train_pairs", str(n),
+                "--output_dir", f"{args.out_dir}/rm_size/rm_{n}", "--run_name", f"sweeps/rm_size/rm_{n}"])
+               for n in RM_PAIRS]
+        stages.append(rms)
+        stages.append([ppo_run(args, "rm_size", f"pairs{n}", s, ["--reward_model", f"{args.out_dir}/rm_size/rm_{n}"])
+                       for n in RM_PAIRS for s in args.rm_size_seeds])
+    return stages
+
+
+def execute(out: str, cmd: list[str], threads: int) -> tuple[str, float, int]:
+    if os.path.exists(os.path.join(out, "eval_results.json")):
+        return out, 0.0, 0
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    with open(out + ".log", "w") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    return out, time.perf_counter() - t0, rc
+
+
+def main(args: Args) -> None:
+    for d in ("models/sft", "models/rm"):
+        if not args.dry_run and not os.path.isdir(d):
+            raise SystemExit(f"{d} does not exist; run `python pipeline.py` first")
+    stages = plan(args)
+    total = sum(len(s) for s in stages)
+    done = 0
+    for stage in stages:
+        if args.dry_run:
+            for _, cmd in stage:
+                print(f"OMP_NUM_THREADS={args.threads} " + shlex.join(cmd[1:]))
+            continue
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for out, seconds, rc in pool.map(lambda oc: execute(*oc, args.threads), stage):
+                done += 1
+                status = "skipped (done)" if seconds == 0 and rc == 0 else f"{seconds:.0f} s" if rc == 0 else f"FAILED rc={rc}, see {out}.log"
+                print(f"[{done}/{total}] {out}: {status}", flush=True)
+                if rc != 0:
+                    raise SystemExit(f"sweep: {out} failed; see {out}.log")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True))

@@ -46,7 +46,9 @@ def runs_of(group: str) -> dict[str, dict[int, dict]]:
     for d in sorted(glob.glob(os.path.join(RUNS, group, "*_s*"))):
         m = re.fullmatch(r"(.+)_s(\d+)", os.path.basename(d))
         if m:
-            out[m.group(1)][int(m.group(2))] = load(d)
+            log = load(d)
+            if "final/gold_win_rate" in log["scalars"]:  # finished runs only
+                out[m.group(1)][int(m.group(2))] = log
     return out
 
 
@@ -109,7 +111,7 @@ def plot_frontier(beta: dict[str, dict[int, dict]]) -> str:
     for ax in axes:
         ax.set_xlabel("√KL(π ‖ π_ref)  (nats^½, per response)")
         ax.legend(fontsize=8)
-    fig.suptitle("one curve per β: evaluations every 640 episodes, mean over seeds (Gao et al. 2022 axes)", fontsize=10)
+    fig.suptitle("one curve per β: evaluations every 1280 episodes, mean over seeds (Gao et al. 2022 axes)", fontsize=10)
     fig.tight_layout()
     path = os.path.join(FIGS, "kl_frontier.png")
     fig.savefig(path, dpi=110)
@@ -183,11 +185,12 @@ def main() -> None:
         blocks["beta"] = "\n".join(rows)
         # what over-optimisation looks like: the final held-out samples at beta 0 next to the default
         samples = []
-        for name in ("beta0", "beta0.05"):
+        for name, pick in (("beta0", "the seed with the lowest final gold score"), ("beta0.05", "seed 1, the default run")):
             if name in beta:
-                seed = min(beta[name])
-                samples.append(f"β = {name.removeprefix('beta')}, seed {seed}, final evaluation (first held-out prompts):\n\n"
-                               + last_samples(beta[name][seed]))
+                runs = beta[name]
+                seed = min(runs, key=lambda k: final(runs[k], "eval/gold_score")) if name == "beta0" else min(runs)
+                samples.append(f"β = {name.removeprefix('beta')}, seed {seed} ({pick}), final evaluation, first held-out prompts:\n\n"
+                               + last_samples(runs[seed], 6))
         blocks["samples"] = "\n\n".join(samples)
 
     ablations = runs_of("ablations")
@@ -207,18 +210,21 @@ def main() -> None:
         rm_rows = []
         for n in sorted(int(k.removeprefix("pairs")) for k in rm_runs if k.startswith("pairs")):
             res = json.load(open(os.path.join("sweeps", "rm_size", f"rm_{n}", "eval_results.json")))
+            f = finals(rm_runs[f"pairs{n}"])
             rm_rows.append({"pairs": n, "val_accuracy": res["val_accuracy"], "bayes_ceiling": res["bayes_ceiling"],
-                            "ppo_gold": mean_std(finals(rm_runs[f"pairs{n}"])["gold"]),
-                            "ppo_win": mean_std(finals(rm_runs[f"pairs{n}"])["win"])})
+                            "ppo_gold": mean_std(f["gold"]), "ppo_win": mean_std(f["win"]), "seeds": len(f["gold"])})
         full = json.load(open(os.path.join("models", "rm", "eval_results.json")))
         rm_rows.append({"pairs": full["train_pairs"], "val_accuracy": full["val_accuracy"], "bayes_ceiling": full["bayes_ceiling"],
-                        "ppo_gold": mean_std(finals(default)["gold"]), "ppo_win": mean_std(finals(default)["win"])})
+                        "ppo_gold": mean_std(finals(default)["gold"]), "ppo_win": mean_std(finals(default)["win"]),
+                        "seeds": len(default)})
         plot_rm_size(rm_rows)
         summary["rm_size"] = rm_rows
-        rows = ["| pairs | RM val accuracy | % of Bayes ceiling | PPO gold score | PPO gold win rate vs SFT |", "|---|---|---|---|---|"]
+        rows = ["| pairs | RM val accuracy | % of Bayes ceiling | PPO seeds | PPO gold score | PPO gold win rate vs SFT |",
+                "|---|---|---|---|---|---|"]
         for r in rm_rows:
-            rows.append(f"| {r['pairs']} | {r['val_accuracy']:.3f} | {r['val_accuracy'] / r['bayes_ceiling']:.1%} "
-                        f"| {r['ppo_gold'][0]:.3f} ± {r['ppo_gold'][1]:.3f} | {r['ppo_win'][0]:.3f} ± {r['ppo_win'][1]:.3f} |")
+            spread = (lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}") if r["seeds"] > 1 else (lambda ms: f"{ms[0]:.3f}")
+            rows.append(f"| {r['pairs']} | {r['val_accuracy']:.3f} | {r['val_accuracy'] / r['bayes_ceiling']:.1%} | {r['seeds']} "
+                        f"| {spread(r['ppo_gold'])} | {spread(r['ppo_win'])} |")
         blocks["rm_size"] = "\n".join(rows)
 
     readme_path = os.path.join(HERE, "README.md")

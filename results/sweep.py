@@ -9,7 +9,7 @@ starts from. Each run is a plain `python ppo.py ...` (or `train_rm.py`) command;
 to runs/sweeps/<group>/<name>_s<seed> and its output dir to sweeps/<group>/<name>_s<seed>. A run whose
 eval_results.json already exists is skipped, so an interrupted sweep resumes where it stopped.
 
-Every PPO run evaluates on the 512 held-out prompts every 10 updates (--eval_every 10). Evaluation samples
+Every PPO run evaluates on the 512 held-out prompts every 20 updates (--eval_every 20). Evaluation samples
 from its own seed (ppo.py forks the RNG), so this changes no training number; it only adds the points of
 the KL-reward curves. The default rows are therefore the same runs as `python pipeline.py --seed N`, up
 to the thread count (floating-point sums in another order).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ ABLATIONS = {
     "ppo_epochs_1": ["--num_ppo_epochs", "1"],
 }
 RM_PAIRS = (1000, 3000, 10000)  # "all" (30000) is the default RM
-COMMON = ["--eval_every", "10"]
+COMMON = ["--eval_every", "20"]
 
 
 @dataclass
@@ -52,8 +53,8 @@ class Args:
     threads: int = 1
     """torch threads per run (jobs x threads = the cores to use)"""
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))
-    rm_size_seeds: list[int] = field(default_factory=lambda: [1, 2])
-    """PPO seeds per RM in the rm_size group (2, to fit the sweep in about an hour on 2 cores)"""
+    rm_size_seeds: list[int] = field(default_factory=lambda: [1])
+    """PPO seeds per smaller RM in the rm_size group (1, to fit the sweep in about an hour on 2 cores)"""
     out_dir: str = "sweeps"
     dry_run: bool = False
     """print the commands only"""
@@ -86,6 +87,8 @@ def execute(out: str, cmd: list[str], threads: int) -> tuple[str, float, int]:
     if os.path.exists(os.path.join(out, "eval_results.json")):
         return out, 0.0, 0
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    run_name = cmd[cmd.index("--run_name") + 1]
+    shutil.rmtree(os.path.join("runs", run_name), ignore_errors=True)  # an interrupted run's partial log
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     with open(out + ".log", "w") as log:

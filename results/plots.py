@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import statistics
+import sys
 from collections import defaultdict
 
 import matplotlib
@@ -27,6 +28,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(os.path.dirname(HERE), "runs", "sweeps")
 FIGS = os.path.join(HERE, "figures")
+sys.path.insert(0, HERE)
+from sweep import ABLATIONS  # noqa: E402
 
 
 def load(run_dir: str) -> dict:
@@ -62,7 +65,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def pm(xs: list[float], digits: int = 3) -> str:
     m, s = mean_std(xs)
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
 
 
 def finals(seeds: dict[int, dict]) -> dict[str, list[float]]:
@@ -128,6 +131,7 @@ def plot_rm_size(rm_rows: list[dict]) -> str:
     axes[0].set_xlabel("preference pairs")
     axes[0].legend()
     axes[0].set_title("RM accuracy vs data")
+    rm_rows = [r for r in rm_rows if r["seeds"] > 0]
     acc = [r["val_accuracy"] for r in rm_rows]
     axes[1].errorbar(acc, [r["ppo_gold"][0] for r in rm_rows], yerr=[r["ppo_gold"][1] for r in rm_rows], fmt="o-", capsize=3)
     for r in rm_rows:
@@ -196,23 +200,26 @@ def main() -> None:
     ablations = runs_of("ablations")
     if ablations and default:
         base = finals(default)
-        rows = ["| variant | gold score | Δ gold vs default | gold win rate vs SFT | KL (nats) |", "|---|---|---|---|---|",
-                f"| **default** | {pm(base['gold'])} | | {pm(base['win'])} | {pm(base['kl'], 2)} |"]
-        for name, seeds in ablations.items():
-            f = finals(seeds)
+        rows = ["| variant | flag | seeds | gold score | Δ gold vs default | gold win rate vs SFT | KL (nats) |",
+                "|---|---|---|---|---|---|---|",
+                f"| **default** | | {len(default)} | {pm(base['gold'])} | | {pm(base['win'])} | {pm(base['kl'], 2)} |"]
+        for name in [n for n in ABLATIONS if n in ablations]:
+            f = finals(ablations[name])
             summary[f"ablations/{name}"] = f
-            rows.append(f"| {name} | {pm(f['gold'])} | {statistics.mean(f['gold']) - statistics.mean(base['gold']):+.3f} "
-                        f"| {pm(f['win'])} | {pm(f['kl'], 2)} |")
+            rows.append(f"| {name} | `{' '.join(ABLATIONS[name])}` | {len(f['gold'])} | {pm(f['gold'])} "
+                        f"| {statistics.mean(f['gold']) - statistics.mean(base['gold']):+.3f} | {pm(f['win'])} | {pm(f['kl'], 2)} |")
         blocks["ablations"] = "\n".join(rows)
 
     rm_runs = runs_of("rm_size")
-    if rm_runs and default:
+    rm_dirs = glob.glob(os.path.join("sweeps", "rm_size", "rm_*", "eval_results.json"))
+    if rm_dirs and default:
         rm_rows = []
-        for n in sorted(int(k.removeprefix("pairs")) for k in rm_runs if k.startswith("pairs")):
+        for n in sorted(int(re.search(r"rm_(\d+)", d).group(1)) for d in rm_dirs):
             res = json.load(open(os.path.join("sweeps", "rm_size", f"rm_{n}", "eval_results.json")))
-            f = finals(rm_runs[f"pairs{n}"])
+            f = finals(rm_runs[f"pairs{n}"]) if f"pairs{n}" in rm_runs else {"gold": [math.nan], "win": [math.nan]}
             rm_rows.append({"pairs": n, "val_accuracy": res["val_accuracy"], "bayes_ceiling": res["bayes_ceiling"],
-                            "ppo_gold": mean_std(f["gold"]), "ppo_win": mean_std(f["win"]), "seeds": len(f["gold"])})
+                            "ppo_gold": mean_std(f["gold"]), "ppo_win": mean_std(f["win"]),
+                            "seeds": len(f["gold"]) if f"pairs{n}" in rm_runs else 0})
         full = json.load(open(os.path.join("models", "rm", "eval_results.json")))
         rm_rows.append({"pairs": full["train_pairs"], "val_accuracy": full["val_accuracy"], "bayes_ceiling": full["bayes_ceiling"],
                         "ppo_gold": mean_std(finals(default)["gold"]), "ppo_win": mean_std(finals(default)["win"]),
@@ -222,7 +229,8 @@ def main() -> None:
         rows = ["| pairs | RM val accuracy | % of Bayes ceiling | PPO seeds | PPO gold score | PPO gold win rate vs SFT |",
                 "|---|---|---|---|---|---|"]
         for r in rm_rows:
-            spread = (lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}") if r["seeds"] > 1 else (lambda ms: f"{ms[0]:.3f}")
+            spread = ((lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}") if r["seeds"] > 1 else (lambda ms: f"{ms[0]:.3f}")
+                      if r["seeds"] == 1 else (lambda ms: "not run"))
             rows.append(f"| {r['pairs']} | {r['val_accuracy']:.3f} | {r['val_accuracy'] / r['bayes_ceiling']:.1%} | {r['seeds']} "
                         f"| {spread(r['ppo_gold'])} | {spread(r['ppo_win'])} |")
         blocks["rm_size"] = "\n".join(rows)

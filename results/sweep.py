@@ -9,9 +9,9 @@ starts from. Each run is a plain `python ppo.py ...` (or `train_rm.py`) command;
 to runs/sweeps/<group>/<name>_s<seed> and its output dir to sweeps/<group>/<name>_s<seed>. A run whose
 eval_results.json already exists is skipped, so an interrupted sweep resumes where it stopped.
 
-Every PPO run evaluates on the 512 held-out prompts every 20 updates (--eval_every 20). Evaluation samples
-from its own seed (ppo.py forks the RNG), so this changes no training number; it only adds the points of
-the KL-reward curves. The default rows are therefore the same runs as `python pipeline.py --seed N`, up
+The beta runs evaluate on the 512 held-out prompts every 20 updates (--eval_every 20), the others only
+before and after training. Evaluation samples from its own seed (ppo.py forks the RNG), so this changes no
+training number; it only adds the points of the KL-reward curves. The default rows are therefore the same runs as `python pipeline.py --seed N`, up
 to the thread count (floating-point sums in another order).
 """
 
@@ -41,7 +41,8 @@ ABLATIONS = {
     "ppo_epochs_1": ["--num_ppo_epochs", "1"],
 }
 RM_PAIRS = (1000, 3000, 10000)  # "all" (30000) is the default RM
-COMMON = ["--eval_every", "20"]
+# the beta runs evaluate every 20 updates for the KL-reward curves; the others only at the end
+EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"], "rm_size": ["--eval_every", "0"]}
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Args:
 def ppo_run(args: Args, group: str, name: str, seed: int, flags: list[str]) -> tuple[str, list[str]]:
     out = f"{args.out_dir}/{group}/{name}_s{seed}"
     return out, [sys.executable, "ppo.py", "--output_dir", out, "--run_name", f"sweeps/{group}/{name}_s{seed}",
-                 "--seed", str(seed), *COMMON, *flags]
+                 "--seed", str(seed), *EVAL_EVERY[group], *flags]
 
 
 def plan(args: Args) -> list[list[tuple[str, list[str]]]]:

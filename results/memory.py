@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 
@@ -23,6 +22,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 from common import load_causal_lm, load_reward_model, load_tokenizer  # noqa: E402
 
@@ -102,13 +102,12 @@ def main() -> None:
         json.dump(results, f, indent=1)
     body = table(results)
     print(body)
-    path = os.path.join(HERE, "README.md")
-    text = open(path).read()
-    pattern = re.compile(r"(<!-- generated:memory -->\n).*?(<!-- /generated:memory -->)", re.S)
-    if pattern.search(text):
-        with open(path, "w") as f:
-            f.write(pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text))
+    from plots import replace_block  # the same marker blocks as the sweep's tables
 
+    path = os.path.join(HERE, "README.md")
+    text = replace_block(open(path).read(), "memory", body)
+    with open(path, "w") as f:
+        f.write(text)
 
 if __name__ == "__main__":
     main()

@@ -174,6 +174,7 @@ def main() -> None:
         blocks["pipeline"] = "\n".join(rows) + f"\n\n{res['rows'][-1][0]}.\n\nWall time: {times}; total {res['total_wall_time_s']:.0f} s."
     beta = runs_of("beta")
     default = beta.get("beta0.05", {})
+    base = finals(default) if default else None  # the default rows: beta 0.05, seeds 1-3
 
     if default:
         plot_training_curves(default)
@@ -199,7 +200,6 @@ def main() -> None:
 
     ablations = runs_of("ablations")
     if ablations and default:
-        base = finals(default)
         rows = ["| variant | flag | seeds | gold score | Δ gold vs default | gold win rate vs SFT | KL (nats) |",
                 "|---|---|---|---|---|---|---|",
                 f"| **default** | | {len(default)} | {pm(base['gold'])} | | {pm(base['win'])} | {pm(base['kl'], 2)} |"]
@@ -222,7 +222,7 @@ def main() -> None:
                             "seeds": len(f["gold"]) if f"pairs{n}" in rm_runs else 0})
         full = json.load(open(os.path.join("models", "rm", "eval_results.json")))
         rm_rows.append({"pairs": full["train_pairs"], "val_accuracy": full["val_accuracy"], "bayes_ceiling": full["bayes_ceiling"],
-                        "ppo_gold": mean_std(finals(default)["gold"]), "ppo_win": mean_std(finals(default)["win"]),
+                        "ppo_gold": mean_std(base["gold"]), "ppo_win": mean_std(base["win"]),
                         "seeds": len(default)})
         plot_rm_size(rm_rows)
         summary["rm_size"] = rm_rows

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_script
+from conftest import run_script, run_script_expect_error
 
 
 def test_pipeline_runs_every_stage_and_prints_the_summary(tmp_path):
@@ -30,13 +30,7 @@ def test_pipeline_runs_every_stage_and_prints_the_summary(tmp_path):
 
 
 def test_pipeline_stops_at_a_failing_stage(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    proc = subprocess.run([sys.executable, "pipeline.py", "--data_dir", str(tmp_path / "toy"), "--models_dir", str(tmp_path / "m"),
-                           "--toy_args=--no_such_flag 1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "the toy task stage failed" in proc.stderr.strip().splitlines()[-1]
+    last_line = run_script_expect_error("pipeline.py", "--data_dir", str(tmp_path / "toy"), "--models_dir", str(tmp_path / "m"),
+                                        "--toy_args=--no_such_flag 1")
+    assert "the toy task stage failed" in last_line
     assert not (tmp_path / "m").exists()

@@ -216,23 +216,27 @@ def main() -> None:
         rm_rows = []
         for n in sorted(int(re.search(r"rm_(\d+)", d).group(1)) for d in rm_dirs):
             res = json.load(open(os.path.join("sweeps", "rm_size", f"rm_{n}", "eval_results.json")))
-            f = finals(rm_runs[f"pairs{n}"]) if f"pairs{n}" in rm_runs else {"gold": [math.nan], "win": [math.nan]}
+            f = finals(rm_runs[f"pairs{n}"]) if f"pairs{n}" in rm_runs else {k: [math.nan] for k in ("gold", "win", "kl")}
             rm_rows.append({"pairs": n, "val_accuracy": res["val_accuracy"], "bayes_ceiling": res["bayes_ceiling"],
-                            "ppo_gold": mean_std(f["gold"]), "ppo_win": mean_std(f["win"]),
+                            "rm_raw_std": res["normalisation"]["raw_std"],
+                            "ppo_gold": mean_std(f["gold"]), "ppo_win": mean_std(f["win"]), "ppo_kl": mean_std(f["kl"]),
                             "seeds": len(f["gold"]) if f"pairs{n}" in rm_runs else 0})
         full = json.load(open(os.path.join("models", "rm", "eval_results.json")))
         rm_rows.append({"pairs": full["train_pairs"], "val_accuracy": full["val_accuracy"], "bayes_ceiling": full["bayes_ceiling"],
-                        "ppo_gold": mean_std(base["gold"]), "ppo_win": mean_std(base["win"]),
+                        "rm_raw_std": full["normalisation"]["raw_std"],
+                        "ppo_gold": mean_std(base["gold"]), "ppo_win": mean_std(base["win"]), "ppo_kl": mean_std(base["kl"]),
                         "seeds": len(default)})
         plot_rm_size(rm_rows)
         summary["rm_size"] = rm_rows
-        rows = ["| pairs | RM val accuracy | % of Bayes ceiling | PPO seeds | PPO gold score | PPO gold win rate vs SFT |",
-                "|---|---|---|---|---|---|"]
+        rows = ["| pairs | RM val accuracy | % of Bayes ceiling | RM score std on SFT samples (raw) | PPO seeds "
+                "| PPO gold score | PPO gold win rate vs SFT | PPO KL (nats) |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in rm_rows:
             spread = ((lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}") if r["seeds"] > 1 else (lambda ms: f"{ms[0]:.3f}")
                       if r["seeds"] == 1 else (lambda ms: "not run"))
-            rows.append(f"| {r['pairs']} | {r['val_accuracy']:.3f} | {r['val_accuracy'] / r['bayes_ceiling']:.1%} | {r['seeds']} "
-                        f"| {spread(r['ppo_gold'])} | {spread(r['ppo_win'])} |")
+            rows.append(f"| {r['pairs']} | {r['val_accuracy']:.3f} | {r['val_accuracy'] / r['bayes_ceiling']:.1%} "
+                        f"| {r['rm_raw_std']:.2f} | {r['seeds']} | {spread(r['ppo_gold'])} | {spread(r['ppo_win'])} "
+                        f"| {spread(r['ppo_kl'])} |")
         blocks["rm_size"] = "\n".join(rows)
 
     readme_path = os.path.join(HERE, "README.md")

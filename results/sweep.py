@@ -54,8 +54,8 @@ class Args:
     threads: int = 1
     """torch threads per run (jobs x threads = the cores to use)"""
     seeds: list[int] = field(default_factory=lambda: list(SEEDS))
-    rm_size_seeds: list[int] = field(default_factory=lambda: [1])
-    """PPO seeds per smaller RM in the rm_size group (1, to fit the sweep in about an hour on 2 cores)"""
+    rm_size_seeds: list[int] = field(default_factory=lambda: list(SEEDS))
+    """PPO seeds per smaller RM in the rm_size group"""
     out_dir: str = "sweeps"
     dry_run: bool = False
     """print the commands only"""

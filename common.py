@@ -29,6 +29,8 @@ def check_path(name_or_path: str, what: str) -> None:
     """Fail in one line on a local path that does not exist; a bare `org/name` is left to the hub."""
     if os.path.exists(name_or_path):
         return
+    if name_or_path.split("/")[0] == "toy_data":  # the defaults: the toy task has not been built yet
+        raise SystemExit(f"{what} path '{name_or_path}' does not exist (build the toy task first: python toy_task.py)")
     hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
     if not hub_id or os.path.isdir(name_or_path.split("/")[0]):
         hint = " (build the toy task first: python toy_task.py)" if "toy_data" in name_or_path else ""

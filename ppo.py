@@ -90,7 +90,13 @@ class Args:
     dataset: str = "toy_data/prompts"
     """prompts: a hub name or a local dir of {split}.jsonl files that `datasets.load_dataset` reads"""
     prompt_column: str = "prompt"
-    """the column holding the prompt text"""
+    """the column holding the prompt: a text, or a list of {role, content} messages"""
+    prompt_format: Literal["auto", "text", "chat"] = "auto"
+    """chat: render with the tokenizer's chat template and add_generation_prompt (a text becomes one user
+    message; a final assistant message is dropped); text: as is; auto: chat for message lists, text for texts"""
+    stop_tokens: list[str] | None = None
+    """tokens that end a response besides EOS (None: the chat template's end-of-turn token, e.g. <|im_end|>,
+    when prompts are rendered as chat)"""
     train_split: str = "train"
     """the split whose prompts PPO trains on"""
     eval_split: str = "validation"
@@ -315,13 +321,14 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"unknown KL estimator {estimator}")
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
-    """A response ends at its first EOS, which it keeps; every token after it becomes padding.
+def truncate_after_eos(responses: torch.Tensor, stop_token_ids: int | list[int], pad_token_id: int):
+    """A response ends at its first EOS (or other stop token, e.g. a chat end-of-turn), which it keeps;
+    every token after it becomes padding.
 
     Returns (responses, response_mask, has_eos): (B, T) tokens, (B, T) True up to and including the
     first EOS (all True without one), and (B,) whether an EOS was generated at all.
     """
-    is_eos = responses == eos_token_id
+    is_eos = torch.isin(responses, torch.tensor(stop_token_ids, device=responses.device).reshape(-1))
     has_eos = is_eos.any(1)
     last = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)  # (B,) last real index
     response_mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= last[:, None]
@@ -492,8 +499,9 @@ def unsharded(model):
 # ----------------------------------------------------------------------------------------------
 # Data and rollout helpers
 # ----------------------------------------------------------------------------------------------
-def load_prompts(args: Args, tokenizer) -> dict[str, tuple[list[str], list[list[int]]]]:
-    """{split: (prompt texts, their token ids)} for the train and eval splits, or a one-line error."""
+def load_prompts(args: Args, tokenizer) -> tuple[dict[str, tuple[list[str], list[list[int]]]], bool]:
+    """({split: (prompt texts, their token ids)} for the train and eval splits, whether they are chat), or a
+    one-line error."""
     import datasets
 
     check_path(args.dataset, "dataset")
@@ -502,7 +510,8 @@ def load_prompts(args: Args, tokenizer) -> dict[str, tuple[list[str], list[list[
     except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"cannot load dataset '{args.dataset}': {reason}") from None
-    return {split: prompts_of_split(args, splits, split, tokenizer) for split in (args.train_split, args.eval_split)}
+    out = {split: prompts_of_split(args, splits, split, tokenizer) for split in (args.train_split, args.eval_split)}
+    return out, is_chat(args, list(splits[args.train_split][args.prompt_column][:1]))
 
 
 def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[str], list[list[int]]]:
@@ -516,11 +525,17 @@ def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[st
     texts = list(ds[args.prompt_column])
     if not texts:
         raise SystemExit(f"split '{split}' of '{args.dataset}' is empty")
+    chat = is_chat(args, texts)
+    if chat:
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"chat prompts need a tokenizer with a chat template, and '{args.sft_model}' has none; "
+                             "pass --prompt_format text, or use a tokenizer with one")
+        texts = [render_chat_prompt(t, tokenizer) for t in texts]
     empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if empty:
         raise SystemExit(f"split '{split}' of '{args.dataset}': {len(empty)} prompts are empty or not text "
                          f"(first: row {empty[0]}); remove them")
-    ids = tokenizer(texts)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]  # a rendered template has its own BOS
     m = args.max_prompt_length
     too_long = [i for i, x in enumerate(ids) if len(x) > m]
     if too_long and not args.truncate_long_prompts:
@@ -531,6 +546,20 @@ def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[st
         print0(f"warning: split '{split}': keeping the last {m} tokens of {len(too_long)} too-long prompts")
         ids = [x[-m:] for x in ids]
     return texts, ids
+
+
+def is_chat(args: Args, prompts: list) -> bool:
+    return args.prompt_format == "chat" or (args.prompt_format == "auto" and isinstance(prompts[0], list))
+
+
+def render_chat_prompt(prompt, tokenizer) -> str:
+    """A text (one user message) or a message list, rendered up to the assistant's turn (add_generation_prompt)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if messages and messages[-1]["role"] == "assistant":  # the response is the policy's to write
+        messages = messages[:-1]
+    if not messages or any(not str(m["content"]).strip() for m in messages):
+        return ""  # reported as an empty prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,7 +573,7 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-def generation_config(tokenizer, max_new_tokens: int, temperature: float):
+def generation_config(tokenizer, max_new_tokens: int, temperature: float, stop_token_ids: list[int]):
     """Sampling from the full distribution: top_k 0, top_p 1, only the temperature (Huang et al. 2024)."""
     from transformers import GenerationConfig
 
@@ -552,8 +581,38 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float):
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
         top_k=0 if sample else None, top_p=1.0 if sample else None,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
+
+
+def end_of_turn_tokens(tokenizer) -> list[int]:
+    """The special token a chat template puts after an assistant turn (<|im_end|>, <|eot_id|>, ...), if any.
+
+    Found by rendering one turn: the first special token after the assistant's text. TRL's PPO stopped at
+    EOS only, so a chat model's response ran on past its turn.
+    """
+    sentinel = "SENTINEL_7f3a"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                                         tokenize=False)
+    after = text.split(sentinel, 1)[1] if sentinel in text else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return [token_id]
+    return []
+
+
+def stop_token_ids(args, tokenizer, chat: bool) -> list[int]:
+    """EOS, plus --stop_tokens or (for chat prompts) the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id]
+    if args.stop_tokens is not None:
+        unknown = [t for t in args.stop_tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if unknown:
+            raise SystemExit(f"--stop_tokens {unknown} are not single tokens of the tokenizer; pass tokens it has")
+        extra = [tokenizer.convert_tokens_to_ids(t) for t in args.stop_tokens]
+    else:
+        extra = end_of_turn_tokens(tokenizer) if chat else []
+    return ids + [i for i in extra if i not in ids]
 
 
 def generate(policy, queries, query_mask, config) -> torch.Tensor:
@@ -608,21 +667,22 @@ def load_gold_fn(spec: str | None):
 
 
 @torch.no_grad()
-def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tokenizer, prompts, prompt_ids, gold_fn, device):
+def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tokenizer, prompts, prompt_ids, gold_fn, device,
+             stop_ids: list[int]):
     """Held-out evaluation of the current policy: RM score, gold score, KL to the reference, length, EOS.
 
     KL here is exact per position, sum_t KL(pi(.|x,y<t) || pi_ref(.|x,y<t)) at the training temperature,
     summed over the sampled response: it needs no estimator and is exactly 0 for the SFT policy.
     Returns (global means, this rank's per-prompt gold scores or None, sample rows).
     """
-    config = generation_config(tokenizer, args.response_length, args.eval_temperature)
+    config = generation_config(tokenizer, args.response_length, args.eval_temperature, stop_ids)
     sums = torch.zeros(5, device=device, dtype=torch.float64)  # rm, gold, kl, length, eos
     golds, rows = [], []
     for i in range(0, len(prompt_ids), args.eval_batch_size):
         queries, query_mask = left_pad(prompt_ids[i:i + args.eval_batch_size], tokenizer.pad_token_id, device)
         P = queries.shape[1]
         responses, response_mask, has_eos = truncate_after_eos(
-            generate(policy, queries, query_mask, config), tokenizer.eos_token_id, tokenizer.pad_token_id)
+            generate(policy, queries, query_mask, config), stop_ids, tokenizer.pad_token_id)
         T = responses.shape[1]
         query_responses = torch.cat([queries, responses], 1)
         attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
@@ -703,7 +763,9 @@ def main(args: Args) -> dict:
 
     # Data: each rank takes its own shard of the prompts, and shuffles it with its own generator
     tokenizer = load_tokenizer(args.sft_model, padding_side="left", add_pad_token=args.add_pad_token)
-    prompts = load_prompts(args, tokenizer)
+    prompts, chat = load_prompts(args, tokenizer)
+    # a response ends at EOS or, for chat prompts, at the template's end-of-turn token
+    stop_ids = stop_token_ids(args, tokenizer, chat)
     train_ids, (eval_texts, eval_ids) = prompts[args.train_split][1], prompts[args.eval_split]
     eval_texts, eval_ids = eval_texts[:args.eval_samples][d.rank::d.world_size], eval_ids[:args.eval_samples][d.rank::d.world_size]
     train_ids = train_ids[d.rank::d.world_size]
@@ -793,9 +855,9 @@ def main(args: Args) -> dict:
     # It then runs once, with gradients, and serves both (the same numbers up to float rounding; two
     # forwards fewer per update).
     reuse_first_forward = args.reuse_first_forward and args.num_minibatches == 1 and gradient_accumulation_steps == 1
-    rollout_config = generation_config(tokenizer, args.response_length, args.temperature)
+    rollout_config = generation_config(tokenizer, args.response_length, args.temperature, stop_ids)
     rm_tok_arg = None if same_tokenizer else rm_tokenizer
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
 
     writer = None
     if d.is_main:
@@ -814,7 +876,7 @@ def main(args: Args) -> dict:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed + 1_000_003 + d.rank)
             metrics, golds, rows = evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tok_arg,
-                                            eval_texts, eval_ids, gold_fn, device)
+                                            eval_texts, eval_ids, gold_fn, device, stop_ids)
         if writer is not None:
             for k, v in metrics.items():
                 writer.add_scalar(f"eval/{k}", v, step)
@@ -859,7 +921,7 @@ def main(args: Args) -> dict:
             context_length = queries.shape[1]
             responses = generate(policy, queries, query_mask, rollout_config)  # (B, T)
             # a response ends at its first EOS; what follows is padding, masked out of everything below
-            responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+            responses, response_mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
             T = responses.shape[1]
             query_responses = torch.cat([queries, responses], 1)  # (B, P + T)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)  # what the policy attended to

@@ -1,10 +1,17 @@
-"""Model loading and FSDP2 setup shared by sft.py, train_rm.py and ppo.py. Nothing else lives here."""
+"""Model loading, FSDP2 setup and FSDP2-aware checkpoints, shared by sft.py, train_rm.py and ppo.py.
+
+Nothing else lives here: each stage's algorithm is written out in its own script.
+"""
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import random
 import shutil
+import signal
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,25 +29,42 @@ def check_path(name_or_path: str, what: str) -> None:
     """Fail in one line on a local path that does not exist; a bare `org/name` is left to the hub."""
     if os.path.exists(name_or_path):
         return
+    if name_or_path.split("/")[0] == "toy_data":  # the defaults: the toy task has not been built yet
+        raise SystemExit(f"{what} path '{name_or_path}' does not exist (build the toy task first: python toy_task.py)")
     hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
     if not hub_id or os.path.isdir(name_or_path.split("/")[0]):
         hint = " (build the toy task first: python toy_task.py)" if "toy_data" in name_or_path else ""
         raise SystemExit(f"{what} path '{name_or_path}' does not exist{hint}")
 
 
-def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+def from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
+    """`auto_class.from_pretrained`, with the library's long offline / unknown-name error cut to one line."""
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"cannot load {what} '{name_or_path}': {reason}") from None
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right", add_pad_token: bool = False):
     """AutoTokenizer with a pad token that is *not* EOS.
 
     Padding with EOS would make every pad position look like a real end of text, so loss masks built
-    from `input_ids != pad_token_id` would drop the real EOS too. Pythia ships without a pad token.
+    from `input_ids != pad_token_id` would drop the real EOS too. Pythia ships without a pad token and
+    Qwen2 pads with its EOS: `add_pad_token` adds a distinct '[PAD]' (the model's embeddings grow by one
+    row in load_causal_lm / load_reward_model). It is an explicit choice, because it changes the model.
     """
     check_path(name_or_path, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side=padding_side)
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, "tokenizer", padding_side=padding_side)
     if tokenizer.eos_token is None:
         raise SystemExit(f"tokenizer of '{name_or_path}' has no EOS token: set tokenizer.eos_token and save it")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        problem = "has no pad token" if tokenizer.pad_token is None else "pads with its EOS token"
+        if not add_pad_token:
+            raise SystemExit(f"tokenizer of '{name_or_path}' {problem}, which would mask the real EOS out of the "
+                             "loss; pass --add_pad_token to add a distinct '[PAD]', or save the tokenizer with one")
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-        print0(f"tokenizer of '{name_or_path}' had no distinct pad token; added '[PAD]' (id {tokenizer.pad_token_id})")
+        print0(f"tokenizer of '{name_or_path}' {problem}; added '[PAD]' (id {tokenizer.pad_token_id})")
     return tokenizer
 
 
@@ -55,7 +79,12 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(model.config, key, 0.0)
 
 
-def _prepare(model, tokenizer):
+def _prepare(model, tokenizer, name_or_path: str):
+    eos = [getattr(c, "eos_token_id", None) for c in (model.config, getattr(model, "generation_config", None))]
+    if all(e is None for e in eos):
+        raise SystemExit(f"the config of model '{name_or_path}' has no eos_token_id, so nothing tells generation "
+                         f"where a response ends; set config.eos_token_id = {tokenizer.eos_token_id} "
+                         f"(the tokenizer's '{tokenizer.eos_token}') and save it")
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # a pad token was added
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -69,8 +98,8 @@ def _prepare(model, tokenizer):
 def load_causal_lm(name_or_path: str, tokenizer, dtype: str = "float32"):
     """A causal LM, its embeddings grown to the tokenizer, dropout off."""
     check_path(name_or_path, "model")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=DTYPES[dtype])
-    return _prepare(model, tokenizer)
+    model = from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=DTYPES[dtype])
+    return _prepare(model, tokenizer, name_or_path)
 
 
 def load_reward_model(name_or_path: str, tokenizer, dtype: str = "float32"):
@@ -80,8 +109,8 @@ def load_reward_model(name_or_path: str, tokenizer, dtype: str = "float32"):
     reward is read at the wrong position (TRL's "RM stuck near 60%" bug).
     """
     check_path(name_or_path, "model")
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=DTYPES[dtype])
-    return _prepare(model, tokenizer)
+    model = from_pretrained(AutoModelForSequenceClassification, name_or_path, "model", num_labels=1, dtype=DTYPES[dtype])
+    return _prepare(model, tokenizer, name_or_path)
 
 
 def save_model(model, tokenizer, output_dir: str, extra_config: dict | None = None) -> None:
@@ -183,3 +212,120 @@ def fsdp_wrap(model, device: torch.device):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and resume. Model and optimiser state go through torch.distributed.checkpoint (DCP):
+# under FSDP2 every rank writes its own shards, and a checkpoint loads back onto the same sharding.
+# The rest (counters, RNG states, data position) is one small file per rank. Writes are atomic:
+# step_N.tmp is renamed to step_N only once complete, and older checkpoints are deleted after that.
+# ----------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoints(checkpoint_dir: str) -> list[str]:
+    """Complete checkpoints in checkpoint_dir, oldest first (a step_N.tmp left by a crash is not one)."""
+    found = [p for p in glob.glob(os.path.join(checkpoint_dir, "step_*")) if p.rsplit("_", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.rsplit("_", 1)[1]))
+
+
+def check_output_dirs(output_dir: str, checkpoint_dir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a finished run or another run's checkpoints, before any work is done."""
+    if resume:
+        if not checkpoints(checkpoint_dir):
+            raise SystemExit(f"--resume: no checkpoint in '{checkpoint_dir}'; run without --resume to start afresh")
+        return
+    if overwrite:
+        return
+    if os.path.isfile(os.path.join(output_dir, "eval_results.json")):
+        raise SystemExit(f"'{output_dir}' holds a finished run; pass --overwrite to replace it, or pick another --output_dir")
+    if checkpoints(checkpoint_dir):
+        raise SystemExit(f"'{checkpoint_dir}' holds checkpoints of an unfinished run; pass --resume to continue it, "
+                         "or --overwrite to start over")
+
+
+def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, optimizer, state: dict) -> str:
+    """Save model + optimiser (DCP) and this rank's `state` as checkpoint_dir/step_{step}. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = os.path.join(checkpoint_dir, f"step_{step}"), os.path.join(checkpoint_dir, f"step_{step}.tmp")
+    if get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # one process: DCP warns that it is not distributed, which is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    torch.save({**state, "rng": rng_state()}, os.path.join(tmp, f"rank{get_rank()}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the commit point: before it the previous checkpoint is the latest
+        for old in checkpoints(checkpoint_dir):
+            if old != final:
+                shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer, world_size: int) -> dict:
+    """Load model + optimiser in place from a save_checkpoint dir; return this rank's state (RNG restored)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    saved_ranks = len(glob.glob(os.path.join(path, "rank*.pt")))
+    if saved_ranks != world_size:
+        raise SystemExit(f"checkpoint '{path}' was written by {saved_ranks} processes, not {world_size}: "
+                         "resume with the same --nproc_per_node")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optim": optim_state}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    state = torch.load(os.path.join(path, f"rank{get_rank()}.pt"), weights_only=False)  # our own file
+    set_rng_state(state.pop("rng"))
+    return state
+
+
+def check_same_args(saved: dict, args: dict, ignore: tuple[str, ...] = ("resume", "overwrite")) -> None:
+    """A resumed run must be the run that was checkpointed: same flags, or the numbers silently change."""
+    for key, value in args.items():
+        if key not in ignore and saved.get(key) != value:
+            raise SystemExit(f"--resume: the checkpoint was made with --{key} {saved.get(key)!r}, not {value!r}; "
+                             "pass the same flags, or start a new run")
+
+
+def catch_sigterm() -> dict:
+    """SIGTERM (preemption) sets a flag instead of killing: the loop checkpoints at the end of the step and exits."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def args_json(args) -> dict:
+    """The args as JSON-safe values, for the comparison on --resume."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(args), default=str))

@@ -29,7 +29,7 @@ class Args:
     data_dir: str = "toy_data"
     """where toy_task.py writes the task (rebuilt with --overwrite, so the task is always the code's)"""
     models_dir: str = "models"
-    """sft/, rm/ and ppo/ go here"""
+    """sft/, rm/ and ppo/ go here, each stage run with --overwrite (the pipeline always starts afresh)"""
     seed: int = 1
     """seed of SFT, RM and PPO; the toy task keeps its own fixed seed, so it is the same task every run"""
     nproc: int = 1
@@ -92,14 +92,14 @@ def main(args: Args) -> dict:
     times["toy_task"] = run_stage("toy task", "toy_task.py", ["--out_dir", args.data_dir, "--overwrite", *shlex.split(args.toy_args)], 1)
     times["sft"] = run_stage("SFT", "sft.py", [
         "--dataset", f"{args.data_dir}/sft", "--model_name_or_path", f"{args.data_dir}/base_model",
-        "--output_dir", sft_dir, "--seed", s, "--run_name", f"{p}_sft", *shlex.split(args.sft_args)], args.nproc)
+        "--output_dir", sft_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_sft", *shlex.split(args.sft_args)], args.nproc)
     times["rm"] = run_stage("reward model", "train_rm.py", [
         "--dataset", f"{args.data_dir}/prefs", "--model_name_or_path", sft_dir,
-        "--output_dir", rm_dir, "--seed", s,
+        "--output_dir", rm_dir, "--seed", s, "--overwrite",
         "--run_name", f"{p}_rm", *shlex.split(args.rm_args)], args.nproc)
     times["ppo"] = run_stage("PPO", "ppo.py", [
         "--sft_model", sft_dir, "--reward_model", rm_dir, "--dataset", f"{args.data_dir}/prompts",
-        "--output_dir", ppo_dir, "--seed", s, "--run_name", f"{p}_ppo", *shlex.split(args.ppo_args)], args.nproc)
+        "--output_dir", ppo_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_ppo", *shlex.split(args.ppo_args)], args.nproc)
 
     rm, ppo = read_json(f"{rm_dir}/eval_results.json"), read_json(f"{ppo_dir}/eval_results.json")
     rows = summary_rows(rm, ppo)

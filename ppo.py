@@ -58,7 +58,14 @@ import tyro
 from tqdm.auto import tqdm
 
 from common import (
+    args_json,
+    catch_sigterm,
+    check_output_dirs,
     check_path,
+    check_same_args,
+    checkpoints,
+    load_checkpoint,
+    save_checkpoint,
     fsdp_wrap,
     load_causal_lm,
     load_reward_model,
@@ -83,7 +90,13 @@ class Args:
     dataset: str = "toy_data/prompts"
     """prompts: a hub name or a local dir of {split}.jsonl files that `datasets.load_dataset` reads"""
     prompt_column: str = "prompt"
-    """the column holding the prompt text"""
+    """the column holding the prompt: a text, or a list of {role, content} messages"""
+    prompt_format: Literal["auto", "text", "chat"] = "auto"
+    """chat: render with the tokenizer's chat template and add_generation_prompt (a text becomes one user
+    message; a final assistant message is dropped); text: as is; auto: chat for message lists, text for texts"""
+    stop_tokens: list[str] | None = None
+    """tokens that end a response besides EOS (None: the chat template's end-of-turn token, e.g. <|im_end|>,
+    when prompts are rendered as chat)"""
     train_split: str = "train"
     """the split whose prompts PPO trains on"""
     eval_split: str = "validation"
@@ -95,7 +108,12 @@ class Args:
     output_dir: str = "models/ppo"
     """where the trained policy, its tokenizer and eval_results.json are saved"""
     save: bool = True
-    """save the policy at the end (--no_save for benchmarks)"""
+    """save the policy at the end, and checkpoints on the way (--no_save for benchmarks: neither)"""
+    add_pad_token: bool = False
+    """add a distinct '[PAD]' token when the SFT tokenizer has none or pads with EOS (not needed after sft.py)"""
+    rm_retokenize: bool = True
+    """score an RM whose tokenizer differs from the policy's on decoded, re-tokenised text; off: the RM must
+    share the policy's vocabulary"""
     run_name: str | None = None
     """TensorBoard logs go to runs/{run_name}; default ppo__{seed}__{unix time}"""
     seed: int = 1
@@ -192,6 +210,18 @@ class Args:
     num_sample_rows: int = 8
     """rows in each sample table"""
 
+    # checkpoints
+    checkpoint_every: int = 20
+    """updates between checkpoints (policy, critic, optimizer, RNG states, adaptive beta, data position); 0: only
+    the final one. SIGTERM (preemption) also writes one, then exits with status 143"""
+    checkpoint_dir: str | None = None
+    """where checkpoints go, the latest one kept (None: {output_dir}_checkpoints)"""
+    resume: bool = False
+    """continue from the latest checkpoint, with the same flags: on CPU the result is bit-identical to an
+    uninterrupted run"""
+    overwrite: bool = False
+    """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
+
 
 PRESETS = {
     "toy": ("offline toy task (default)", Args()),
@@ -234,7 +264,9 @@ PRESETS = {
 
 def parse_args(argv=None) -> Args:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0] not in PRESETS and argv[0] not in ("-h", "--help")):
+    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
+        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
+    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
         argv = ["toy", *argv]  # no preset named: the toy default
     return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
 
@@ -289,13 +321,14 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
     raise ValueError(f"unknown KL estimator {estimator}")
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
-    """A response ends at its first EOS, which it keeps; every token after it becomes padding.
+def truncate_after_eos(responses: torch.Tensor, stop_token_ids: int | list[int], pad_token_id: int):
+    """A response ends at its first EOS (or other stop token, e.g. a chat end-of-turn), which it keeps;
+    every token after it becomes padding.
 
     Returns (responses, response_mask, has_eos): (B, T) tokens, (B, T) True up to and including the
     first EOS (all True without one), and (B,) whether an EOS was generated at all.
     """
-    is_eos = responses == eos_token_id
+    is_eos = torch.isin(responses, torch.tensor(stop_token_ids, device=responses.device).reshape(-1))
     has_eos = is_eos.any(1)
     last = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)  # (B,) last real index
     response_mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= last[:, None]
@@ -466,8 +499,9 @@ def unsharded(model):
 # ----------------------------------------------------------------------------------------------
 # Data and rollout helpers
 # ----------------------------------------------------------------------------------------------
-def load_prompts(args: Args, tokenizer) -> dict[str, tuple[list[str], list[list[int]]]]:
-    """{split: (prompt texts, their token ids)} for the train and eval splits, or a one-line error."""
+def load_prompts(args: Args, tokenizer) -> tuple[dict[str, tuple[list[str], list[list[int]]]], bool]:
+    """({split: (prompt texts, their token ids)} for the train and eval splits, whether they are chat), or a
+    one-line error."""
     import datasets
 
     check_path(args.dataset, "dataset")
@@ -476,7 +510,8 @@ def load_prompts(args: Args, tokenizer) -> dict[str, tuple[list[str], list[list[
     except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"cannot load dataset '{args.dataset}': {reason}") from None
-    return {split: prompts_of_split(args, splits, split, tokenizer) for split in (args.train_split, args.eval_split)}
+    out = {split: prompts_of_split(args, splits, split, tokenizer) for split in (args.train_split, args.eval_split)}
+    return out, is_chat(args, list(splits[args.train_split][args.prompt_column][:1]))
 
 
 def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[str], list[list[int]]]:
@@ -490,11 +525,17 @@ def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[st
     texts = list(ds[args.prompt_column])
     if not texts:
         raise SystemExit(f"split '{split}' of '{args.dataset}' is empty")
+    chat = is_chat(args, texts)
+    if chat:
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"chat prompts need a tokenizer with a chat template, and '{args.sft_model}' has none; "
+                             "pass --prompt_format text, or use a tokenizer with one")
+        texts = [render_chat_prompt(t, tokenizer) for t in texts]
     empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if empty:
         raise SystemExit(f"split '{split}' of '{args.dataset}': {len(empty)} prompts are empty or not text "
                          f"(first: row {empty[0]}); remove them")
-    ids = tokenizer(texts)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]  # a rendered template has its own BOS
     m = args.max_prompt_length
     too_long = [i for i, x in enumerate(ids) if len(x) > m]
     if too_long and not args.truncate_long_prompts:
@@ -505,6 +546,20 @@ def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[st
         print0(f"warning: split '{split}': keeping the last {m} tokens of {len(too_long)} too-long prompts")
         ids = [x[-m:] for x in ids]
     return texts, ids
+
+
+def is_chat(args: Args, prompts: list) -> bool:
+    return args.prompt_format == "chat" or (args.prompt_format == "auto" and isinstance(prompts[0], list))
+
+
+def render_chat_prompt(prompt, tokenizer) -> str:
+    """A text (one user message) or a message list, rendered up to the assistant's turn (add_generation_prompt)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if messages and messages[-1]["role"] == "assistant":  # the response is the policy's to write
+        messages = messages[:-1]
+    if not messages or any(not str(m["content"]).strip() for m in messages):
+        return ""  # reported as an empty prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -518,7 +573,7 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-def generation_config(tokenizer, max_new_tokens: int, temperature: float):
+def generation_config(tokenizer, max_new_tokens: int, temperature: float, stop_token_ids: list[int]):
     """Sampling from the full distribution: top_k 0, top_p 1, only the temperature (Huang et al. 2024)."""
     from transformers import GenerationConfig
 
@@ -526,8 +581,38 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float):
     return GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
         top_k=0 if sample else None, top_p=1.0 if sample else None,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
+
+
+def end_of_turn_tokens(tokenizer) -> list[int]:
+    """The special token a chat template puts after an assistant turn (<|im_end|>, <|eot_id|>, ...), if any.
+
+    Found by rendering one turn: the first special token after the assistant's text. TRL's PPO stopped at
+    EOS only, so a chat model's response ran on past its turn.
+    """
+    sentinel = "SENTINEL_7f3a"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                                         tokenize=False)
+    after = text.split(sentinel, 1)[1] if sentinel in text else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return [token_id]
+    return []
+
+
+def stop_token_ids(args, tokenizer, chat: bool) -> list[int]:
+    """EOS, plus --stop_tokens or (for chat prompts) the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id]
+    if args.stop_tokens is not None:
+        unknown = [t for t in args.stop_tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if unknown:
+            raise SystemExit(f"--stop_tokens {unknown} are not single tokens of the tokenizer; pass tokens it has")
+        extra = [tokenizer.convert_tokens_to_ids(t) for t in args.stop_tokens]
+    else:
+        extra = end_of_turn_tokens(tokenizer) if chat else []
+    return ids + [i for i in extra if i not in ids]
 
 
 def generate(policy, queries, query_mask, config) -> torch.Tensor:
@@ -582,21 +667,22 @@ def load_gold_fn(spec: str | None):
 
 
 @torch.no_grad()
-def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tokenizer, prompts, prompt_ids, gold_fn, device):
+def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tokenizer, prompts, prompt_ids, gold_fn, device,
+             stop_ids: list[int]):
     """Held-out evaluation of the current policy: RM score, gold score, KL to the reference, length, EOS.
 
     KL here is exact per position, sum_t KL(pi(.|x,y<t) || pi_ref(.|x,y<t)) at the training temperature,
     summed over the sampled response: it needs no estimator and is exactly 0 for the SFT policy.
     Returns (global means, this rank's per-prompt gold scores or None, sample rows).
     """
-    config = generation_config(tokenizer, args.response_length, args.eval_temperature)
+    config = generation_config(tokenizer, args.response_length, args.eval_temperature, stop_ids)
     sums = torch.zeros(5, device=device, dtype=torch.float64)  # rm, gold, kl, length, eos
     golds, rows = [], []
     for i in range(0, len(prompt_ids), args.eval_batch_size):
         queries, query_mask = left_pad(prompt_ids[i:i + args.eval_batch_size], tokenizer.pad_token_id, device)
         P = queries.shape[1]
         responses, response_mask, has_eos = truncate_after_eos(
-            generate(policy, queries, query_mask, config), tokenizer.eos_token_id, tokenizer.pad_token_id)
+            generate(policy, queries, query_mask, config), stop_ids, tokenizer.pad_token_id)
         T = responses.shape[1]
         query_responses = torch.cat([queries, responses], 1)
         attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
@@ -667,12 +753,19 @@ def main(args: Args) -> dict:
     gold_fn = load_gold_fn(args.gold_reward_fn)
     check_path(args.sft_model, "SFT model")
     check_path(args.reward_model, "reward model")
+    checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
+    if args.save:
+        check_output_dirs(args.output_dir, checkpoint_dir, args.resume, args.overwrite)
+    elif args.resume:
+        raise SystemExit("--resume needs checkpoints, and --no_save writes none")
     log_dir = os.path.join("runs", args.run_name or f"ppo__{args.seed}__{int(time.time())}")
     device = d.device
 
     # Data: each rank takes its own shard of the prompts, and shuffles it with its own generator
-    tokenizer = load_tokenizer(args.sft_model, padding_side="left")
-    prompts = load_prompts(args, tokenizer)
+    tokenizer = load_tokenizer(args.sft_model, padding_side="left", add_pad_token=args.add_pad_token)
+    prompts, chat = load_prompts(args, tokenizer)
+    # a response ends at EOS or, for chat prompts, at the template's end-of-turn token
+    stop_ids = stop_token_ids(args, tokenizer, chat)
     train_ids, (eval_texts, eval_ids) = prompts[args.train_split][1], prompts[args.eval_split]
     eval_texts, eval_ids = eval_texts[:args.eval_samples][d.rank::d.world_size], eval_ids[:args.eval_samples][d.rank::d.world_size]
     train_ids = train_ids[d.rank::d.world_size]
@@ -694,11 +787,15 @@ def main(args: Args) -> dict:
     # phase all-gathers a model once (`unsharded`) rather than per forward.
     policy = load_causal_lm(args.sft_model, tokenizer, args.dtype)
     ref_policy = load_causal_lm(args.sft_model, tokenizer, args.dtype).eval().requires_grad_(False)
-    try:
-        rm_tokenizer = load_tokenizer(args.reward_model, padding_side="right")
-    except (OSError, ValueError):  # an RM dir without a tokenizer: it shares the policy's
-        rm_tokenizer = tokenizer
+    rm_has_tokenizer = not os.path.isdir(args.reward_model) or any(
+        os.path.exists(os.path.join(args.reward_model, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    rm_tokenizer = tokenizer  # an RM dir without a tokenizer shares the policy's
+    if rm_has_tokenizer:
+        rm_tokenizer = load_tokenizer(args.reward_model, padding_side="right", add_pad_token=args.add_pad_token)
     same_tokenizer = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    if not same_tokenizer and not args.rm_retokenize:
+        raise SystemExit(f"the vocabulary of reward model '{args.reward_model}' differs from the policy's ('{args.sft_model}'); "
+                         "pass --rm_retokenize to score decoded text, or train the RM from this SFT model")
     rm_classifier = load_reward_model(args.reward_model, rm_tokenizer, args.dtype)
     # every score is normalised with the statistics train_rm.py stored in the RM's config (TRL #1783)
     reward_mean = float(getattr(rm_classifier.config, "reward_mean", 0.0))
@@ -731,6 +828,18 @@ def main(args: Args) -> dict:
     # the fused kernel: one pass over all parameters (on CPU several times faster than the default foreach)
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
+    # --resume: weights, optimizer, counters, adaptive beta and RNG states as they were after `start_update`
+    trainables = nn.ModuleDict({name: m for name, m in (("policy", policy), ("critic", critic), ("value_head", value_head))
+                                if m is not None})  # one module, so that DCP names every parameter the optimizer holds
+    start_update, resumed = 0, None
+    if args.resume:
+        latest = checkpoints(checkpoint_dir)[-1]
+        resumed = load_checkpoint(latest, trainables, optimizer, d.world_size)
+        check_same_args(resumed["args"], args_json(args), ignore=("resume", "overwrite", "checkpoint_every"))
+        start_update, log_dir = resumed["update"], resumed["log_dir"]
+        print0(f"resumed from {latest} (update {start_update} of {num_updates})")
+    for _ in range(start_update):  # the data position: replay the shuffles up to the checkpoint
+        next(batches)
     policy_train = torch.compile(policy) if args.compile else policy
     critic_train = torch.compile(critic) if args.compile and critic is not None else critic
 
@@ -746,15 +855,16 @@ def main(args: Args) -> dict:
     # It then runs once, with gradients, and serves both (the same numbers up to float rounding; two
     # forwards fewer per update).
     reuse_first_forward = args.reuse_first_forward and args.num_minibatches == 1 and gradient_accumulation_steps == 1
-    rollout_config = generation_config(tokenizer, args.response_length, args.temperature)
+    rollout_config = generation_config(tokenizer, args.response_length, args.temperature, stop_ids)
     rm_tok_arg = None if same_tokenizer else rm_tokenizer
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
 
     writer = None
     if d.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir)
+        # on resume, drop the events a killed run logged after its last checkpoint
+        writer = SummaryWriter(log_dir, purge_step=start_update * args.batch_size + 1 if resumed else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     print0(f"PPO: {num_updates} updates of {args.batch_size} episodes ({d.world_size} process(es), per rank: "
            f"{args.num_minibatches} minibatch(es) x {gradient_accumulation_steps} micro-batch(es) of {micro_batch_size}); "
@@ -766,7 +876,7 @@ def main(args: Args) -> dict:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(args.seed + 1_000_003 + d.rank)
             metrics, golds, rows = evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tok_arg,
-                                            eval_texts, eval_ids, gold_fn, device)
+                                            eval_texts, eval_ids, gold_fn, device, stop_ids)
         if writer is not None:
             for k, v in metrics.items():
                 writer.add_scalar(f"eval/{k}", v, step)
@@ -774,10 +884,18 @@ def main(args: Args) -> dict:
         return metrics, golds
 
     # the initial policy is the SFT policy: its evaluation is the baseline of the final win rate
-    sft_metrics, sft_golds = run_eval(0)
-    kl_coef = args.kl_coef
-    timings, history = [], []
-    eval_metrics, eval_golds = sft_metrics, sft_golds
+    if resumed:
+        sft_metrics, sft_golds, eval_metrics, eval_golds = (resumed[k] for k in ("sft_metrics", "sft_golds", "eval_metrics", "eval_golds"))
+        kl_coef, timings, history = resumed["kl_coef"], resumed["timings"], resumed["history"]
+    else:
+        sft_metrics, sft_golds = run_eval(0)
+        kl_coef = args.kl_coef
+        timings, history = [], []
+        eval_metrics, eval_golds = sft_metrics, sft_golds
+
+    def last_checkpoint() -> str:
+        kept = checkpoints(checkpoint_dir) if args.save else []
+        return kept[-1] if kept else "none"
     stats_names = ["losses/policy_avg", "losses/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg",
                    "policy/approxkl_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var"]
     if not args.kl_in_reward:
@@ -788,7 +906,9 @@ def main(args: Args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for update in tqdm(range(1, num_updates + 1), disable=not d.is_main, desc="ppo"):
+    sigterm = catch_sigterm()
+    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, total=num_updates,
+                       disable=not d.is_main, desc="ppo"):
         global_step = update * args.batch_size
         if args.anneal_lr:  # linear decay to 0 (CleanRL, Huang et al. 2024)
             optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr
@@ -801,7 +921,7 @@ def main(args: Args) -> dict:
             context_length = queries.shape[1]
             responses = generate(policy, queries, query_mask, rollout_config)  # (B, T)
             # a response ends at its first EOS; what follows is padding, masked out of everything below
-            responses, response_mask, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+            responses, response_mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
             T = responses.shape[1]
             query_responses = torch.cat([queries, responses], 1)  # (B, P + T)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)  # what the policy attended to
@@ -838,6 +958,9 @@ def main(args: Args) -> dict:
                                tokenizer, rm_tok_arg, has_eos, args.local_rollout_forward_batch_size)
             # missing-EOS penalty: a response that never ends gets a fixed low score (Huang et al. 2024)
             scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
+            if all_reduce_sum((~torch.isfinite(scores)).sum()).item():  # every rank sees the count: all stop
+                raise SystemExit(f"non-finite reward at update {update}: stopped before the PPO step; last good "
+                                 f"checkpoint: {last_checkpoint()}. Check the reward model (and its reward_mean/reward_std)")
 
             # ALGO LOGIC: per-token rewards, advantages, returns
             kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator) * response_mask  # (B, T)
@@ -884,8 +1007,13 @@ def main(args: Args) -> dict:
                             row.append(kl_loss)
                         stats[k] = torch.stack(row)
                     k += 1
-                if args.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                # the global norm (clipped only with --max_grad_norm), checked before it can reach the weights
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                if not math.isfinite(grad_norm):
+                    losses = {name: float(v) for name, v in zip(stats_names, stats[k - 1]) if name.startswith("losses/")}
+                    raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {update}, losses {losses}: stopped "
+                                     f"before the optimizer step; last good checkpoint: {last_checkpoint()}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         sync()
@@ -902,7 +1030,10 @@ def main(args: Args) -> dict:
                                    non_score_reward.mean(), (scores + non_score_reward).mean(),
                                    has_eos.float().mean(), mask_f.sum(1).mean()])
             local = torch.cat([rollout, stats.mean(0)]) / d.world_size
-            reduced = all_reduce_sum(torch.cat([local, explained_var_parts])).tolist()
+            # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this update
+            stop_flag = torch.tensor([float(sigterm["stop"])], device=device)
+            reduced = all_reduce_sum(torch.cat([local, explained_var_parts, stop_flag])).tolist()
+            stop = reduced.pop() > 0
         names = ["objective/scores", "objective/kl", "objective/entropy", "objective/non_score_reward",
                  "objective/rlhf_reward", "val/eos_rate", "val/response_length", *stats_names]
         metrics = dict(zip(names, reduced[:len(names)]))
@@ -911,7 +1042,8 @@ def main(args: Args) -> dict:
         metrics["val/explained_variance"] = 1.0 - (s_d2 / n - (s_d / n) ** 2) / max(var_returns, 1e-8)
         if not all(math.isfinite(v) for v in metrics.values()):
             bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-            raise SystemExit(f"non-finite training statistics at update {update} ({', '.join(bad)}): stopping, nothing saved")
+            raise SystemExit(f"non-finite training statistics at update {update} ({', '.join(bad)}): stopped; "
+                             f"last good checkpoint: {last_checkpoint()}")
         metrics["objective/kl_coef"] = kl_coef
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         timing = {"time/generate": t_generated - t_start, "time/score": t_scored - t_generated,
@@ -938,6 +1070,18 @@ def main(args: Args) -> dict:
         if d.is_main and update % max(1, num_updates // 10) == 0:
             tqdm.write(f"update {update}/{num_updates}: score {metrics['objective/scores']:+.3f} "
                        f"kl {metrics['objective/kl']:.2f} eos {metrics['val/eos_rate']:.2f} {timing['eps']:.1f} eps")
+        if args.save and ((args.checkpoint_every and update % args.checkpoint_every == 0) or update == num_updates or stop):
+            state = {"update": update, "args": args_json(args), "log_dir": log_dir, "kl_coef": kl_coef,
+                     "history": history, "timings": timings, "sft_metrics": sft_metrics, "sft_golds": sft_golds,
+                     "eval_metrics": eval_metrics, "eval_golds": eval_golds}
+            path = save_checkpoint(checkpoint_dir, update, trainables, optimizer, state)
+            if stop:
+                print0(f"SIGTERM: checkpoint {path} written at update {update}; continue with --resume")
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+                raise SystemExit(143)  # 128 + SIGTERM: the stage did not finish
+        elif stop:  # --no_save: nothing to keep
+            raise SystemExit(143)
 
     # the final evaluation is the last one above, of the final policy, on the same prompts as the SFT one
     num_eval_prompts = int(all_reduce_sum(torch.tensor([len(eval_ids)], device=device)).item())

@@ -35,7 +35,14 @@ import tyro
 from tqdm import tqdm
 
 from common import (
+    args_json,
+    catch_sigterm,
+    check_output_dirs,
     check_path,
+    check_same_args,
+    checkpoints,
+    load_checkpoint,
+    save_checkpoint,
     fsdp_wrap,
     load_causal_lm,
     load_tokenizer,
@@ -64,6 +71,8 @@ class Args:
     # model
     model_name_or_path: str = "toy_data/base_model"
     """the base model and tokenizer: a hub id or a local directory"""
+    add_pad_token: bool = False
+    """add a distinct '[PAD]' token when the tokenizer has none or pads with EOS (Pythia, Qwen2)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype the weights are loaded in (under torchrun on GPU, FSDP2 computes in bf16 from fp32 weights)"""
 
@@ -129,6 +138,18 @@ class Args:
     """`module:function` called as f(prompt, completion) -> bool | float on each final sample (the prompt as
     the model saw it, the completion up to EOS); None skips it"""
 
+    # checkpoints
+    checkpoint_every: int = 100
+    """optimizer steps between checkpoints (model, optimizer, schedule, RNG states, data position); 0: only the
+    final one. SIGTERM (preemption) also writes one, then exits with status 143"""
+    checkpoint_dir: str | None = None
+    """where checkpoints go, the latest one kept (None: {output_dir}_checkpoints)"""
+    resume: bool = False
+    """continue from the latest checkpoint, with the same flags: on CPU the result is bit-identical to an
+    uninterrupted run"""
+    overwrite: bool = False
+    """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
+
 
 PRESETS = {
     "toy": ("offline toy task (default)", Args()),
@@ -140,6 +161,7 @@ PRESETS = {
         # query tokens too, responses of at most 53 tokens after a query of 512 tokens.
         Args(
             model_name_or_path="EleutherAI/pythia-1b-deduped",
+            add_pad_token=True,  # Pythia has no pad token
             dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
             prompt_column="query",
             # " {summary}<|endoftext|>": it already ends in EOS, so none is appended twice
@@ -169,7 +191,9 @@ PRESETS = {
 
 def parse_args(argv=None) -> Args:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0] not in PRESETS and argv[0] not in ("-h", "--help")):
+    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
+        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
+    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
         argv = ["toy", *argv]  # no preset named: the toy default
     return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
 
@@ -448,11 +472,13 @@ def main(args: Args) -> dict:
     local_batch_size = args.batch_size // world_size  # sequences per optimizer step on this rank
     micro_batch_size = local_batch_size // args.gradient_accumulation_steps  # sequences per forward
     run_name = args.run_name or f"sft_{args.seed}_{int(time.time())}"
+    checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
+    check_output_dirs(args.output_dir, checkpoint_dir, args.resume, args.overwrite)
     seed_everything(args.seed, rank)
     eval_fn = load_eval_fn(args.eval_fn)
 
     # DATA
-    tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right")  # right padding for training
+    tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", add_pad_token=args.add_pad_token)
     data = {}
     for split, ds in load_splits(args).items():
         where = f"dataset '{args.dataset}' split '{split}'"
@@ -482,11 +508,28 @@ def main(args: Args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, args.warmup_steps, total_steps))
 
+    # --resume: model, optimizer, schedule, counters and RNG states as they were after step `start_step`
+    start_step, resumed = 0, None
+    if args.resume:
+        latest = checkpoints(checkpoint_dir)[-1]
+        resumed = load_checkpoint(latest, model, optimizer, world_size)
+        check_same_args(resumed["args"], args_json(args), ignore=("resume", "overwrite", "checkpoint_every"))
+        scheduler.load_state_dict(resumed["scheduler"])
+        start_step, run_name = resumed["step"], resumed["run_name"]
+        print0(f"resumed from {latest} (step {start_step} of {total_steps})")
+
+    def checkpoint(step: int) -> str:
+        state = {"step": step, "args": args_json(args), "run_name": run_name, "scheduler": scheduler.state_dict(),
+                 "initial_val_loss": initial_val_loss, "val_loss": val_loss, "train_loss": train_loss,
+                 "tokens_seen": tokens_seen}
+        return save_checkpoint(checkpoint_dir, step, model, optimizer, state)
+
     writer = None
     if ddist.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(f"runs/{run_name}")
+        # on resume, drop the events a killed run logged after its last checkpoint
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step + 1 if resumed else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(
             f"|{key}|{value}|" for key, value in {**asdict(args), "world_size": world_size}.items()))
 
@@ -523,11 +566,20 @@ def main(args: Args) -> dict:
                 yield epoch, order[s * args.batch_size : (s + 1) * args.batch_size]
             epoch += 1
 
-    initial_val_loss = val_loss = evaluate(0)
-    print0(f"step 0: val loss {initial_val_loss:.4f}")
-    train_loss, tokens_seen, train_start = None, 0, time.time()  # --max_steps 0: evaluate only
+    if resumed:
+        initial_val_loss, val_loss = resumed["initial_val_loss"], resumed["val_loss"]
+        train_loss, tokens_seen = resumed["train_loss"], resumed["tokens_seen"]
+    else:
+        initial_val_loss = val_loss = evaluate(0)
+        print0(f"step 0: val loss {initial_val_loss:.4f}")
+        train_loss, tokens_seen = None, 0  # --max_steps 0: evaluate only
+    train_start = time.time()
     data_iter = batches()
-    progress = tqdm(range(1, total_steps + 1), desc="sft", disable=not ddist.is_main, dynamic_ncols=True)
+    for _ in range(start_step):  # the data position: replay the shuffles up to the checkpoint
+        next(data_iter)
+    sigterm = catch_sigterm()
+    progress = tqdm(range(start_step + 1, total_steps + 1), initial=start_step, total=total_steps, desc="sft",
+                    disable=not ddist.is_main, dynamic_ncols=True)
     for step in progress:
         epoch, indices = next(data_iter)
         local = [train_pairs[i] for i in indices[rank * local_batch_size : (rank + 1) * local_batch_size]]
@@ -549,14 +601,17 @@ def main(args: Args) -> dict:
             (nll / num_targets * world_size).backward()
             step_nll += nll.item()
         step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-        step_nll, step_tokens = all_reduce_sum(step_nll, step_tokens, device=ddist.device)
+        # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this step
+        step_nll, step_tokens, stop = all_reduce_sum(step_nll, step_tokens, float(sigterm["stop"]), device=ddist.device)
         train_loss = step_nll / num_targets
-        if not math.isfinite(train_loss):  # the same all-reduced value on every rank: all stop together
-            raise SystemExit(f"the training loss is {train_loss} at step {step}; nothing was saved. "
-                             "Lower --learning_rate or check the data")
         # gradient clipping on the global norm (a DTensor under FSDP2); with no clipping, just measure it
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        for name, value in (("training loss", train_loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):  # all-reduced values, the same on every rank: all stop together
+                kept = checkpoints(checkpoint_dir)
+                raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimizer step; last good "
+                                 f"checkpoint: {kept[-1] if kept else 'none'}. Lower --learning_rate or check the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -568,6 +623,14 @@ def main(args: Args) -> dict:
         progress.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", epoch=epoch)
         if step % args.eval_every == 0 or step == total_steps:
             val_loss = evaluate(step)
+        if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == total_steps or stop:
+            path = checkpoint(step)
+            if stop:
+                progress.close()
+                print0(f"SIGTERM: checkpoint {path} written at step {step}; continue with --resume")
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+                raise SystemExit(143)  # 128 + SIGTERM: the stage did not finish
     progress.close()
 
     # The final score: sample the validation prompts at the sampling temperature (every rank its share)

@@ -40,7 +40,14 @@ import tyro
 from tqdm import tqdm
 
 from common import (
+    args_json,
+    catch_sigterm,
+    check_output_dirs,
     check_path,
+    check_same_args,
+    checkpoints,
+    load_checkpoint,
+    save_checkpoint,
     fsdp_wrap,
     load_causal_lm,
     load_reward_model,
@@ -87,6 +94,8 @@ class Args:
     # model
     model_name_or_path: str = "models/sft"
     """the SFT checkpoint the reward model starts from (its LM head is replaced by a fresh scalar head)"""
+    add_pad_token: bool = False
+    """add a distinct '[PAD]' token when the tokenizer has none or pads with EOS (a base model, not an SFT output)"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """parameter dtype (FSDP2 computes in bf16 on GPU anyway; keep float32 master weights)"""
     output_dir: str = "models/rm"
@@ -148,6 +157,18 @@ class Args:
     run_name: str | None = None
     """TensorBoard run dir under runs/ (None: rm__{seed}__{unix time})"""
 
+    # checkpoints
+    checkpoint_every: int = 200
+    """optimiser steps between checkpoints (model, optimiser, step, RNG states; the data position follows from
+    the step); 0: only the final one. SIGTERM (preemption) also writes one, then exits with status 143"""
+    checkpoint_dir: str | None = None
+    """where checkpoints go, the latest one kept (None: {output_dir}_checkpoints)"""
+    resume: bool = False
+    """continue from the latest checkpoint, with the same flags: on CPU the result is bit-identical to an
+    uninterrupted run"""
+    overwrite: bool = False
+    """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
+
 
 PRESETS = {
     "toy": ("offline toy task (default)", Args()),
@@ -185,7 +206,9 @@ PRESETS = {
 
 def parse_args(argv=None) -> Args:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0] not in PRESETS and argv[0] not in ("-h", "--help")):
+    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
+        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
+    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
         argv = ["toy", *argv]  # no preset named: the toy default
     return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
 
@@ -505,7 +528,11 @@ def load_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
         import datasets
 
         check_path(args.prompt_dataset, "prompt dataset")
-        data = datasets.load_dataset(args.prompt_dataset)
+        try:
+            data = datasets.load_dataset(args.prompt_dataset)
+        except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SystemExit(f"cannot load prompt dataset '{args.prompt_dataset}': {reason}") from None
         if args.prompt_dataset_split not in data:
             raise SystemExit(f"prompt dataset '{args.prompt_dataset}' has no split '{args.prompt_dataset_split}' "
                              f"(it has: {', '.join(data)}); pass --prompt_dataset_split NAME")
@@ -538,6 +565,8 @@ def main(args: Args) -> dict:
     sft_path = args.sft_model_for_normalisation or args.model_name_or_path
     if os.path.abspath(args.output_dir) in (os.path.abspath(args.model_name_or_path), os.path.abspath(sft_path)):
         raise SystemExit(f"--output_dir '{args.output_dir}' would overwrite the SFT model; pick another dir")
+    checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
+    check_output_dirs(args.output_dir, checkpoint_dir, args.resume, args.overwrite)
     ceiling_file = args.bayes_ceiling_file
     if ceiling_file is None and os.path.isfile(os.path.join(args.dataset, "bayes_ceiling.json")):
         ceiling_file = os.path.join(args.dataset, "bayes_ceiling.json")
@@ -550,13 +579,17 @@ def main(args: Args) -> dict:
         if not isinstance(bayes_ceiling, float):
             raise SystemExit(f"'{ceiling_file}' has no number \"bayes_accuracy\"; pass --bayes_ceiling_file None")
 
-    tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right")
+    tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", add_pad_token=args.add_pad_token)
     pad_id = tokenizer.pad_token_id
     if args.normalize:  # fail now, not after training
-        policy_tokenizer = load_tokenizer(sft_path, padding_side="left")  # left padding for generation
+        policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)  # for generation
         check_same_tokenizer(policy_tokenizer, tokenizer, sft_path, args.model_name_or_path)
     check_path(args.dataset, "dataset")
-    dataset = datasets.load_dataset(args.dataset)
+    try:
+        dataset = datasets.load_dataset(args.dataset)
+    except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"cannot load dataset '{args.dataset}': {reason}") from None
     train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs)
     val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
     n_train = len(train["chosen_ids"])
@@ -569,11 +602,6 @@ def main(args: Args) -> dict:
            f"{total_steps} steps of {args.batch_size} pairs ({d.world_size} processes x {grad_accum} x {local_batch})")
 
     run_name = args.run_name or f"rm__{args.seed}__{int(time.time())}"
-    writer = None
-    if d.is_main:
-        writer = SummaryWriter(f"runs/{run_name}")
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-
     # The model: the SFT checkpoint with a fresh scalar head. Seeded identically on every rank, so every
     # rank starts from the same head before FSDP shards it.
     torch.manual_seed(args.seed)
@@ -589,69 +617,103 @@ def main(args: Args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
 
+    # --resume: model, optimiser, counters and RNG states as they were after step `start_step`
+    start_step, val_metrics, history, resumed = 0, None, [], None
+    if args.resume:
+        latest = checkpoints(checkpoint_dir)[-1]
+        resumed = load_checkpoint(latest, model, optimizer, d.world_size)
+        check_same_args(resumed["args"], args_json(args), ignore=("resume", "overwrite", "checkpoint_every"))
+        start_step, run_name = resumed["step"], resumed["run_name"]
+        val_metrics, history = resumed["val_metrics"], resumed["history"]
+        print0(f"resumed from {latest} (step {start_step} of {total_steps})")
+    writer = None
+    if d.is_main:  # on resume, drop the events a killed run logged after its last checkpoint
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step + 1 if resumed else None)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    def batches():
+        """Global batches of pair indices; every rank draws the same order (a generator seeded with args.seed)."""
+        order_rng = torch.Generator().manual_seed(args.seed)
+        for _epoch in range(args.num_epochs):
+            order = torch.randperm(n_train, generator=order_rng).tolist()
+            if args.group_by_length:
+                order = group_by_length(order, pair_lengths, args.batch_size, order_rng)
+            for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
+                yield order[batch_start : batch_start + args.batch_size]
+
     # ALGO LOGIC: training
-    step, val_metrics, history = 0, None, []
-    order_rng = torch.Generator().manual_seed(args.seed)  # data order: the same on every rank
-    progress = tqdm(total=total_steps, desc="reward model", disable=not d.is_main)
+    data_iter = batches()
+    for _ in range(start_step):  # the data position: replay the shuffles up to the checkpoint
+        next(data_iter)
+    sigterm = catch_sigterm()
+    progress = tqdm(total=total_steps, initial=start_step, desc="reward model", disable=not d.is_main)
     t_train = time.time()
-    for epoch in range(args.num_epochs):
-        order = torch.randperm(n_train, generator=order_rng).tolist()
-        if args.group_by_length:
-            order = group_by_length(order, pair_lengths, args.batch_size, order_rng)
-        for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-            lr = learning_rate_at(step, total_steps, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = order[batch_start : batch_start + args.batch_size]
-            local = batch[d.rank * micro_per_step : (d.rank + 1) * micro_per_step]  # this rank's share
-            sums = [0.0] * 5  # loss * n, correct, sum r_chosen, sum r_rejected, n
-            for micro_start in range(0, micro_per_step, local_batch):
-                idx = local[micro_start : micro_start + local_batch]
-                input_ids, attention_mask, margin = pair_batch(train, idx, pad_id, d.device)  # (2b, T)
-                rewards = get_reward(model, input_ids, attention_mask)  # (2b,): one forward for both
-                r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]
-                loss = bradley_terry_loss(r_chosen, r_rejected, margin)
-                (loss / grad_accum).backward()
-                sums[0] += loss.item() * len(idx)
-                sums[1] += (r_chosen > r_rejected).sum().item()
-                sums[2] += r_chosen.sum().item()
-                sums[3] += r_rejected.sum().item()
-                sums[4] += len(idx)
-            loss_sum, correct, chosen_sum, rejected_sum, count = all_reduce_sum(sums, d.device)
-            if not math.isfinite(loss_sum):  # every rank sees the same global sum, so every rank stops
+    for step in range(start_step + 1, total_steps + 1):
+        lr = learning_rate_at(step - 1, total_steps, args)  # the rate after step - 1 completed steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = next(data_iter)
+        local = batch[d.rank * micro_per_step : (d.rank + 1) * micro_per_step]  # this rank's share
+        sums = [0.0] * 5  # loss * n, correct, sum r_chosen, sum r_rejected, n
+        for micro_start in range(0, micro_per_step, local_batch):
+            idx = local[micro_start : micro_start + local_batch]
+            input_ids, attention_mask, margin = pair_batch(train, idx, pad_id, d.device)  # (2b, T)
+            rewards = get_reward(model, input_ids, attention_mask)  # (2b,): one forward for both
+            r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]
+            loss = bradley_terry_loss(r_chosen, r_rejected, margin)
+            (loss / grad_accum).backward()
+            sums[0] += loss.item() * len(idx)
+            sums[1] += (r_chosen > r_rejected).sum().item()
+            sums[2] += r_chosen.sum().item()
+            sums[3] += r_rejected.sum().item()
+            sums[4] += len(idx)
+        # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this step
+        loss_sum, correct, chosen_sum, rejected_sum, count, stop = all_reduce_sum(sums + [float(sigterm["stop"])], d.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 (a collective: every rank calls it)
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
+        for name, value in (("loss", loss_sum / count), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):  # global values, the same on every rank: every rank stops
                 progress.close()
-                raise SystemExit(f"loss is {loss_sum / count} at step {step}: lower --learning_rate "
-                                 "(nothing was saved)")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 (a collective: every rank calls it)
-                grad_norm = grad_norm.full_tensor()
-            grad_norm = grad_norm.item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            progress.update(1)
-            metrics = {
-                "train/loss": loss_sum / count,
-                "train/accuracy": correct / count,
-                "train/reward_chosen": chosen_sum / count,
-                "train/reward_rejected": rejected_sum / count,
-                "train/margin": (chosen_sum - rejected_sum) / count,  # mean r_chosen - r_rejected
-            }
-            progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.3f}")
-            if writer is not None and (step % args.log_every == 0 or step == total_steps):
-                for name, value in metrics.items():
-                    writer.add_scalar(name, value, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/grad_norm", grad_norm, step)
-                writer.add_scalar("charts/pairs_per_second", step * args.batch_size / (time.time() - t_train), step)
-            if val is not None and (step % args.eval_every == 0 or step == total_steps):
-                val_metrics = evaluate(model, val, args.eval_batch_size, pad_id, d.rank, d.world_size, d.device)
-                history.append((step, val_metrics["accuracy"]))
-                if d.is_main:
-                    progress.write(f"step {step}: val accuracy {val_metrics['accuracy']:.4f}, loss {val_metrics['loss']:.4f}")
-                if writer is not None:
-                    writer.add_scalar("val/accuracy", val_metrics["accuracy"], step)
-                    writer.add_scalar("val/loss", val_metrics["loss"], step)
+                kept = checkpoints(checkpoint_dir)
+                raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimiser step; last good "
+                                 f"checkpoint: {kept[-1] if kept else 'none'}. Lower --learning_rate or check the data")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.update(1)
+        metrics = {
+            "train/loss": loss_sum / count,
+            "train/accuracy": correct / count,
+            "train/reward_chosen": chosen_sum / count,
+            "train/reward_rejected": rejected_sum / count,
+            "train/margin": (chosen_sum - rejected_sum) / count,  # mean r_chosen - r_rejected
+        }
+        progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.3f}")
+        if writer is not None and (step % args.log_every == 0 or step == total_steps):
+            for name, value in metrics.items():
+                writer.add_scalar(name, value, step)
+            writer.add_scalar("train/lr", lr, step)
+            writer.add_scalar("train/grad_norm", grad_norm, step)
+            writer.add_scalar("charts/pairs_per_second", step * args.batch_size / (time.time() - t_train), step)
+        if val is not None and (step % args.eval_every == 0 or step == total_steps):
+            val_metrics = evaluate(model, val, args.eval_batch_size, pad_id, d.rank, d.world_size, d.device)
+            history.append((step, val_metrics["accuracy"]))
+            if d.is_main:
+                progress.write(f"step {step}: val accuracy {val_metrics['accuracy']:.4f}, loss {val_metrics['loss']:.4f}")
+            if writer is not None:
+                writer.add_scalar("val/accuracy", val_metrics["accuracy"], step)
+                writer.add_scalar("val/loss", val_metrics["loss"], step)
+        if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == total_steps or stop:
+            state = {"step": step, "args": args_json(args), "run_name": run_name, "val_metrics": val_metrics,
+                     "history": history}
+            path = save_checkpoint(checkpoint_dir, step, model, optimizer, state)
+            if stop:
+                progress.close()
+                print0(f"SIGTERM: checkpoint {path} written at step {step}; continue with --resume")
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+                raise SystemExit(143)  # 128 + SIGTERM: the stage did not finish
     progress.close()
     train_time = time.time() - t_train
     del optimizer

@@ -7,7 +7,8 @@
 Prerequisite: the default pipeline (`python pipeline.py`), whose models/sft and models/rm every PPO run
 starts from. Each run is a plain `python ppo.py ...` (or `train_rm.py`) command; its TensorBoard log goes
 to runs/sweeps/<group>/<name>_s<seed> and its output dir to sweeps/<group>/<name>_s<seed>. A run whose
-eval_results.json already exists is skipped, so an interrupted sweep resumes where it stopped.
+eval_results.json already exists is skipped, and a run interrupted after a checkpoint continues from it
+(--resume), so an interrupted sweep resumes where it stopped.
 
 The beta runs evaluate on the 512 held-out prompts every 20 updates (--eval_every 20), the others only
 before and after training. Evaluation samples from its own seed (ppo.py forks the RNG), so this changes no
@@ -88,12 +89,18 @@ def execute(out: str, cmd: list[str], threads: int) -> tuple[str, float, int]:
     if os.path.exists(os.path.join(out, "eval_results.json")):
         return out, 0.0, 0
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    run_name = cmd[cmd.index("--run_name") + 1]
-    shutil.rmtree(os.path.join("runs", run_name), ignore_errors=True)  # an interrupted run's partial log
+    checkpoint_dir = out + "_checkpoints"
+    if os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
+        cmd = cmd + ["--resume"]  # an interrupted run continues, bit-identical to an uninterrupted one
+    else:
+        run_name = cmd[cmd.index("--run_name") + 1]
+        shutil.rmtree(os.path.join("runs", run_name), ignore_errors=True)  # a partial log from before any checkpoint
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    with open(out + ".log", "w") as log:
+    with open(out + ".log", "a") as log:
         rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc == 0:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model is in `out`
     return out, time.perf_counter() - t0, rc
 
 

@@ -1,10 +1,12 @@
-"""Shared fixtures: a tiny toy task built once per test session, and a helper to run a stage script."""
+"""Shared fixtures: a tiny toy task and a stand-in reward model built once per test session, and helpers to run a stage script."""
 
+import contextlib
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -18,6 +20,58 @@ def toy_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("toy") / "toy_data")
     toy_task.build(toy_task.Args(out_dir=out, n_sft=2000, n_prefs=2000, n_prompts=400, hidden_size=64, num_layers=2))
     return out
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread for the in-process runs: the models are tiny, and with other processes on the
+    cores OpenMP's spin-waiting can make two threads many times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def standin_rm(toy_dir, tmp_path_factory):
+    """An RM that is easy to raise: regressed for a few seconds onto 4 x (fraction of positive words).
+
+    The policy stand-in is the random base model itself, which emits every word about equally often.
+    """
+    import toy_task
+    from common import load_reward_model, load_tokenizer, save_model
+
+    base = os.path.join(toy_dir, "base_model")
+    tok = load_tokenizer(base, "right")
+    torch.manual_seed(0)
+    model = load_reward_model(base, tok)
+    stack = contextlib.ExitStack()
+    stack.enter_context(one_thread())  # session-scoped: runs before the module's one-thread fixture
+    good = torch.tensor(tok.convert_tokens_to_ids(toy_task.POSITIVE))
+
+    def batch(n=64, width=20):
+        ids = torch.randint(5, len(tok), (n, width))
+        lengths = torch.randint(4, width + 1, (n,))
+        mask = torch.arange(width)[None] < lengths[:, None]
+        ids = ids.masked_fill(~mask, tok.pad_token_id)
+        return ids, mask.long(), 4 * (torch.isin(ids, good) & mask).float().sum(1) / lengths
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        ids, mask, target = batch()
+        loss = ((model(input_ids=ids, attention_mask=mask).logits.squeeze(-1) - target) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        ids, mask, _ = batch(256)
+        raw = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    stack.close()
+    path = str(tmp_path_factory.mktemp("standins") / "rm")
+    save_model(model, tok, path, extra_config={"reward_mean": raw.mean().item(), "reward_std": raw.std().item()})
+    return path
 
 
 def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -165,11 +166,17 @@ def test_nan_loss_stops_and_keeps_the_old_output(toy_dir, in_tmp):
     old = in_tmp / "sft"
     old.mkdir()
     (old / "marker").write_text("previous model")
-    with pytest.raises(SystemExit, match=r"the training loss is (nan|inf) at step \d+; nothing was saved"):
+    with pytest.raises(SystemExit) as info:
         # absurd rate: the weights blow up within a few steps
         sft.main(tiny_args(toy_dir, in_tmp, learning_rate=1e30, max_grad_norm=0.0, warmup_steps=0,
-                            num_logged_samples=0))
-    assert (old / "marker").read_text() == "previous model"
+                            num_logged_samples=0, checkpoint_every=1, overwrite=True))
+    message = str(info.value)
+    match = re.fullmatch(r"the (training loss|gradient norm) is (nan|inf) at step (\d+): stopped before the optimizer "
+                         r"step; last good checkpoint: (\S+)\. Lower --learning_rate or check the data", message)
+    assert match, message
+    step, kept = int(match.group(3)), match.group(4)
+    assert kept == str(in_tmp / "sft_checkpoints" / f"step_{step - 1}") and os.path.isdir(kept)
+    assert (old / "marker").read_text() == "previous model" and os.listdir(old) == ["marker"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +265,7 @@ def test_conversational_format_through_the_chat_template(toy_dir, in_tmp):
     write_jsonl(str(in_tmp / "bad" / "train.jsonl"), bad)
     write_jsonl(str(in_tmp / "bad" / "validation.jsonl"), bad)
     with pytest.raises(SystemExit, match="row 0: the last message must have role 'assistant'"):
-        sft.main(tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "bad")))
+        sft.main(tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "bad"), overwrite=True))
 
 
 def test_presets_parse():

@@ -1,0 +1,376 @@
+"""Reliability: checkpoints and resume (SIGKILL, SIGTERM, torchrun), non-finite values, and the bad-input catalogue.
+
+The resume tests run each stage three times as a subprocess: once uninterrupted, once killed as soon as
+its first checkpoint lands, and once resumed from that checkpoint. The resumed run must end with the same
+eval_results.json and the same weights, bit for bit.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, one_thread
+
+import common
+import ppo
+import sft
+import train_rm
+
+TIMING_KEYS = ("wall_time_s", "train_time_s", "time_s", "run_name")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def launch(script: str, args: list[str], nproc: int = 1) -> subprocess.Popen:
+    """Start a stage as a subprocess (killed with kill_tree, which reaches torchrun's workers too)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, script, *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 240) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def run_ok(script: str, args: list[str], nproc: int = 1) -> str:
+    rc, out, err = finish(launch(script, args, nproc))
+    assert rc == 0, f"{script} {args} failed ({rc}):\n{out[-2000:]}\n{err[-4000:]}"
+    return out
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    """Signal a process and all its descendants (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, tree = [pid], []
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in reversed(tree):  # the workers first, so that torchrun cannot restart or outlive them
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, checkpoint_dir: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not common.checkpoints(checkpoint_dir):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended ({proc.returncode}) before its first checkpoint:\n{proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            kill_tree(proc.pid, signal.SIGKILL)
+            raise AssertionError("no checkpoint in time")
+        time.sleep(0.005)
+
+
+def results(output_dir) -> dict:
+    """eval_results.json without the timings and names that differ between runs by design."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in TIMING_KEYS and not k.startswith(("time/", "eps"))}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+    with open(os.path.join(output_dir, "eval_results.json")) as f:
+        data = json.load(f)
+    data.pop("args", None)  # holds the output_dir
+    return strip(data)
+
+
+def assert_same_weights(dir_a, dir_b) -> None:
+    a, b = load_file(os.path.join(dir_a, "model.safetensors")), load_file(os.path.join(dir_b, "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kill, resume, compare
+# ----------------------------------------------------------------------------------------------
+def sft_flags(toy_dir, out, tb) -> list[str]:
+    return ["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", os.path.join(toy_dir, "sft"),
+            "--output_dir", out, "--run_name", tb, "--max_steps", "40", "--batch_size", "32", "--warmup_steps", "2",
+            "--eval_every", "10", "--num_eval_samples", "32", "--num_logged_samples", "2", "--max_new_tokens", "16",
+            "--checkpoint_every", "5"]
+
+
+def ppo_flags(toy_dir, rm, out, tb) -> list[str]:
+    return ["--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", rm,
+            "--dataset", os.path.join(toy_dir, "prompts"), "--output_dir", out, "--run_name", tb,
+            "--total_episodes", "640", "--batch_size", "32", "--response_length", "8", "--lr", "3e-3",
+            "--adaptive_kl", "--kl_target", "0.5", "--kl_horizon", "200",  # beta moves: its state must resume too
+            "--eval_samples", "32", "--eval_every", "5", "--checkpoint_every", "4"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_sigkill_then_resume_is_bit_identical(stage, toy_dir, standin_rm, tmp_path):
+    def flags(name):
+        out, tb = str(tmp_path / name), str(tmp_path / "runs" / name)
+        return (sft_flags(toy_dir, out, tb) if stage == "sft" else ppo_flags(toy_dir, standin_rm, out, tb)), out
+    script = f"{stage}.py"
+    whole_flags, whole = flags("whole")
+    run_ok(script, whole_flags)
+
+    killed_flags, killed = flags("killed")
+    proc = launch(script, killed_flags)
+    wait_for_checkpoint(proc, killed + "_checkpoints")
+    kill_tree(proc.pid, signal.SIGKILL)
+    assert finish(proc)[0] == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(killed, "eval_results.json")), "the run finished before the kill"
+    step = int(common.checkpoints(killed + "_checkpoints")[-1].rsplit("_", 1)[1])
+    assert step < (40 if stage == "sft" else 20)
+
+    out = run_ok(script, killed_flags + ["--resume"])
+    assert f"resumed from {killed}_checkpoints/step_{step}" in out
+    assert results(killed) == results(whole)
+    assert_same_weights(killed, whole)
+
+
+def test_sigterm_checkpoints_exits_and_resumes(toy_dir, tmp_path):
+    """Preemption: SIGTERM makes the RM write a checkpoint at the end of the step and exit with 143."""
+    def flags(name):
+        return ["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", os.path.join(toy_dir, "prefs"),
+                "--output_dir", str(tmp_path / name), "--run_name", str(tmp_path / "runs" / name),
+                "--batch_size", "16", "--num_epochs", "1", "--eval_every", "50", "--checkpoint_every", "30",
+                "--num_normalisation_prompts", "32"]
+    run_ok("train_rm.py", flags("whole"))
+    proc = launch("train_rm.py", flags("stopped"))
+    wait_for_checkpoint(proc, str(tmp_path / "stopped_checkpoints"))  # step 30: training is under way
+    kill_tree(proc.pid, signal.SIGTERM)
+    rc, out, err = finish(proc)
+    assert rc == 143, err[-3000:]
+    assert "SIGTERM: checkpoint" in out and "Traceback" not in err
+    assert not (tmp_path / "stopped" / "eval_results.json").exists()
+    run_ok("train_rm.py", flags("stopped") + ["--resume"])
+    assert results(tmp_path / "stopped") == results(tmp_path / "whole")
+    assert_same_weights(tmp_path / "stopped", tmp_path / "whole")
+
+
+def test_torchrun_two_processes_resume(toy_dir, tmp_path):
+    """FSDP2 over 2 CPU processes: DCP writes each rank's shards, and the resumed run matches bit for bit."""
+    def flags(name):
+        return sft_flags(toy_dir, str(tmp_path / name), str(tmp_path / "runs" / name))
+    run_ok("sft.py", flags("whole"), nproc=2)
+    proc = launch("sft.py", flags("killed"), nproc=2)
+    wait_for_checkpoint(proc, str(tmp_path / "killed_checkpoints"))
+    kill_tree(proc.pid, signal.SIGKILL)  # both workers and torchrun
+    finish(proc)
+    assert not (tmp_path / "killed" / "eval_results.json").exists()
+    latest = common.checkpoints(str(tmp_path / "killed_checkpoints"))[-1]
+    assert sorted(f for f in os.listdir(latest) if f.startswith("rank")) == ["rank0.pt", "rank1.pt"]
+    run_ok("sft.py", flags("killed") + ["--resume"], nproc=2)
+    assert results(tmp_path / "killed") == results(tmp_path / "whole")
+    assert_same_weights(tmp_path / "killed", tmp_path / "whole")
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic checkpoints, and resume's own checks
+# ----------------------------------------------------------------------------------------------
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    common.save_checkpoint(str(tmp_path), 1, model, optimizer, {"step": 1})
+    saved = model.weight.detach().clone()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(common.os, "replace", crash)  # dies with step_2.tmp written, before the rename commits it
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(str(tmp_path), 2, model, optimizer, {"step": 2})
+    monkeypatch.undo()
+    assert (tmp_path / "step_2.tmp").is_dir()  # the half-written one is there, but it is not a checkpoint
+    assert common.checkpoints(str(tmp_path)) == [str(tmp_path / "step_1")]
+    state = common.load_checkpoint(str(tmp_path / "step_1"), model, optimizer, world_size=1)
+    assert state["step"] == 1 and torch.equal(model.weight, saved)
+
+
+def test_resume_refuses_other_flags_and_missing_checkpoints(toy_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = lambda *extra: sft.parse_args(sft_flags(toy_dir, str(tmp_path / "o"), "t")[:-2] + ["--checkpoint_every", "0",
+                                         "--max_steps", "2", "--num_eval_samples", "0", "--num_logged_samples", "0", *extra])
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        sft.main(args("--resume"))
+    sft.main(args())
+    assert common.checkpoints(str(tmp_path / "o_checkpoints")) == [str(tmp_path / "o_checkpoints" / "step_2")]
+    shutil.rmtree(tmp_path / "o")  # as if it died after the final checkpoint, before the save
+    with pytest.raises(SystemExit, match="holds checkpoints of an unfinished run; pass --resume"):
+        sft.main(args())
+    with pytest.raises(SystemExit, match=r"--resume: the checkpoint was made with --learning_rate 0.003, not 0.001"):
+        sft.main(args("--resume", "--learning_rate", "1e-3"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Numerical faults
+# ----------------------------------------------------------------------------------------------
+def test_nan_reward_stops_at_its_update_and_keeps_the_last_checkpoint(toy_dir, standin_rm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real, calls = ppo.rm_scores, []
+
+    def rm_scores_nan_from_update_3(*args, **kwargs):
+        calls.append(1)  # call 1 scores the SFT baseline's evaluation, calls 2 and 3 the first two updates
+        scores = real(*args, **kwargs)
+        return scores * float("nan") if len(calls) >= 4 else scores
+    monkeypatch.setattr(ppo, "rm_scores", rm_scores_nan_from_update_3)
+    out = tmp_path / "ppo"
+    flags = ppo_flags(toy_dir, standin_rm, str(out), str(tmp_path / "tb"))
+    with pytest.raises(SystemExit) as info:
+        ppo.main(ppo.parse_args(flags + ["--checkpoint_every", "1", "--eval_every", "0", "--gold_reward_fn", "None"]))
+    message = str(info.value)
+    kept = str(tmp_path / "ppo_checkpoints" / "step_2")
+    assert message == (f"non-finite reward at update 3: stopped before the PPO step; last good checkpoint: {kept}. "
+                       "Check the reward model (and its reward_mean/reward_std)")
+    assert common.checkpoints(str(tmp_path / "ppo_checkpoints")) == [kept]
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The bad-input catalogue: a one-line error naming the problem and the fix, a non-zero exit, and the
+# existing output dir untouched.
+# ----------------------------------------------------------------------------------------------
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def edited_model(toy_dir, tmp_path, name, tokenizer_edit=None, config_edit=None) -> str:
+    path = str(tmp_path / name)
+    shutil.copytree(os.path.join(toy_dir, "base_model"), path)
+    if tokenizer_edit:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            cfg = json.load(f)
+        tokenizer_edit(cfg)
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(cfg, f)
+    if config_edit:
+        for file in ("config.json", "generation_config.json"):
+            if os.path.exists(os.path.join(path, file)):
+                with open(os.path.join(path, file)) as f:
+                    cfg = json.load(f)
+                config_edit(cfg)
+                with open(os.path.join(path, file), "w") as f:
+                    json.dump(cfg, f)
+    return path
+
+
+def case_setup(case, toy_dir, rm, tmp_path) -> tuple[object, list[str]]:
+    """(stage module, argv) for one catalogue entry; fixtures are written under tmp_path."""
+    base, out = os.path.join(toy_dir, "base_model"), str(tmp_path / "out")
+    sft_argv = ["--model_name_or_path", base, "--dataset", os.path.join(toy_dir, "sft"), "--output_dir", out,
+                "--max_steps", "2", "--batch_size", "32", "--num_eval_samples", "0", "--num_logged_samples", "0"]
+    rm_argv = ["--model_name_or_path", base, "--dataset", os.path.join(toy_dir, "prefs"), "--output_dir", out]
+    ppo_argv = ["--sft_model", base, "--reward_model", rm, "--dataset", os.path.join(toy_dir, "prompts"),
+                "--output_dir", out, "--total_episodes", "64", "--batch_size", "32", "--response_length", "8"]
+    bad = str(tmp_path / "bad")
+    if case == "missing column":
+        return train_rm, rm_argv + ["--chosen_column", "preferred"]
+    if case in ("empty prompt", "empty completion"):
+        row = {"prompt": "", "completion": "good ."} if case == "empty prompt" else {"prompt": "the plot", "completion": " "}
+        for split in ("train", "validation"):
+            write_jsonl(f"{bad}/{split}.jsonl", [{"prompt": "the plot was", "completion": "good ."}] * 40 + [row])
+        return sft, sft_argv + ["--dataset", bad]
+    if case == "prompt longer than the limit":
+        return ppo, ppo_argv + ["--max_prompt_length", "2"]
+    if case == "chosen == rejected in every row":
+        for split in ("train", "validation"):
+            write_jsonl(f"{bad}/{split}.jsonl", [{"prompt": "the plot", "chosen": "was good .", "rejected": "was good ."}] * 80)
+        return train_rm, rm_argv + ["--dataset", bad]
+    if case == "dataset path that does not exist":
+        return sft, sft_argv + ["--dataset", str(tmp_path / "no_such_dir")]
+    if case == "hub name that does not exist (offline)":
+        return train_rm, rm_argv + ["--dataset", "no-such-org/no-such-preferences"]
+    if case == "tokenizer without a pad token":
+        return sft, sft_argv + ["--model_name_or_path", edited_model(toy_dir, tmp_path, "m", lambda c: c.update(pad_token=None))]
+    if case == "PAD == EOS":
+        return sft, sft_argv + ["--model_name_or_path", edited_model(toy_dir, tmp_path, "m", lambda c: c.update(pad_token="<eos>"))]
+    if case == "model config without EOS":
+        return sft, sft_argv + ["--model_name_or_path", edited_model(toy_dir, tmp_path, "m", config_edit=lambda c: c.update(eos_token_id=None))]
+    if case == "RM vocabulary differs, re-tokenising off":
+        other = edited_model(toy_dir, tmp_path, "other_rm")
+        shutil.copy(os.path.join(rm, "model.safetensors"), other)
+        shutil.copy(os.path.join(rm, "config.json"), other)
+        with open(os.path.join(other, "tokenizer.json")) as f:
+            tok = json.load(f)
+        vocab = tok["model"]["vocab"]
+        a, b = "good", "bad"  # two words swap ids: same size, different vocabulary
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+        with open(os.path.join(other, "tokenizer.json"), "w") as f:
+            json.dump(tok, f)
+        return ppo, ppo_argv + ["--reward_model", other, "--no_rm_retokenize"]
+    if case == "output dir holds a finished run":
+        with open(os.path.join(out, "eval_results.json"), "w") as f:
+            f.write("{}")
+        return sft, sft_argv
+    if case == "batch size does not divide":
+        return train_rm, rm_argv + ["--batch_size", "64", "--per_device_batch_size", "48"]
+    if case == "unknown preset":
+        return ppo, ["pythia-7b-tldr", *ppo_argv]
+    raise ValueError(case)
+
+
+CATALOGUE = {
+    "missing column": "has no column 'preferred'",
+    "empty prompt": "empty prompt",
+    "empty completion": "empty completion",
+    "prompt longer than the limit": "longer than max_prompt_length",
+    "chosen == rejected in every row": "chosen == rejected in every row",
+    "dataset path that does not exist": "does not exist",
+    "hub name that does not exist (offline)": "cannot load dataset 'no-such-org/no-such-preferences'",
+    "tokenizer without a pad token": "has no pad token, which would mask the real EOS out of the loss; pass --add_pad_token",
+    "PAD == EOS": "pads with its EOS token, which would mask the real EOS out of the loss; pass --add_pad_token",
+    "model config without EOS": "has no eos_token_id",
+    "RM vocabulary differs, re-tokenising off": "differs from the policy's",
+    "output dir holds a finished run": "holds a finished run; pass --overwrite",
+    "batch size does not divide": "must be divisible by",
+    "unknown preset": "unknown preset 'pythia-7b-tldr'; the presets are toy, pythia-tldr",
+}
+
+
+@pytest.mark.parametrize("case", list(CATALOGUE))
+def test_bad_input_catalogue(case, toy_dir, standin_rm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # TensorBoard runs/ of anything that starts land here
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "marker").write_text("an earlier run")
+    module, argv = case_setup(case, toy_dir, standin_rm, tmp_path)
+    before = sorted(os.listdir(out))
+    with pytest.raises(SystemExit) as info:
+        module.main(module.parse_args(argv))
+    message = str(info.value.code)
+    assert info.value.code not in (0, None)
+    assert CATALOGUE[case] in message, message
+    assert "\n" not in message
+    assert sorted(os.listdir(out)) == before and (out / "marker").read_text() == "an earlier run"
+    assert not os.path.exists(str(out) + "_checkpoints")

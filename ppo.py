@@ -94,6 +94,9 @@ class Args:
     prompt_format: Literal["auto", "text", "chat"] = "auto"
     """chat: render with the tokenizer's chat template and add_generation_prompt (a text becomes one user
     message; a final assistant message is dropped); text: as is; auto: chat for message lists, text for texts"""
+    implicit_prompt_marker: str | None = None
+    """cut each prompt text just after the last occurrence of this (Anthropic HH: --prompt_column chosen
+    --implicit_prompt_marker '\n\nAssistant:' takes the dialogue up to the final assistant turn)"""
     stop_tokens: list[str] | None = None
     """tokens that end a response besides EOS (None: the chat template's end-of-turn token, e.g. <|im_end|>,
     when prompts are rendered as chat)"""
@@ -257,6 +260,62 @@ PRESETS = {
             eval_batch_size=32,
             eval_temperature=0.01,
             sample_every=100,
+        ),
+    ),
+    "hh-rlhf": (
+        "Pythia-1B PPO on Anthropic HH-RLHF prompts (GPU)",
+        # prompts: each chosen dialogue up to its last "\n\nAssistant:"; the rest follows the TL;DR preset
+        Args(
+            sft_model="models/sft",
+            reward_model="models/rm",
+            dataset="Anthropic/hh-rlhf",
+            prompt_column="chosen",
+            implicit_prompt_marker="\n\nAssistant:",
+            eval_split="test",
+            max_prompt_length=512,
+            truncate_long_prompts=True,
+            gold_reward_fn=None,
+            total_episodes=200_000,
+            batch_size=512,
+            response_length=128,
+            micro_batch_size=8,
+            local_rollout_forward_batch_size=32,
+            lr=3e-6,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            eval_every=50,
+            eval_samples=256,
+            eval_batch_size=32,
+            sample_every=50,
+        ),
+    ),
+    "ultrafeedback": (
+        "Qwen2.5-0.5B PPO on UltraFeedback prompts, chat template (GPU)",
+        # train_gen/test_gen prompts (text) become one user message of the chat template; a response ends
+        # at <|im_end|>, the template's end-of-turn token
+        Args(
+            sft_model="models/sft",
+            reward_model="models/rm",
+            dataset="HuggingFaceH4/ultrafeedback_binarized",
+            prompt_column="prompt",
+            prompt_format="chat",
+            train_split="train_gen",
+            eval_split="test_gen",
+            max_prompt_length=1024,
+            truncate_long_prompts=True,
+            gold_reward_fn=None,
+            total_episodes=200_000,
+            batch_size=256,
+            response_length=256,
+            micro_batch_size=4,
+            local_rollout_forward_batch_size=16,
+            lr=1e-6,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            eval_every=50,
+            eval_samples=256,
+            eval_batch_size=16,
+            sample_every=50,
         ),
     ),
 }
@@ -525,6 +584,12 @@ def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[st
     texts = list(ds[args.prompt_column])
     if not texts:
         raise SystemExit(f"split '{split}' of '{args.dataset}' is empty")
+    if args.implicit_prompt_marker is not None:  # whole dialogues: the prompt ends at the last marker
+        missing = [i for i, t in enumerate(texts) if args.implicit_prompt_marker not in t]
+        if missing:
+            raise SystemExit(f"split '{split}': {len(missing)} texts have no {args.implicit_prompt_marker!r} "
+                             f"(first: row {missing[0]}); check --implicit_prompt_marker")
+        texts = [t[: t.rfind(args.implicit_prompt_marker) + len(args.implicit_prompt_marker)] for t in texts]
     chat = is_chat(args, texts)
     if chat:
         if tokenizer.chat_template is None:

@@ -83,6 +83,12 @@ class Args:
     """the split to train on"""
     eval_split: str = "validation"
     """the split for validation loss and sample generations"""
+    dataset_format: Literal["auto", "standard", "conversational", "implicit_prompt"] = "auto"
+    """standard: prompt/completion columns; conversational: a messages column, rendered with the chat template;
+    implicit_prompt: one whole-dialogue text column (--completion_column, e.g. HH-RLHF's chosen), split after its
+    last --implicit_prompt_marker; auto: conversational if there is a messages column and no prompt column"""
+    implicit_prompt_marker: str = "\n\nAssistant:"
+    """implicit_prompt: the prompt ends just after the last occurrence of this (Anthropic HH)"""
     prompt_column: str = "prompt"
     """standard format: the column holding the prompt text"""
     completion_column: str = "completion"
@@ -186,6 +192,61 @@ PRESETS = {
             eval_fn=None,
         ),
     ),
+    "hh-rlhf": (
+        "Pythia-1B on Anthropic HH-RLHF's chosen dialogues (GPU)",
+        # Whole dialogues: the prompt is everything up to the last "\n\nAssistant:", the completion is the
+        # final reply. The settings past the data are ours, scaled from the TL;DR preset.
+        Args(
+            model_name_or_path="EleutherAI/pythia-1b-deduped",
+            add_pad_token=True,  # Pythia has no pad token
+            dataset="Anthropic/hh-rlhf",
+            dataset_format="implicit_prompt",
+            completion_column="chosen",
+            eval_split="test",
+            max_prompt_length=512,
+            max_completion_length=256,
+            truncate_long_prompts=True,  # keep the end of a long dialogue, the turn being answered
+            learning_rate=1e-5,
+            weight_decay=0.01,
+            warmup_steps=0,
+            num_train_epochs=1,
+            batch_size=64,
+            gradient_accumulation_steps=8,
+            group_by_length=False,
+            eval_every=200,
+            eval_batch_size=16,
+            max_new_tokens=128,
+            eval_fn=None,
+        ),
+    ),
+    "ultrafeedback": (
+        "Qwen2.5-0.5B-Instruct on UltraFeedback binarized, chat template (GPU)",
+        # train_sft/test_sft hold "messages" conversations; they are rendered with the model's ChatML
+        # template, and each completion ends with the template's end-of-turn token <|im_end|>.
+        Args(
+            model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct",
+            add_pad_token=True,  # only if its pad token is missing or equals EOS
+            dataset="HuggingFaceH4/ultrafeedback_binarized",
+            dataset_format="conversational",
+            messages_column="messages",
+            train_split="train_sft",
+            eval_split="test_sft",
+            max_prompt_length=1024,
+            max_completion_length=1024,
+            truncate_long_prompts=True,
+            learning_rate=1e-5,
+            weight_decay=0.01,
+            warmup_steps=0,
+            num_train_epochs=1,
+            batch_size=64,
+            gradient_accumulation_steps=16,
+            group_by_length=False,
+            eval_every=200,
+            eval_batch_size=8,
+            max_new_tokens=256,
+            eval_fn=None,
+        ),
+    ),
 }
 
 
@@ -222,13 +283,36 @@ def render_conversation(messages: list[dict], tokenizer) -> tuple[str, str]:
     """Conversational row -> (prompt, completion) text.
 
     prompt = the chat template applied to every turn before the last, ending with the assistant
-    marker (add_generation_prompt=True); completion = the content of the last (assistant) turn.
-    The template's own end-of-turn text is not kept: EOS is appended instead, as in the standard format.
+    marker (add_generation_prompt=True); completion = the rest of the rendered conversation: the last
+    (assistant) turn with the template's end-of-turn token, if it has one (<|im_end|>, <|eot_id|>), so the
+    model learns to end its turn the way the template does; ppo.py stops at that token.
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("the last message must have role 'assistant'")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    return prompt, messages[-1]["content"]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without the last turn")
+    return prompt, full[len(prompt):].rstrip()  # the newline after an end-of-turn token is not the model's to learn
+
+
+def end_of_turn_tokens(tokenizer) -> list[int]:
+    """The special token a chat template puts after an assistant turn (<|im_end|>, <|eot_id|>), if any:
+    the first special token after the assistant's text when one turn is rendered."""
+    sentinel = "SENTINEL_7f3a"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                                         tokenize=False)
+    after = text.split(sentinel, 1)[1] if sentinel in text else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return [i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special][:1]
+
+
+def split_implicit_prompt(text: str, marker: str) -> tuple[str, str]:
+    """A whole dialogue -> (prompt up to and including the last `marker`, the final reply)."""
+    cut = text.rfind(marker)
+    if cut < 0:
+        raise ValueError(f"no {marker!r} in the text: cannot tell where the prompt ends")
+    return text[: cut + len(marker)], text[cut + len(marker):]
 
 
 def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list[str], list[str], bool]:
@@ -237,7 +321,25 @@ def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list
     Returns (prompts, completions, conversational).
     """
     columns = ds.column_names
-    if args.prompt_column not in columns and args.messages_column in columns:
+    if args.dataset_format == "implicit_prompt":
+        if args.completion_column not in columns:
+            raise SystemExit(f"{where} has no column '{args.completion_column}' (it has: {', '.join(columns)}); "
+                             "set --completion_column to the whole-dialogue column")
+        prompts, completions = [], []
+        for i, text in enumerate(ds[args.completion_column]):
+            try:
+                prompt, completion = split_implicit_prompt(text, args.implicit_prompt_marker)
+            except ValueError as e:
+                raise SystemExit(f"{where}: row {i}: {e}; check --implicit_prompt_marker") from None
+            prompts.append(prompt)
+            completions.append(completion)
+        return prompts, completions, False
+    conversational = args.dataset_format == "conversational" or (
+        args.dataset_format == "auto" and args.prompt_column not in columns and args.messages_column in columns)
+    if conversational:
+        if args.messages_column not in columns:
+            raise SystemExit(f"{where} has no column '{args.messages_column}' (it has: {', '.join(columns)}); "
+                             "set --messages_column")
         if tokenizer.chat_template is None:
             raise SystemExit(f"{where} is conversational ('{args.messages_column}') but the tokenizer of "
                              f"'{args.model_name_or_path}' has no chat template; set tokenizer.chat_template")
@@ -269,9 +371,9 @@ def tokenize_pairs(prompts, completions, tokenizer, args: Args, conversational: 
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
     # EOS after every completion: the model must learn to stop. The EOS trick of Huang et al. 2024
     # (PPO penalises completions without EOS) relies on it. A completion that already ends in EOS
-    # (TL;DR's " {summary}<|endoftext|>") gets no second one.
-    eos = tokenizer.eos_token_id
-    completion_ids = [ids if ids and ids[-1] == eos else ids + [eos] for ids in completion_ids]
+    # (TL;DR's " {summary}<|endoftext|>") or in the chat template's end-of-turn token gets no EOS after it.
+    stops = {tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if conversational else [])}
+    completion_ids = [ids if ids and ids[-1] in stops else ids + [tokenizer.eos_token_id] for ids in completion_ids]
 
     n, m = len(prompt_ids), args.max_prompt_length
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > m]
@@ -417,13 +519,15 @@ def validation_loss(model, pairs, args: Args, pad_token_id: int, ddist) -> float
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompt_ids: list[list[int]], args: Args, device) -> tuple[list[str], list[bool]]:
-    """Sample a completion per prompt; return its text up to the first EOS, and whether EOS came.
+def sample_completions(model, tokenizer, prompt_ids: list[list[int]], args: Args, device,
+                       stop_ids: list[int] | None = None) -> tuple[list[str], list[bool]]:
+    """Sample a completion per prompt; return its text up to the first EOS (or other stop token, e.g. a chat
+    end-of-turn), and whether one came.
 
     Batched and left-padded. Sampling uses the full distribution (top_k 0, top_p 1), as Huang et al. 2024.
     """
     model.eval()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos, pad = stop_ids or [tokenizer.eos_token_id], tokenizer.pad_token_id
     texts, ended = [], []
     for i in range(0, len(prompt_ids), args.eval_batch_size):
         input_ids, attention_mask = left_pad(prompt_ids[i : i + args.eval_batch_size], pad)
@@ -434,9 +538,9 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], args: Args
             synced_gpus=dist.is_initialized(),
         )
         for response in output[:, input_ids.shape[1]:].tolist():  # (B, new tokens)
-            stop = response.index(eos) if eos in response else len(response)
+            stop = min([response.index(e) for e in eos if e in response], default=len(response))
             texts.append(tokenizer.decode(response[:stop], skip_special_tokens=False))
-            ended.append(eos in response)
+            ended.append(stop < len(response))
     model.train()
     return texts, ended
 
@@ -486,6 +590,8 @@ def main(args: Args) -> dict:
         data[split] = (prompts, tokenize_pairs(prompts, completions, tokenizer, args, conversational, where))
     train_pairs = data[args.train_split][1]
     eval_prompts, eval_pairs = data[args.eval_split]
+    # samples end at EOS, or at the chat template's end-of-turn token when the data is conversational
+    stop_ids = [tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if conversational else [])]
     steps_per_epoch = len(train_pairs) // args.batch_size  # the last incomplete batch of an epoch is dropped
     if steps_per_epoch == 0:
         raise SystemExit(f"the train split has {len(train_pairs)} rows, fewer than --batch_size {args.batch_size}")
@@ -544,7 +650,7 @@ def main(args: Args) -> dict:
         log({"val/loss": val_loss}, step)
         k = args.num_logged_samples
         if k > 0:  # every rank samples the same prompts (generation is collective under FSDP2)
-            texts, ended = sample_completions(model, tokenizer, [p for p, _ in eval_pairs[:k]], args, ddist.device)
+            texts, ended = sample_completions(model, tokenizer, [p for p, _ in eval_pairs[:k]], args, ddist.device, stop_ids)
             if writer is not None:
                 writer.add_text("samples", samples_markdown(eval_prompts[:k], texts, ended), step)
         return val_loss
@@ -636,7 +742,7 @@ def main(args: Args) -> dict:
     # The final score: sample the validation prompts at the sampling temperature (every rank its share)
     prompts = rank_shard(eval_prompts[: args.num_eval_samples], rank, world_size)
     prompt_ids = rank_shard([p for p, _ in eval_pairs[: args.num_eval_samples]], rank, world_size)
-    texts, ended = sample_completions(model, tokenizer, prompt_ids, args, ddist.device)
+    texts, ended = sample_completions(model, tokenizer, prompt_ids, args, ddist.device, stop_ids)
     scores = [float(eval_fn(p, c)) for p, c in zip(prompts, texts)] if eval_fn else [0.0] * len(texts)
     n, n_eos, score_sum, score_and_eos_sum = all_reduce_sum(
         len(texts), sum(ended), sum(scores), sum(s for s, e in zip(scores, ended) if e), device=ddist.device)

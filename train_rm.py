@@ -201,6 +201,53 @@ PRESETS = {
             generation_batch_size=64,
         ),
     ),
+    "hh-rlhf": (
+        "Pythia-1B RM on Anthropic HH-RLHF (GPU)",
+        # chosen/rejected are whole dialogues; the prompt is their shared prefix up to the last
+        # "\n\nAssistant:" (--dataset_format implicit_prompt). Settings past the data are the TL;DR preset's.
+        Args(
+            model_name_or_path="models/sft",
+            dataset="Anthropic/hh-rlhf",
+            dataset_format="implicit_prompt",
+            eval_split="test",
+            max_length=768,
+            learning_rate=3e-6,
+            weight_decay=0.01,
+            num_epochs=1,
+            batch_size=64,
+            per_device_batch_size=8,
+            eval_batch_size=16,
+            eval_every=500,
+            group_by_length=False,
+            num_normalisation_prompts=2048,
+            response_length=128,
+            generation_batch_size=32,
+        ),
+    ),
+    "ultrafeedback": (
+        "Qwen2.5-0.5B RM on UltraFeedback binarized, chat template (GPU)",
+        # chosen/rejected are [user, assistant] conversations that share the user turn; each is rendered
+        # with the chat template and the reward is read at the assistant's end-of-turn token.
+        Args(
+            model_name_or_path="models/sft",
+            dataset="HuggingFaceH4/ultrafeedback_binarized",
+            dataset_format="conversational",
+            train_split="train_prefs",
+            eval_split="test_prefs",
+            max_length=2048,
+            learning_rate=3e-6,
+            weight_decay=0.01,
+            num_epochs=1,
+            batch_size=64,
+            per_device_batch_size=4,
+            eval_batch_size=8,
+            eval_every=500,
+            group_by_length=False,
+            num_normalisation_prompts=1024,
+            response_length=256,
+            generation_batch_size=16,
+        ),
+    ),
 }
 
 
@@ -270,7 +317,18 @@ def render_conversation(tokenizer, prompt_messages: list[dict], completion_messa
     if not full.startswith(prompt):
         raise SystemExit("the chat template renders the prompt differently with and without the completion; "
                          "use --dataset_format standard with pre-rendered texts")
-    return prompt, full[len(prompt):]
+    return prompt, full[len(prompt):].rstrip()  # ends at the end-of-turn token, where ppo.py's responses stop
+
+
+def end_of_turn_tokens(tokenizer) -> list[int]:
+    """The special token a chat template puts after an assistant turn (<|im_end|>, <|eot_id|>), if any:
+    the first special token after the assistant's text when one turn is rendered."""
+    sentinel = "SENTINEL_7f3a"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                                         tokenize=False)
+    after = text.split(sentinel, 1)[1] if sentinel in text else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return [i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special][:1]
 
 
 def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None) -> dict:
@@ -318,7 +376,8 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
         if tokenizer.chat_template is None:
             raise SystemExit(f"the tokenizer of '{args.model_name_or_path}' has no chat template, "
                              "which --dataset_format conversational needs")
-        explicit_prompt = args.prompt_column in data.column_names
+        # an explicit prompt of messages; a text prompt (UltraFeedback's) repeats the first turn of chosen
+        explicit_prompt = args.prompt_column in data.column_names and isinstance(data[0][args.prompt_column], list)
         prompts, chosen, rejected = [], [], []
         for i, (c, r) in enumerate(zip(chosen_raw, rejected_raw)):
             if explicit_prompt:  # prompt: [user, ...], chosen/rejected: [assistant]
@@ -344,13 +403,15 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
         print0(f"{split}: dropped {len(prompts) - len(keep)} pairs with chosen == rejected or no prompt")
 
     # Tokenize prompt + completion, then EOS (Huang et al. 2024: the reward is read at the EOS token).
-    # A text that already ends in EOS (TL;DR's "<|endoftext|>") gets no second one.
+    # A text that already ends in EOS (TL;DR's "<|endoftext|>") or in the chat template's end-of-turn
+    # token gets no EOS after it: the reward is read there, where ppo.py's responses end.
     special = args.dataset_format != "conversational"  # chat templates add their own BOS
     eos = tokenizer.eos_token_id
+    stops = {eos, *(end_of_turn_tokens(tokenizer) if args.dataset_format == "conversational" else [])}
 
     def encode(texts):
         ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
-        return [x if x and x[-1] == eos else x + [eos] for x in ids]
+        return [x if x and x[-1] in stops else x + [eos] for x in ids]
 
     chosen_ids = encode([prompts[i] + chosen[i] for i in keep])
     rejected_ids = encode([prompts[i] + rejected[i] for i in keep])
@@ -471,16 +532,17 @@ def learning_rate_at(step: int, total_steps: int, args: Args) -> float:
 #   0 on average (Huang et al. 2024); reward_std is their std with --normalize_std (Ziegler et al. 2019),
 #   else 1.0. The score head has no bias, so the shift cannot live in the weights (TRL #1783 lost it).
 # ----------------------------------------------------------------------------------------------
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
-    """Keep each response up to and including its first EOS; pad everything after it. (B, T) -> (B, T)"""
-    is_eos = (responses == eos_id).long()
+def truncate_after_eos(responses: torch.Tensor, eos_id: int | list[int], pad_id: int) -> torch.Tensor:
+    """Keep each response up to and including its first EOS (or other stop token); pad everything after it.
+    (B, T) -> (B, T)"""
+    is_eos = torch.isin(responses, torch.tensor(eos_id, device=responses.device).reshape(-1)).long()
     after_first_eos = (is_eos.cumsum(-1) - is_eos) > 0
     return responses.masked_fill(after_first_eos, pad_id)
 
 
 @torch.no_grad()
 def sample_responses(policy, input_ids, attention_mask, response_length: int, temperature: float,
-                     eos_id: int, pad_id: int) -> torch.Tensor:
+                     eos_id: int | list[int], pad_id: int) -> torch.Tensor:
     """Sample one response per left-padded prompt, cut after its first EOS. (B, T_prompt) -> (B, T_response)"""
     from transformers import GenerationConfig
 
@@ -728,6 +790,8 @@ def main(args: Args) -> dict:
         policy = load_causal_lm(sft_path, policy_tokenizer, args.dtype).to(d.device).eval()
         prompts = load_prompts(args, train["prompt"])
         chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
+        # responses end at EOS or, for chat, at the template's end-of-turn token, as in ppo.py
+        stop_ids = [tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if chat_rendered else [])]
         indices, is_real = shard(len(prompts), d.rank, d.world_size)
         sums = [0.0, 0.0, 0.0, 0.0]  # sum r, sum r^2, count, count with EOS
         for start in tqdm(range(0, len(indices), args.generation_batch_size), desc="normalisation", disable=not d.is_main):
@@ -736,13 +800,13 @@ def main(args: Args) -> dict:
             enc = policy_tokenizer([prompts[i] for i in idx], padding=True, return_tensors="pt",
                                    add_special_tokens=not chat_rendered).to(d.device)  # (B, T_prompt), left padded
             responses = sample_responses(policy, enc["input_ids"], enc["attention_mask"], args.response_length,
-                                         args.temperature, tokenizer.eos_token_id, pad_id)  # (B, T_response)
+                                         args.temperature, stop_ids, pad_id)  # (B, T_response)
             query_responses = torch.cat([enc["input_ids"], responses], dim=1)  # left pad | prompt | response | pad
             rewards = get_reward(model, query_responses, (query_responses != pad_id).long())
             sums[0] += (rewards * real).sum().item()
             sums[1] += (rewards**2 * real).sum().item()
             sums[2] += real.sum().item()
-            sums[3] += ((responses == tokenizer.eos_token_id).any(-1) & real).sum().item()
+            sums[3] += (torch.isin(responses, torch.tensor(stop_ids, device=d.device)).any(-1) & real).sum().item()
         reward_sum, reward_sq_sum, count, with_eos = all_reduce_sum(sums, d.device)
         reward_mean, reward_std, raw_std = reward_normalisation(reward_sum, reward_sq_sum, count, args.normalize_std)
         norm_stats = {"num_samples": int(count), "raw_mean": reward_mean, "raw_std": raw_std,

@@ -135,7 +135,7 @@ def test_empty_completion(toy_dir, in_tmp):
 
 def test_nonexistent_dataset_path_one_line_from_the_cli(toy_dir, tmp_path):
     line = run_script_expect_error("sft.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"),
-                                   "--dataset", str(tmp_path / "nope" / "sft"))
+                                   "--dataset", str(tmp_path / "nope" / "sft"), "--output_dir", str(tmp_path / "out"))
     assert line == f"dataset path '{tmp_path / 'nope' / 'sft'}' does not exist"
 
 

@@ -279,17 +279,17 @@ def load_splits(args: Args) -> dict:
     return {split: splits[split] for split in (args.train_split, args.eval_split)}
 
 
-def render_conversation(messages: list[dict], tokenizer) -> tuple[str, str]:
+def render_conversation(messages: list[dict], tokenizer, n_completion: int = 1) -> tuple[str, str]:
     """Conversational row -> (prompt, completion) text.
 
-    prompt = the chat template applied to every turn before the last, ending with the assistant
-    marker (add_generation_prompt=True); completion = the rest of the rendered conversation: the last
-    (assistant) turn with the template's end-of-turn token, if it has one (<|im_end|>, <|eot_id|>), so the
-    model learns to end its turn the way the template does; ppo.py stops at that token.
+    prompt = the chat template applied to every turn before the last `n_completion`, ending with the
+    assistant marker (add_generation_prompt=True); completion = the rest of the rendered conversation: the
+    last (assistant) turn with the template's end-of-turn token, if it has one (<|im_end|>, <|eot_id|>), so
+    the model learns to end its turn the way the template does; ppo.py stops at that token.
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("the last message must have role 'assistant'")
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(messages[:-n_completion], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with and without the last turn")
@@ -356,7 +356,19 @@ def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list
         if column not in columns:
             raise SystemExit(f"{where} has no column '{column}' (it has: {', '.join(columns)}); set --{flag}, "
                              f"or give a '{args.messages_column}' column for the conversational format")
-    return list(ds[args.prompt_column]), list(ds[args.completion_column]), False
+    prompts, completions = list(ds[args.prompt_column]), list(ds[args.completion_column])
+    if prompts and isinstance(prompts[0], list):  # TRL's conversational prompt/completion: lists of messages
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"{where} holds messages but the tokenizer of '{args.model_name_or_path}' has no chat "
+                             "template; set tokenizer.chat_template")
+        rendered = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            try:
+                rendered.append(render_conversation(list(prompt) + list(completion), tokenizer, len(completion)))
+            except ValueError as e:
+                raise SystemExit(f"{where}: row {i}: {e}") from None
+        return [p for p, _ in rendered], [c for _, c in rendered], True
+    return prompts, completions, False
 
 
 def tokenize_pairs(prompts, completions, tokenizer, args: Args, conversational: bool, where: str):

@@ -97,15 +97,11 @@ DATA = {  # preset -> (SFT data, preference data, prompt data)
 }
 
 
-@pytest.mark.parametrize("preset, family", CASES)
-def test_preset_runs_each_stage_on_its_fixture(preset, family, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # TensorBoard runs/ land here
-    base = tiny_model_dir(family, str(tmp_path / "base"))
-    sft_data, pref_data, prompt_data = (os.path.join(FIXTURES, d) for d in DATA[preset])
-
+def run_chain(tmp_path, base: str, preset: str, sft_flags: list[str], rm_flags: list[str], ppo_flags: list[str]) -> dict:
+    """SFT, RM and PPO for one step each, with `preset` and the data flags given; checks between stages."""
     # SFT: the preset's columns, formats and lengths; a tiny model and batch, one step
     sft_out = str(tmp_path / "sft")
-    args = sft.parse_args([preset, "--model_name_or_path", base, "--dataset", sft_data, "--output_dir", sft_out,
+    args = sft.parse_args([preset, "--model_name_or_path", base, "--output_dir", sft_out, *sft_flags,
                            "--add_pad_token", "--batch_size", "4", "--gradient_accumulation_steps", "1",
                            "--max_steps", "1", "--eval_batch_size", "4", "--num_eval_samples", "2",
                            "--num_logged_samples", "1", "--max_new_tokens", "8", "--checkpoint_every", "0"])
@@ -119,14 +115,12 @@ def test_preset_runs_each_stage_on_its_fixture(preset, family, tmp_path, monkeyp
     assert policy.config.pad_token_id == tokenizer.pad_token_id
     assert policy.get_input_embeddings().weight.shape[0] >= len(tokenizer)
 
-    # RM: one step on the preference fixture, normalised on 4 SFT samples
+    # RM: one step on the preference data, normalised on 4 SFT samples
     rm_out = str(tmp_path / "rm")
-    rm_args = train_rm.parse_args([preset, "--model_name_or_path", sft_out, "--dataset", pref_data, "--output_dir", rm_out,
-                                   "--batch_size", "4", "--per_device_batch_size", "4", "--eval_batch_size", "4", "--num_train_pairs", "4",
-                                   "--num_normalisation_prompts", "4", "--generation_batch_size", "4",
-                                   "--response_length", "8", "--checkpoint_every", "0"])
-    if rm_args.prompt_dataset is not None:  # TL;DR normalises on the SFT dataset's queries
-        rm_args.prompt_dataset = sft_data
+    rm_args = train_rm.parse_args([preset, "--model_name_or_path", sft_out, "--output_dir", rm_out, *rm_flags,
+                                   "--batch_size", "4", "--per_device_batch_size", "4", "--eval_batch_size", "4",
+                                   "--num_train_pairs", "4", "--num_epochs", "1", "--num_normalisation_prompts", "4",
+                                   "--generation_batch_size", "4", "--response_length", "8", "--checkpoint_every", "0"])
     rm_results = train_rm.main(rm_args)
     assert rm_results["steps"] == 1 and 0.0 <= rm_results["val_accuracy"] <= 1.0
     from common import load_reward_model
@@ -146,8 +140,8 @@ def test_preset_runs_each_stage_on_its_fixture(preset, family, tmp_path, monkeyp
 
     # PPO: one update of 4 episodes, with evaluation on 2 held-out prompts
     ppo_out = str(tmp_path / "ppo")
-    ppo_args = ppo.parse_args([preset, "--sft_model", sft_out, "--reward_model", rm_out, "--dataset", prompt_data,
-                               "--output_dir", ppo_out, "--total_episodes", "4", "--batch_size", "4",
+    ppo_args = ppo.parse_args([preset, "--sft_model", sft_out, "--reward_model", rm_out, "--output_dir", ppo_out,
+                               *ppo_flags, "--total_episodes", "4", "--batch_size", "4",
                                "--micro_batch_size", "2", "--response_length", "8", "--eval_samples", "2",
                                "--eval_batch_size", "2", "--local_rollout_forward_batch_size", "4",
                                "--eval_every", "0", "--sample_every", "0", "--checkpoint_every", "0"])
@@ -155,6 +149,41 @@ def test_preset_runs_each_stage_on_its_fixture(preset, family, tmp_path, monkeyp
     assert out["episodes"] == 4 and all(v == v for v in out["history"][0].values())  # no NaN
     assert 0 < out["ppo"]["response_length"] <= 8
     AutoModelForCausalLM.from_pretrained(ppo_out)
+    return out
+
+
+@pytest.mark.parametrize("preset, family", CASES)
+def test_preset_runs_each_stage_on_its_fixture(preset, family, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # TensorBoard runs/ land here
+    base = tiny_model_dir(family, str(tmp_path / "base"))
+    sft_data, pref_data, prompt_data = (os.path.join(FIXTURES, d) for d in DATA[preset])
+    rm_flags = ["--dataset", pref_data]
+    if train_rm.parse_args([preset]).prompt_dataset is not None:  # TL;DR normalises on the SFT dataset's queries
+        rm_flags += ["--prompt_dataset", sft_data]
+    run_chain(tmp_path, base, preset, ["--dataset", sft_data], rm_flags, ["--dataset", prompt_data])
+
+
+def test_trl_formats_work_by_name_with_column_flags(tmp_path, monkeypatch):
+    """TRL's standard and conversational formats, under other column names, need flags and no code."""
+    monkeypatch.chdir(tmp_path)
+    base = tiny_model_dir("qwen2", str(tmp_path / "base"))
+    rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "ultrafeedback", "train_prefs.jsonl"))]
+    for split, part in (("train", rows[:5]), ("test", rows[5:])):
+        # conversational prompt/completion (SFT), prompt/chosen/rejected (RM) and prompt-only (PPO), renamed
+        write = lambda d, rs: (os.makedirs(tmp_path / d, exist_ok=True),
+                               open(tmp_path / d / f"{split}.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rs)))
+        write("sft", [{"question": r["chosen"][:1], "answer": r["chosen"][1:]} for r in part])
+        write("prefs", [{"question": r["chosen"][:1], "good": r["chosen"][1:], "bad": r["rejected"][1:]} for r in part])
+        write("prompts", [{"question": r["chosen"][:1]} for r in part])
+    common = ["--eval_split", "test"]
+    out = run_chain(tmp_path / "run", base, "toy",
+                    ["--dataset", str(tmp_path / "sft"), "--prompt_column", "question", "--completion_column", "answer",
+                     "--max_prompt_length", "64", *common, "--eval_fn", "None"],
+                    ["--dataset", str(tmp_path / "prefs"), "--dataset_format", "conversational", "--prompt_column", "question",
+                     "--chosen_column", "good", "--rejected_column", "bad", *common],
+                    ["--dataset", str(tmp_path / "prompts"), "--prompt_column", "question", "--max_prompt_length", "64",
+                     "--gold_reward_fn", "None", *common])
+    assert out["num_eval_prompts"] == 2
 
 
 def test_chat_prompts_stop_at_the_end_of_turn_token(tmp_path):

@@ -125,6 +125,21 @@ class Args:
     """dtype the four models are loaded in (FSDP2 on GPU computes in bf16 with fp32 weights anyway)"""
     compile: bool = False
     """torch.compile the policy's and critic's training forwards"""
+    frozen_dtype: Literal["same", "bfloat16", "float16", "int8"] = "same"
+    """dtype of the frozen reference and reward model (same: --dtype). bf16 halves their weights; int8 (dynamic
+    quantisation of their linear layers, torch.ao) quarters them, on CPU and one process only"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's and critic's activations in the backward pass instead of keeping them"""
+    offload_critic: bool = False
+    """keep the critic's weights and optimizer state on the CPU during generation, where the KV cache needs the
+    GPU memory (one process; nothing to do on a CPU run)"""
+    lora_r: int = 0
+    """LoRA rank of the policy (0: full fine-tuning). The reference is then the policy's own weights with the
+    adapter switched off, so no second copy exists (needs `pip install peft`; one process)"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha (the update is alpha / r * B A)"""
+    lora_target_modules: str = "all-linear"
+    """modules that get an adapter (peft's names; all-linear: every linear layer but the LM head)"""
     gold_reward_fn: str | None = "toy_task:gold_score"
     """`module:function` f(prompts, completions) -> list[float], the true reward (a verifier) logged at evaluation; None skips it"""
 
@@ -537,7 +552,7 @@ class ScalarModel(nn.Module):
 def unsharded(model):
     """Under FSDP2, all-gather the parameters once for many forwards (a whole generation: one forward per
     token), then reshard. Without it FSDP2 would all-gather every block at every token. No-op on 1 process."""
-    if not dist.is_initialized():
+    if not dist.is_initialized() or model is None:
         yield
         return
     from torch.distributed.fsdp import FSDPModule
@@ -553,6 +568,33 @@ def unsharded(model):
             m.reshard()
             # FSDP2's defaults: blocks reshard after forward; the root does not (its params are needed first in backward)
             m.set_reshard_after_forward(m is not model, recurse=False)
+
+
+def reference_logits(policy, ref_policy, query_responses, attention_mask, response_length: int, temperature: float):
+    """The frozen reference's logits / temperature (B, T, V), in float32 whatever its dtype. With LoRA there is
+    no reference model: the policy's weights with the adapter switched off are the SFT weights."""
+    if ref_policy is None:
+        with policy.disable_adapter():
+            return policy_forward(policy, query_responses, attention_mask, response_length, temperature)[0].float()
+    return policy_forward(ref_policy, query_responses, attention_mask, response_length, temperature)[0].float()
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantisation of every linear layer (torch.ao; torch deprecates it in favour of torchao, which
+    this project does not depend on, so its deprecation warnings are silenced here)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(torch.ao.quantization|quantize_per_tensor).*")
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def load_frozen(load, path: str, tokenizer, dtype: str, frozen_dtype: str):
+    """A frozen model in --frozen_dtype: loaded in that dtype, or quantised to int8 after loading."""
+    model = load(path, tokenizer, dtype if frozen_dtype in ("same", "int8") else frozen_dtype)
+    if frozen_dtype == "int8":  # weights stored as int8, activations quantised on the fly (CPU kernels)
+        model = quantize_int8(model)
+    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,6 +724,7 @@ def stop_token_ids(args, tokenizer, chat: bool) -> list[int]:
 
 def generate(policy, queries, query_mask, config) -> torch.Tensor:
     """Sample responses for left-padded queries (B, P) -> (B, T<=max_new_tokens); generation stops when all ended."""
+    policy.eval()  # with gradient checkpointing, training mode would switch off the KV cache
     with unsharded(policy):  # FSDP2: one all-gather for the whole generation, not one per token
         out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
     return out[:, queries.shape[1]:]
@@ -711,7 +754,7 @@ def rm_scores(reward_model, query_responses, attention_mask, response_mask, cont
         for i in range(0, query_responses.shape[0], batch_size):
             s = slice(i, i + batch_size)
             per_token = reward_model(query_responses[s], attention_mask[s])  # (b, S)
-            scores.append(per_token.gather(1, last[s, None]).squeeze(1))
+            scores.append(per_token.gather(1, last[s, None]).squeeze(1).float())
     return torch.cat(scores)
 
 
@@ -758,7 +801,7 @@ def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tokenizer, pr
             for j in range(0, len(responses), args.local_rollout_forward_batch_size):
                 s = slice(j, j + args.local_rollout_forward_batch_size)
                 logp = policy_forward(policy, query_responses[s], attention_mask[s], T, args.temperature)[0].log_softmax(-1)
-                ref_logp = policy_forward(ref_policy, query_responses[s], attention_mask[s], T, args.temperature)[0].log_softmax(-1)
+                ref_logp = reference_logits(policy, ref_policy, query_responses[s], attention_mask[s], T, args.temperature).log_softmax(-1)
                 kl[s] = ((logp.exp() * (logp - ref_logp)).sum(-1) * response_mask[s]).sum(1)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
         if gold_fn is not None:
@@ -850,8 +893,14 @@ def main(args: Args) -> dict:
     # scores; the critic is a separate model initialised from the RM (Huang et al. 2024). Dropout is
     # off in all four (common.disable_dropout). Under torchrun all four are FSDP2-sharded, and each
     # phase all-gathers a model once (`unsharded`) rather than per forward.
+    if (args.lora_r or args.offload_critic or args.frozen_dtype == "int8") and d.world_size > 1:
+        raise SystemExit("--lora_r, --offload_critic and --frozen_dtype int8 run on one process; drop them under torchrun")
+    if args.frozen_dtype == "int8" and device.type != "cpu":
+        raise SystemExit("--frozen_dtype int8 uses torch's CPU int8 kernels; on GPU use --frozen_dtype bfloat16")
     policy = load_causal_lm(args.sft_model, tokenizer, args.dtype)
-    ref_policy = load_causal_lm(args.sft_model, tokenizer, args.dtype).eval().requires_grad_(False)
+    ref_policy = None  # with LoRA, the reference is the policy with its adapter off
+    if not args.lora_r:
+        ref_policy = load_frozen(load_causal_lm, args.sft_model, tokenizer, args.dtype, args.frozen_dtype)
     rm_has_tokenizer = not os.path.isdir(args.reward_model) or any(
         os.path.exists(os.path.join(args.reward_model, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
     rm_tokenizer = tokenizer  # an RM dir without a tokenizer shares the policy's
@@ -861,13 +910,16 @@ def main(args: Args) -> dict:
     if not same_tokenizer and not args.rm_retokenize:
         raise SystemExit(f"the vocabulary of reward model '{args.reward_model}' differs from the policy's ('{args.sft_model}'); "
                          "pass --rm_retokenize to score decoded text, or train the RM from this SFT model")
-    rm_classifier = load_reward_model(args.reward_model, rm_tokenizer, args.dtype)
+    rm_classifier = load_reward_model(args.reward_model, rm_tokenizer, args.dtype if args.frozen_dtype in ("same", "int8")
+                                      else args.frozen_dtype)
     # every score is normalised with the statistics train_rm.py stored in the RM's config (TRL #1783)
     reward_mean = float(getattr(rm_classifier.config, "reward_mean", 0.0))
     reward_std = float(getattr(rm_classifier.config, "reward_std", 1.0))
     if not hasattr(rm_classifier.config, "reward_mean"):
         print0(f"warning: '{args.reward_model}' has no reward_mean/reward_std in its config: scores are used raw")
     reward_model = ScalarModel(rm_classifier, reward_mean, reward_std).eval().requires_grad_(False)
+    if args.frozen_dtype == "int8":
+        reward_model = quantize_int8(reward_model)
     critic, value_head = None, None
     if args.value_head_on_policy:
         value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
@@ -880,7 +932,19 @@ def main(args: Args) -> dict:
         critic = ScalarModel(load_reward_model(args.sft_model, tokenizer, args.dtype))
         # a fresh value head, std 1/sqrt(d_model + 1) (Ziegler et al. 2019, Huang et al. 2024)
         nn.init.normal_(critic.head.weight, std=1.0 / math.sqrt(policy.config.hidden_size + 1))
-    policy, ref_policy, reward_model = (fsdp_wrap(m, device) for m in (policy, ref_policy, reward_model))
+    if args.lora_r:  # Hu et al. 2021: train a low-rank update B A of each target weight, the base frozen
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise SystemExit("--lora_r needs peft: pip install peft") from None
+        policy = get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                   target_modules=args.lora_target_modules))
+    if args.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) too
+        for m in (policy, critic.backbone if critic is not None else None):
+            if m is not None:
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    policy, ref_policy, reward_model = (fsdp_wrap(m, device) if m is not None else None
+                                        for m in (policy, ref_policy, reward_model))
     if critic is not None:
         critic = fsdp_wrap(critic, device)
     if value_head is not None and dist.is_initialized():
@@ -888,7 +952,7 @@ def main(args: Args) -> dict:
 
         fully_shard(value_head)
     trainable = [m for m in (policy, critic, value_head) if m is not None]
-    params = [p for m in trainable for p in m.parameters()]
+    params = [p for m in trainable for p in m.parameters() if p.requires_grad]  # LoRA: the adapters only
     # one AdamW over policy and critic (their parameters are disjoint), eps 1e-5 (Huang et al. 2024);
     # the fused kernel: one pass over all parameters (on CPU several times faster than the default foreach)
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay,
@@ -910,6 +974,9 @@ def main(args: Args) -> dict:
 
     def train_forward(query_responses, attention_mask, T):
         """The training forward: (B, T, V) logits / temperature of the policy and (B, T) values."""
+        if args.gradient_checkpointing:  # HF recomputes only in training mode (dropout is off either way)
+            for m in trainable:
+                m.train()
         logits, values = policy_forward(policy_train, query_responses, attention_mask, T, args.temperature, value_head)
         if critic is not None:  # V(x, y<t): the critic's output at the token before y_t
             values = critic_train(query_responses[:, :-1], attention_mask[:, :-1])[:, -T:]
@@ -967,6 +1034,16 @@ def main(args: Args) -> dict:
         stats_names.append("losses/kl_avg")
     n_micro = args.num_ppo_epochs * args.num_minibatches * gradient_accumulation_steps
 
+    def place_critic(where) -> None:
+        """--offload_critic: the critic's weights and AdamW state leave the GPU while the policy generates."""
+        if critic is None or not args.offload_critic or device.type == "cpu":
+            return
+        critic.to(where)
+        for p in critic.parameters():
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    optimizer.state[p][key] = value.to(where)
+
     def sync():  # honest phase timings on GPU; nothing to wait for on CPU
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -984,7 +1061,9 @@ def main(args: Args) -> dict:
         with torch.no_grad():
             queries, query_mask = left_pad(next(batches), pad_id, device)  # (B, P), left-padded
             context_length = queries.shape[1]
+            place_critic("cpu")
             responses = generate(policy, queries, query_mask, rollout_config)  # (B, T)
+            place_critic(device)
             # a response ends at its first EOS; what follows is padding, masked out of everything below
             responses, response_mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
             T = responses.shape[1]
@@ -1015,7 +1094,7 @@ def main(args: Args) -> dict:
             ref_logprobs = []
             with unsharded(ref_policy):  # the frozen reference, at the same temperature (Huang et al. 2024)
                 for c in chunks:
-                    logits, _ = policy_forward(ref_policy, query_responses[c], attention_mask[c], T, args.temperature)
+                    logits = reference_logits(policy, ref_policy, query_responses[c], attention_mask[c], T, args.temperature)
                     ref_logprobs.append(logprobs_from_logits(logits, responses[c]))
             ref_logprobs = torch.cat(ref_logprobs)
             # the RM score at the last real token, normalised by the RM's stored mean/std
@@ -1161,6 +1240,8 @@ def main(args: Args) -> dict:
     final["episodes"] = num_updates * args.batch_size
     final["wall_time_s"] = time.time() - start_time
     if args.save:
+        if args.lora_r:  # a plain HF model: the adapter folded into the weights, W + alpha / r * B A
+            policy = policy.merge_and_unload()
         save_model(policy, tokenizer, args.output_dir)
         if d.is_main:
             with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:

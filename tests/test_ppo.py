@@ -372,6 +372,35 @@ def test_options_run(toy_dir, standin_rm, tmp_path, monkeypatch, extra):
         assert out["history"][-1]["objective/kl_coef"] < 0.01
 
 
+def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkeypatch):
+    """Gradient checkpointing and critic offload change memory, not numbers; bf16 / int8 frozen models change
+    them only by rounding; LoRA starts exactly at the reference (B = 0), so the first KL is 0."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*flags):
+        return ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "64", "--no_save",
+                                  "--eval_samples", "16", "--gold_reward_fn", "None", *flags))
+
+    def strip(out):
+        return [{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in out["history"]]
+    base = strip(run())
+    for flags in (["--gradient_checkpointing"], ["--offload_critic"]):
+        for a, b in zip(base, strip(run(*flags))):
+            a, b = dict(a), dict(b)
+            assert a.pop("val/clipfrac_avg") == pytest.approx(b.pop("val/clipfrac_avg"), abs=0.02)  # last-bit flips
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-5), flags
+    for dtype in ("bfloat16", "int8"):
+        low = strip(run("--frozen_dtype", dtype))
+        assert low[0]["objective/scores"] == pytest.approx(base[0]["objective/scores"], abs=0.1)  # rounding only
+    lora = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "lora", "--total_episodes", "64", "--lora_r", "4",
+                              "--eval_samples", "16", "--gold_reward_fn", "None", "--lr", "3e-2"))
+    assert lora["history"][0]["objective/kl"] == 0.0 and lora["history"][1]["objective/kl"] != 0.0
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # a plain model, the adapter folded in
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
 def test_rm_with_its_own_tokenizer_is_fed_retokenised_text(toy_dir, standin_rm, tmp_path):
     """An RM whose tokenizer numbers the words differently (and its embeddings permuted to match) must give
     the same scores as the original RM: ppo.py decodes the text and re-tokenises it for the RM."""

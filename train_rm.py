@@ -124,8 +124,8 @@ class Args:
     """gradient clipping"""
     group_by_length: bool = True
     """batch pairs of similar length together, so that batches carry less padding (faster)"""
-    eval_every: int = 104
-    """optimiser steps between validation evaluations (there is always one at the end)"""
+    eval_every: int = 0
+    """optimiser steps between validation evaluations (0: at the end of each epoch; there is always one at the end)"""
     log_every: int = 10
     """optimiser steps between TensorBoard points"""
 
@@ -758,7 +758,7 @@ def main(args: Args) -> dict:
             writer.add_scalar("train/lr", lr, step)
             writer.add_scalar("train/grad_norm", grad_norm, step)
             writer.add_scalar("charts/pairs_per_second", step * args.batch_size / (time.time() - t_train), step)
-        if val is not None and (step % args.eval_every == 0 or step == total_steps):
+        if val is not None and (step % (args.eval_every or steps_per_epoch) == 0 or step == total_steps):
             val_metrics = evaluate(model, val, args.eval_batch_size, pad_id, d.rank, d.world_size, d.device)
             history.append((step, val_metrics["accuracy"]))
             if d.is_main:

@@ -260,6 +260,22 @@ def run_main_expect_exit(toy_dir, *argv) -> str:
     return message
 
 
+def test_evaluation_changes_no_training_number(toy_dir, easy_prefs, tmp_path, monkeypatch):
+    """Validation is a deterministic forward: evaluating every step or only at the end gives the same RM."""
+    monkeypatch.chdir(tmp_path)
+    runs = []
+    with one_thread():
+        for every in ("1", "0"):
+            args = train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", easy_prefs,
+                                        "--output_dir", str(tmp_path / every), *TINY, "--eval_every", every])
+            runs.append(train_rm.main(args))
+    assert len(runs[0]["val_accuracy_history"]) == runs[0]["steps"] and len(runs[1]["val_accuracy_history"]) == 1
+    for key in ("val_accuracy", "val_loss", "reward_mean"):
+        assert runs[0][key] == runs[1][key]
+    a, b = (load_reward_model(str(tmp_path / e), load_tokenizer(str(tmp_path / e))) for e in ("1", "0"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_missing_column(toy_dir, tmp_path):
     with one_thread():
         line = run_script_expect_error("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"),

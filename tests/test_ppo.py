@@ -373,8 +373,9 @@ def test_options_run(toy_dir, standin_rm, tmp_path, monkeypatch, extra):
 
 
 def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkeypatch):
-    """Gradient checkpointing and critic offload change memory, not numbers; bf16 / int8 frozen models change
-    them only by rounding; LoRA starts exactly at the reference (B = 0), so the first KL is 0."""
+    """Gradient checkpointing changes memory, not numbers; bf16 / int8 frozen models change them only by
+    rounding; LoRA starts exactly at the reference (B = 0), so the first KL is 0. (--offload_critic has
+    nothing to move on a CPU run, so a CPU test could not fail; it needs a GPU to be tested.)"""
     monkeypatch.chdir(tmp_path)
 
     def run(*flags):
@@ -384,7 +385,7 @@ def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkey
     def strip(out):
         return [{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in out["history"]]
     base = strip(run())
-    for flags in (["--gradient_checkpointing"], ["--offload_critic"]):
+    for flags in (["--gradient_checkpointing"],):
         for a, b in zip(base, strip(run(*flags))):
             a, b = dict(a), dict(b)
             assert a.pop("val/clipfrac_avg") == pytest.approx(b.pop("val/clipfrac_avg"), abs=0.02)  # last-bit flips

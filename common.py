@@ -1,4 +1,5 @@
-"""Model loading, FSDP2 setup and FSDP2-aware checkpoints, shared by sft.py, train_rm.py and ppo.py.
+"""Model, tokenizer and dataset loading, FSDP2 setup and FSDP2-aware checkpoints, shared by sft.py,
+train_rm.py and ppo.py.
 
 Nothing else lives here: each stage's algorithm is written out in its own script.
 """
@@ -13,6 +14,7 @@ import shutil
 import signal
 import warnings
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -29,12 +31,27 @@ def check_path(name_or_path: str, what: str) -> None:
     """Fail in one line on a local path that does not exist; a bare `org/name` is left to the hub."""
     if os.path.exists(name_or_path):
         return
-    if name_or_path.split("/")[0] == "toy_data":  # the defaults: the toy task has not been built yet
-        raise SystemExit(f"{what} path '{name_or_path}' does not exist (build the toy task first: python toy_task.py)")
-    hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    toy = name_or_path.split("/")[0] == "toy_data"  # the defaults, before the toy task is built: not a hub id
+    hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")) and not toy
     if not hub_id or os.path.isdir(name_or_path.split("/")[0]):
         hint = " (build the toy task first: python toy_task.py)" if "toy_data" in name_or_path else ""
         raise SystemExit(f"{what} path '{name_or_path}' does not exist{hint}")
+
+
+def first_line(error: Exception) -> str:
+    """The libraries' offline / unknown-name errors run to many lines; the first says what happened."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def load_dataset(name_or_path: str, what: str = "dataset"):
+    """`datasets.load_dataset` on a hub name or a local dir (the same code path), or a one-line error."""
+    import datasets
+
+    check_path(name_or_path, what)
+    try:
+        return datasets.load_dataset(name_or_path)
+    except Exception as e:  # offline, unknown hub name, unreadable files
+        raise SystemExit(f"cannot load {what} '{name_or_path}': {first_line(e)}") from None
 
 
 def from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
@@ -42,8 +59,7 @@ def from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
     except OSError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"cannot load {what} '{name_or_path}': {reason}") from None
+        raise SystemExit(f"cannot load {what} '{name_or_path}': {first_line(e)}") from None
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right", add_pad_token: bool = False):
@@ -66,6 +82,21 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right", add_pad_token
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
         print0(f"tokenizer of '{name_or_path}' {problem}; added '[PAD]' (id {tokenizer.pad_token_id})")
     return tokenizer
+
+
+def end_of_turn_tokens(tokenizer) -> list[int]:
+    """The special token a chat template puts after an assistant turn (<|im_end|>, <|eot_id|>), if any.
+
+    Found by rendering one turn: the first special token after the assistant's text. sft.py ends chat
+    completions with it, train_rm.py reads the reward there, and ppo.py ends responses there (TRL's PPO
+    stopped at EOS only, so a chat model's response ran on past its turn).
+    """
+    sentinel = "SENTINEL_7f3a"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
+                                         tokenize=False)
+    after = text.split(sentinel, 1)[1] if sentinel in text else ""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return [i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special][:1]
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -241,6 +272,11 @@ def checkpoints(checkpoint_dir: str) -> list[str]:
     return sorted(found, key=lambda p: int(p.rsplit("_", 1)[1]))
 
 
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+    kept = checkpoints(checkpoint_dir)
+    return kept[-1] if kept else None
+
+
 def check_output_dirs(output_dir: str, checkpoint_dir: str, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a finished run or another run's checkpoints, before any work is done."""
     if resume:
@@ -305,8 +341,9 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer, world_size: in
     return state
 
 
-def check_same_args(saved: dict, args: dict, ignore: tuple[str, ...] = ("resume", "overwrite")) -> None:
-    """A resumed run must be the run that was checkpointed: same flags, or the numbers silently change."""
+def check_same_args(saved: dict, args: dict, ignore: tuple[str, ...] = ("resume", "overwrite", "checkpoint_every")) -> None:
+    """A resumed run must be the run that was checkpointed: same flags, or the numbers silently change
+    (how often checkpoints are written changes none)."""
     for key, value in args.items():
         if key not in ignore and saved.get(key) != value:
             raise SystemExit(f"--resume: the checkpoint was made with --{key} {saved.get(key)!r}, not {value!r}; "
@@ -322,6 +359,14 @@ def catch_sigterm() -> dict:
 
     signal.signal(signal.SIGTERM, handler)
     return flag
+
+
+def exit_preempted(path: str, where: str) -> NoReturn:
+    """After the SIGTERM checkpoint: leave cleanly, with a non-zero status so a pipeline does not take the stage as done."""
+    print0(f"SIGTERM: checkpoint {path} written at {where}; continue with --resume")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(143)  # 128 + SIGTERM
 
 
 def args_json(args) -> dict:

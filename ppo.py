@@ -63,8 +63,11 @@ from common import (
     check_output_dirs,
     check_path,
     check_same_args,
-    checkpoints,
+    end_of_turn_tokens,
+    exit_preempted,
+    latest_checkpoint,
     load_checkpoint,
+    load_dataset,
     save_checkpoint,
     fsdp_wrap,
     load_causal_lm,
@@ -573,10 +576,9 @@ def unsharded(model):
 def reference_logits(policy, ref_policy, query_responses, attention_mask, response_length: int, temperature: float):
     """The frozen reference's logits / temperature (B, T, V), in float32 whatever its dtype. With LoRA there is
     no reference model: the policy's weights with the adapter switched off are the SFT weights."""
-    if ref_policy is None:
-        with policy.disable_adapter():
-            return policy_forward(policy, query_responses, attention_mask, response_length, temperature)[0].float()
-    return policy_forward(ref_policy, query_responses, attention_mask, response_length, temperature)[0].float()
+    model = policy if ref_policy is None else ref_policy
+    with policy.disable_adapter() if ref_policy is None else contextlib.nullcontext():
+        return policy_forward(model, query_responses, attention_mask, response_length, temperature)[0].float()
 
 
 def quantize_int8(model):
@@ -603,14 +605,7 @@ def load_frozen(load, path: str, tokenizer, dtype: str, frozen_dtype: str):
 def load_prompts(args: Args, tokenizer) -> tuple[dict[str, tuple[list[str], list[list[int]]]], bool]:
     """({split: (prompt texts, their token ids)} for the train and eval splits, whether they are chat), or a
     one-line error."""
-    import datasets
-
-    check_path(args.dataset, "dataset")
-    try:
-        splits = datasets.load_dataset(args.dataset)
-    except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"cannot load dataset '{args.dataset}': {reason}") from None
+    splits = load_dataset(args.dataset)
     out = {split: prompts_of_split(args, splits, split, tokenizer) for split in (args.train_split, args.eval_split)}
     return out, is_chat(args, list(splits[args.train_split][args.prompt_column][:1]))
 
@@ -690,23 +685,6 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float, stop_t
         top_k=0 if sample else None, top_p=1.0 if sample else None,
         eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
     )
-
-
-def end_of_turn_tokens(tokenizer) -> list[int]:
-    """The special token a chat template puts after an assistant turn (<|im_end|>, <|eot_id|>, ...), if any.
-
-    Found by rendering one turn: the first special token after the assistant's text. TRL's PPO stopped at
-    EOS only, so a chat model's response ran on past its turn.
-    """
-    sentinel = "SENTINEL_7f3a"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
-                                         tokenize=False)
-    after = text.split(sentinel, 1)[1] if sentinel in text else ""
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
-        if token_id in special:
-            return [token_id]
-    return []
 
 
 def stop_token_ids(args, tokenizer, chat: bool) -> list[int]:
@@ -910,16 +888,13 @@ def main(args: Args) -> dict:
     if not same_tokenizer and not args.rm_retokenize:
         raise SystemExit(f"the vocabulary of reward model '{args.reward_model}' differs from the policy's ('{args.sft_model}'); "
                          "pass --rm_retokenize to score decoded text, or train the RM from this SFT model")
-    rm_classifier = load_reward_model(args.reward_model, rm_tokenizer, args.dtype if args.frozen_dtype in ("same", "int8")
-                                      else args.frozen_dtype)
+    rm_classifier = load_frozen(load_reward_model, args.reward_model, rm_tokenizer, args.dtype, args.frozen_dtype)
     # every score is normalised with the statistics train_rm.py stored in the RM's config (TRL #1783)
     reward_mean = float(getattr(rm_classifier.config, "reward_mean", 0.0))
     reward_std = float(getattr(rm_classifier.config, "reward_std", 1.0))
     if not hasattr(rm_classifier.config, "reward_mean"):
         print0(f"warning: '{args.reward_model}' has no reward_mean/reward_std in its config: scores are used raw")
     reward_model = ScalarModel(rm_classifier, reward_mean, reward_std).eval().requires_grad_(False)
-    if args.frozen_dtype == "int8":
-        reward_model = quantize_int8(reward_model)
     critic, value_head = None, None
     if args.value_head_on_policy:
         value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
@@ -951,20 +926,20 @@ def main(args: Args) -> dict:
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(value_head)
-    trainable = [m for m in (policy, critic, value_head) if m is not None]
-    params = [p for m in trainable for p in m.parameters() if p.requires_grad]  # LoRA: the adapters only
+    # the trained models as one module, so that DCP names every parameter the optimizer holds (checkpoints)
+    trainables = nn.ModuleDict({name: m for name, m in (("policy", policy), ("critic", critic), ("value_head", value_head))
+                                if m is not None})
+    params = [p for p in trainables.parameters() if p.requires_grad]  # LoRA: the adapters only
     # one AdamW over policy and critic (their parameters are disjoint), eps 1e-5 (Huang et al. 2024);
     # the fused kernel: one pass over all parameters (on CPU several times faster than the default foreach)
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     # --resume: weights, optimizer, counters, adaptive beta and RNG states as they were after `start_update`
-    trainables = nn.ModuleDict({name: m for name, m in (("policy", policy), ("critic", critic), ("value_head", value_head))
-                                if m is not None})  # one module, so that DCP names every parameter the optimizer holds
     start_update, resumed = 0, None
     if args.resume:
-        latest = checkpoints(checkpoint_dir)[-1]
+        latest = latest_checkpoint(checkpoint_dir)
         resumed = load_checkpoint(latest, trainables, optimizer, d.world_size)
-        check_same_args(resumed["args"], args_json(args), ignore=("resume", "overwrite", "checkpoint_every"))
+        check_same_args(resumed["args"], args_json(args))
         start_update, log_dir = resumed["update"], resumed["log_dir"]
         print0(f"resumed from {latest} (update {start_update} of {num_updates})")
     for _ in range(start_update):  # the data position: replay the shuffles up to the checkpoint
@@ -975,8 +950,7 @@ def main(args: Args) -> dict:
     def train_forward(query_responses, attention_mask, T):
         """The training forward: (B, T, V) logits / temperature of the policy and (B, T) values."""
         if args.gradient_checkpointing:  # HF recomputes only in training mode (dropout is off either way)
-            for m in trainable:
-                m.train()
+            trainables.train()
         logits, values = policy_forward(policy_train, query_responses, attention_mask, T, args.temperature, value_head)
         if critic is not None:  # V(x, y<t): the critic's output at the token before y_t
             values = critic_train(query_responses[:, :-1], attention_mask[:, :-1])[:, -T:]
@@ -1026,8 +1000,7 @@ def main(args: Args) -> dict:
         eval_metrics, eval_golds = sft_metrics, sft_golds
 
     def last_checkpoint() -> str:
-        kept = checkpoints(checkpoint_dir) if args.save else []
-        return kept[-1] if kept else "none"
+        return (latest_checkpoint(checkpoint_dir) if args.save else None) or "none"
     stats_names = ["losses/policy_avg", "losses/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg",
                    "policy/approxkl_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var"]
     if not args.kl_in_reward:
@@ -1220,10 +1193,7 @@ def main(args: Args) -> dict:
                      "eval_metrics": eval_metrics, "eval_golds": eval_golds}
             path = save_checkpoint(checkpoint_dir, update, trainables, optimizer, state)
             if stop:
-                print0(f"SIGTERM: checkpoint {path} written at update {update}; continue with --resume")
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-                raise SystemExit(143)  # 128 + SIGTERM: the stage did not finish
+                exit_preempted(path, f"update {update}")
         elif stop:  # --no_save: nothing to keep
             raise SystemExit(143)
 

@@ -38,10 +38,12 @@ from common import (
     args_json,
     catch_sigterm,
     check_output_dirs,
-    check_path,
     check_same_args,
-    checkpoints,
+    end_of_turn_tokens,
+    exit_preempted,
+    latest_checkpoint,
     load_checkpoint,
+    load_dataset,
     save_checkpoint,
     fsdp_wrap,
     load_causal_lm,
@@ -264,14 +266,7 @@ def parse_args(argv=None) -> Args:
 # ----------------------------------------------------------------------------------------------
 def load_splits(args: Args) -> dict:
     """The train and eval splits of a hub dataset or a local directory, or a one-line error."""
-    import datasets
-
-    check_path(args.dataset, "dataset")
-    try:
-        splits = datasets.load_dataset(args.dataset)
-    except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"cannot load dataset '{args.dataset}': {reason}") from None
+    splits = load_dataset(args.dataset)
     for split in (args.train_split, args.eval_split):
         if split not in splits:
             raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(splits)}); "
@@ -294,17 +289,6 @@ def render_conversation(messages: list[dict], tokenizer, n_completion: int = 1) 
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with and without the last turn")
     return prompt, full[len(prompt):].rstrip()  # the newline after an end-of-turn token is not the model's to learn
-
-
-def end_of_turn_tokens(tokenizer) -> list[int]:
-    """The special token a chat template puts after an assistant turn (<|im_end|>, <|eot_id|>), if any:
-    the first special token after the assistant's text when one turn is rendered."""
-    sentinel = "SENTINEL_7f3a"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
-                                         tokenize=False)
-    after = text.split(sentinel, 1)[1] if sentinel in text else ""
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return [i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special][:1]
 
 
 def split_implicit_prompt(text: str, marker: str) -> tuple[str, str]:
@@ -532,25 +516,25 @@ def validation_loss(model, pairs, args: Args, pad_token_id: int, ddist) -> float
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompt_ids: list[list[int]], args: Args, device,
-                       stop_ids: list[int] | None = None) -> tuple[list[str], list[bool]]:
+                       stop_ids: list[int]) -> tuple[list[str], list[bool]]:
     """Sample a completion per prompt; return its text up to the first EOS (or other stop token, e.g. a chat
     end-of-turn), and whether one came.
 
     Batched and left-padded. Sampling uses the full distribution (top_k 0, top_p 1), as Huang et al. 2024.
     """
     model.eval()
-    eos, pad = stop_ids or [tokenizer.eos_token_id], tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     texts, ended = [], []
     for i in range(0, len(prompt_ids), args.eval_batch_size):
         input_ids, attention_mask = left_pad(prompt_ids[i : i + args.eval_batch_size], pad)
         output = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True, temperature=args.temperature,
-            top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad,
             # FSDP2: a rank that finished early must keep joining the others' collective forwards
             synced_gpus=dist.is_initialized(),
         )
         for response in output[:, input_ids.shape[1]:].tolist():  # (B, new tokens)
-            stop = min([response.index(e) for e in eos if e in response], default=len(response))
+            stop = min([response.index(e) for e in stop_ids if e in response], default=len(response))
             texts.append(tokenizer.decode(response[:stop], skip_special_tokens=False))
             ended.append(stop < len(response))
     model.train()
@@ -629,9 +613,9 @@ def main(args: Args) -> dict:
     # --resume: model, optimizer, schedule, counters and RNG states as they were after step `start_step`
     start_step, resumed = 0, None
     if args.resume:
-        latest = checkpoints(checkpoint_dir)[-1]
+        latest = latest_checkpoint(checkpoint_dir)
         resumed = load_checkpoint(latest, model, optimizer, world_size)
-        check_same_args(resumed["args"], args_json(args), ignore=("resume", "overwrite", "checkpoint_every"))
+        check_same_args(resumed["args"], args_json(args))
         scheduler.load_state_dict(resumed["scheduler"])
         start_step, run_name = resumed["step"], resumed["run_name"]
         print0(f"resumed from {latest} (step {start_step} of {total_steps})")
@@ -727,9 +711,8 @@ def main(args: Args) -> dict:
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         for name, value in (("training loss", train_loss), ("gradient norm", grad_norm)):
             if not math.isfinite(value):  # all-reduced values, the same on every rank: all stop together
-                kept = checkpoints(checkpoint_dir)
                 raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimizer step; last good "
-                                 f"checkpoint: {kept[-1] if kept else 'none'}. Lower --learning_rate or check the data")
+                                 f"checkpoint: {latest_checkpoint(checkpoint_dir) or 'none'}. Lower --learning_rate or check the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
@@ -745,10 +728,7 @@ def main(args: Args) -> dict:
             path = checkpoint(step)
             if stop:
                 progress.close()
-                print0(f"SIGTERM: checkpoint {path} written at step {step}; continue with --resume")
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-                raise SystemExit(143)  # 128 + SIGTERM: the stage did not finish
+                exit_preempted(path, f"step {step}")
     progress.close()
 
     # The final score: sample the validation prompts at the sampling temperature (every rank its share)

@@ -43,10 +43,12 @@ from common import (
     args_json,
     catch_sigterm,
     check_output_dirs,
-    check_path,
     check_same_args,
-    checkpoints,
+    end_of_turn_tokens,
+    exit_preempted,
+    latest_checkpoint,
     load_checkpoint,
+    load_dataset,
     save_checkpoint,
     fsdp_wrap,
     load_causal_lm,
@@ -320,17 +322,6 @@ def render_conversation(tokenizer, prompt_messages: list[dict], completion_messa
     return prompt, full[len(prompt):].rstrip()  # ends at the end-of-turn token, where ppo.py's responses stop
 
 
-def end_of_turn_tokens(tokenizer) -> list[int]:
-    """The special token a chat template puts after an assistant turn (<|im_end|>, <|eot_id|>), if any:
-    the first special token after the assistant's text when one turn is rendered."""
-    sentinel = "SENTINEL_7f3a"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
-                                         tokenize=False)
-    after = text.split(sentinel, 1)[1] if sentinel in text else ""
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return [i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special][:1]
-
-
 def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None) -> dict:
     """Check the columns, convert to prompt/completion texts, tokenize. Returns a dict of lists:
     chosen_ids / rejected_ids (prompt + completion + EOS, token ids), prompt (texts), margin (floats or None).
@@ -587,14 +578,7 @@ def load_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
     if args.prompt_dataset is None:
         prompts = pref_prompts
     else:
-        import datasets
-
-        check_path(args.prompt_dataset, "prompt dataset")
-        try:
-            data = datasets.load_dataset(args.prompt_dataset)
-        except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SystemExit(f"cannot load prompt dataset '{args.prompt_dataset}': {reason}") from None
+        data = load_dataset(args.prompt_dataset, "prompt dataset")
         if args.prompt_dataset_split not in data:
             raise SystemExit(f"prompt dataset '{args.prompt_dataset}' has no split '{args.prompt_dataset_split}' "
                              f"(it has: {', '.join(data)}); pass --prompt_dataset_split NAME")
@@ -615,7 +599,6 @@ def main(args: Args) -> dict:
     t_start = time.time()
     # TRY NOT TO MODIFY: setup, checks, data
     d = setup_distributed()
-    import datasets
     from torch.utils.tensorboard import SummaryWriter
 
     micro_per_step = args.batch_size // d.world_size  # pairs per optimiser step on this rank
@@ -646,12 +629,7 @@ def main(args: Args) -> dict:
     if args.normalize:  # fail now, not after training
         policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)  # for generation
         check_same_tokenizer(policy_tokenizer, tokenizer, sft_path, args.model_name_or_path)
-    check_path(args.dataset, "dataset")
-    try:
-        dataset = datasets.load_dataset(args.dataset)
-    except Exception as e:  # offline, unknown hub name, unreadable files: the library's errors are long
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"cannot load dataset '{args.dataset}': {reason}") from None
+    dataset = load_dataset(args.dataset)
     train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs)
     val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
     n_train = len(train["chosen_ids"])
@@ -682,9 +660,9 @@ def main(args: Args) -> dict:
     # --resume: model, optimiser, counters and RNG states as they were after step `start_step`
     start_step, val_metrics, history, resumed = 0, None, [], None
     if args.resume:
-        latest = checkpoints(checkpoint_dir)[-1]
+        latest = latest_checkpoint(checkpoint_dir)
         resumed = load_checkpoint(latest, model, optimizer, d.world_size)
-        check_same_args(resumed["args"], args_json(args), ignore=("resume", "overwrite", "checkpoint_every"))
+        check_same_args(resumed["args"], args_json(args))
         start_step, run_name = resumed["step"], resumed["run_name"]
         val_metrics, history = resumed["val_metrics"], resumed["history"]
         print0(f"resumed from {latest} (step {start_step} of {total_steps})")
@@ -738,9 +716,8 @@ def main(args: Args) -> dict:
         for name, value in (("loss", loss_sum / count), ("gradient norm", grad_norm)):
             if not math.isfinite(value):  # global values, the same on every rank: every rank stops
                 progress.close()
-                kept = checkpoints(checkpoint_dir)
                 raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimiser step; last good "
-                                 f"checkpoint: {kept[-1] if kept else 'none'}. Lower --learning_rate or check the data")
+                                 f"checkpoint: {latest_checkpoint(checkpoint_dir) or 'none'}. Lower --learning_rate or check the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         progress.update(1)
@@ -772,10 +749,7 @@ def main(args: Args) -> dict:
             path = save_checkpoint(checkpoint_dir, step, model, optimizer, state)
             if stop:
                 progress.close()
-                print0(f"SIGTERM: checkpoint {path} written at step {step}; continue with --resume")
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-                raise SystemExit(143)  # 128 + SIGTERM: the stage did not finish
+                exit_preempted(path, f"step {step}")
     progress.close()
     train_time = time.time() - t_train
     del optimizer

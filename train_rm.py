@@ -119,13 +119,16 @@ class Args:
     batch_size: int = 64
     """pairs per optimiser step, over all processes"""
     per_device_batch_size: int = 64
-    """pairs per forward on one process (a forward holds twice as many sequences)"""
+    """pairs per forward on one process (a forward holds up to twice as many sequences)"""
     eval_batch_size: int = 128
     """pairs per evaluation forward on one process"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
     group_by_length: bool = True
     """batch pairs of similar length together, so that batches carry less padding (faster)"""
+    group_by_prompt: bool = True
+    """keep the pairs that share a prompt in one batch, where each distinct completion is scored once
+    (Ouyang et al. 2022); off: every pair shuffled on its own"""
     eval_every: int = 0
     """optimiser steps between validation evaluations (0: at the end of each epoch; there is always one at the end)"""
     log_every: int = 10
@@ -196,6 +199,7 @@ PRESETS = {
             eval_batch_size=16,
             eval_every=500,
             group_by_length=False,  # plain shuffled batches, as theirs
+            group_by_prompt=False,
             prompt_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
             prompt_dataset_column="query",
             num_normalisation_prompts=2048,
@@ -406,8 +410,10 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
         ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
         return [x if x and x[-1] in stops else x + [eos] for x in ids]
 
-    chosen_ids = encode([prompts[i] + chosen[i] for i in keep])
-    rejected_ids = encode([prompts[i] + rejected[i] for i in keep])
+    texts = list(dict.fromkeys(prompts[i] + t for i in keep for t in (chosen[i], rejected[i])))  # each text once
+    ids = dict(zip(texts, encode(texts)))
+    chosen_ids = [ids[prompts[i] + chosen[i]] for i in keep]
+    rejected_ids = [ids[prompts[i] + rejected[i]] for i in keep]
     fits = [j for j in range(len(keep)) if max(len(chosen_ids[j]), len(rejected_ids[j])) <= args.max_length]
     if not fits:
         raise SystemExit(f"split '{split}': every pair is longer than --max_length {args.max_length} tokens")
@@ -433,15 +439,19 @@ def pad(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[t
     return input_ids, (input_ids != pad_id).long()
 
 
-def pair_batch(pairs: dict, indices: list[int], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Chosen then rejected, concatenated into one batch: (2B, T). One forward scores both, so they share
-    the same padding width and the same weights state (Huang et al. 2024 do the same)."""
+def pair_batch(pairs: dict, indices: list[int], pad_id: int, device):
+    """The distinct sequences of a batch of pairs, padded into one (N, T) batch, and where each pair's chosen and
+    rejected sit in it: rewards[index[:B]] are r_chosen, rewards[index[B:]] r_rejected. One forward scores both
+    sides with the same padding width and weights (Huang et al. 2024). A completion that several pairs of the
+    batch share (the k choose 2 pairs of k ranked completions) is scored once (Ouyang et al. 2022, Sec. 3.5)."""
     seqs = [pairs["chosen_ids"][i] for i in indices] + [pairs["rejected_ids"][i] for i in indices]
-    input_ids, attention_mask = pad(seqs, pad_id)
+    row = {}  # token ids -> row of the batch
+    index = torch.tensor([row.setdefault(tuple(s), len(row)) for s in seqs], device=device)  # (2B,)
+    input_ids, attention_mask = pad([list(s) for s in row], pad_id)  # dicts keep insertion order
     margin = None
     if pairs["margin"] is not None:
         margin = torch.tensor([pairs["margin"][i] for i in indices], dtype=torch.float32, device=device)
-    return input_ids.to(device), attention_mask.to(device), margin
+    return input_ids.to(device), attention_mask.to(device), index, margin
 
 
 def shard(n: int, rank: int, world_size: int) -> tuple[list[int], list[bool]]:
@@ -489,8 +499,8 @@ def evaluate(model, pairs: dict, batch_size: int, pad_id: int, rank: int, world_
     sums = [0.0, 0.0, 0.0]  # correct, loss, count
     for start in range(0, len(indices), batch_size):
         idx, real = indices[start : start + batch_size], torch.tensor(is_real[start : start + batch_size], device=device)
-        input_ids, attention_mask, margin = pair_batch(pairs, idx, pad_id, device)
-        rewards = get_reward(model, input_ids, attention_mask)
+        input_ids, attention_mask, index, margin = pair_batch(pairs, idx, pad_id, device)
+        rewards = get_reward(model, input_ids, attention_mask)[index]  # (2B,)
         r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]
         m = margin if margin is not None else 0.0
         losses = -F.logsigmoid(r_chosen - r_rejected - m)
@@ -635,7 +645,18 @@ def main(args: Args) -> dict:
     train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs)
     val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
     n_train = len(train["chosen_ids"])
-    pair_lengths = [max(len(c), len(r)) for c, r in zip(train["chosen_ids"], train["rejected_ids"])]
+    # Pairs that share a prompt (the k choose 2 pairs of k ranked completions) go through training together, in
+    # one batch: each completion is scored once, and an epoch visits each ranking once. InstructGPT did this
+    # because shuffling these correlated pairs apart made the RM overfit in one epoch (Ouyang et al. 2022, 3.5).
+    by_prompt: dict[str, list[int]] = {}
+    for i, prompt in enumerate(train["prompt"]):
+        by_prompt.setdefault(prompt, []).append(i)
+    prompt_groups = list(by_prompt.values()) if args.group_by_prompt else [[i] for i in range(n_train)]
+    pair_lengths = [0] * n_train  # a group's longest sequence, for all its pairs: sorting keeps groups whole
+    for group in prompt_groups:
+        longest = max(max(len(train["chosen_ids"][i]), len(train["rejected_ids"][i])) for i in group)
+        for i in group:
+            pair_lengths[i] = longest
     steps_per_epoch = n_train // args.batch_size  # the last partial batch is dropped: equal shards on every rank
     if steps_per_epoch == 0:
         raise SystemExit(f"only {n_train} training pairs, fewer than one --batch_size {args.batch_size}")
@@ -677,7 +698,7 @@ def main(args: Args) -> dict:
         """Global batches of pair indices; every rank draws the same order (a generator seeded with args.seed)."""
         order_rng = torch.Generator().manual_seed(args.seed)
         for _epoch in range(args.num_epochs):
-            order = torch.randperm(n_train, generator=order_rng).tolist()
+            order = [i for g in torch.randperm(len(prompt_groups), generator=order_rng).tolist() for i in prompt_groups[g]]
             if args.group_by_length:
                 order = group_by_length(order, pair_lengths, args.batch_size, order_rng)
             for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
@@ -699,8 +720,8 @@ def main(args: Args) -> dict:
         sums = [0.0] * 5  # loss * n, correct, sum r_chosen, sum r_rejected, n
         for micro_start in range(0, micro_per_step, local_batch):
             idx = local[micro_start : micro_start + local_batch]
-            input_ids, attention_mask, margin = pair_batch(train, idx, pad_id, d.device)  # (2b, T)
-            rewards = get_reward(model, input_ids, attention_mask)  # (2b,): one forward for both
+            input_ids, attention_mask, index, margin = pair_batch(train, idx, pad_id, d.device)  # (N <= 2b, T)
+            rewards = get_reward(model, input_ids, attention_mask)[index]  # (2b,): one forward for both
             r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]
             loss = bradley_terry_loss(r_chosen, r_rejected, margin)
             (loss / grad_accum).backward()

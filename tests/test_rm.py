@@ -125,12 +125,25 @@ def test_concatenated_forward_equals_two_forwards(tiny_rm):
     pairs = {"chosen_ids": encode(tokenizer, TEXTS), "rejected_ids": encode(tokenizer, ["it is a comedy about love .", "i", "stars ."]),
              "margin": None}
     with torch.no_grad():
-        input_ids, attention_mask, _ = train_rm.pair_batch(pairs, [0, 1, 2], tokenizer.pad_token_id, "cpu")
-        assert input_ids.shape[0] == 6  # (2B, T): chosen then rejected
-        together = train_rm.get_reward(model, input_ids, attention_mask)
+        input_ids, attention_mask, index, _ = train_rm.pair_batch(pairs, [0, 1, 2], tokenizer.pad_token_id, "cpu")
+        assert input_ids.shape[0] == 6 and index.tolist() == [0, 1, 2, 3, 4, 5]  # (2B, T): chosen then rejected
+        together = train_rm.get_reward(model, input_ids, attention_mask)[index]
         chosen = train_rm.get_reward(model, *train_rm.pad(pairs["chosen_ids"], tokenizer.pad_token_id))
         rejected = train_rm.get_reward(model, *train_rm.pad(pairs["rejected_ids"], tokenizer.pad_token_id))
     torch.testing.assert_close(together, torch.cat([chosen, rejected]), atol=1e-5, rtol=0)
+
+
+def test_pairs_sharing_completions_score_each_once(tiny_rm):
+    # the k choose 2 pairs of k = 3 ranked completions (A > B > C): 6 sides, 3 distinct sequences
+    model, tokenizer = tiny_rm
+    a, b, c = encode(tokenizer, TEXTS)
+    pairs = {"chosen_ids": [a, a, b], "rejected_ids": [b, c, c], "margin": None}
+    with torch.no_grad():
+        input_ids, attention_mask, index, _ = train_rm.pair_batch(pairs, [0, 1, 2], tokenizer.pad_token_id, "cpu")
+        assert input_ids.shape[0] == 3
+        rewards = train_rm.get_reward(model, input_ids, attention_mask)[index]
+        each = train_rm.get_reward(model, *train_rm.pad([a, a, b, b, c, c], tokenizer.pad_token_id))
+    torch.testing.assert_close(rewards, each, atol=1e-5, rtol=0)
 
 
 def test_truncate_after_eos():
@@ -309,7 +322,7 @@ def test_nan_loss_stops_and_keeps_the_old_output(toy_dir, tmp_path, monkeypatch)
     out.mkdir()
     (out / "keep.txt").write_text("an earlier run")
     monkeypatch.setattr(train_rm, "bradley_terry_loss", lambda c, r, m=None: (c - r).mean() * float("nan"))
-    message = run_main_expect_exit(toy_dir, "--dataset", os.path.join(toy_dir, "prefs"), "--num_train_pairs", "64",
+    message = run_main_expect_exit(toy_dir, "--dataset", os.path.join(toy_dir, "prefs"), "--num_train_pairs", "128",
                                    "--eval_split", "None", "--output_dir", str(out), "--run_name", "test_rm_nan")
     assert "loss is nan" in message
     assert os.listdir(out) == ["keep.txt"]

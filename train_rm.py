@@ -114,11 +114,11 @@ class Args:
     """learning-rate decay to 0 over training (Huang et al. 2024: cosine)"""
     warmup_steps: int = 0
     """linear warm-up steps"""
-    num_epochs: int = 2
+    num_epochs: int = 1
     """passes over the training pairs (Huang et al. 2024 and Ouyang et al. 2022: 1; the RM overfits fast)"""
-    batch_size: int = 64
-    """pairs per optimiser step, over all processes"""
-    per_device_batch_size: int = 64
+    batch_size: int = 128
+    """pairs per optimiser step, over all processes (toy: ~21 prompts' 6 pairs each)"""
+    per_device_batch_size: int = 128
     """pairs per forward on one process (a forward holds up to twice as many sequences)"""
     eval_batch_size: int = 128
     """pairs per evaluation forward on one process"""

@@ -41,7 +41,7 @@ ABLATIONS = {
     "no_advantage_whitening": ["--no_whiten_advantages"],
     "ppo_epochs_1": ["--num_ppo_epochs", "1"],
 }
-RM_PAIRS = (1000, 3000, 10000)  # "all" (30000) is the default RM
+RM_PAIRS = (3000, 10000, 30000)  # "all" (240000) is the default RM
 # the beta runs evaluate every 20 updates for the KL-reward curves; the others only at the end
 EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"], "rm_size": ["--eval_every", "0"]}
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 
 import pytest
 
@@ -36,6 +37,30 @@ def test_bayes_ceiling_is_exact_expectation():
     assert toy_task.agreement([1.0, -1.0], 1.0) == pytest.approx(1 / (1 + math.exp(-1)))
     t = toy_task.calibrate_temperature([0.5, -1.0, 2.0, 0.1], 0.73)
     assert toy_task.agreement([0.5, -1.0, 2.0, 0.1], t) == pytest.approx(0.73, abs=1e-6)
+
+
+def test_ranking_pairs_follow_bradley_terry():
+    # a Plackett-Luce ranking of k candidates orders any two of them as Bradley-Terry does on their own:
+    # P(a above b) = sigmoid((gold_a - gold_b) / T), so each pair's Bayes ceiling is sigmoid(|delta| / T)
+    rng, t = random.Random(0), 0.5
+    group = {"gold": [0.6, 0.0, -0.3, 0.2]}
+    n, above = 20000, {}
+    for _ in range(n):
+        for better, worse in toy_task.rank_pairs(rng, group, t):
+            above[better, worse] = above.get((better, worse), 0) + 1
+    for a, b in ((0, 1), (1, 2), (3, 2), (0, 3)):
+        expected = 1 / (1 + math.exp(-(group["gold"][a] - group["gold"][b]) / t))
+        assert above.get((a, b), 0) / n == pytest.approx(expected, abs=0.015), (a, b)
+    assert all(len(toy_task.rank_pairs(rng, group, t)) == 6 for _ in range(5))  # k choose 2
+
+
+def test_preference_pairs_come_in_ranked_groups(toy_dir):
+    rows = [json.loads(line) for line in open(os.path.join(toy_dir, "prefs", "train.jsonl"))]
+    k = toy_task.Args.completions_per_prompt
+    for start in range(0, 60, k * (k - 1) // 2):  # consecutive rows: one prompt, its k completions, all pairs
+        group = rows[start : start + k * (k - 1) // 2]
+        assert len({r["prompt"] for r in group}) == 1
+        assert len({r["chosen"] for r in group} | {r["rejected"] for r in group}) == k
 
 
 def test_sft_data_is_grammatical_and_tokenizer_round_trips(toy_dir):

@@ -1,6 +1,6 @@
 """The whole toy pipeline in one command: build the task, then SFT, RM and PPO, then a summary table.
 
-    python pipeline.py                    # ~6 minutes on 2 CPU cores; writes toy_data/ and models/
+    python pipeline.py                    # ~3 minutes on 2 CPU cores; writes toy_data/ and models/
     python pipeline.py --nproc 2          # every stage under torchrun --nproc_per_node=2 (FSDP2, gloo)
     python pipeline.py --ppo_args="--kl_coef 0.1 --seed 2"   # extra flags for one stage
 

@@ -425,8 +425,8 @@ class Args:
     n_sft: int = 10000
     """SFT training pairs (validation gets a tenth)"""
     n_prefs: int = 240000
-    """preference training pairs (validation gets a tenth): 40,000 prompts x 6 pairs; ~95% of the Bayes ceiling
-    needed this many with train_rm.py's 2-minute budget (TL;DR has 92,832 pairs, HH-RLHF 160,800)"""
+    """preference training pairs (validation gets a tenth): 40,000 prompts x 6 pairs, enough for train_rm.py to
+    reach 96% of the Bayes ceiling within its 2-minute budget (TL;DR has 92,832 training pairs, HH-RLHF 160,800)"""
     completions_per_prompt: int = 4
     """k completions ranked per prompt, giving k choose 2 pairs (InstructGPT: k = 4 to 9)"""
     n_prompts: int = 10000

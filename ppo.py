@@ -1073,11 +1073,12 @@ def main(args: Args) -> dict:
             # the RM score at the last real token, normalised by the RM's stored mean/std
             scores = rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length,
                                tokenizer, rm_tok_arg, has_eos, args.local_rollout_forward_batch_size)
-            # missing-EOS penalty: a response that never ends gets a fixed low score (Huang et al. 2024)
-            scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
+            # checked before the EOS penalty, which would hide a broken RM's NaN wherever no response ends
             if all_reduce_sum((~torch.isfinite(scores)).sum()).item():  # every rank sees the count: all stop
                 raise SystemExit(f"non-finite reward at update {update}: stopped before the PPO step; last good "
                                  f"checkpoint: {last_checkpoint()}. Check the reward model (and its reward_mean/reward_std)")
+            # missing-EOS penalty: a response that never ends gets a fixed low score (Huang et al. 2024)
+            scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
 
             # ALGO LOGIC: per-token rewards, advantages, returns
             kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator) * response_mask  # (B, T)

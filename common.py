@@ -365,6 +365,7 @@ def exit_preempted(path: str, where: str) -> NoReturn:
     """After the SIGTERM checkpoint: leave cleanly, with a non-zero status so a pipeline does not take the stage as done."""
     print0(f"SIGTERM: checkpoint {path} written at {where}; continue with --resume")
     if dist.is_initialized():
+        dist.barrier()  # tear gloo down together: a rank that does it alone can abort at exit
         dist.destroy_process_group()
     raise SystemExit(143)  # 128 + SIGTERM
 

@@ -1233,6 +1233,7 @@ def main(args: Args) -> dict:
     print0(f"{win}final KL to reference {final['final_kl']:.3f} nats | {final['wall_time_s']:.0f} s"
            + (f" | saved {args.output_dir}" if args.save else ""))
     if dist.is_initialized():
+        dist.barrier()  # tear gloo down together: a rank that does it alone can abort at exit
         dist.destroy_process_group()
     return {**final, "history": history, "timings": timings}
 

@@ -772,6 +772,7 @@ def main(args: Args) -> dict:
     print0(f"sft done: val loss {initial_val_loss:.3f} -> {val_loss:.3f}{samples}; {total_steps} steps, "
            f"{metrics['wall_time_s']:.0f}s -> {args.output_dir}")
     if dist.is_initialized():
+        dist.barrier()  # tear gloo down together: a rank that does it alone can abort at exit
         dist.destroy_process_group()
     return metrics
 

@@ -838,6 +838,7 @@ def main(args: Args) -> dict:
         ceiling = f" vs Bayes ceiling {bayes_ceiling:.4f} ({results['fraction_of_ceiling']:.1%} of it)" if bayes_ceiling else ""
         print0(f"validation accuracy {val_metrics['accuracy']:.4f}{ceiling}")
     if dist.is_initialized():
+        dist.barrier()  # tear gloo down together: a rank that does it alone can abort at exit
         dist.destroy_process_group()
     return results
 

@@ -200,6 +200,14 @@ def setup_distributed() -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
+def teardown_distributed() -> None:
+    """End of a torchrun run: every rank waits for the others, then destroys the process group. Without the
+    barrier, a rank that tears gloo down while another is still writing its outputs can abort at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def get_rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -364,9 +372,7 @@ def catch_sigterm() -> dict:
 def exit_preempted(path: str, where: str) -> NoReturn:
     """After the SIGTERM checkpoint: leave cleanly, with a non-zero status so a pipeline does not take the stage as done."""
     print0(f"SIGTERM: checkpoint {path} written at {where}; continue with --resume")
-    if dist.is_initialized():
-        dist.barrier()  # tear gloo down together: a rank that does it alone can abort at exit
-        dist.destroy_process_group()
+    teardown_distributed()
     raise SystemExit(143)  # 128 + SIGTERM
 
 

@@ -77,6 +77,7 @@ from common import (
     save_model,
     seed_everything,
     setup_distributed,
+    teardown_distributed,
 )
 
 
@@ -1232,9 +1233,7 @@ def main(args: Args) -> dict:
     win = f"gold win rate of PPO vs SFT {final['gold_win_rate']:.3f} | " if "gold_win_rate" in final else ""
     print0(f"{win}final KL to reference {final['final_kl']:.3f} nats | {final['wall_time_s']:.0f} s"
            + (f" | saved {args.output_dir}" if args.save else ""))
-    if dist.is_initialized():
-        dist.barrier()  # tear gloo down together: a rank that does it alone can abort at exit
-        dist.destroy_process_group()
+    teardown_distributed()
     return {**final, "history": history, "timings": timings}
 
 

@@ -52,6 +52,7 @@ from common import (
     save_model,
     seed_everything,
     setup_distributed,
+    teardown_distributed,
 )
 
 IGNORE_INDEX = -100  # label of a position that is not a target (F.cross_entropy's default ignore_index)
@@ -771,9 +772,7 @@ def main(args: Args) -> dict:
         samples += f", {args.eval_fn} and EOS {metrics['eval_fn_and_eos']:.1%}" if eval_fn else ""
     print0(f"sft done: val loss {initial_val_loss:.3f} -> {val_loss:.3f}{samples}; {total_steps} steps, "
            f"{metrics['wall_time_s']:.0f}s -> {args.output_dir}")
-    if dist.is_initialized():
-        dist.barrier()  # tear gloo down together: a rank that does it alone can abort at exit
-        dist.destroy_process_group()
+    teardown_distributed()
     return metrics
 
 

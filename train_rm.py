@@ -58,6 +58,7 @@ from common import (
     save_model,
     seed_everything,
     setup_distributed,
+    teardown_distributed,
 )
 
 
@@ -410,10 +411,11 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
         ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
         return [x if x and x[-1] in stops else x + [eos] for x in ids]
 
-    texts = list(dict.fromkeys(prompts[i] + t for i in keep for t in (chosen[i], rejected[i])))  # each text once
-    ids = dict(zip(texts, encode(texts)))
-    chosen_ids = [ids[prompts[i] + chosen[i]] for i in keep]
-    rejected_ids = [ids[prompts[i] + rejected[i]] for i in keep]
+    chosen_texts = [prompts[i] + chosen[i] for i in keep]
+    rejected_texts = [prompts[i] + rejected[i] for i in keep]
+    distinct = list(dict.fromkeys(chosen_texts + rejected_texts))  # a completion ranked with k others: once
+    ids = dict(zip(distinct, encode(distinct)))
+    chosen_ids, rejected_ids = [ids[t] for t in chosen_texts], [ids[t] for t in rejected_texts]
     fits = [j for j in range(len(keep)) if max(len(chosen_ids[j]), len(rejected_ids[j])) <= args.max_length]
     if not fits:
         raise SystemExit(f"split '{split}': every pair is longer than --max_length {args.max_length} tokens")
@@ -648,10 +650,12 @@ def main(args: Args) -> dict:
     # Pairs that share a prompt (the k choose 2 pairs of k ranked completions) go through training together, in
     # one batch: each completion is scored once, and an epoch visits each ranking once. InstructGPT did this
     # because shuffling these correlated pairs apart made the RM overfit in one epoch (Ouyang et al. 2022, 3.5).
-    by_prompt: dict[str, list[int]] = {}
-    for i, prompt in enumerate(train["prompt"]):
-        by_prompt.setdefault(prompt, []).append(i)
-    prompt_groups = list(by_prompt.values()) if args.group_by_prompt else [[i] for i in range(n_train)]
+    prompt_groups = [[i] for i in range(n_train)]
+    if args.group_by_prompt:
+        by_prompt: dict[str, list[int]] = {}
+        for i, prompt in enumerate(train["prompt"]):
+            by_prompt.setdefault(prompt, []).append(i)
+        prompt_groups = list(by_prompt.values())
     pair_lengths = [0] * n_train  # a group's longest sequence, for all its pairs: sorting keeps groups whole
     for group in prompt_groups:
         longest = max(max(len(train["chosen_ids"][i]), len(train["rejected_ids"][i])) for i in group)
@@ -837,9 +841,7 @@ def main(args: Args) -> dict:
     if val_metrics:
         ceiling = f" vs Bayes ceiling {bayes_ceiling:.4f} ({results['fraction_of_ceiling']:.1%} of it)" if bayes_ceiling else ""
         print0(f"validation accuracy {val_metrics['accuracy']:.4f}{ceiling}")
-    if dist.is_initialized():
-        dist.barrier()  # tear gloo down together: a rank that does it alone can abort at exit
-        dist.destroy_process_group()
+    teardown_distributed()
     return results
 
 

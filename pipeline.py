@@ -9,6 +9,10 @@ this file only sequences them and reads back their `eval_results.json`. The tabl
 SFT and PPO policies on the held-out prompts (ppo.py's final evaluation) and states the reward model's
 validation accuracy beside the Bayes ceiling the toy data records. The same table goes to
 `{models_dir}/pipeline_summary.json`.
+
+It runs from any directory: the scripts are found beside this file, and every path (--data_dir, --models_dir,
+runs/) is relative to where you run it. SIGTERM and Ctrl-C go on to the running stage, which checkpoints and
+exits (143 or 130); pipeline.py then says which stage stopped and exits with the same status.
 """
 
 from __future__ import annotations
@@ -16,12 +20,18 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NoReturn
 
 import tyro
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # the stage scripts sit beside this file, wherever it runs from
+# passed on to the running stage; SIGHUP too, as a stage in its own session no longer gets the terminal's hangup
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -43,12 +53,160 @@ class Args:
     """TensorBoard runs are runs/{run_prefix}_{sft,rm,ppo}"""
 
 
-def run_stage(name: str, script: str, flags: list[str], nproc: int) -> float:
+# ----------------------------------------------------------------------------------------------
+# Checks of the flags, before any stage starts: a one-line error naming the flag and the fix
+# ----------------------------------------------------------------------------------------------
+STAGE_OUTPUT_FLAG = {"toy": "out_dir", "sft": "output_dir", "rm": "output_dir", "ppo": "output_dir"}
+
+
+def check_args(args: Args) -> dict[str, list[str]]:
+    """Refuse bad flags before any stage runs; return each stage's extra flags, split as a shell would."""
+    if args.nproc < 1:
+        raise SystemExit(f"pipeline: --nproc {args.nproc}: a stage needs at least one process; pass --nproc 1, "
+                         "or --nproc N > 1 for torchrun with N processes")
+    extra = {stage: stage_flags(args, stage) for stage in STAGE_OUTPUT_FLAG}
+    check_dirs(args.data_dir, args.models_dir)
+    return extra
+
+
+def stage_flags(args: Args, stage: str) -> list[str]:
+    """--{stage}_args split into flags; the output dir stays pipeline.py's, since the next stages read it there."""
+    flag, own = f"--{stage}_args", STAGE_OUTPUT_FLAG[stage]
+    try:
+        flags = shlex.split(getattr(args, f"{stage}_args"))
+    except ValueError as e:  # e.g. an unclosed quote
+        raise SystemExit(f"pipeline: {flag}: {e}; give the stage's flags as one quoted string, e.g. {flag}='--seed 2'") from None
+    if any(f.startswith("--") and f[2:].split("=", 1)[0].replace("-", "_") == own for f in flags):
+        where = "--data_dir" if stage == "toy" else "--models_dir"
+        raise SystemExit(f"pipeline: {flag} sets --{own}, which pipeline.py sets itself (the next stages read it there); "
+                         f"pass {where} to pipeline.py instead")
+    return flags
+
+
+def check_dirs(data_dir: str, models_dir: str) -> None:
+    """toy_task.py --overwrite deletes --data_dir before it rebuilds it: refuse any directory that holds
+    something else, and a --models_dir that overlaps it."""
+    if is_within(data_dir, models_dir) or is_within(models_dir, data_dir):
+        raise SystemExit(f"pipeline: --data_dir '{data_dir}' and --models_dir '{models_dir}' overlap; toy_task.py rebuilds "
+                         "--data_dir from scratch, so give them separate directories")
+    if is_within(os.getcwd(), data_dir) or is_within(HERE, data_dir) or not is_rebuildable(data_dir):
+        raise SystemExit(f"pipeline: --data_dir '{data_dir}' holds files that are not toy_task.py's, which its rebuild "
+                         "(toy_task.py --overwrite) would delete; pick a new directory")
+
+
+def is_within(path: str, parent: str) -> bool:
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def is_rebuildable(data_dir: str) -> bool:
+    """Nothing there, an empty directory, or the task toy_task.py wrote (it carries toy_task's marker)."""
+    from common import read_marker
+
+    if not os.path.lexists(data_dir):
+        return True
+    if not os.path.isdir(data_dir):
+        return False
+    return not os.listdir(data_dir) or (read_marker(data_dir) or {}).get("stage") == "toy_task"
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals: SIGTERM and Ctrl-C go on to the running stage, which checkpoints and exits; then we stop
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RunningStage:
+    """The stage process now running (None between stages) and the signals pipeline.py has received."""
+    proc: subprocess.Popen | None = None
+    torchrun: bool = False
+    received: list[int] = field(default_factory=list)
+    unsent: list[int] = field(default_factory=list)  # received while no stage ran: the next one gets them
+    sent: int = 0  # signals forwarded to this stage
+
+    def on_signal(self, signum: int, frame) -> None:
+        self.received.append(signum)
+        if self.proc is None:
+            self.unsent.append(signum)
+        else:
+            self.forward(signum)
+
+    def start(self, proc: subprocess.Popen, torchrun: bool) -> None:
+        self.proc, self.torchrun, self.sent = proc, torchrun, 0
+        unsent, self.unsent = self.unsent, []  # from here on the handler forwards by itself
+        for signum in unsent:
+            self.forward(signum)
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        self.proc = None
+        return code
+
+    def forward(self, signum: int) -> None:
+        if self.proc.returncode is not None:  # already reaped: its pid may be another process's by now
+            return
+        pids = [self.proc.pid]
+        if self.torchrun and self.sent > 0:
+            # torchrun passes the first signal to its workers and waits for them; a second one (Ctrl-C again: stop
+            # at once) must reach the workers themselves, as torchrun would give up waiting and leave them running
+            pids = child_pids(self.proc.pid) or pids
+        self.sent += 1
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # it has just exited
+                pass
+
+
+def forward_signals() -> RunningStage:
+    running = RunningStage()
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, running.on_signal)
+    return running
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (from Linux's /proc; none found elsewhere)."""
+    pids = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                pids += [int(child) for child in f.read().split()]
+    except OSError:
+        pass
+    return pids
+
+
+def exit_stopped(name: str, code: int, signum: int, resumable: bool) -> NoReturn:
+    """A signal stopped the pipeline during this stage: one line, and the stage's own status (143 after SIGTERM,
+    130 after Ctrl-C), else 128 + the signal (torchrun exits 1; a stage killed before it set its handlers has a
+    negative code; one that had just finished, 0)."""
+    status = code if code > 128 else 128 + signum
+    what = signal.Signals(signum).name
+    if code == 0:
+        line = f"pipeline: {what} came as the {name} stage finished; stopped before the next stage"
+    elif resumable:
+        line = (f"pipeline: {what} stopped the {name} stage (exit {status}); if its line above reports a checkpoint, "
+                "its command above with --resume continues from there")
+    else:
+        line = f"pipeline: {what} stopped the {name} stage (exit {status}); run pipeline.py again to start over"
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages, and the summary
+# ----------------------------------------------------------------------------------------------
+def run_stage(name: str, script: str, flags: list[str], nproc: int, running: RunningStage, resumable: bool = True) -> float:
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    cmd = launcher + [script] + flags
+    cmd = launcher + [os.path.join(HERE, script)] + flags  # the child's cwd is ours: its paths mean what ours do
     print(f"\n=== {name}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    if subprocess.run(cmd).returncode != 0:
+    # a session of its own: a terminal's Ctrl-C reaches pipeline.py alone, which forwards it once (in our process
+    # group the stage would get it twice, and a second Ctrl-C means "stop at once, without a checkpoint")
+    running.start(subprocess.Popen(cmd, start_new_session=True), torchrun=nproc > 1)
+    code = running.wait()
+    if running.received:
+        exit_stopped(name, code, running.received[0], resumable)
+    if code != 0:
         raise SystemExit(f"pipeline: the {name} stage failed (command above); fix it and re-run pipeline.py")
     return time.perf_counter() - t0
 
@@ -86,20 +244,23 @@ def print_table(rows: list[tuple[str, str, str]], num_prompts: int) -> None:
 
 
 def main(args: Args) -> dict:
+    extra = check_args(args)
+    running = forward_signals()
     sft_dir, rm_dir, ppo_dir = (os.path.join(args.models_dir, d) for d in ("sft", "rm", "ppo"))
     s, p = str(args.seed), args.run_prefix
     times = {}
-    times["toy_task"] = run_stage("toy task", "toy_task.py", ["--out_dir", args.data_dir, "--overwrite", *shlex.split(args.toy_args)], 1)
+    times["toy_task"] = run_stage("toy task", "toy_task.py", ["--out_dir", args.data_dir, "--overwrite", *extra["toy"]], 1,
+                                  running, resumable=False)
     times["sft"] = run_stage("SFT", "sft.py", [
         "--dataset", f"{args.data_dir}/sft", "--model_name_or_path", f"{args.data_dir}/base_model",
-        "--output_dir", sft_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_sft", *shlex.split(args.sft_args)], args.nproc)
+        "--output_dir", sft_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_sft", *extra["sft"]], args.nproc, running)
     times["rm"] = run_stage("reward model", "train_rm.py", [
         "--dataset", f"{args.data_dir}/prefs", "--model_name_or_path", sft_dir,
         "--output_dir", rm_dir, "--seed", s, "--overwrite",
-        "--run_name", f"{p}_rm", *shlex.split(args.rm_args)], args.nproc)
+        "--run_name", f"{p}_rm", *extra["rm"]], args.nproc, running)
     times["ppo"] = run_stage("PPO", "ppo.py", [
         "--sft_model", sft_dir, "--reward_model", rm_dir, "--dataset", f"{args.data_dir}/prompts",
-        "--output_dir", ppo_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_ppo", *shlex.split(args.ppo_args)], args.nproc)
+        "--output_dir", ppo_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_ppo", *extra["ppo"]], args.nproc, running)
 
     rm, ppo = read_json(f"{rm_dir}/eval_results.json"), read_json(f"{ppo_dir}/eval_results.json")
     rows = summary_rows(rm, ppo)
@@ -113,4 +274,8 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, use_underscores=True))
+    try:
+        main(tyro.cli(Args, use_underscores=True))
+    except KeyboardInterrupt:  # Ctrl-C before the first stage started (from then on it is forwarded instead)
+        print("pipeline: interrupted before the first stage started", file=sys.stderr)
+        raise SystemExit(130) from None

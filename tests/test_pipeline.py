@@ -1,21 +1,39 @@
-"""pipeline.py: the one-command toy pipeline, at test scale."""
+"""pipeline.py: the one-command toy pipeline, at test scale, run from a directory other than the repo's."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
-from conftest import run_script, run_script_expect_error
+import pytest
+
+from conftest import ROOT, run_script_expect_error
+
+PIPELINE = os.path.join(ROOT, "pipeline.py")
+TINY_TOY = "--toy_args=--n_sft 400 --n_prefs 400 --n_prompts 100 --hidden_size 32 --num_layers 1"
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def run_pipeline(cwd, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python /abs/path/pipeline.py ...` run from `cwd`, as a user elsewhere would."""
+    return subprocess.run([sys.executable, PIPELINE, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def test_pipeline_runs_every_stage_and_prints_the_summary(tmp_path):
-    data, models = tmp_path / "toy", tmp_path / "models"
-    proc = run_script(
-        "pipeline.py", "--data_dir", str(data), "--models_dir", str(models), "--run_prefix", str(tmp_path / "runs" / "p"),
-        "--toy_args=--n_sft 400 --n_prefs 400 --n_prompts 100 --hidden_size 32 --num_layers 1",
+    # from tmp_path, with relative paths: the scripts are found beside pipeline.py, the outputs land here
+    proc = run_pipeline(
+        tmp_path, "--data_dir", "toy", "--models_dir", "models", TINY_TOY,
         "--sft_args=--num_train_epochs 1 --num_eval_samples 16",
         "--rm_args=--num_epochs 1 --num_normalisation_prompts 16",
-        "--ppo_args=--total_episodes 64 --batch_size 32 --eval_samples 16 --response_length 8",
-        timeout=600)
+        "--ppo_args=--total_episodes 64 --batch_size 32 --eval_samples 16 --response_length 8")
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    models = tmp_path / "models"
     for stage in ("sft", "rm", "ppo"):
         assert (models / stage / "config.json").exists()
+        assert (tmp_path / "runs" / f"pipeline_{stage}").is_dir()  # TensorBoard runs/ is relative to the cwd too
+    assert (tmp_path / "toy" / "base_model" / "config.json").exists()
     summary = json.loads((models / "pipeline_summary.json").read_text())
     ppo = json.loads((models / "ppo" / "eval_results.json").read_text())
     rm = json.loads((models / "rm" / "eval_results.json").read_text())
@@ -34,3 +52,85 @@ def test_pipeline_stops_at_a_failing_stage(tmp_path):
                                         "--toy_args=--no_such_flag 1")
     assert "the toy task stage failed" in last_line
     assert not (tmp_path / "m").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals: forwarded once to the stage, which checkpoints; pipeline.py exits with the stage's status
+# ----------------------------------------------------------------------------------------------
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def sft_checkpoints(models) -> list[str]:
+    path = models / "sft_checkpoints"
+    return sorted(d for d in os.listdir(path) if d.startswith("step_") and not d.endswith(".tmp")) if path.is_dir() else []
+
+
+@pytest.mark.parametrize("sig, status", [
+    (signal.SIGTERM, 143),
+    # Ctrl-C: the stage checkpoints and exits 130. This needs the stages' own SIGINT handling (issue 13, in
+    # common.catch_signals); until that lands the stage dies of a KeyboardInterrupt and this case fails.
+    (signal.SIGINT, 130),
+], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_pipeline_checkpoints_the_running_stage(sig, status, tmp_path):
+    models = tmp_path / "models"
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, PIPELINE, "--data_dir", "toy", "--models_dir", "models", TINY_TOY,
+                                 "--sft_args=--num_train_epochs 50 --checkpoint_every 1 --num_eval_samples 16"],
+                                cwd=tmp_path, env=ENV, stdout=out, stderr=err)
+    stage = None
+    try:
+        deadline = time.time() + 120
+        while not sft_checkpoints(models):  # SFT's first step is done: it is in its training loop
+            assert proc.poll() is None, f"pipeline.py ended ({proc.returncode}):\n{(tmp_path / 'err.txt').read_text()[-3000:]}"
+            assert time.time() < deadline, "SFT wrote no checkpoint in time"
+            time.sleep(0.02)
+        (stage,) = children(proc.pid)  # the SFT process
+        os.kill(proc.pid, sig)  # pipeline.py only: it must pass the signal on
+        assert proc.wait(timeout=120) == status
+    finally:
+        for pid in (proc.pid, stage):  # on failure, leave nothing running
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert not alive(stage), "the SFT stage outlived pipeline.py"
+    assert "Traceback" not in err, err[-3000:]
+    assert f"{sig.name}: checkpoint" in out  # the stage's own line
+    assert f"pipeline: {sig.name} stopped the SFT stage (exit {status})" in err
+    assert sft_checkpoints(models)
+    assert not (models / "sft" / "eval_results.json").exists() and not (models / "rm").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad flags: one line naming the flag and the fix, before any stage starts
+# ----------------------------------------------------------------------------------------------
+BAD_FLAGS = {
+    "no processes": (["--nproc", "0"], "pipeline: --nproc 0: a stage needs at least one process; pass --nproc 1"),
+    "negative processes": (["--nproc", "-2"], "pipeline: --nproc -2: a stage needs at least one process"),
+    "unclosed quote": (["--sft_args=--seed '2"], "pipeline: --sft_args: No closing quotation"),
+    "a stage's output dir": (["--ppo_args=--output-dir elsewhere"], "--ppo_args sets --output_dir, which pipeline.py sets itself"),
+    "data dir holds other files": (["--data_dir", "mine"], "--data_dir 'mine' holds files that are not toy_task.py's"),
+    "models inside the data dir": (["--data_dir", "toy", "--models_dir", "toy/models"], "overlap"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flags_stop_before_any_stage(case, tmp_path):
+    flags, message = BAD_FLAGS[case]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not the toy task")
+    proc = run_pipeline(tmp_path, *flags, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert "===" not in proc.stdout  # no stage started
+    assert sorted(os.listdir(tmp_path)) == ["mine"] and (tmp_path / "mine" / "notes.txt").read_text() == "not the toy task"

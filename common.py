@@ -1,17 +1,26 @@
 """Model, tokenizer and dataset loading, FSDP2 setup and FSDP2-aware checkpoints, shared by sft.py,
-train_rm.py and ppo.py.
+train_rm.py and ppo.py; with them, the checks that keep a run from losing anyone's files (output dirs,
+locks, atomic saves) and from failing after training for a reason knowable at the start (flags, model dirs,
+dataset rows), and the entry point that turns the faults no check can foresee into one line.
 
 Nothing else lives here: each stage's algorithm is written out in its own script.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import errno
 import glob
 import json
+import math
 import os
 import random
 import shutil
 import signal
+import socket
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import NoReturn
@@ -44,22 +53,168 @@ def first_line(error: Exception) -> str:
 
 
 def load_dataset(name_or_path: str, what: str = "dataset"):
-    """`datasets.load_dataset` on a hub name or a local dir (the same code path), or a one-line error."""
+    """`datasets.load_dataset` on a hub name or a local dir (the same code path), or a one-line error.
+
+    When a local dir fails to load, its files are read line by line to name the broken one: datasets'
+    own error says neither the file nor the line.
+    """
     import datasets
 
     check_path(name_or_path, what)
+    problem = find_bad_line(name_or_path) if os.path.isdir(name_or_path) and not all_utf8(name_or_path) else None
+    if problem:  # datasets reads such bytes without complaint, and fails only when the column is used
+        raise SystemExit(f"cannot load {what} '{name_or_path}': {problem}")
     try:
-        return datasets.load_dataset(name_or_path)
+        splits = datasets.load_dataset(name_or_path)
     except Exception as e:  # offline, unknown hub name, unreadable files
-        raise SystemExit(f"cannot load {what} '{name_or_path}': {first_line(e)}") from None
+        problem = find_bad_line(name_or_path) if os.path.isdir(name_or_path) else None
+        raise SystemExit(f"cannot load {what} '{name_or_path}': {problem or first_line(e)}") from None
+    for split, rows in splits.items():
+        if len(rows) == 0:
+            raise SystemExit(f"{what} '{name_or_path}': split '{split}' has no rows; fill it or remove its file")
+    return splits
+
+
+def json_files(path: str) -> list[str]:
+    return sorted(f for f in glob.glob(os.path.join(path, "**", "*.json*"), recursive=True) if f.endswith((".jsonl", ".json")))
+
+
+def all_utf8(path: str) -> bool:
+    """Every JSON file of a local dataset dir decodes as UTF-8 (a whole-file decode: fast)."""
+    for file in json_files(path):
+        with open(file, "rb") as f:
+            try:
+                f.read().decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+    return True
+
+
+def find_bad_line(path: str) -> str | None:
+    """The first file:line of a local JSON-lines dataset that is not UTF-8 JSON, or an empty file."""
+    for file in json_files(path):
+        with open(file, "rb") as f:
+            lines = f.read().splitlines()
+        if not any(line.strip() for line in lines):
+            return f"'{file}' is empty; fill it or remove it"
+        if file.endswith(".json") and not file.endswith(".jsonl"):
+            continue  # one JSON document, not lines
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                return f"{file}, line {number}: not UTF-8 (byte {line[e.start]:#x} at column {e.start + 1}); re-encode the file as UTF-8"
+            except ValueError as e:
+                return f"{file}, line {number}: not valid JSON ({e}); fix or remove that line"
+    return None
+
+
+def check_texts(texts: list, column: str, where: str) -> None:
+    """Every row of a text column holds a string: a null or a number names its row."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            held = "null" if text is None else f"a {type(text).__name__}, not text"
+            raise SystemExit(f"{where}: row {i}: column '{column}' is {held}; fix or remove the row")
+
+
+def check_messages(messages, where: str) -> None:
+    """A conversation is a list of {role, content} dicts with text in both."""
+    if not isinstance(messages, list) or not messages:
+        raise SystemExit(f"{where}: not a list of messages; fix or remove the row")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            missing = "not a {role, content} dict" if not isinstance(m, dict) else \
+                "no text 'content'" if not isinstance(m.get("content"), str) else "no text 'role'"
+            raise SystemExit(f"{where}: message {j} has {missing}; fix or remove the row")
+
+
+def check_unknown_tokens(token_ids: list[list[int]], tokenizer, where: str) -> None:
+    """Text the tokenizer cannot read becomes <unk>: an error when most of it does, a warning with numbers
+    when some rows are mostly <unk>. (Byte-level BPE tokenizers have no <unk> and pass.)"""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id):
+        return  # Pythia's <unk> is its EOS: counting it would count every EOS
+    total = sum(len(ids) for ids in token_ids)
+    unknown = [sum(t == unk for t in ids) for ids in token_ids]
+    if total and sum(unknown) / total > 0.5:
+        raise SystemExit(f"{where}: {sum(unknown) / total:.0%} of the tokens are '{tokenizer.unk_token}': the tokenizer "
+                         "does not cover this text; check the tokenizer and the file's encoding")
+    mostly = [i for i, (n, ids) in enumerate(zip(unknown, token_ids)) if ids and n / len(ids) > 0.5]
+    if mostly:
+        print0(f"warning: {where}: {len(mostly)} of {len(token_ids)} rows are mostly '{tokenizer.unk_token}' "
+               f"({sum(unknown) / total:.1%} of all tokens; first: row {mostly[0]})")
+
+
+def check_flags(args, at_least_1=(), positive=(), non_negative=()) -> None:
+    """Numeric flags in range before anything runs; None means 'off' and passes."""
+    rules = ((at_least_1, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"))
+    for names, ok, rule in rules:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise SystemExit(f"--{name} {value}: must be {rule}")
+    if not 0 <= args.seed < 2**31:
+        raise SystemExit(f"--seed {args.seed}: must be in [0, 2^31)")
+
+
+def check_model_dir(path: str, what: str, tokenizer: bool = True, reward_model: bool = False) -> None:
+    """A local model dir, checked before anything loads: a config, complete weights, tokenizer files; a reward
+    model is a sequence classifier with one output. A hub name is left to from_pretrained."""
+    check_path(path, what)
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise SystemExit(f"{what} '{path}' is a file, not a model dir")
+        return
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"{what} '{path}' has no config.json, so it is not a saved model; give the dir that "
+                         "save_pretrained wrote") from None
+    except ValueError as e:
+        raise SystemExit(f"{what} '{path}': config.json is not valid JSON ({e}); restore it") from None
+    weights = [f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                           "pytorch_model.bin.index.json") if os.path.isfile(os.path.join(path, f))]
+    if not weights:
+        raise SystemExit(f"{what} '{path}' has no weights (model.safetensors); give the dir that save_pretrained wrote")
+    for file in glob.glob(os.path.join(path, "*.safetensors")):
+        check_safetensors(file, what)
+    if tokenizer and not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise SystemExit(f"{what} '{path}' has no tokenizer files (tokenizer.json, tokenizer_config.json); save the "
+                         "tokenizer into it with tokenizer.save_pretrained")
+    if reward_model:
+        architectures = config.get("architectures") or ["(no architectures)"]
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise SystemExit(f"{what} '{path}' is a {architectures[0]}, not a reward model (a sequence classifier "
+                             "with one output); give the dir train_rm.py wrote")
+        num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
+        if num_labels != 1:
+            raise SystemExit(f"{what} '{path}' has {num_labels} outputs (num_labels), not the 1 a reward model has")
+
+
+def check_safetensors(file: str, what: str) -> None:
+    """A safetensors file is complete: 8 bytes of header length, the JSON header, then exactly the data it lists."""
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_length)) if 8 + header_length <= size else None
+        data = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        complete = 8 + header_length + data == size
+    except (ValueError, TypeError, KeyError, AttributeError):
+        complete = False
+    if not complete:
+        raise SystemExit(f"{what}: '{file}' is truncated or corrupt ({size} bytes); save or copy the model again")
 
 
 def from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
     """`auto_class.from_pretrained`, with the library's long offline / unknown-name error cut to one line."""
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
-    except OSError as e:
-        raise SystemExit(f"cannot load {what} '{name_or_path}': {first_line(e)}") from None
+    except Exception as e:  # offline, unknown name, unreadable files: transformers raises many kinds
+        raise SystemExit(f"cannot load {what} '{name_or_path}': {first_line(e)[:300]}") from None
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right", add_pad_token: bool = False):
@@ -116,7 +271,12 @@ def _prepare(model, tokenizer, name_or_path: str):
         raise SystemExit(f"the config of model '{name_or_path}' has no eos_token_id, so nothing tells generation "
                          f"where a response ends; set config.eos_token_id = {tokenizer.eos_token_id} "
                          f"(the tokenizer's '{tokenizer.eos_token}') and save it")
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # a pad token was added
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        if len(tokenizer) - rows != 1 or tokenizer.pad_token_id != rows:  # more than the pad we added
+            raise SystemExit(f"model '{name_or_path}' has {rows} embedding rows, but its tokenizer has {len(tokenizer)} "
+                             "tokens: the tokenizer does not belong to this model; pair them as they were trained")
+        print0(f"note: grew the embeddings of '{name_or_path}' from {rows} to {len(tokenizer)} rows, for the added pad token")
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
@@ -144,9 +304,13 @@ def load_reward_model(name_or_path: str, tokenizer, dtype: str = "float32"):
     return _prepare(model, tokenizer, name_or_path)
 
 
-def save_model(model, tokenizer, output_dir: str, extra_config: dict | None = None) -> None:
-    """save_pretrained on rank 0, gathering FSDP2 shards first; atomic, so a crash leaves no half dir.
+def save_model(model, tokenizer, output_dir: str, stage: str, results: dict | None = None,
+               extra_config: dict | None = None) -> None:
+    """save_pretrained on rank 0, gathering FSDP2 shards first; `results` go to eval_results.json inside.
 
+    Atomic: everything is written to `{output_dir}.tmp` (marked as this stage's, so a crash leaves nothing
+    that a later run cannot recognise and clean up), which then swaps places with the old run in one
+    rename (`exchange`). At every instant `output_dir` holds the complete old run or the complete new one.
     Every rank must call this (the gather is collective).
     """
     state_dict = None
@@ -156,16 +320,276 @@ def save_model(model, tokenizer, output_dir: str, extra_config: dict | None = No
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if get_rank() == 0:
         tmp = output_dir.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for key, value in (extra_config or {}).items():
-            setattr(model.config, key, value)
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        if os.path.exists(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        with write_errors(tmp, f"'{output_dir}' is unchanged"):
+            remove_own_dir(tmp)
+            os.makedirs(tmp)
+            write_marker(tmp, stage)  # first: from here on the dir is recognisably this project's
+            for key, value in (extra_config or {}).items():
+                setattr(model.config, key, value)
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            if results is not None:  # last: a finished run is one with eval_results.json
+                write_json(os.path.join(tmp, "eval_results.json"), results)
+        replace_dir(tmp, output_dir)
     if dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# Output dirs: a run changes only what it created. Every dir a stage writes (its output dir, its
+# checkpoint dir, the `.tmp` dir of an atomic save) carries a marker file naming the stage; only a
+# marked dir of the same stage is ever replaced, and only with --overwrite. A `.lock` file beside the
+# output dir, holding the pid of its run, keeps a second run out.
+# ----------------------------------------------------------------------------------------------
+MARKER = "rlhf_run.json"
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_marker(path: str, stage: str, kind: str = "run") -> None:
+    write_json(os.path.join(path, MARKER), {"stage": stage, "kind": kind})
+
+
+def read_marker(path: str) -> dict | None:
+    """The marker of a dir this project wrote, or None (no marker, or not one of ours)."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and "stage" in marker else None
+
+
+def remove_own_dir(path: str) -> None:
+    """Delete a dir this project wrote (it carries a marker); refuse anything else."""
+    if not os.path.lexists(path):
+        return
+    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
+        os.rmdir(path)  # empty: nothing of anyone's is lost (a crash between its mkdir and its marker)
+        return
+    if not os.path.isdir(path) or os.path.islink(path) or read_marker(path) is None:
+        raise SystemExit(f"'{path}' is in the way and was not written by this project; move it away and run again")
+    shutil.rmtree(path)
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic rename (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(new: str, path: str) -> None:
+    """Put the complete dir `new` at `path`, then delete what was there.
+
+    Where the kernel swaps two dirs atomically, `path` never lacks a complete run. Elsewhere the old run
+    is moved aside to `{path}.old` first; a crash between the two renames is undone by recover_output.
+    """
+    if not os.path.exists(path):
+        os.replace(new, path)
+    elif exchange(new, path):  # `new` now holds the old run
+        shutil.rmtree(new)
+    else:
+        old = path.rstrip("/") + ".old"
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old)
+
+
+def recover_output(path: str) -> None:
+    """Finish or undo a save that a crash interrupted: restore `{path}.old` if `path` is gone, drop the rest."""
+    old, tmp = path.rstrip("/") + ".old", path.rstrip("/") + ".tmp"
+    if read_marker(old) is not None:
+        if not os.path.exists(path):
+            os.replace(old, path)
+            print0(f"note: restored '{path}' from '{old}', which an interrupted save left")
+        else:
+            shutil.rmtree(old)
+            print0(f"note: removed '{old}', the previous run an interrupted save left")
+    if read_marker(tmp) is not None or os.path.isdir(tmp) and not os.listdir(tmp):
+        shutil.rmtree(tmp)
+        print0(f"note: removed '{tmp}', the leftover of an interrupted save")
+
+
+@contextlib.contextmanager
+def write_errors(path: str, intact: str):
+    """A failed write (disk full, permissions) stops the run with one line; our partial `path` is removed."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except (OSError, CheckpointException) as e:
+        if isinstance(e, CheckpointException):  # DCP wraps each rank's error: find an OSError in it
+            inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+            e = next((x for x in inner if isinstance(x, OSError)), None)
+            if e is None:
+                raise
+        if read_marker(path) is not None or path.endswith(".tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+        problem = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or type(e).__name__
+        raise SystemExit(f"cannot write '{e.filename if isinstance(e.filename, str) else path}': {problem}; {intact}. Free space (or fix the "
+                         "permissions) and run again, with --resume where a checkpoint exists") from None
+
+
+def check_output_path(path: str, flag: str, inputs: dict[str, str]) -> None:
+    """Refuse an output path that is a protected dir, overlaps an input or another run, or cannot be written."""
+    real = os.path.realpath(path)
+    home = os.path.realpath(os.path.expanduser("~"))
+    protected = {"/": "the filesystem root", home: "your home directory", os.path.realpath(os.getcwd()): "the current directory",
+                 os.path.realpath(PROJECT_ROOT): "this project's own directory"}
+    for place, name in protected.items():
+        if real == place or place.startswith(real.rstrip(os.sep) + os.sep):
+            raise SystemExit(f"{flag} '{path}' is or contains {name}; give the run a dir of its own, e.g. models/name")
+    for what, given in inputs.items():
+        if given is None or not os.path.exists(given) and what != "output dir":  # hub names are not paths
+            continue
+        other = os.path.realpath(given)
+        if real == other or other.startswith(real + os.sep) or real.startswith(other + os.sep):
+            relation = "is" if real == other else "contains" if other.startswith(real + os.sep) else "lies inside"
+            raise SystemExit(f"{flag} '{path}' {relation} the {what} '{given}', which this run reads; pick another {flag}")
+    parent = os.path.dirname(real)
+    while parent != os.path.dirname(parent):  # inside another run (its marker is in an ancestor)?
+        marker = read_marker(parent)
+        if marker is not None:
+            raise SystemExit(f"{flag} '{path}' lies inside the {marker['stage']} {marker.get('kind', 'run')} dir "
+                             f"'{parent}'; pick a dir outside it")
+        parent = os.path.dirname(parent)
+    if os.path.lexists(real) and not os.path.isdir(real):
+        raise SystemExit(f"{flag} '{path}' is a file, not a dir; pick another {flag}")
+    existing = real
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(f"{flag} '{path}': '{existing}' is a file, so the dir cannot be made; pick another {flag}")
+    try:  # the only sure test of writability (root passes os.access checks on read-only mounts, /proc too)
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".write_test_"))
+    except OSError as e:
+        raise SystemExit(f"{flag} '{path}': cannot write in '{existing}' ({e.strerror}); pick another {flag}") from None
+
+
+def check_own_dir(path: str, flag: str, stage: str, kind: str) -> dict | None:
+    """An existing `path` must be empty or this stage's marked dir of this kind; returns its marker."""
+    if not os.path.isdir(path) or not os.listdir(path):
+        return None
+    marker = read_marker(path)
+    if marker is None:
+        raise SystemExit(f"{flag} '{path}' is not empty and was not written by {stage} (it has no {MARKER}); "
+                         f"pick a new or empty dir, or empty it yourself")
+    if (marker["stage"], marker.get("kind", "run")) != (stage, kind):
+        raise SystemExit(f"{flag} '{path}' holds the {marker.get('kind', 'run')} of {marker['stage']}, not of {stage}; "
+                         f"pick another {flag}")
+    return marker
+
+
+class OutputLock:
+    """`{output_dir}.lock`, holding the pid of the run that writes output_dir: one run per output dir."""
+
+    def __init__(self, output_dir: str, flag: str = "--output_dir"):
+        self.path = output_dir.rstrip("/") + ".lock"
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self.holder()
+                if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
+                    break  # this process holds it already (an earlier run in the same process)
+                if holder.get("host") == me["host"] and not pid_alive(holder.get("pid")):
+                    os.remove(self.path)
+                    print0(f"note: took over '{self.path}' from process {holder.get('pid')}, which is gone")
+                    continue
+                raise SystemExit(f"{flag} '{output_dir}' is in use by process {holder.get('pid')} on "
+                                 f"{holder.get('host')} ({holder.get('command')}); wait for it to finish, or pick "
+                                 f"another {flag} (delete '{self.path}' if that run is gone)")
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+        atexit.register(self.release)
+
+    def holder(self) -> dict:
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):
+            return {}  # unreadable: a crash mid-write; its pid is gone
+
+    def release(self) -> None:
+        if self.holder().get("pid") == os.getpid():
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+
+
+def pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dict[str, str], resume: bool,
+                   overwrite: bool, args: dict, world_size: int) -> None:
+    """Everything about the output and checkpoint dirs that can fail, checked before any work is done.
+
+    Rank 0 checks the paths, takes the lock, cleans up after an interrupted save and, for --resume, compares
+    the flags with the checkpoint's before any tensor is loaded. Every rank learns the outcome.
+    """
+    def check() -> None:
+        check_output_path(output_dir, "--output_dir", inputs)
+        check_output_path(checkpoint_dir, "--checkpoint_dir", {**inputs, "output dir": output_dir})
+        for leftover in (output_dir.rstrip("/") + ".tmp", output_dir.rstrip("/") + ".old"):
+            if os.path.lexists(leftover) and read_marker(leftover) is None and not (os.path.isdir(leftover) and not os.listdir(leftover)):
+                raise SystemExit(f"'{leftover}' is in the way of the atomic save and was not written by this project; "
+                                 "move it away and run again")
+        OutputLock(output_dir)
+        recover_output(output_dir)
+        if check_own_dir(output_dir, "--output_dir", stage, "run") and not overwrite and not resume \
+                and os.path.isfile(os.path.join(output_dir, "eval_results.json")):
+            raise SystemExit(f"'{output_dir}' holds a finished run; pass --overwrite to replace it, or pick another --output_dir")
+        check_own_dir(checkpoint_dir, "--checkpoint_dir", stage, "checkpoints")
+        for leftover in glob.glob(os.path.join(checkpoint_dir, "step_*.tmp")):
+            shutil.rmtree(leftover)  # an interrupted checkpoint save, in our own marked dir
+        if resume:
+            check_resume(checkpoint_dir, args, world_size)
+        elif checkpoints(checkpoint_dir) and not overwrite:
+            raise SystemExit(f"'{checkpoint_dir}' holds checkpoints of an unfinished run; pass --resume to continue it, "
+                             "or --overwrite to start over")
+
+    on_rank0(check)
+
+
+def on_rank0(fn) -> None:
+    """Run a check on rank 0 only; if it fails, every rank stops (the others quietly: rank 0 said why)."""
+    error = None
+    if get_rank() == 0:
+        try:
+            fn()
+        except SystemExit as e:
+            error = e
+    if dist.is_initialized():
+        failed = torch.tensor([float(error is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            raise SystemExit(1)
+    if error is not None:
+        raise error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,66 +709,88 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
     return kept[-1] if kept else None
 
 
-def check_output_dirs(output_dir: str, checkpoint_dir: str, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a finished run or another run's checkpoints, before any work is done."""
-    if resume:
-        if not checkpoints(checkpoint_dir):
-            raise SystemExit(f"--resume: no checkpoint in '{checkpoint_dir}'; run without --resume to start afresh")
-        return
-    if overwrite:
-        return
-    if os.path.isfile(os.path.join(output_dir, "eval_results.json")):
-        raise SystemExit(f"'{output_dir}' holds a finished run; pass --overwrite to replace it, or pick another --output_dir")
-    if checkpoints(checkpoint_dir):
-        raise SystemExit(f"'{checkpoint_dir}' holds checkpoints of an unfinished run; pass --resume to continue it, "
-                         "or --overwrite to start over")
+def check_resume(checkpoint_dir: str, args: dict, world_size: int) -> None:
+    """--resume must continue the run that was checkpointed: same flags, same processes, all files there.
+    Read from the checkpoint's small meta.json, before any tensor is loaded."""
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        raise SystemExit(f"--resume: no checkpoint in '{checkpoint_dir}'; run without --resume to start afresh")
+    meta_path = os.path.join(latest, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"checkpoint '{latest}' is unreadable ({meta_path}: {first_line(e)}); delete '{latest}' to "
+                         "resume from an earlier one, or start over with --overwrite") from None
+    if meta["world_size"] != world_size:
+        raise SystemExit(f"checkpoint '{latest}' was written by {meta['world_size']} processes, not {world_size}: "
+                         "resume with the same --nproc_per_node")
+    check_same_args(meta["args"], args)
+    missing = [f"rank{r}.pt" for r in range(world_size) if not os.path.isfile(os.path.join(latest, f"rank{r}.pt"))]
+    if missing or not os.path.isfile(os.path.join(latest, ".metadata")):
+        raise SystemExit(f"checkpoint '{latest}' is incomplete (no {', '.join(missing) or '.metadata'}); delete it to "
+                         "resume from an earlier one, or start over with --overwrite")
 
 
-def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, optimizer, state: dict) -> str:
-    """Save model + optimiser (DCP) and this rank's `state` as checkpoint_dir/step_{step}. Collective."""
+def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, optimizer, state: dict, stage: str) -> str:
+    """Save model + optimiser (DCP) and this rank's `state` as checkpoint_dir/step_{step}. Collective.
+
+    `state["args"]` also goes to meta.json, so that --resume compares the flags before loading a tensor.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final, tmp = os.path.join(checkpoint_dir, f"step_{step}"), os.path.join(checkpoint_dir, f"step_{step}.tmp")
+    intact = f"the previous checkpoint ({latest_checkpoint(checkpoint_dir) or 'none'}) is intact"
     if get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        with write_errors(tmp, intact):
+            if not os.path.isdir(checkpoint_dir):
+                os.makedirs(checkpoint_dir)
+                write_marker(checkpoint_dir, stage, "checkpoints")
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            write_json(os.path.join(tmp, "meta.json"), {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                                                        "args": state.get("args")})
     if dist.is_initialized():
         dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # one process: DCP warns that it is not distributed, which is the point
+    with write_errors(tmp, intact), warnings.catch_warnings():  # one process: DCP warns that it is not distributed
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    torch.save({**state, "rng": rng_state()}, os.path.join(tmp, f"rank{get_rank()}.pt"))
+        torch.save({**state, "rng": rng_state()}, os.path.join(tmp, f"rank{get_rank()}.pt"))
     if dist.is_initialized():
         dist.barrier()
     if get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # the commit point: before it the previous checkpoint is the latest
-        for old in checkpoints(checkpoint_dir):
-            if old != final:
+        for old in checkpoints(checkpoint_dir) + glob.glob(os.path.join(checkpoint_dir, "step_*.tmp")):
+            if old != final:  # older checkpoints, and what an interrupted save left
                 shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
     return final
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer, world_size: int) -> dict:
-    """Load model + optimiser in place from a save_checkpoint dir; return this rank's state (RNG restored)."""
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dict:
+    """Load model + optimiser in place from a save_checkpoint dir; return this rank's state (RNG restored).
+
+    prepare_output's check_resume has compared the flags and the process count already.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    saved_ranks = len(glob.glob(os.path.join(path, "rank*.pt")))
-    if saved_ranks != world_size:
-        raise SystemExit(f"checkpoint '{path}' was written by {saved_ranks} processes, not {world_size}: "
-                         "resume with the same --nproc_per_node")
     model_state, optim_state = get_state_dict(model, optimizer)
     loaded = {"model": model_state, "optim": optim_state}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
+    rank_file = os.path.join(path, f"rank{get_rank()}.pt")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
+        state = torch.load(rank_file, weights_only=False)  # our own file
+    except (Exception, dcp.api.CheckpointException) as e:  # a truncated or edited file: many kinds of error
+        raise SystemExit(f"checkpoint '{path}' is corrupt ({first_line(e)[:200]}); delete it to resume from an earlier "
+                         "one, or start over with --overwrite") from None
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-    state = torch.load(os.path.join(path, f"rank{get_rank()}.pt"), weights_only=False)  # our own file
     set_rng_state(state.pop("rng"))
     return state
 
@@ -352,28 +798,58 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer, world_size: in
 def check_same_args(saved: dict, args: dict, ignore: tuple[str, ...] = ("resume", "overwrite", "checkpoint_every")) -> None:
     """A resumed run must be the run that was checkpointed: same flags, or the numbers silently change
     (how often checkpoints are written changes none)."""
-    for key, value in args.items():
-        if key not in ignore and saved.get(key) != value:
-            raise SystemExit(f"--resume: the checkpoint was made with --{key} {saved.get(key)!r}, not {value!r}; "
+    for key in sorted(set(args) | set(saved)):
+        if key not in ignore and saved.get(key) != args.get(key):
+            raise SystemExit(f"--resume: the checkpoint was made with --{key} {saved.get(key)!r}, not {args.get(key)!r}; "
                              "pass the same flags, or start a new run")
 
 
-def catch_sigterm() -> dict:
-    """SIGTERM (preemption) sets a flag instead of killing: the loop checkpoints at the end of the step and exits."""
-    flag = {"stop": False}
+def catch_signals() -> dict:
+    """SIGTERM (preemption) and Ctrl-C (SIGINT) set a flag instead of killing: the loop checkpoints at the end
+    of the step and exits. A second Ctrl-C stops at once (KeyboardInterrupt, which `run` turns into one line)."""
+    flag = {"stop": False, "signal": None}
 
     def handler(signum, frame):
-        flag["stop"] = True
+        if signum == signal.SIGINT and flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"], flag["signal"] = True, signum
+        if signum == signal.SIGINT:
+            print0("\nCtrl-C: stopping after this step with a checkpoint (press it again to stop at once)", file=sys.stderr)
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
     return flag
 
 
-def exit_preempted(path: str, where: str) -> NoReturn:
-    """After the SIGTERM checkpoint: leave cleanly, with a non-zero status so a pipeline does not take the stage as done."""
-    print0(f"SIGTERM: checkpoint {path} written at {where}; continue with --resume")
+def exit_preempted(path: str, where: str, signum: int | None = None) -> NoReturn:
+    """After the signal's checkpoint: leave cleanly, with a non-zero status (128 + the signal: 143 for SIGTERM,
+    130 for Ctrl-C), so that a pipeline does not take the stage as done."""
+    signum = signum or signal.SIGTERM  # a rank that only learnt of the stop from the all-reduce: the scheduler's
+    print0(f"{signal.Signals(signum).name}: checkpoint {path} written at {where}; continue with --resume")
     teardown_distributed()
-    raise SystemExit(143)  # 128 + SIGTERM
+    raise SystemExit(128 + signum)
+
+
+def run(main, parse_args) -> None:
+    """A stage's entry point: main(parse_args()), with the faults no check can foresee turned into one line each.
+    Bad input is caught earlier, by the checks before the first step, each with its own message."""
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one inside it
+        print("interrupted: stopped at once; the last checkpoint (if any) is intact", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SystemExit(f"cannot write '{e.filename}': the disk is full; free space and run again") from None
+    except RuntimeError as e:  # a collective failed: another process of this run died (gloo, nccl)
+        lost = isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "Connection", "NCCL"))
+        if not (lost and dist.is_initialized() and dist.get_world_size() > 1):
+            raise
+        others = [r for r in range(dist.get_world_size()) if r != dist.get_rank()]
+        raise SystemExit(f"rank {dist.get_rank()}: lost contact with rank{'s' if len(others) > 1 else ''} "
+                         f"{', '.join(map(str, others))} of this run ({first_line(e)[:160]}); the process that stopped "
+                         "first printed why above") from None
 
 
 def args_json(args) -> dict:

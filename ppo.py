@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import math
 import os
 import sys
@@ -59,10 +58,12 @@ from tqdm.auto import tqdm
 
 from common import (
     args_json,
-    catch_sigterm,
-    check_output_dirs,
-    check_path,
-    check_same_args,
+    catch_signals,
+    check_flags,
+    check_messages,
+    check_model_dir,
+    check_texts,
+    check_unknown_tokens,
     end_of_turn_tokens,
     exit_preempted,
     latest_checkpoint,
@@ -73,7 +74,9 @@ from common import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    prepare_output,
     print0,
+    run,
     save_model,
     seed_everything,
     setup_distributed,
@@ -349,6 +352,19 @@ def parse_args(argv=None) -> Args:
     return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
 
 
+def check_args(args: Args) -> None:
+    """Every numeric flag in range, before anything loads (None leaves a flag off)."""
+    check_flags(args, at_least_1=("total_episodes", "batch_size", "response_length", "local_rollout_forward_batch_size",
+                                  "num_ppo_epochs", "num_minibatches", "micro_batch_size", "eval_batch_size",
+                                  "max_prompt_length", "kl_horizon"),
+                positive=("temperature", "lr", "adam_eps", "cliprange", "cliprange_value", "kl_target"),
+                non_negative=("kl_coef", "eval_temperature", "vf_coef", "weight_decay", "max_grad_norm", "eval_every",
+                              "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r", "lora_alpha"))
+    for name in ("gamma", "lam"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"--{name} {getattr(args, name)}: must be in [0, 1]")
+
+
 # ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the equations, one function each. Tensors are (B, T) over response tokens; `mask`
 # keeps the real tokens (up to and including the first EOS) and drops the padding after it.
@@ -620,8 +636,12 @@ def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[st
         raise SystemExit(f"split '{split}' of '{args.dataset}' has no column '{args.prompt_column}' "
                          f"(it has: {', '.join(ds.column_names)}); set --prompt_column")
     texts = list(ds[args.prompt_column])
-    if not texts:
-        raise SystemExit(f"split '{split}' of '{args.dataset}' is empty")
+    where = f"split '{split}' of '{args.dataset}'"
+    if isinstance(texts[0], list):  # chat prompts: lists of messages
+        for i, messages in enumerate(texts):
+            check_messages(messages, f"{where}: row {i}")
+    else:
+        check_texts(texts, args.prompt_column, where)
     if args.implicit_prompt_marker is not None:  # whole dialogues: the prompt ends at the last marker
         missing = [i for i, t in enumerate(texts) if args.implicit_prompt_marker not in t]
         if missing:
@@ -639,6 +659,7 @@ def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[st
         raise SystemExit(f"split '{split}' of '{args.dataset}': {len(empty)} prompts are empty or not text "
                          f"(first: row {empty[0]}); remove them")
     ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]  # a rendered template has its own BOS
+    check_unknown_tokens(ids, tokenizer, where)
     m = args.max_prompt_length
     too_long = [i for i, x in enumerate(ids) if len(x) > m]
     if too_long and not args.truncate_long_prompts:
@@ -816,10 +837,7 @@ def markdown_table(rows, header) -> str:
 def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: checks, distributed setup, seeding, sizes
     start_time = time.time()
-    if args.kl_coef < 0 or args.temperature <= 0 or args.eval_temperature < 0:
-        raise SystemExit("kl_coef must be >= 0, temperature > 0 and eval_temperature >= 0")
-    if args.response_length < 1 or args.batch_size < 1 or args.num_minibatches < 1 or args.num_ppo_epochs < 1:
-        raise SystemExit("response_length, batch_size, num_minibatches and num_ppo_epochs must be >= 1")
+    check_args(args)
     if args.value_head_on_policy and args.critic_init != "rm":
         print0("note: --value_head_on_policy has no separate critic; --critic_init is ignored")
     d = setup_distributed()
@@ -838,11 +856,12 @@ def main(args: Args) -> dict:
     if num_updates < 1:
         raise SystemExit(f"total_episodes {args.total_episodes} is less than one batch ({args.batch_size})")
     gold_fn = load_gold_fn(args.gold_reward_fn)
-    check_path(args.sft_model, "SFT model")
-    check_path(args.reward_model, "reward model")
+    check_model_dir(args.sft_model, "SFT model")
+    check_model_dir(args.reward_model, "reward model", tokenizer=False, reward_model=True)
     checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
     if args.save:
-        check_output_dirs(args.output_dir, checkpoint_dir, args.resume, args.overwrite)
+        prepare_output(args.output_dir, checkpoint_dir, "ppo", {"SFT model": args.sft_model, "reward model": args.reward_model,
+                       "dataset": args.dataset}, args.resume, args.overwrite, args_json(args), d.world_size)
     elif args.resume:
         raise SystemExit("--resume needs checkpoints, and --no_save writes none")
     log_dir = os.path.join("runs", args.run_name or f"ppo__{args.seed}__{int(time.time())}")
@@ -939,8 +958,7 @@ def main(args: Args) -> dict:
     start_update, resumed = 0, None
     if args.resume:
         latest = latest_checkpoint(checkpoint_dir)
-        resumed = load_checkpoint(latest, trainables, optimizer, d.world_size)
-        check_same_args(resumed["args"], args_json(args))
+        resumed = load_checkpoint(latest, trainables, optimizer)
         start_update, log_dir = resumed["update"], resumed["log_dir"]
         print0(f"resumed from {latest} (update {start_update} of {num_updates})")
     for _ in range(start_update):  # the data position: replay the shuffles up to the checkpoint
@@ -1022,7 +1040,7 @@ def main(args: Args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    sigterm = catch_sigterm()
+    signals = catch_signals()
     for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, total=num_updates,
                        disable=not d.is_main, desc="ppo"):
         global_step = update * args.batch_size
@@ -1150,7 +1168,7 @@ def main(args: Args) -> dict:
                                    has_eos.float().mean(), mask_f.sum(1).mean()])
             local = torch.cat([rollout, stats.mean(0)]) / d.world_size
             # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this update
-            stop_flag = torch.tensor([float(sigterm["stop"])], device=device)
+            stop_flag = torch.tensor([float(signals["stop"])], device=device)
             reduced = all_reduce_sum(torch.cat([local, explained_var_parts, stop_flag])).tolist()
             stop = reduced.pop() > 0
         names = ["objective/scores", "objective/kl", "objective/entropy", "objective/non_score_reward",
@@ -1193,11 +1211,11 @@ def main(args: Args) -> dict:
             state = {"update": update, "args": args_json(args), "log_dir": log_dir, "kl_coef": kl_coef,
                      "history": history, "timings": timings, "sft_metrics": sft_metrics, "sft_golds": sft_golds,
                      "eval_metrics": eval_metrics, "eval_golds": eval_golds}
-            path = save_checkpoint(checkpoint_dir, update, trainables, optimizer, state)
+            path = save_checkpoint(checkpoint_dir, update, trainables, optimizer, state, "ppo")
             if stop:
-                exit_preempted(path, f"update {update}")
+                exit_preempted(path, f"update {update}", signals["signal"])
         elif stop:  # --no_save: nothing to keep
-            raise SystemExit(143)
+            raise SystemExit(128 + (signals["signal"] or 15))
 
     # the final evaluation is the last one above, of the final policy, on the same prompts as the SFT one
     num_eval_prompts = int(all_reduce_sum(torch.tensor([len(eval_ids)], device=device)).item())
@@ -1214,10 +1232,7 @@ def main(args: Args) -> dict:
     if args.save:
         if args.lora_r:  # a plain HF model: the adapter folded into the weights, W + alpha / r * B A
             policy = policy.merge_and_unload()
-        save_model(policy, tokenizer, args.output_dir)
-        if d.is_main:
-            with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
-                json.dump({**final, "args": asdict(args)}, f, indent=2)
+        save_model(policy, tokenizer, args.output_dir, "ppo", results={**final, "args": asdict(args)})
     if writer is not None:
         for k, v in final.items():
             if isinstance(v, float):
@@ -1238,4 +1253,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

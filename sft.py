@@ -20,9 +20,7 @@ with eval_results.json beside them. TensorBoard logs go to runs/{run_name}.
 from __future__ import annotations
 
 import importlib
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,9 +34,12 @@ from tqdm import tqdm
 
 from common import (
     args_json,
-    catch_sigterm,
-    check_output_dirs,
-    check_same_args,
+    catch_signals,
+    check_flags,
+    check_messages,
+    check_model_dir,
+    check_texts,
+    check_unknown_tokens,
     end_of_turn_tokens,
     exit_preempted,
     latest_checkpoint,
@@ -48,7 +49,9 @@ from common import (
     fsdp_wrap,
     load_causal_lm,
     load_tokenizer,
+    prepare_output,
     print0,
+    run,
     save_model,
     seed_everything,
     setup_distributed,
@@ -262,6 +265,15 @@ def parse_args(argv=None) -> Args:
     return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
 
 
+def check_args(args: Args) -> None:
+    """Every numeric flag in range, before anything loads (None leaves a flag off)."""
+    check_flags(args, at_least_1=("batch_size", "gradient_accumulation_steps", "num_train_epochs", "eval_every",
+                                  "eval_batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),
+                positive=("learning_rate", "adam_eps", "temperature"),
+                non_negative=("warmup_steps", "max_steps", "num_eval_samples", "num_logged_samples", "weight_decay",
+                              "max_grad_norm", "checkpoint_every"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: (prompt, completion) text -> token ids -> (input_ids, labels)
 # ----------------------------------------------------------------------------------------------
@@ -311,7 +323,9 @@ def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list
             raise SystemExit(f"{where} has no column '{args.completion_column}' (it has: {', '.join(columns)}); "
                              "set --completion_column to the whole-dialogue column")
         prompts, completions = [], []
-        for i, text in enumerate(ds[args.completion_column]):
+        texts = list(ds[args.completion_column])
+        check_texts(texts, args.completion_column, where)
+        for i, text in enumerate(texts):
             try:
                 prompt, completion = split_implicit_prompt(text, args.implicit_prompt_marker)
             except ValueError as e:
@@ -330,6 +344,7 @@ def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list
                              f"'{args.model_name_or_path}' has no chat template; set tokenizer.chat_template")
         prompts, completions = [], []
         for i, messages in enumerate(ds[args.messages_column]):
+            check_messages(messages, f"{where}: row {i}")
             try:
                 prompt, completion = render_conversation(messages, tokenizer)
             except ValueError as e:
@@ -348,11 +363,15 @@ def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list
                              "template; set tokenizer.chat_template")
         rendered = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            check_messages(prompt, f"{where}: row {i}: '{args.prompt_column}'")
+            check_messages(completion, f"{where}: row {i}: '{args.completion_column}'")
             try:
                 rendered.append(render_conversation(list(prompt) + list(completion), tokenizer, len(completion)))
             except ValueError as e:
                 raise SystemExit(f"{where}: row {i}: {e}") from None
         return [p for p, _ in rendered], [c for _, c in rendered], True
+    check_texts(prompts, args.prompt_column, where)
+    check_texts(completions, args.completion_column, where)
     return prompts, completions, False
 
 
@@ -366,6 +385,7 @@ def tokenize_pairs(prompts, completions, tokenizer, args: Args, conversational: 
     # A rendered chat prompt already holds the template's special tokens (a BOS, if any): add none twice.
     prompt_ids = tokenizer(prompts, add_special_tokens=not conversational)["input_ids"]
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    check_unknown_tokens(prompt_ids + completion_ids, tokenizer, where)
     # EOS after every completion: the model must learn to stop. The EOS trick of Huang et al. 2024
     # (PPO penalises completions without EOS) relies on it. A completion that already ends in EOS
     # (TL;DR's " {summary}<|endoftext|>") or in the chat template's end-of-turn token gets no EOS after it.
@@ -565,6 +585,7 @@ def samples_markdown(prompts: list[str], completions: list[str], ended: list[boo
 def main(args: Args) -> dict:
     start_time = time.time()
     # TRY NOT TO MODIFY: processes, seeding, logging
+    check_args(args)
     ddist = setup_distributed()
     rank, world_size = ddist.rank, ddist.world_size
     if args.batch_size % (world_size * args.gradient_accumulation_steps) != 0:
@@ -574,9 +595,11 @@ def main(args: Args) -> dict:
     micro_batch_size = local_batch_size // args.gradient_accumulation_steps  # sequences per forward
     run_name = args.run_name or f"sft_{args.seed}_{int(time.time())}"
     checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
-    check_output_dirs(args.output_dir, checkpoint_dir, args.resume, args.overwrite)
-    seed_everything(args.seed, rank)
     eval_fn = load_eval_fn(args.eval_fn)
+    check_model_dir(args.model_name_or_path, "model")
+    prepare_output(args.output_dir, checkpoint_dir, "sft", {"model": args.model_name_or_path, "dataset": args.dataset},
+                   args.resume, args.overwrite, args_json(args), world_size)
+    seed_everything(args.seed, rank)
 
     # DATA
     tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", add_pad_token=args.add_pad_token)
@@ -615,8 +638,7 @@ def main(args: Args) -> dict:
     start_step, resumed = 0, None
     if args.resume:
         latest = latest_checkpoint(checkpoint_dir)
-        resumed = load_checkpoint(latest, model, optimizer, world_size)
-        check_same_args(resumed["args"], args_json(args))
+        resumed = load_checkpoint(latest, model, optimizer)
         scheduler.load_state_dict(resumed["scheduler"])
         start_step, run_name = resumed["step"], resumed["run_name"]
         print0(f"resumed from {latest} (step {start_step} of {total_steps})")
@@ -625,7 +647,7 @@ def main(args: Args) -> dict:
         state = {"step": step, "args": args_json(args), "run_name": run_name, "scheduler": scheduler.state_dict(),
                  "initial_val_loss": initial_val_loss, "val_loss": val_loss, "train_loss": train_loss,
                  "tokens_seen": tokens_seen}
-        return save_checkpoint(checkpoint_dir, step, model, optimizer, state)
+        return save_checkpoint(checkpoint_dir, step, model, optimizer, state, "sft")
 
     writer = None
     if ddist.is_main:
@@ -680,7 +702,7 @@ def main(args: Args) -> dict:
     data_iter = batches()
     for _ in range(start_step):  # the data position: replay the shuffles up to the checkpoint
         next(data_iter)
-    sigterm = catch_sigterm()
+    signals = catch_signals()
     progress = tqdm(range(start_step + 1, total_steps + 1), initial=start_step, total=total_steps, desc="sft",
                     disable=not ddist.is_main, dynamic_ncols=True)
     for step in progress:
@@ -705,7 +727,7 @@ def main(args: Args) -> dict:
             step_nll += nll.item()
         step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this step
-        step_nll, step_tokens, stop = all_reduce_sum(step_nll, step_tokens, float(sigterm["stop"]), device=ddist.device)
+        step_nll, step_tokens, stop = all_reduce_sum(step_nll, step_tokens, float(signals["stop"]), device=ddist.device)
         train_loss = step_nll / num_targets
         # gradient clipping on the global norm (a DTensor under FSDP2); with no clipping, just measure it
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
@@ -729,7 +751,7 @@ def main(args: Args) -> dict:
             path = checkpoint(step)
             if stop:
                 progress.close()
-                exit_preempted(path, f"step {step}")
+                exit_preempted(path, f"step {step}", signals["signal"])
     progress.close()
 
     # The final score: sample the validation prompts at the sampling temperature (every rank its share)
@@ -760,11 +782,9 @@ def main(args: Args) -> dict:
         writer.add_text("final_samples", samples_markdown(prompts[:16], texts[:16], ended[:16]), total_steps)
 
     # TRY NOT TO MODIFY: save (collective; atomic, so a crash earlier leaves any old output_dir intact)
-    save_model(model, tokenizer, args.output_dir)
     metrics["wall_time_s"] = round(time.time() - start_time, 1)
+    save_model(model, tokenizer, args.output_dir, "sft", results=metrics)
     if ddist.is_main:
-        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
         writer.close()
     samples = ""
     if n:
@@ -777,4 +797,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import shutil
 from dataclasses import dataclass
 
 # ----------------------------------------------------------------------------------------------
@@ -479,12 +478,19 @@ def rank_pairs(rng: random.Random, group: dict, temperature: float) -> list[tupl
 
 
 def build(args: Args) -> None:
-    if os.path.exists(args.out_dir):
-        if not args.overwrite:
-            raise SystemExit(f"{args.out_dir} exists; pass --overwrite to rebuild it, or pick another --out_dir")
-        shutil.rmtree(args.out_dir)
+    # the stages' rules for an output dir (common.py): only a marked toy_data dir is replaced, atomically
+    from common import OutputLock, check_output_path, check_own_dir, recover_output, remove_own_dir, replace_dir, write_marker
+
+    check_output_path(args.out_dir, "--out_dir", {})
+    OutputLock(args.out_dir, "--out_dir")
+    recover_output(args.out_dir)
+    check_own_dir(args.out_dir, "--out_dir", "toy_task", "run")
+    if os.path.exists(args.out_dir) and os.listdir(args.out_dir) and not args.overwrite:
+        raise SystemExit(f"{args.out_dir} exists; pass --overwrite to rebuild it, or pick another --out_dir")
     tmp = args.out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_own_dir(tmp)
+    os.makedirs(tmp)
+    write_marker(tmp, "toy_task")
     for sub in ("sft", "prefs", "prompts"):
         os.makedirs(os.path.join(tmp, sub))
     rng = random.Random(args.seed)
@@ -527,7 +533,7 @@ def build(args: Args) -> None:
         _write_jsonl(os.path.join(tmp, "prompts", f"{split}.jsonl"), [{"prompt": make_review(rng)[0]} for _ in range(n)])
 
     save_base_model(os.path.join(tmp, "base_model"), args.hidden_size, args.num_layers, args.seed)
-    os.replace(tmp, args.out_dir)
+    replace_dir(tmp, args.out_dir)
     print(f"wrote {args.out_dir}: labeller temperature {temperature:.3f}, "
           f"Bayes-optimal validation accuracy {ceiling['bayes_accuracy']:.4f}")
 
@@ -566,4 +572,6 @@ def save_base_model(path: str, hidden_size: int, num_layers: int, seed: int) -> 
 if __name__ == "__main__":
     import tyro
 
-    build(tyro.cli(Args))
+    from common import run
+
+    run(build, lambda: tyro.cli(Args))

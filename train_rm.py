@@ -41,9 +41,12 @@ from tqdm import tqdm
 
 from common import (
     args_json,
-    catch_sigterm,
-    check_output_dirs,
-    check_same_args,
+    catch_signals,
+    check_flags,
+    check_messages,
+    check_model_dir,
+    check_texts,
+    check_unknown_tokens,
     end_of_turn_tokens,
     exit_preempted,
     latest_checkpoint,
@@ -54,7 +57,9 @@ from common import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    prepare_output,
     print0,
+    run,
     save_model,
     seed_everything,
     setup_distributed,
@@ -267,6 +272,15 @@ def parse_args(argv=None) -> Args:
     return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
 
 
+def check_args(args: Args) -> None:
+    """Every numeric flag in range, before anything loads (None leaves a flag off)."""
+    check_flags(args, at_least_1=("max_length", "num_train_pairs", "num_eval_pairs", "num_epochs", "batch_size",
+                                  "per_device_batch_size", "eval_batch_size", "log_every", "num_normalisation_prompts",
+                                  "response_length", "generation_batch_size"),
+                positive=("learning_rate", "adam_eps", "temperature"),
+                non_negative=("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every"))
+
+
 # ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the loss and the reward
 # ----------------------------------------------------------------------------------------------
@@ -353,15 +367,27 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
 
     # list(): indexing a datasets Column one row at a time costs ~30 us a row (25 s for 90k pairs)
     chosen_raw, rejected_raw = list(data[args.chosen_column]), list(data[args.rejected_column])
-    margins = [float(m) for m in data[args.margin_column]] if args.margin_column is not None else None
+    where = f"dataset '{args.dataset}' split '{split}'"
+    margins = None
+    if args.margin_column is not None:
+        margins = list(data[args.margin_column])
+        bad = [i for i, m in enumerate(margins) if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)]
+        if bad:
+            raise SystemExit(f"{where}: row {bad[0]}: column '{args.margin_column}' is {margins[bad[0]]!r}, not a "
+                             f"finite number ({len(bad)} rows); fix or remove them")
+        margins = [float(m) for m in margins]
     if args.dataset_format == "standard":
-        if not isinstance(chosen_raw[0], str):
-            raise SystemExit(f"column '{args.chosen_column}' holds {type(chosen_raw[0]).__name__}, not text; "
-                             "lists of messages need --dataset_format conversational")
+        if isinstance(chosen_raw[0], list):
+            raise SystemExit(f"column '{args.chosen_column}' holds lists of messages, not text; "
+                             "they need --dataset_format conversational")
         prompts = list(data[args.prompt_column])
+        for column, texts in ((args.prompt_column, prompts), (args.chosen_column, chosen_raw), (args.rejected_column, rejected_raw)):
+            check_texts(texts, column, where)
         chosen = [args.separator + c for c in chosen_raw]
         rejected = [args.separator + r for r in rejected_raw]
     elif args.dataset_format == "implicit_prompt":
+        check_texts(chosen_raw, args.chosen_column, where)
+        check_texts(rejected_raw, args.rejected_column, where)
         prompts, chosen, rejected = [], [], []
         for c, r in zip(chosen_raw, rejected_raw):
             try:
@@ -378,6 +404,9 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
         prompt_raw = list(data[args.prompt_column]) if explicit_prompt else None
         prompts, chosen, rejected = [], [], []
         for i, (c, r) in enumerate(zip(chosen_raw, rejected_raw)):
+            for column, messages in ((args.chosen_column, c), (args.rejected_column, r),
+                                     *([(args.prompt_column, prompt_raw[i])] if explicit_prompt else [])):
+                check_messages(messages, f"{where}: row {i}: '{column}'")
             if explicit_prompt:  # prompt: [user, ...], chosen/rejected: [assistant]
                 prompt_messages = prompt_raw[i]
             else:  # whole conversations that differ in their last (assistant) message
@@ -416,6 +445,7 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
     distinct = list(dict.fromkeys(chosen_texts + rejected_texts))  # a completion ranked with k others: once
     ids = dict(zip(distinct, encode(distinct)))
     chosen_ids, rejected_ids = [ids[t] for t in chosen_texts], [ids[t] for t in rejected_texts]
+    check_unknown_tokens(list(ids.values()), tokenizer, where)
     fits = [j for j in range(len(keep)) if max(len(chosen_ids[j]), len(rejected_ids[j])) <= args.max_length]
     if not fits:
         raise SystemExit(f"split '{split}': every pair is longer than --max_length {args.max_length} tokens")
@@ -601,6 +631,7 @@ def load_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
             raise SystemExit(f"prompt dataset '{args.prompt_dataset}' has no column '{args.prompt_dataset_column}' "
                              f"(it has: {', '.join(data.column_names)}); pass --prompt_dataset_column NAME")
         prompts = list(data[args.prompt_dataset_column])
+        check_texts(prompts, args.prompt_dataset_column, f"prompt dataset '{args.prompt_dataset}'")
     prompts = list(dict.fromkeys(prompts))
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     return [prompts[i] for i in order[: args.num_normalisation_prompts]]
@@ -612,6 +643,7 @@ def load_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
 def main(args: Args) -> dict:
     t_start = time.time()
     # TRY NOT TO MODIFY: setup, checks, data
+    check_args(args)
     d = setup_distributed()
     from torch.utils.tensorboard import SummaryWriter
 
@@ -622,10 +654,13 @@ def main(args: Args) -> dict:
                          f"--per_device_batch_size {args.per_device_batch_size}")
     grad_accum = micro_per_step // local_batch  # forwards per optimiser step on this rank
     sft_path = args.sft_model_for_normalisation or args.model_name_or_path
-    if os.path.abspath(args.output_dir) in (os.path.abspath(args.model_name_or_path), os.path.abspath(sft_path)):
-        raise SystemExit(f"--output_dir '{args.output_dir}' would overwrite the SFT model; pick another dir")
     checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
-    check_output_dirs(args.output_dir, checkpoint_dir, args.resume, args.overwrite)
+    check_model_dir(args.model_name_or_path, "model")
+    if args.normalize:
+        check_model_dir(sft_path, "SFT model for normalisation")
+    inputs = {"model": args.model_name_or_path, "SFT model": sft_path, "dataset": args.dataset,
+              "prompt dataset": args.prompt_dataset, "Bayes ceiling file": args.bayes_ceiling_file}
+    prepare_output(args.output_dir, checkpoint_dir, "rm", inputs, args.resume, args.overwrite, args_json(args), d.world_size)
     ceiling_file = args.bayes_ceiling_file
     if ceiling_file is None and os.path.isfile(os.path.join(args.dataset, "bayes_ceiling.json")):
         ceiling_file = os.path.join(args.dataset, "bayes_ceiling.json")
@@ -633,8 +668,11 @@ def main(args: Args) -> dict:
         raise SystemExit(f"--bayes_ceiling_file '{ceiling_file}' does not exist")
     bayes_ceiling = None
     if ceiling_file is not None:
-        with open(ceiling_file) as f:
-            bayes_ceiling = json.load(f).get("bayes_accuracy")
+        try:
+            with open(ceiling_file) as f:
+                bayes_ceiling = json.load(f).get("bayes_accuracy")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            bayes_ceiling = None
         if not isinstance(bayes_ceiling, float):
             raise SystemExit(f"'{ceiling_file}' has no number \"bayes_accuracy\"; pass --bayes_ceiling_file None")
 
@@ -646,6 +684,8 @@ def main(args: Args) -> dict:
     dataset = load_dataset(args.dataset)
     train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs)
     val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
+    # the normalisation prompts are read now, so that a bad --prompt_dataset fails before training, not after it
+    normalisation_prompts = load_prompts(args, train["prompt"]) if args.normalize else None
     n_train = len(train["chosen_ids"])
     # Pairs that share a prompt (the k choose 2 pairs of k ranked completions) go through training together, in
     # one batch: each completion is scored once, and an epoch visits each ranking once. InstructGPT did this
@@ -688,8 +728,7 @@ def main(args: Args) -> dict:
     start_step, val_metrics, history, resumed = 0, None, [], None
     if args.resume:
         latest = latest_checkpoint(checkpoint_dir)
-        resumed = load_checkpoint(latest, model, optimizer, d.world_size)
-        check_same_args(resumed["args"], args_json(args))
+        resumed = load_checkpoint(latest, model, optimizer)
         start_step, run_name = resumed["step"], resumed["run_name"]
         val_metrics, history = resumed["val_metrics"], resumed["history"]
         print0(f"resumed from {latest} (step {start_step} of {total_steps})")
@@ -712,7 +751,7 @@ def main(args: Args) -> dict:
     data_iter = batches()
     for _ in range(start_step):  # the data position: replay the shuffles up to the checkpoint
         next(data_iter)
-    sigterm = catch_sigterm()
+    signals = catch_signals()
     progress = tqdm(total=total_steps, initial=start_step, desc="reward model", disable=not d.is_main)
     t_train = time.time()
     for step in range(start_step + 1, total_steps + 1):
@@ -735,7 +774,7 @@ def main(args: Args) -> dict:
             sums[3] += r_rejected.sum().item()
             sums[4] += len(idx)
         # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this step
-        loss_sum, correct, chosen_sum, rejected_sum, count, stop = all_reduce_sum(sums + [float(sigterm["stop"])], d.device)
+        loss_sum, correct, chosen_sum, rejected_sum, count, stop = all_reduce_sum(sums + [float(signals["stop"])], d.device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 (a collective: every rank calls it)
             grad_norm = grad_norm.full_tensor()
@@ -773,10 +812,10 @@ def main(args: Args) -> dict:
         if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == total_steps or stop:
             state = {"step": step, "args": args_json(args), "run_name": run_name, "val_metrics": val_metrics,
                      "history": history}
-            path = save_checkpoint(checkpoint_dir, step, model, optimizer, state)
+            path = save_checkpoint(checkpoint_dir, step, model, optimizer, state, "rm")
             if stop:
                 progress.close()
-                exit_preempted(path, f"step {step}")
+                exit_preempted(path, f"step {step}", signals["signal"])
     progress.close()
     train_time = time.time() - t_train
     del optimizer
@@ -789,7 +828,7 @@ def main(args: Args) -> dict:
         # Each rank holds a full, unsharded copy of the policy: it only generates, and generate() under FSDP
         # would need every rank to take the same number of decoding steps.
         policy = load_causal_lm(sft_path, policy_tokenizer, args.dtype).to(d.device).eval()
-        prompts = load_prompts(args, train["prompt"])
+        prompts = normalisation_prompts
         chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
         # responses end at EOS or, for chat, at the template's end-of-turn token, as in ppo.py
         stop_ids = [tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if chat_rendered else [])]
@@ -818,7 +857,6 @@ def main(args: Args) -> dict:
                 writer.add_scalar(f"normalisation/{name}", value, step)
 
     # TRY NOT TO MODIFY: save (atomic; a failed run has raised before this point) and report
-    save_model(model, tokenizer, args.output_dir, extra_config={"reward_mean": reward_mean, "reward_std": reward_std})
     results = {
         "val_accuracy": val_metrics["accuracy"] if val_metrics else None,
         "val_loss": val_metrics["loss"] if val_metrics else None,
@@ -833,9 +871,9 @@ def main(args: Args) -> dict:
         "train_time_s": train_time,
         "wall_time_s": time.time() - t_start,
     }
+    save_model(model, tokenizer, args.output_dir, "rm", results=results,
+               extra_config={"reward_mean": reward_mean, "reward_std": reward_std})
     if d.is_main:
-        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
         writer.close()
     print0(f"saved {args.output_dir}: reward_mean {reward_mean:.4f}, reward_std {reward_std:.4f}")
     if val_metrics:
@@ -846,4 +884,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run(main, parse_args)

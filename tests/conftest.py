@@ -10,6 +10,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # in-process runs too: a hub name fails at once, as in CI
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +71,7 @@ def standin_rm(toy_dir, tmp_path_factory):
         raw = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
     stack.close()
     path = str(tmp_path_factory.mktemp("standins") / "rm")
-    save_model(model, tok, path, extra_config={"reward_mean": raw.mean().item(), "reward_std": raw.std().item()})
+    save_model(model, tok, path, "rm", extra_config={"reward_mean": raw.mean().item(), "reward_std": raw.std().item()})
     return path
 
 

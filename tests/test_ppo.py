@@ -10,6 +10,7 @@ import torch
 
 from conftest import one_thread, run_script
 
+import common
 import ppo
 
 os.environ.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -328,12 +329,13 @@ def test_nan_loss_stops_and_saves_nothing(toy_dir, standin_rm, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     out_dir = tmp_path / "existing"
     out_dir.mkdir()
+    common.write_marker(str(out_dir), "ppo")  # an earlier ppo.py run's dir, which this run may replace
     (out_dir / "keep.txt").write_text("an earlier run")
     real = ppo.policy_loss
     monkeypatch.setattr(ppo, "policy_loss", lambda *a: (real(*a)[0] * float("nan"), *real(*a)[1:]))
     with pytest.raises(SystemExit, match="non-finite"):
         ppo.main(tiny_args(toy_dir, standin_rm, out_dir, "--total_episodes", "64", "--eval_samples", "16"))
-    assert os.listdir(out_dir) == ["keep.txt"]
+    assert sorted(os.listdir(out_dir)) == ["keep.txt", common.MARKER]
 
 
 @pytest.mark.parametrize("extra", [

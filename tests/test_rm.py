@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import run_script, run_script_expect_error
 
+import common
 import train_rm
 from common import load_causal_lm, load_reward_model, load_tokenizer
 
@@ -320,9 +321,10 @@ def test_tokenizer_mismatch_with_the_policy(toy_dir, tmp_path):
 def test_nan_loss_stops_and_keeps_the_old_output(toy_dir, tmp_path, monkeypatch):
     out = tmp_path / "rm"
     out.mkdir()
+    common.write_marker(str(out), "rm")  # an earlier train_rm.py run's dir
     (out / "keep.txt").write_text("an earlier run")
     monkeypatch.setattr(train_rm, "bradley_terry_loss", lambda c, r, m=None: (c - r).mean() * float("nan"))
     message = run_main_expect_exit(toy_dir, "--dataset", os.path.join(toy_dir, "prefs"), "--num_train_pairs", "128",
                                    "--eval_split", "None", "--output_dir", str(out), "--run_name", "test_rm_nan")
     assert "loss is nan" in message
-    assert os.listdir(out) == ["keep.txt"]
+    assert sorted(os.listdir(out)) == ["keep.txt", common.MARKER]

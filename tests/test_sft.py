@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import run_script, run_script_expect_error
 
+import common
 import sft
 
 PAD, EOS = 0, 1
@@ -165,6 +166,7 @@ def test_long_completions_are_cut_without_eos(toy_dir, capsys):
 def test_nan_loss_stops_and_keeps_the_old_output(toy_dir, in_tmp):
     old = in_tmp / "sft"
     old.mkdir()
+    common.write_marker(str(old), "sft")  # an earlier sft.py run, which --overwrite may replace
     (old / "marker").write_text("previous model")
     with pytest.raises(SystemExit) as info:
         # absurd rate: the weights blow up within a few steps
@@ -176,7 +178,7 @@ def test_nan_loss_stops_and_keeps_the_old_output(toy_dir, in_tmp):
     assert match, message
     step, kept = int(match.group(3)), match.group(4)
     assert kept == str(in_tmp / "sft_checkpoints" / f"step_{step - 1}") and os.path.isdir(kept)
-    assert (old / "marker").read_text() == "previous model" and os.listdir(old) == ["marker"]
+    assert (old / "marker").read_text() == "previous model" and sorted(os.listdir(old)) == ["marker", common.MARKER]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def load_dataset(name_or_path: str, what: str = "dataset"):
     """`datasets.load_dataset` on a hub name or a local dir (the same code path), or a one-line error.
 
     When a local dir fails to load, its files are read line by line to name the broken one: datasets'
-    own error says neither the file nor the line.
+    own error says neither the file nor the line. A local dir's Arrow cache is keyed by its files' bytes
+    (local_files_key), so it always loads its current files.
     """
     import datasets
 
@@ -65,7 +66,9 @@ def load_dataset(name_or_path: str, what: str = "dataset"):
     if problem:  # datasets reads such bytes without complaint, and fails only when the column is used
         raise SystemExit(f"cannot load {what} '{name_or_path}': {problem}")
     try:
-        splits = datasets.load_dataset(name_or_path)
+        # config_id names the cache dir: datasets' own key misses edits and same-named dirs (issue 14)
+        cache_key = {"config_id": local_files_key(name_or_path)} if os.path.isdir(name_or_path) else {}
+        splits = datasets.load_dataset(name_or_path, **cache_key)
     except Exception as e:  # offline, unknown hub name, unreadable files
         problem = find_bad_line(name_or_path) if os.path.isdir(name_or_path) else None
         raise SystemExit(f"cannot load {what} '{name_or_path}': {problem or first_line(e)}") from None
@@ -73,6 +76,26 @@ def load_dataset(name_or_path: str, what: str = "dataset"):
         if len(rows) == 0:
             raise SystemExit(f"{what} '{name_or_path}': split '{split}' has no rows; fill it or remove its file")
     return splits
+
+
+def local_files_key(path: str) -> str:
+    """A hash of the name and bytes of every file in a local dataset dir (hidden ones aside, as datasets skips them).
+
+    datasets 5.2 keys the cache of a dir with a README `configs:` block by the dir's name and that block only,
+    so a second dir of the same name got the first one's rows and edited files were not seen; without the block
+    it keys by paths and mtimes, which miss an edit that keeps the mtime (cp -p, tar). Hashing 60 MB takes ~0.07 s.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: os.walk's order is the disk's
+        for file in sorted(os.path.join(root, f) for f in files if not f.startswith(".")):
+            if not os.path.isfile(file):  # a FIFO would block the read
+                continue
+            with open(file, "rb") as f:
+                digest.update(f"{os.path.relpath(file, path)}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\0".encode())
+    return "files-" + digest.hexdigest()[:16]
 
 
 def json_files(path: str) -> list[str]:
@@ -145,6 +168,62 @@ def check_unknown_tokens(token_ids: list[list[int]], tokenizer, where: str) -> N
     if mostly:
         print0(f"warning: {where}: {len(mostly)} of {len(token_ids)} rows are mostly '{tokenizer.unk_token}' "
                f"({sum(unknown) / total:.1%} of all tokens; first: row {mostly[0]})")
+
+
+def drop_unusable(reasons: list[str | None], where: str, max_fraction: float) -> list[int]:
+    """The one policy, in every stage, for rows that cannot be used (an empty prompt or completion, a dialogue
+    without the prompt marker, chosen == rejected): drop them with a printed count, and stop when they are
+    more than max_fraction of the split, which means a wrong column or format rather than a few bad rows.
+    Real HH-RLHF has 4 dialogues in 2,000 whose final chosen reply is empty. -> the indices kept
+    """
+    bad = [i for i, reason in enumerate(reasons) if reason]
+    if not bad:
+        return list(range(len(reasons)))
+    counts: dict[str, int] = {}
+    for i in bad:
+        counts[reasons[i]] = counts.get(reasons[i], 0) + 1
+    summary = f"{', '.join(f'{n} {why}' for why, n in counts.items())}; first: row {bad[0]}"
+    if len(bad) > max_fraction * len(reasons):
+        raise SystemExit(f"{where}: {len(bad)} of {len(reasons)} rows ({len(bad) / len(reasons):.1%}) cannot be used "
+                         f"({summary}), more than --max_dropped_fraction {max_fraction}; check the data and the column "
+                         "and format flags, or raise --max_dropped_fraction")
+    print0(f"{where}: dropped {len(bad)} of {len(reasons)} rows that cannot be used ({summary})")
+    return [i for i, reason in enumerate(reasons) if not reason]
+
+
+def prompt_head(tokenizer, chat: bool) -> list[int]:
+    """The tokens a prompt must keep at its front when it is cut to length: the BOS a tokenizer puts before
+    every text (Llama 3's <|begin_of_text|>), or for chat prompts everything the template renders before the
+    first user message (BOS, the default system turn of Qwen's template, the user header)."""
+    sentinel = "SENTINEL_7f3a"
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False, add_generation_prompt=True)
+        return tokenizer(text.split(sentinel, 1)[0], add_special_tokens=False)["input_ids"]
+    with_specials = tokenizer(sentinel)["input_ids"]
+    plain = tokenizer(sentinel, add_special_tokens=False)["input_ids"]
+    return with_specials[: len(with_specials) - len(plain)] if with_specials[-len(plain):] == plain else []
+
+
+def fit_prompts(ids: list[list[int]], max_length: int, truncate: bool, head: list[int], where: str) -> list[list[int]]:
+    """Prompts longer than max_length tokens: an error, or (truncate) cut from the left, keeping `head` (see
+    prompt_head) in front and the end, the text a response continues. Every stage cuts prompts this way."""
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_length]
+    if not too_long:
+        return ids
+    if not truncate:
+        raise SystemExit(f"{where}: {len(too_long)} of {len(ids)} prompts are longer than max_prompt_length={max_length} "
+                         f"tokens (longest: {max(len(ids[i]) for i in too_long)}); raise --max_prompt_length, or pass "
+                         "--truncate_long_prompts")
+    if len(head) >= max_length:
+        raise SystemExit(f"--max_prompt_length {max_length} leaves no room after the {len(head)} tokens every prompt "
+                         "starts with (BOS, chat template header); raise it")
+    print0(f"warning: {where}: {len(too_long)} of {len(ids)} prompts are longer than max_prompt_length={max_length} "
+           f"tokens; keeping their last tokens{f' after the {len(head)} they start with' if head else ''} (--truncate_long_prompts)")
+    cut = []
+    for x in ids:
+        keep = head if head and x[: len(head)] == head else []
+        cut.append(x if len(x) <= max_length else keep + x[len(x) - (max_length - len(keep)):])
+    return cut
 
 
 def check_flags(args, at_least_1=(), positive=(), non_negative=()) -> None:
@@ -221,8 +300,9 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right", add_pad_token
     """AutoTokenizer with a pad token that is *not* EOS.
 
     Padding with EOS would make every pad position look like a real end of text, so loss masks built
-    from `input_ids != pad_token_id` would drop the real EOS too. Pythia ships without a pad token and
-    Qwen2 pads with its EOS: `add_pad_token` adds a distinct '[PAD]' (the model's embeddings grow by one
+    from `input_ids != pad_token_id` would drop the real EOS too. Qwen2 pads with its EOS, and GPT-2 has no
+    pad token (Pythia's pads with '<|padding|>' under transformers 5; older copies had none):
+    `add_pad_token` adds a distinct '[PAD]' (the model's embeddings grow by one
     row in load_causal_lm / load_reward_model). It is an explicit choice, because it changes the model.
     """
     check_path(name_or_path, "tokenizer")
@@ -280,10 +360,26 @@ def _prepare(model, tokenizer, name_or_path: str):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config = token_ids_only(model.generation_config, tokenizer)
     disable_dropout(model)
     return model
+
+
+def token_ids_only(shipped, tokenizer):
+    """The model's generation config cut down to its token ids, so that generate() samples as the call says.
+
+    generate() fills every field a call leaves unset (None) from model.generation_config (transformers 5.23,
+    GenerationMixin._prepare_generation_config). A shipped repetition_penalty (Qwen2.5-Instruct: 1.05 to 1.1),
+    no_repeat_ngram_size, min_new_tokens, ... would reshape every rollout, while PPO's logprobs model plain
+    softmax(logits / T); and a field that is off when None (bad_words_ids, suppress_tokens, min_p, forced_eos_token_id,
+    ...) a GenerationConfig passed to generate() cannot switch off. Unset fields now fall to the library defaults,
+    neutral but for do_sample False and top_k 50, which every sampling call sets. The saved SFT and PPO dirs carry
+    nothing on.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
 
 
 def load_causal_lm(name_or_path: str, tokenizer, dtype: str = "float32"):

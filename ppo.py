@@ -64,7 +64,9 @@ from common import (
     check_model_dir,
     check_texts,
     check_unknown_tokens,
+    drop_unusable,
     end_of_turn_tokens,
+    fit_prompts,
     exit_preempted,
     latest_checkpoint,
     load_checkpoint,
@@ -76,6 +78,7 @@ from common import (
     load_tokenizer,
     prepare_output,
     print0,
+    prompt_head,
     run,
     save_model,
     seed_everything,
@@ -114,7 +117,11 @@ class Args:
     max_prompt_length: int = 32
     """prompts longer than this many tokens are rejected (or left-truncated with --truncate_long_prompts)"""
     truncate_long_prompts: bool = False
-    """keep the last max_prompt_length tokens of a too-long prompt (with a warning) instead of failing"""
+    """keep the last tokens of a too-long prompt, behind its BOS or chat template header (with a warning),
+    instead of failing"""
+    max_dropped_fraction: float = 0.01
+    """prompts that cannot be used (empty, no --implicit_prompt_marker) are dropped with a count; more than this
+    fraction of a split stops the run (a wrong column or format)"""
     output_dir: str = "models/ppo"
     """where the trained policy, its tokenizer and eval_results.json are saved"""
     save: bool = True
@@ -359,7 +366,8 @@ def check_args(args: Args) -> None:
                                   "max_prompt_length", "kl_horizon"),
                 positive=("temperature", "lr", "adam_eps", "cliprange", "cliprange_value", "kl_target"),
                 non_negative=("kl_coef", "eval_temperature", "vf_coef", "weight_decay", "max_grad_norm", "eval_every",
-                              "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r", "lora_alpha"))
+                              "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r", "lora_alpha",
+                              "max_dropped_fraction"))
     for name in ("gamma", "lam"):
         if not 0 <= getattr(args, name) <= 1:
             raise SystemExit(f"--{name} {getattr(args, name)}: must be in [0, 1]")
@@ -642,33 +650,23 @@ def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[st
             check_messages(messages, f"{where}: row {i}")
     else:
         check_texts(texts, args.prompt_column, where)
-    if args.implicit_prompt_marker is not None:  # whole dialogues: the prompt ends at the last marker
-        missing = [i for i, t in enumerate(texts) if args.implicit_prompt_marker not in t]
-        if missing:
-            raise SystemExit(f"split '{split}': {len(missing)} texts have no {args.implicit_prompt_marker!r} "
-                             f"(first: row {missing[0]}); check --implicit_prompt_marker")
-        texts = [t[: t.rfind(args.implicit_prompt_marker) + len(args.implicit_prompt_marker)] for t in texts]
+    marker = args.implicit_prompt_marker
+    if marker is not None:  # whole dialogues: the prompt ends at the last marker
+        texts = [t[: t.rfind(marker) + len(marker)] if marker in t else None for t in texts]
     chat = is_chat(args, texts)
     if chat:
         if tokenizer.chat_template is None:
             raise SystemExit(f"chat prompts need a tokenizer with a chat template, and '{args.sft_model}' has none; "
                              "pass --prompt_format text, or use a tokenizer with one")
         texts = [render_chat_prompt(t, tokenizer) for t in texts]
-    empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if empty:
-        raise SystemExit(f"split '{split}' of '{args.dataset}': {len(empty)} prompts are empty or not text "
-                         f"(first: row {empty[0]}); remove them")
+    # rows that cannot be used are dropped with a count (common.drop_unusable: the same policy in every stage)
+    keep = drop_unusable(["without the prompt marker" if t is None else "with an empty prompt" if not t.strip() else None
+                          for t in texts], where, args.max_dropped_fraction)
+    texts = [texts[i] for i in keep]
     ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]  # a rendered template has its own BOS
     check_unknown_tokens(ids, tokenizer, where)
-    m = args.max_prompt_length
-    too_long = [i for i, x in enumerate(ids) if len(x) > m]
-    if too_long and not args.truncate_long_prompts:
-        raise SystemExit(f"split '{split}': {len(too_long)} of {len(ids)} prompts are longer than "
-                         f"max_prompt_length={m} tokens (longest: {max(len(ids[i]) for i in too_long)}); "
-                         "raise --max_prompt_length, or pass --truncate_long_prompts")
-    if too_long:
-        print0(f"warning: split '{split}': keeping the last {m} tokens of {len(too_long)} too-long prompts")
-        ids = [x[-m:] for x in ids]
+    # a long prompt keeps its end, the text the response continues, behind its BOS or chat header
+    ids = fit_prompts(ids, args.max_prompt_length, args.truncate_long_prompts, prompt_head(tokenizer, chat), where)
     return texts, ids
 
 
@@ -678,6 +676,8 @@ def is_chat(args: Args, prompts: list) -> bool:
 
 def render_chat_prompt(prompt, tokenizer) -> str:
     """A text (one user message) or a message list, rendered up to the assistant's turn (add_generation_prompt)."""
+    if prompt is None:  # no --implicit_prompt_marker in it: dropped later
+        return None
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if messages and messages[-1]["role"] == "assistant":  # the response is the policy's to write
         messages = messages[:-1]
@@ -698,7 +698,9 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[tor
 
 
 def generation_config(tokenizer, max_new_tokens: int, temperature: float, stop_token_ids: list[int]):
-    """Sampling from the full distribution: top_k 0, top_p 1, only the temperature (Huang et al. 2024)."""
+    """Sampling from the full distribution: top_k 0, top_p 1, only the temperature (Huang et al. 2024), which
+    policy_forward models. A field left None here is filled from the model's generation_config, which holds only
+    the token ids (common.token_ids_only), then from the library defaults: neutral but for top_k 50."""
     from transformers import GenerationConfig
 
     sample = temperature > 0
@@ -731,16 +733,19 @@ def generate(policy, queries, query_mask, config) -> torch.Tensor:
 
 
 def rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length: int,
-              tokenizer, rm_tokenizer, has_eos, batch_size: int) -> torch.Tensor:
+              tokenizer, rm_retokenize, has_eos, batch_size: int) -> torch.Tensor:
     """The RM's score at the last real token of prompt + response (the EOS), in chunks. -> (B,)
 
-    If the RM has its own tokenizer, the text is decoded and re-tokenised for it (with its EOS where the
-    policy's response had one); otherwise the policy's tokens go in as they are.
+    If the RM has its own tokenizer (rm_retokenize = (its tokenizer, its end token)), the text is decoded and
+    re-tokenised for it. Decoding drops the special tokens, the policy's EOS or end-of-turn among them, so
+    where the policy's response ended the RM's own end token goes back on: its EOS, or for chat its template's
+    end-of-turn token, where train_rm.py read its rewards. Otherwise the policy's tokens go in as they are.
     """
-    if rm_tokenizer is not None:
+    if rm_retokenize is not None:
+        rm_tokenizer, rm_end_id = rm_retokenize
         texts = tokenizer.batch_decode(query_responses.masked_fill(attention_mask == 0, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
-        ids = [x + [rm_tokenizer.eos_token_id] * int(e) for x, e in zip(rm_tokenizer(texts)["input_ids"], has_eos.tolist())]
+        ids = [x + [rm_end_id] * int(e) for x, e in zip(rm_tokenizer(texts)["input_ids"], has_eos.tolist())]
         width = max(len(x) for x in ids)
         query_responses = torch.tensor([x + [rm_tokenizer.pad_token_id] * (width - len(x)) for x in ids],
                                        device=response_mask.device)
@@ -775,7 +780,7 @@ def load_gold_fn(spec: str | None):
 
 
 @torch.no_grad()
-def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tokenizer, prompts, prompt_ids, gold_fn, device,
+def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_retokenize, prompts, prompt_ids, gold_fn, device,
              stop_ids: list[int]):
     """Held-out evaluation of the current policy: RM score, gold score, KL to the reference, length, EOS.
 
@@ -794,7 +799,7 @@ def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tokenizer, pr
         T = responses.shape[1]
         query_responses = torch.cat([queries, responses], 1)
         attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
-        scores = rm_scores(reward_model, query_responses, attention_mask, response_mask, P, tokenizer, rm_tokenizer,
+        scores = rm_scores(reward_model, query_responses, attention_mask, response_mask, P, tokenizer, rm_retokenize,
                            has_eos, args.local_rollout_forward_batch_size)
         kl = torch.zeros(len(responses), device=device)
         with unsharded(policy), unsharded(ref_policy):
@@ -981,7 +986,9 @@ def main(args: Args) -> dict:
     # forwards fewer per update).
     reuse_first_forward = args.reuse_first_forward and args.num_minibatches == 1 and gradient_accumulation_steps == 1
     rollout_config = generation_config(tokenizer, args.response_length, args.temperature, stop_ids)
-    rm_tok_arg = None if same_tokenizer else rm_tokenizer
+    # re-tokenising for an RM with its own vocabulary: where a response ended, it ends in the RM's own end token
+    rm_end_id = ((end_of_turn_tokens(rm_tokenizer) if chat else []) or [rm_tokenizer.eos_token_id])[0]
+    rm_tok_arg = None if same_tokenizer else (rm_tokenizer, rm_end_id)
     pad_id = tokenizer.pad_token_id
 
     writer = None

@@ -40,7 +40,9 @@ from common import (
     check_model_dir,
     check_texts,
     check_unknown_tokens,
+    drop_unusable,
     end_of_turn_tokens,
+    fit_prompts,
     exit_preempted,
     latest_checkpoint,
     load_checkpoint,
@@ -51,6 +53,7 @@ from common import (
     load_tokenizer,
     prepare_output,
     print0,
+    prompt_head,
     run,
     save_model,
     seed_everything,
@@ -107,7 +110,11 @@ class Args:
     max_completion_length: int = 32
     """completions (EOS included) longer than this are cut to this many tokens, and lose their EOS"""
     truncate_long_prompts: bool = False
-    """keep the last max_prompt_length tokens of a too-long prompt (with a warning) instead of failing"""
+    """keep the last tokens of a too-long prompt, behind its BOS or chat template header (with a warning),
+    instead of failing"""
+    max_dropped_fraction: float = 0.01
+    """rows that cannot be used (empty prompt or completion, no prompt marker) are dropped with a count; more
+    than this fraction of a split stops the run (it means a wrong column or format)"""
     train_on_prompt: bool = False
     """make prompt tokens targets too (Huang et al. 2024 did); default: loss on completion tokens only"""
 
@@ -136,6 +143,8 @@ class Args:
     # evaluation
     eval_every: int = 100
     """optimizer steps between validation losses and logged sample generations"""
+    num_eval_pairs: int | None = None
+    """the first this many rows of the eval split are evaluated (loss and samples); None: all of it"""
     eval_batch_size: int = 256
     """sequences per forward pass (per process) during evaluation and generation"""
     num_eval_samples: int = 512
@@ -173,7 +182,9 @@ PRESETS = {
         # query tokens too, responses of at most 53 tokens after a query of 512 tokens.
         Args(
             model_name_or_path="EleutherAI/pythia-1b-deduped",
-            add_pad_token=True,  # Pythia has no pad token
+            # a no-op under transformers 5, where Pythia's tokenizer pads with '<|padding|>'; a copy saved
+            # without a pad token gets a distinct '[PAD]'
+            add_pad_token=True,
             dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
             prompt_column="query",
             # " {summary}<|endoftext|>": it already ends in EOS, so none is appended twice
@@ -204,7 +215,7 @@ PRESETS = {
         # final reply. The settings past the data are ours, scaled from the TL;DR preset.
         Args(
             model_name_or_path="EleutherAI/pythia-1b-deduped",
-            add_pad_token=True,  # Pythia has no pad token
+            add_pad_token=True,  # a no-op for Pythia's tokenizer under transformers 5 (see pythia-tldr)
             dataset="Anthropic/hh-rlhf",
             dataset_format="implicit_prompt",
             completion_column="chosen",
@@ -271,6 +282,7 @@ def check_args(args: Args) -> None:
                                   "eval_batch_size", "max_prompt_length", "max_completion_length", "max_new_tokens"),
                 positive=("learning_rate", "adam_eps", "temperature"),
                 non_negative=("warmup_steps", "max_steps", "num_eval_samples", "num_logged_samples", "weight_decay",
+                              "num_eval_pairs", "max_dropped_fraction",
                               "max_grad_norm", "checkpoint_every"))
 
 
@@ -328,8 +340,8 @@ def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list
         for i, text in enumerate(texts):
             try:
                 prompt, completion = split_implicit_prompt(text, args.implicit_prompt_marker)
-            except ValueError as e:
-                raise SystemExit(f"{where}: row {i}: {e}; check --implicit_prompt_marker") from None
+            except ValueError:
+                prompt, completion = None, text  # no marker: a row that cannot be used (see usable_rows)
             prompts.append(prompt)
             completions.append(completion)
         return prompts, completions, False
@@ -375,13 +387,16 @@ def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list
     return prompts, completions, False
 
 
+def usable_rows(prompts: list[str | None], completions: list[str], args: Args, where: str) -> list[int]:
+    """The rows to train on: one without a prompt (no --implicit_prompt_marker in it), with an empty prompt or
+    with an empty completion is dropped and counted (common.drop_unusable, the same policy in every stage)."""
+    reasons = ["without the prompt marker" if p is None else "with an empty prompt" if not p.strip() else
+               "with an empty completion" if not c.strip() else None for p, c in zip(prompts, completions)]
+    return drop_unusable(reasons, where, args.max_dropped_fraction)
+
+
 def tokenize_pairs(prompts, completions, tokenizer, args: Args, conversational: bool, where: str):
     """Text -> (prompt_ids, completion_ids) per row; EOS appended to each completion; lengths checked."""
-    for what, texts in (("completion", completions), ("prompt", prompts)):
-        empty = [i for i, text in enumerate(texts) if text is None or not str(text).strip()]
-        if empty:
-            raise SystemExit(f"{where}: {len(empty)} rows have an empty {what} (first: row {empty[0]}); "
-                             "remove them from the dataset")
     # A rendered chat prompt already holds the template's special tokens (a BOS, if any): add none twice.
     prompt_ids = tokenizer(prompts, add_special_tokens=not conversational)["input_ids"]
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
@@ -392,17 +407,10 @@ def tokenize_pairs(prompts, completions, tokenizer, args: Args, conversational: 
     stops = {tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if conversational else [])}
     completion_ids = [ids if ids and ids[-1] in stops else ids + [tokenizer.eos_token_id] for ids in completion_ids]
 
-    n, m = len(prompt_ids), args.max_prompt_length
-    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > m]
-    if too_long and not args.truncate_long_prompts:
-        longest = max(len(prompt_ids[i]) for i in too_long)
-        raise SystemExit(f"{where}: {len(too_long)} of {n} prompts are longer than max_prompt_length={m} tokens "
-                         f"(longest: {longest}); raise --max_prompt_length, or pass --truncate_long_prompts")
-    if too_long:
-        print0(f"warning: {where}: {len(too_long)} of {n} prompts are longer than max_prompt_length={m} tokens; "
-               f"keeping their last {m} tokens (--truncate_long_prompts)")
-        # left-truncate: keep the end of the prompt, the text the completion continues
-        prompt_ids = [ids[-m:] for ids in prompt_ids]
+    # a long prompt keeps its end, the text the completion continues, behind its BOS or chat header
+    n = len(prompt_ids)
+    prompt_ids = fit_prompts(prompt_ids, args.max_prompt_length, args.truncate_long_prompts,
+                             prompt_head(tokenizer, conversational), where)
 
     m = args.max_completion_length
     too_long = [i for i, ids in enumerate(completion_ids) if len(ids) > m]
@@ -541,7 +549,8 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], args: Args
     """Sample a completion per prompt; return its text up to the first EOS (or other stop token, e.g. a chat
     end-of-turn), and whether one came.
 
-    Batched and left-padded. Sampling uses the full distribution (top_k 0, top_p 1), as Huang et al. 2024.
+    Batched and left-padded. Sampling uses the full distribution (top_k 0, top_p 1), as Huang et al. 2024; nothing
+    else applies, since the model's generation_config holds only the token ids (common.token_ids_only).
     """
     model.eval()
     pad = tokenizer.pad_token_id
@@ -607,9 +616,11 @@ def main(args: Args) -> dict:
     for split, ds in load_splits(args).items():
         where = f"dataset '{args.dataset}' split '{split}'"
         prompts, completions, conversational = prompts_and_completions(ds, args, tokenizer, where)
+        keep = usable_rows(prompts, completions, args, where)
+        prompts, completions = [prompts[i] for i in keep], [completions[i] for i in keep]
         data[split] = (prompts, tokenize_pairs(prompts, completions, tokenizer, args, conversational, where))
     train_pairs = data[args.train_split][1]
-    eval_prompts, eval_pairs = data[args.eval_split]
+    eval_prompts, eval_pairs = (rows[: args.num_eval_pairs] for rows in data[args.eval_split])
     # samples end at EOS, or at the chat template's end-of-turn token when the data is conversational
     stop_ids = [tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if conversational else [])]
     steps_per_epoch = len(train_pairs) // args.batch_size  # the last incomplete batch of an epoch is dropped

@@ -47,7 +47,9 @@ from common import (
     check_model_dir,
     check_texts,
     check_unknown_tokens,
+    drop_unusable,
     end_of_turn_tokens,
+    fit_prompts,
     exit_preempted,
     latest_checkpoint,
     load_checkpoint,
@@ -59,6 +61,7 @@ from common import (
     load_tokenizer,
     prepare_output,
     print0,
+    prompt_head,
     run,
     save_model,
     seed_everything,
@@ -92,6 +95,9 @@ class Args:
     """implicit_prompt: the prompt ends just after the last occurrence of this in the shared prefix"""
     max_length: int = 128
     """pairs whose prompt + completion + EOS is longer than this many tokens are dropped"""
+    max_dropped_fraction: float = 0.01
+    """pairs that cannot be used (an empty prompt, chosen or rejected, no prompt marker, chosen == rejected) are
+    dropped with a count; more than this fraction of a split stops the run (a wrong column or format)"""
     num_train_pairs: int | None = None
     """train on this many pairs drawn at random (None: all)"""
     num_eval_pairs: int | None = None
@@ -155,6 +161,11 @@ class Args:
     """prompt column of prompt_dataset"""
     num_normalisation_prompts: int = 512
     """how many prompts to sample one response each for"""
+    max_prompt_length: int = 32
+    """normalisation prompts longer than this many tokens are an error, or cut with --truncate_long_prompts: set
+    both as for ppo.py, so that the statistics come from the prompts PPO will see"""
+    truncate_long_prompts: bool = False
+    """keep the last tokens of a too-long normalisation prompt, behind its BOS or chat template header"""
     response_length: int = 32
     """max new tokens per normalisation sample (match ppo.py)"""
     temperature: float = 0.7
@@ -210,6 +221,8 @@ PRESETS = {
             prompt_dataset_column="query",
             num_normalisation_prompts=2048,
             response_length=53,
+            max_prompt_length=512,  # as ppo.py pythia-tldr
+            truncate_long_prompts=True,
             generation_batch_size=64,
         ),
     ),
@@ -233,6 +246,8 @@ PRESETS = {
             group_by_length=False,
             num_normalisation_prompts=2048,
             response_length=128,
+            max_prompt_length=512,  # as ppo.py hh-rlhf
+            truncate_long_prompts=True,
             generation_batch_size=32,
         ),
     ),
@@ -257,6 +272,8 @@ PRESETS = {
             group_by_length=False,
             num_normalisation_prompts=1024,
             response_length=256,
+            max_prompt_length=1024,  # as ppo.py ultrafeedback
+            truncate_long_prompts=True,
             generation_batch_size=16,
         ),
     ),
@@ -275,10 +292,11 @@ def parse_args(argv=None) -> Args:
 def check_args(args: Args) -> None:
     """Every numeric flag in range, before anything loads (None leaves a flag off)."""
     check_flags(args, at_least_1=("max_length", "num_train_pairs", "num_eval_pairs", "num_epochs", "batch_size",
-                                  "per_device_batch_size", "eval_batch_size", "log_every", "num_normalisation_prompts",
+                                  "per_device_batch_size", "eval_batch_size", "log_every", "num_normalisation_prompts", "max_prompt_length",
                                   "response_length", "generation_batch_size"),
                 positive=("learning_rate", "adam_eps", "temperature"),
-                non_negative=("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every"))
+                non_negative=("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every",
+                              "max_dropped_fraction"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,16 +436,12 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
             _, r_text = render_conversation(tokenizer, prompt_messages, r)
             prompts.append(p), chosen.append(c_text), rejected.append(r_text)
 
-    # Drop pairs that carry no preference; all of them means the columns are wrong.
-    keep = [i for i in range(len(prompts)) if prompts[i] is not None and chosen[i] != rejected[i]]
-    if not keep:
-        if all(p is None for p in prompts):
-            raise SystemExit(f"split '{split}': no pair has a shared prompt ending in "
-                             f"{args.implicit_prompt_marker!r}; check --implicit_prompt_marker")
-        raise SystemExit(f"split '{split}': chosen == rejected in every row; check --chosen_column "
-                         f"'{args.chosen_column}' and --rejected_column '{args.rejected_column}'")
-    if len(keep) < len(prompts):
-        print0(f"{split}: dropped {len(prompts) - len(keep)} pairs with chosen == rejected or no prompt")
+    # Drop the pairs that cannot be used or carry no preference (common.drop_unusable: the same policy in
+    # every stage); many of them means wrong columns or format.
+    reasons = ["without the prompt marker" if p is None else "with an empty prompt" if not p.strip() else
+               "with an empty chosen" if not c.strip() else "with an empty rejected" if not r.strip() else
+               "with chosen == rejected" if c == r else None for p, c, r in zip(prompts, chosen, rejected)]
+    keep = drop_unusable(reasons, where, args.max_dropped_fraction)
 
     # Tokenize prompt + completion, then EOS (Huang et al. 2024: the reward is read at the EOS token).
     # A text that already ends in EOS (TL;DR's "<|endoftext|>") or in the chat template's end-of-turn
@@ -578,7 +592,10 @@ def truncate_after_eos(responses: torch.Tensor, eos_id: int | list[int], pad_id:
 @torch.no_grad()
 def sample_responses(policy, input_ids, attention_mask, response_length: int, temperature: float,
                      eos_id: int | list[int], pad_id: int) -> torch.Tensor:
-    """Sample one response per left-padded prompt, cut after its first EOS. (B, T_prompt) -> (B, T_response)"""
+    """Sample one response per left-padded prompt, cut after its first EOS. (B, T_prompt) -> (B, T_response)
+
+    Only the temperature applies: the policy's generation_config holds only the token ids (common.token_ids_only).
+    """
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -685,7 +702,12 @@ def main(args: Args) -> dict:
     train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs)
     val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
     # the normalisation prompts are read now, so that a bad --prompt_dataset fails before training, not after it
-    normalisation_prompts = load_prompts(args, train["prompt"]) if args.normalize else None
+    chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
+    normalisation_ids = None
+    if args.normalize:  # tokenized and cut to length as ppo.py does, so that the SFT samples match its prompts
+        normalisation_ids = policy_tokenizer(load_prompts(args, train["prompt"]), add_special_tokens=not chat_rendered)["input_ids"]
+        normalisation_ids = fit_prompts(normalisation_ids, args.max_prompt_length, args.truncate_long_prompts,
+                                        prompt_head(policy_tokenizer, chat_rendered), "normalisation prompts")
     n_train = len(train["chosen_ids"])
     # Pairs that share a prompt (the k choose 2 pairs of k ranked completions) go through training together, in
     # one batch: each completion is scored once, and an epoch visits each ranking once. InstructGPT did this
@@ -828,20 +850,17 @@ def main(args: Args) -> dict:
         # Each rank holds a full, unsharded copy of the policy: it only generates, and generate() under FSDP
         # would need every rank to take the same number of decoding steps.
         policy = load_causal_lm(sft_path, policy_tokenizer, args.dtype).to(d.device).eval()
-        prompts = normalisation_prompts
-        chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
         # responses end at EOS or, for chat, at the template's end-of-turn token, as in ppo.py
         stop_ids = [tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if chat_rendered else [])]
-        indices, is_real = shard(len(prompts), d.rank, d.world_size)
+        indices, is_real = shard(len(normalisation_ids), d.rank, d.world_size)
         sums = [0.0, 0.0, 0.0, 0.0]  # sum r, sum r^2, count, count with EOS
         for start in tqdm(range(0, len(indices), args.generation_batch_size), desc="normalisation", disable=not d.is_main):
             idx = indices[start : start + args.generation_batch_size]
             real = torch.tensor(is_real[start : start + args.generation_batch_size], device=d.device)
-            enc = policy_tokenizer([prompts[i] for i in idx], padding=True, return_tensors="pt",
-                                   add_special_tokens=not chat_rendered).to(d.device)  # (B, T_prompt), left padded
-            responses = sample_responses(policy, enc["input_ids"], enc["attention_mask"], args.response_length,
+            queries, query_mask = (t.to(d.device) for t in pad([normalisation_ids[i] for i in idx], pad_id, side="left"))
+            responses = sample_responses(policy, queries, query_mask, args.response_length,
                                          args.temperature, stop_ids, pad_id)  # (B, T_response)
-            query_responses = torch.cat([enc["input_ids"], responses], dim=1)  # left pad | prompt | response | pad
+            query_responses = torch.cat([queries, responses], dim=1)  # left pad | prompt | response | pad
             rewards = get_reward(model, query_responses, (query_responses != pad_id).long())
             sums[0] += (rewards * real).sum().item()
             sums[1] += (rewards**2 * real).sum().item()

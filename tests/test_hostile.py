@@ -198,10 +198,10 @@ CATALOGUE = {
     },
     "data rows": {
         "missing column": (lambda c: c.rm_("--chosen_column", "preferred"), "has no column 'preferred'"),
-        "empty prompt": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40 + [{"prompt": "", "completion": "good ."}])), "empty prompt"),
-        "empty completion": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40 + [{"prompt": "the plot", "completion": " "}])), "empty completion"),
+        "empty prompt": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40 + [{"prompt": "", "completion": "good ."}])), "1 with an empty prompt; first: row 40"),
+        "empty completion": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40 + [{"prompt": "the plot", "completion": " "}])), "1 with an empty completion; first: row 40"),
         "prompt longer than the limit": (lambda c: c.ppo("--max_prompt_length", "2"), "longer than max_prompt_length"),
-        "chosen == rejected in every row": (lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "the plot", "chosen": "was good .", "rejected": "was good ."}] * 80)), "chosen == rejected in every row"),
+        "chosen == rejected in every row": (lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "the plot", "chosen": "was good .", "rejected": "was good ."}] * 80)), "80 of 80 rows (100.0%) cannot be used (80 with chosen == rejected"),
         "null chosen": (lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "the plot", "chosen": "was good .", "rejected": "was bad ."}] * 80 + [{"prompt": "the plot", "chosen": None, "rejected": "was bad ."}])), "row 80: column 'chosen' is null"),
         "numeric chosen": (lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "the plot", "chosen": 3, "rejected": "was bad ."}] * 80)), "column 'chosen' is a int, not text"),
         "null margin": (lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "p", "chosen": "good .", "rejected": "bad .", "m": 1.0}] * 80 + [{"prompt": "p", "chosen": "good .", "rejected": "bad .", "m": None}]), "--margin_column", "m"), "column 'm' is None, not a finite number"),
@@ -212,7 +212,7 @@ CATALOGUE = {
         "an empty train.jsonl": (lambda c: c.sft("--dataset", empty_train(c)), "train.jsonl' is empty"),
         "a message without content": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"messages": [{"role": "user", "content": "the plot"}, {"role": "assistant", "content": "good ."}]}] * 40 + [{"messages": [{"role": "user"}, {"role": "assistant", "content": "good ."}]}])), "row 40: message 0 has no text 'content'"),
         "text the tokenizer maps to <unk>": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "zzz qqq xxx", "completion": "www vvv"}] * 40)), "of the tokens are '<unk>'"),
-        "implicit-prompt text without the marker": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"chosen": "no marker here"}] * 40), "--dataset_format", "implicit_prompt", "--completion_column", "chosen"), "check --implicit_prompt_marker"),
+        "implicit-prompt text without the marker": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"chosen": "no marker here"}] * 40), "--dataset_format", "implicit_prompt", "--completion_column", "chosen"), "(40 without the prompt marker; first: row 0), more than --max_dropped_fraction 0.01"),
     },
     "checkpoints": {
         "--resume without checkpoints": (lambda c: c.sft("--resume"), "--resume: no checkpoint in"),

@@ -434,7 +434,8 @@ def test_rm_with_its_own_tokenizer_is_fed_retokenised_text(toy_dir, standin_rm, 
     am = torch.cat([query_mask, torch.ones_like(responses)], 1)
     with torch.no_grad():
         same = ppo.rm_scores(ppo.ScalarModel(original), qr, am, response_mask, queries.shape[1], tok, None, has_eos, 8)
-        other_scores = ppo.rm_scores(ppo.ScalarModel(permuted), qr, am, response_mask, queries.shape[1], tok, rm_tok, has_eos, 8)
+        other_scores = ppo.rm_scores(ppo.ScalarModel(permuted), qr, am, response_mask, queries.shape[1], tok,
+                                     (rm_tok, rm_tok.eos_token_id), has_eos, 8)
     torch.testing.assert_close(other_scores, same, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(same[0], same[1])
 

@@ -186,7 +186,7 @@ def test_implicit_prompt_and_conversational_formats(toy_dir):
         {"chosen": "i watched it <assistant> it is good .", "rejected": "i watched it <assistant> it is bad ."},
         {"chosen": "no marker here", "rejected": "another text"},  # no shared prompt: dropped
     ])})
-    args = make_args(toy_dir, dataset_format="implicit_prompt", implicit_prompt_marker="<assistant>")
+    args = make_args(toy_dir, dataset_format="implicit_prompt", implicit_prompt_marker="<assistant>", max_dropped_fraction=0.5)
     out = train_rm.load_split(args, hh, "train", tokenizer, None)
     assert out["prompt"] == ["i watched it <assistant>"]
     assert out["chosen_ids"] == [ids("i watched it <assistant> it is good .") + [eos]]
@@ -304,7 +304,7 @@ def test_chosen_equals_rejected_everywhere(toy_dir, tmp_path):
     write_jsonl(str(tmp_path / "same" / "train.jsonl"), [{**r, "rejected": r["chosen"]} for r in rows])
     message = run_main_expect_exit(toy_dir, "--dataset", str(tmp_path / "same"), "--eval_split", "None",
                                    "--output_dir", str(tmp_path / "rm"))
-    assert "chosen == rejected in every row" in message
+    assert "50 of 50 rows (100.0%) cannot be used (50 with chosen == rejected" in message
 
 
 def test_tokenizer_mismatch_with_the_policy(toy_dir, tmp_path):

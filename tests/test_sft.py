@@ -130,7 +130,7 @@ def test_empty_completion(toy_dir, in_tmp):
     rows[7]["completion"] = "  "
     write_jsonl(str(in_tmp / "data" / "train.jsonl"), rows)
     write_jsonl(str(in_tmp / "data" / "validation.jsonl"), read_rows(toy_dir, "validation", 20))
-    with pytest.raises(SystemExit, match=r"split 'train': 1 rows have an empty completion \(first: row 7\)"):
+    with pytest.raises(SystemExit, match=r"split 'train': 1 of 50 rows \(2.0%\) cannot be used \(1 with an empty completion; first: row 7\)"):
         sft.main(tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "data")))
 
 

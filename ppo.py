@@ -18,7 +18,10 @@ Each equation is one small function below, and each implementation detail has a 
 source. "Huang et al. 2024" is "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
 Summarization"; "Ziegler et al. 2019" is "Fine-Tuning Language Models from Human Preferences".
 
-The file reads top to bottom: arguments, the equations, the models, the rollout helpers, then main().
+The file reads top to bottom: arguments, the equations, the models and the rollout's forwards, the
+rollout helpers, then main(), one PPO update after another. Below main(), under TRY NOT TO MODIFY, is the
+plumbing it calls in one line each: checks and setup, prompts, model building, resume and checkpoints,
+logging (TRL's PPO names: objective/*, policy/*, loss/*, val/*, time/*), evaluation, presets.
 
 Implementation details, each marked by a comment where it happens:
 - policy and frozen reference both loaded from the SFT checkpoint; frozen RM; a separate critic
@@ -146,7 +149,7 @@ class Args:
     """recompute the policy's and critic's activations in the backward pass instead of keeping them"""
     offload_critic: bool = False
     """keep the critic's weights and optimizer state on the CPU during generation, where the KV cache needs the
-    GPU memory (one process; nothing to do on a CPU run)"""
+    GPU memory (one process; nothing to do on a CPU setup)"""
     lora_r: int = 0
     """LoRA rank of the policy (0: full fine-tuning). The reference is then the policy's own weights with the
     adapter switched off, so no second copy exists (needs `pip install peft`; one process)"""
@@ -210,7 +213,7 @@ class Args:
     """value clipping around the rollout's values"""
     vf_coef: float = 0.1
     """c_v, the weight of the value loss (Huang et al. 2024: 0.1)"""
-    lr: float = 2e-4
+    learning_rate: float = 2e-4
     """AdamW learning rate (policy and critic)"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over the updates"""
@@ -255,127 +258,10 @@ class Args:
     """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
 
 
-PRESETS = {
-    "toy": ("offline toy task (default)", Args()),
-    "pythia-tldr": (
-        "Pythia-1B on TL;DR, Huang et al. 2024 (GPU)",
-        # Huang et al. 2024, summarize_from_feedback_details/ppo_left_padding.py and its sbatch for
-        # Pythia-1B: lr 3e-6, eps 1e-5, beta 0.05, 4 epochs, 1 minibatch of 512 episodes (8 GPUs x 4
-        # accumulation x 16), responses of 53 tokens at temperature 0.7, missing-EOS penalty -1,
-        # 1M episodes, queries of 512 tokens. Evaluation at temperature 0.01 (OpenAI's summarize-from-feedback).
-        Args(
-            sft_model="models/sft",
-            reward_model="models/rm",
-            dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
-            prompt_column="query",
-            max_prompt_length=512,
-            truncate_long_prompts=True,
-            gold_reward_fn=None,
-            total_episodes=1_000_000,
-            batch_size=512,
-            response_length=53,
-            temperature=0.7,
-            missing_eos_penalty=-1.0,
-            local_rollout_forward_batch_size=64,
-            kl_coef=0.05,
-            num_ppo_epochs=4,
-            num_minibatches=1,
-            micro_batch_size=16,
-            lr=3e-6,
-            weight_decay=0.01,  # torch's AdamW default, which Huang et al. keep
-            max_grad_norm=1.0,
-            eval_every=100,
-            eval_samples=256,
-            eval_batch_size=32,
-            eval_temperature=0.01,
-            sample_every=100,
-        ),
-    ),
-    "hh-rlhf": (
-        "Pythia-1B PPO on Anthropic HH-RLHF prompts (GPU)",
-        # prompts: each chosen dialogue up to its last "\n\nAssistant:"; the rest follows the TL;DR preset
-        Args(
-            sft_model="models/sft",
-            reward_model="models/rm",
-            dataset="Anthropic/hh-rlhf",
-            prompt_column="chosen",
-            implicit_prompt_marker="\n\nAssistant:",
-            eval_split="test",
-            max_prompt_length=512,
-            truncate_long_prompts=True,
-            gold_reward_fn=None,
-            total_episodes=200_000,
-            batch_size=512,
-            response_length=128,
-            micro_batch_size=8,
-            local_rollout_forward_batch_size=32,
-            lr=3e-6,
-            weight_decay=0.01,
-            max_grad_norm=1.0,
-            eval_every=50,
-            eval_samples=256,
-            eval_batch_size=32,
-            sample_every=50,
-        ),
-    ),
-    "ultrafeedback": (
-        "Qwen2.5-0.5B PPO on UltraFeedback prompts, chat template (GPU)",
-        # train_gen/test_gen prompts (text) become one user message of the chat template; a response ends
-        # at <|im_end|>, the template's end-of-turn token
-        Args(
-            sft_model="models/sft",
-            reward_model="models/rm",
-            dataset="HuggingFaceH4/ultrafeedback_binarized",
-            prompt_column="prompt",
-            prompt_format="chat",
-            train_split="train_gen",
-            eval_split="test_gen",
-            max_prompt_length=1024,
-            truncate_long_prompts=True,
-            gold_reward_fn=None,
-            total_episodes=200_000,
-            batch_size=256,
-            response_length=256,
-            micro_batch_size=4,
-            local_rollout_forward_batch_size=16,
-            lr=1e-6,
-            weight_decay=0.01,
-            max_grad_norm=1.0,
-            eval_every=50,
-            eval_samples=256,
-            eval_batch_size=16,
-            sample_every=50,
-        ),
-    ),
-}
-
-
-def parse_args(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
-        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
-    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
-        argv = ["toy", *argv]  # no preset named: the toy default
-    return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
-
-
-def check_args(args: Args) -> None:
-    """Every numeric flag in range, before anything loads (None leaves a flag off)."""
-    check_flags(args, at_least_1=("total_episodes", "batch_size", "response_length", "local_rollout_forward_batch_size",
-                                  "num_ppo_epochs", "num_minibatches", "micro_batch_size", "eval_batch_size",
-                                  "max_prompt_length", "kl_horizon"),
-                positive=("temperature", "lr", "adam_eps", "cliprange", "cliprange_value", "kl_target"),
-                non_negative=("kl_coef", "eval_temperature", "vf_coef", "weight_decay", "max_grad_norm", "eval_every",
-                              "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r", "lora_alpha",
-                              "max_dropped_fraction"))
-    for name in ("gamma", "lam"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise SystemExit(f"--{name} {getattr(args, name)}: must be in [0, 1]")
-
 
 # ----------------------------------------------------------------------------------------------
 # ALGO LOGIC: the equations, one function each. Tensors are (B, T) over response tokens; `mask`
-# keeps the real tokens (up to and including the first EOS) and drops the padding after it.
+# (bool or 0/1) keeps the real tokens of each response.
 # ----------------------------------------------------------------------------------------------
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum(x * mask) / sum(mask)"""
@@ -526,11 +412,45 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How far the update moved the policy: 0.5 * mean_t (log pi(y_t) - log pi_old(y_t))^2 over response tokens.
+
+    Schulman's k2 estimator of KL(pi_old || pi), logged as policy/approxkl_avg (Huang et al. 2024).
+    """
+    return 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[returns - values] / Var[returns] over the response tokens of all ranks: 1 is a perfect critic,
+    0 one that predicts the mean, below 0 one worse than that. Population variances (CleanRL's np.var)."""
+    m, returns, values = mask.double(), returns.double(), values.double()  # float64: the one-pass variance cancels
+    sums = all_reduce_sum(torch.stack([(returns * m).sum(), (returns**2 * m).sum(), ((returns - values) * m).sum(),
+                                       ((returns - values) ** 2 * m).sum(), m.sum()]))
+    s_r, s_r2, s_d, s_d2, n = sums.tolist()
+    var_returns = s_r2 / n - (s_r / n) ** 2
+    return torch.tensor(1.0 - (s_d2 / n - (s_d / n) ** 2) / max(var_returns, 1e-8))
+
+
+def annealed_learning_rate(update: int, num_updates: int, learning_rate: float) -> float:
+    """Linear decay to 0 over the setup, update = 1, 2, ...: (1 - (update - 1) / num_updates) * learning_rate (CleanRL;
+    Huang et al. 2024)."""
+    return (1.0 - (update - 1.0) / num_updates) * learning_rate
+
+
+def gold_wins(golds: list[float], baseline_golds: list[float]) -> float:
+    """Wins of one policy's responses over another's on the same prompts, ties counting 1/2:
+    sum_i [g_i > b_i] + 0.5 * [g_i == b_i]. Divided by the count, it is the win rate."""
+    return sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(golds, baseline_golds))
+
+
 # ----------------------------------------------------------------------------------------------
-# Models: the policy (a causal LM) and scalar models (RM and critic: backbone + linear head per token)
+# Models: the policy (a causal LM) and scalar models (RM and critic: backbone + linear head per token);
+# the forwards of the rollout and of training
 # ----------------------------------------------------------------------------------------------
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from the first real token, so left padding never shifts a sequence (Huang et al. 2024)."""
+    """Positions counted from the first real token, so left padding never shifts a sequence. TRL and OpenRLHF
+    pass them; Huang et al. 2024's released code passes none, which a rotary model such as Pythia barely feels
+    but a model with learned absolute positions (GPT-2) does (tests/test_math.py)."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
@@ -624,9 +544,392 @@ def load_frozen(load, path: str, tokenizer, dtype: str, frozen_dtype: str):
     return model.eval().requires_grad_(False)
 
 
+@dataclass
+class Models:
+    """The four models of PPO and what trains them (built by build_models, in the appendix)."""
+    policy: nn.Module  # trained; with --lora_r, its adapters only
+    ref_policy: nn.Module | None  # frozen SFT policy; None with --lora_r (the policy with its adapter off)
+    reward_model: nn.Module  # frozen; scores normalised with its stored mean/std
+    critic: nn.Module | None  # trained; None with --value_head_on_policy
+    value_head: nn.Module | None  # --value_head_on_policy: a linear head on the policy's last hidden state
+    trainables: nn.ModuleDict  # policy, critic, value head: what the optimizer and the checkpoints hold
+    optimizer: torch.optim.Optimizer
+    rm_retokenize: tuple | None  # (RM tokenizer, its end token) when the RM reads another vocabulary
+    policy_train: nn.Module  # the policy, or its torch.compile wrapper (--compile)
+    critic_train: nn.Module | None
+
+
+def train_forward(models: Models, args: Args, query_responses, attention_mask, response_length: int):
+    """The training forward: ((B, T, V) logits / temperature of the policy, (B, T) values)."""
+    if args.gradient_checkpointing:  # HF recomputes only in training mode (dropout is off either way)
+        models.trainables.train()
+    logits, values = policy_forward(models.policy_train, query_responses, attention_mask, response_length,
+                                    args.temperature, models.value_head)
+    if models.critic is not None:  # V(x, y<t): the critic's output at the token before y_t
+        values = models.critic_train(query_responses[:, :-1], attention_mask[:, :-1])[:, -response_length:]
+    return logits, values
+
+
+def old_logprobs_and_values(models: Models, args: Args, query_responses, attention_mask, responses, reuse: bool):
+    """pi_old(y_t) and V_old(x, y<t), the rollout's logprobs and values that PPO's ratio and value clipping
+    compare against: no-grad forwards in chunks of local_rollout_forward_batch_size, logits / temperature as
+    in sampling (Huang et al. 2024). -> ((B, T) logprobs, (B, T) values, the reused forward or None)
+
+    `reuse`, with one micro-batch per update: PPO's first forward (epoch 1, before any optimizer step) runs the
+    same weights on the same sequences, so it computes exactly these numbers. It then runs here, once, with
+    gradients, and the first micro-batch of the update takes its logits and values instead of a forward of its
+    own (equal up to float rounding; two forwards fewer per update).
+    """
+    T = responses.shape[1]
+    if reuse:
+        with torch.enable_grad():
+            logits, values = train_forward(models, args, query_responses, attention_mask, T)
+        return logprobs_from_logits(logits, responses), values.detach(), (logits, values)
+    chunks = [slice(i, i + args.local_rollout_forward_batch_size)
+              for i in range(0, len(responses), args.local_rollout_forward_batch_size)]
+    logprobs, values = [], []
+    with unsharded(models.policy):
+        for c in chunks:
+            logits, v = policy_forward(models.policy, query_responses[c], attention_mask[c], T, args.temperature,
+                                       models.value_head)
+            logprobs.append(logprobs_from_logits(logits, responses[c]))
+            values.append(v)
+    if models.critic is not None:
+        with unsharded(models.critic):  # V(x, y<t): the critic's output at the token before y_t
+            values = [models.critic(query_responses[c, :-1], attention_mask[c, :-1])[:, -T:] for c in chunks]
+    return torch.cat(logprobs), torch.cat(values), None
+
+
+def reference_logprobs(models: Models, args: Args, query_responses, attention_mask, responses) -> torch.Tensor:
+    """log pi_ref(y_t): the frozen reference at the same temperature (Huang et al. 2024), in chunks. -> (B, T)"""
+    ref_logprobs = []
+    with unsharded(models.ref_policy):
+        for i in range(0, len(responses), args.local_rollout_forward_batch_size):
+            c = slice(i, i + args.local_rollout_forward_batch_size)
+            logits = reference_logits(models.policy, models.ref_policy, query_responses[c], attention_mask[c],
+                                      responses.shape[1], args.temperature)
+            ref_logprobs.append(logprobs_from_logits(logits, responses[c]))
+    return torch.cat(ref_logprobs)
+
+
+
 # ----------------------------------------------------------------------------------------------
-# Data and rollout helpers
+# Rollout helpers
 # ----------------------------------------------------------------------------------------------
+def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so every prompt ends where the response starts (Huang et al. 2024). -> (B, P) ids, mask"""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generation_config(tokenizer, max_new_tokens: int, temperature: float, stop_token_ids: list[int]):
+    """Sampling from the full distribution: top_k 0, top_p 1, only the temperature (Huang et al. 2024), which
+    policy_forward models. A field left None here is filled from the model's generation_config, which holds only
+    the token ids (common.token_ids_only), then from the library defaults: neutral but for top_k 50."""
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+        top_k=0 if sample else None, top_p=1.0 if sample else None,
+        eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+
+
+def generate(policy, queries, query_mask, config) -> torch.Tensor:
+    """Sample responses for left-padded queries (B, P) -> (B, T<=max_new_tokens); generation stops when all ended."""
+    policy.eval()  # with gradient checkpointing, training mode would switch off the KV cache
+    with unsharded(policy):  # FSDP2: one all-gather for the whole generation, not one per token
+        out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
+    return out[:, queries.shape[1]:]
+
+
+def rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length: int,
+              tokenizer, rm_retokenize, has_eos, batch_size: int) -> torch.Tensor:
+    """The RM's score at the last real token of prompt + response (the EOS), in chunks. -> (B,)
+
+    If the RM has its own tokenizer (rm_retokenize = (its tokenizer, its end token)), the text is decoded and
+    re-tokenised for it. Decoding drops the special tokens, the policy's EOS or end-of-turn among them, so
+    where the policy's response ended the RM's own end token goes back on: its EOS, or for chat its template's
+    end-of-turn token, where train_rm.py read its rewards. Otherwise the policy's tokens go in as they are.
+    """
+    if rm_retokenize is not None:
+        rm_tokenizer, rm_end_id = rm_retokenize
+        texts = tokenizer.batch_decode(query_responses.masked_fill(attention_mask == 0, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        ids = [x + [rm_end_id] * int(e) for x, e in zip(rm_tokenizer(texts)["input_ids"], has_eos.tolist())]
+        width = max(len(x) for x in ids)
+        query_responses = torch.tensor([x + [rm_tokenizer.pad_token_id] * (width - len(x)) for x in ids],
+                                       device=response_mask.device)
+        attention_mask = (torch.arange(width, device=response_mask.device)[None] <
+                          torch.tensor([len(x) for x in ids], device=response_mask.device)[:, None]).long()
+        last = attention_mask.sum(1) - 1
+    else:
+        last = context_length + response_mask.long().sum(1) - 1  # (B,) index of the EOS (Huang et al. 2024)
+    scores = []
+    with unsharded(reward_model):
+        for i in range(0, query_responses.shape[0], batch_size):
+            s = slice(i, i + batch_size)
+            per_token = reward_model(query_responses[s], attention_mask[s])  # (b, S)
+            scores.append(per_token.gather(1, last[s, None]).squeeze(1).float())
+    return torch.cat(scores)
+
+
+def prompt_batches(prompt_ids: list[list[int]], batch_size: int, generator: torch.Generator):
+    """Batches of this rank's prompts, forever: epochs over its shard, reshuffled each time, the last partial
+    batch dropped."""
+    while True:
+        order = torch.randperm(len(prompt_ids), generator=generator).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield [prompt_ids[j] for j in order[i:i + batch_size]]
+
+
+def place_critic(models: Models, args: Args, where, device: torch.device) -> None:
+    """--offload_critic: the critic's weights and AdamW state leave the GPU while the policy generates."""
+    if models.critic is None or not args.offload_critic or device.type == "cpu":
+        return
+    models.critic.to(where)
+    for p in models.critic.parameters():
+        for key, value in models.optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                models.optimizer.state[p][key] = value.to(where)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU, for honest phase timings; nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------
+# main: one PPO update after another
+# ----------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    # TRY NOT TO MODIFY: checks, processes, sizes, output dirs, prompts; the four models; resume; logging
+    start_time = time.time()
+    setup = set_up(args)
+    models = build_models(args, setup)
+    progress, writer = start_or_resume(args, setup, models)
+    device, pad_id, kl_coef = setup.d.device, setup.tokenizer.pad_token_id, progress.kl_coef
+    batches = prompt_batches(setup.train_ids, setup.local_batch_size, torch.Generator().manual_seed(args.seed + setup.d.rank))
+    for _ in range(progress.start_update):  # the data position: replay the shuffles up to the checkpoint
+        next(batches)
+    rollout_config = generation_config(setup.tokenizer, args.response_length, args.temperature, setup.stop_ids)
+    reuse = args.reuse_first_forward and args.num_minibatches == 1 and setup.gradient_accumulation_steps == 1
+    signals = catch_signals()
+    for update in tqdm(range(progress.start_update + 1, setup.num_updates + 1), initial=progress.start_update,
+                       total=setup.num_updates, disable=not setup.d.is_main, desc="ppo"):
+        if args.anneal_lr:  # linear decay to 0 (CleanRL, Huang et al. 2024)
+            models.optimizer.param_groups[0]["lr"] = annealed_learning_rate(update, setup.num_updates, args.learning_rate)
+        t_start = time.perf_counter()
+
+        # ALGO LOGIC: rollout. Everything here is data, without gradients (Huang et al. 2024), except PPO's
+        # own first forward when it is reused (old_logprobs_and_values).
+        with torch.no_grad():
+            queries, query_mask = left_pad(next(batches), pad_id, device)  # (B, P), left-padded
+            place_critic(models, args, "cpu", device)
+            responses = generate(models.policy, queries, query_mask, rollout_config)  # (B, T)
+            place_critic(models, args, device, device)
+            # a response ends at its first EOS; what follows is padding, masked out of everything below
+            responses, response_mask, has_eos = truncate_after_eos(responses, setup.stop_ids, pad_id)
+            query_responses = torch.cat([queries, responses], 1)  # (B, P + T)
+            attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)  # what the policy attended to
+            sync(device)
+            t_generated = time.perf_counter()
+            ref_logprobs = reference_logprobs(models, args, query_responses, attention_mask, responses)
+            # the RM score at the last real token, normalised by the RM's stored mean/std
+            scores = rm_scores(models.reward_model, query_responses, attention_mask, response_mask, queries.shape[1],
+                               setup.tokenizer, models.rm_retokenize, has_eos, args.local_rollout_forward_batch_size)
+            stop_if_not_finite(scores, update, args, setup)  # before the penalty, which would hide a broken RM's NaN
+            # missing-EOS penalty: a response that never ends gets a fixed low score (Huang et al. 2024)
+            scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
+            logprobs, values, first_forward = old_logprobs_and_values(models, args, query_responses, attention_mask,
+                                                                      responses, reuse)
+
+            # ALGO LOGIC: per-token rewards, advantages, returns
+            kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator) * response_mask  # (B, T)
+            # KL in the reward (Ziegler et al. 2019) or, with --no_kl_in_reward, in the loss below instead
+            rewards = kl_penalized_rewards(scores, kl, response_mask, kl_coef if args.kl_in_reward else 0.0)
+            if args.whiten_rewards:  # off by default (Huang et al. 2024)
+                rewards = whiten(rewards, response_mask, shift_mean=False)
+            values = values * response_mask
+            advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+            if args.whiten_advantages:
+                advantages = whiten(advantages, response_mask)
+            sync(device)
+            t_scored = time.perf_counter()
+
+        # ALGO LOGIC: PPO epochs over shuffled minibatches; the old logprobs and values are the rollout's
+        T, stats = responses.shape[1], []
+        for _epoch in range(args.num_ppo_epochs):
+            order = torch.randperm(setup.local_batch_size, device=device)
+            for mb_start in range(0, setup.local_batch_size, setup.minibatch_size):
+                for mc_start in range(mb_start, mb_start + setup.minibatch_size, setup.micro_batch_size):
+                    idx = order[mc_start:mc_start + setup.micro_batch_size]
+                    mb_mask = response_mask[idx]
+                    if first_forward is None:
+                        logits, vpred = train_forward(models, args, query_responses[idx], attention_mask[idx], T)
+                    else:  # the rollout's forward, on the same weights and sequences (old_logprobs_and_values)
+                        (logits, vpred), first_forward = first_forward, None
+                        logits, vpred = logits[idx], vpred[idx]
+                    new_logprobs = logprobs_from_logits(logits, responses[idx])
+                    pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask,
+                                                              args.cliprange)
+                    vf_loss, vf_clipfrac = value_loss(vpred, values[idx], returns[idx], mb_mask, args.cliprange_value)
+                    loss = pg_loss + args.vf_coef * vf_loss  # L = L_CLIP + c_v * L_critic
+                    if not args.kl_in_reward:  # ... + beta * KL(pi || pi_ref), the KL as a loss term
+                        kl_loss = masked_mean(kl_estimate(new_logprobs, ref_logprobs[idx], args.kl_loss_estimator), mb_mask)
+                        loss = loss + kl_coef * kl_loss
+                    (loss / setup.gradient_accumulation_steps).backward()
+                    with torch.no_grad():  # each logged value next to its name (TRL's PPO names)
+                        stats.append({
+                            "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss,
+                            "policy/clipfrac_avg": pg_clipfrac, "val/clipfrac_avg": vf_clipfrac,
+                            "policy/approxkl_avg": approx_kl(new_logprobs, logprobs[idx], mb_mask),
+                            "policy/entropy_avg": masked_mean(entropy_from_logits(logits), mb_mask),
+                            "val/ratio": masked_mean(ratio, mb_mask),
+                            "val/ratio_var": masked_mean((ratio - masked_mean(ratio, mb_mask)) ** 2, mb_mask),
+                            **({} if args.kl_in_reward else {"loss/kl_avg": kl_loss})})
+                # the global norm (clipped only with --max_grad_norm), checked before it can reach the weights
+                clip_grad_norm_or_stop(models, args, update, setup, stats[-1])
+                models.optimizer.step()
+                models.optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        t_end = time.perf_counter()
+
+        # TRY NOT TO MODIFY: logging, one all-reduce per update (the stop signal rides along)
+        with torch.no_grad():
+            non_score_reward = (-kl_coef * kl).sum(1)
+            rollout = {"objective/scores": scores.mean(), "objective/kl": kl.sum(1).mean(),
+                       "objective/entropy": (-logprobs * response_mask).sum(1).mean(),
+                       "objective/non_score_reward": non_score_reward.mean(),
+                       "objective/rlhf_reward": (scores + non_score_reward).mean(),
+                       "val/num_eos_tokens": has_eos.float().mean() * args.batch_size,
+                       "val/response_length": response_mask.float().sum(1).mean()}
+            explained = explained_variance(values, returns, response_mask)
+        metrics, stop = log_update(rollout, stats, signals, update, args, setup, models, progress, writer)
+        metrics.update({"val/explained_variance": explained.item(), "objective/kl_coef": kl_coef, "episode": update * args.batch_size,
+                        **timing_metrics(t_start, t_generated, t_scored, t_end, args.batch_size, progress)})
+        write_update(writer, metrics, update, args, setup, queries, responses, scores, progress)
+
+        # ALGO LOGIC: adaptive KL (Ziegler et al. 2019): move beta so that the batch's KL tracks its target
+        if args.adaptive_kl:
+            batch_kl = all_reduce_sum(kl.sum(1).mean() / setup.d.world_size).item()
+            kl_coef = adaptive_kl_coef(kl_coef, batch_kl, args.kl_target, args.kl_horizon, args.batch_size)
+
+        # TRY NOT TO MODIFY: evaluation and checkpoints
+        if (args.eval_every and update % args.eval_every == 0) or update == setup.num_updates:
+            progress.eval_metrics, progress.eval_golds = run_eval(update * args.batch_size, args, setup, models, writer)
+        save_or_stop(update, stop, signals, kl_coef, args, setup, models, progress)
+
+    return final_report(args, setup, models, progress, writer, start_time)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: everything below is plumbing that main() calls in one line each: the run's setup and
+# checks, the prompts, the models, resume and checkpoints, logging, evaluation and the final report, the
+# presets and the command line.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What main() sets up once: processes, sizes, paths and the prompts (set_up)."""
+    d: Dist
+    local_batch_size: int  # episodes per update on this rank
+    minibatch_size: int  # per rank
+    micro_batch_size: int  # sequences per training forward on this rank
+    gradient_accumulation_steps: int  # micro-batches per minibatch
+    num_updates: int
+    checkpoint_dir: str
+    log_dir: str
+    gold_fn: object  # module:function(prompts, completions) -> scores, or None
+    tokenizer: object
+    chat: bool  # the prompts are chat conversations, rendered with the template
+    stop_ids: list[int]  # a response ends at any of these (EOS, a chat template's end-of-turn token)
+    train_ids: list[list[int]]  # this rank's shard of the training prompts
+    eval_texts: list[str]  # this rank's shard of the held-out prompts
+    eval_ids: list[list[int]]
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries beyond the weights: counters, the adaptive beta, the run's history and the
+    evaluations (the SFT policy's is the baseline of the final win rate)."""
+    start_update: int
+    kl_coef: float
+    history: list
+    timings: list
+    sft_metrics: dict
+    sft_golds: list
+    eval_metrics: dict
+    eval_golds: list
+
+
+def check_args(args: Args) -> None:
+    """Every numeric flag in range, before anything loads (None leaves a flag off)."""
+    check_flags(args, at_least_1=("total_episodes", "batch_size", "response_length", "local_rollout_forward_batch_size",
+                                  "num_ppo_epochs", "num_minibatches", "micro_batch_size", "eval_batch_size",
+                                  "max_prompt_length", "kl_horizon"),
+                positive=("temperature", "learning_rate", "adam_eps", "cliprange", "cliprange_value", "kl_target"),
+                non_negative=("kl_coef", "eval_temperature", "vf_coef", "weight_decay", "max_grad_norm", "eval_every",
+                              "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r", "lora_alpha",
+                              "max_dropped_fraction"))
+    for name in ("gamma", "lam"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise SystemExit(f"--{name} {getattr(args, name)}: must be in [0, 1]")
+
+
+def set_up(args: Args) -> Setup:
+    """Check every flag, start the processes, derive the sizes, check the models and the output dirs, and read
+    the prompts: everything that can fail, before any model is loaded."""
+    check_args(args)
+    if args.value_head_on_policy and args.critic_init != "rm":
+        print0("note: --value_head_on_policy has no separate critic; --critic_init is ignored")
+    d = setup_distributed()
+    seed_everything(args.seed, d.rank)
+    if args.batch_size % d.world_size:
+        raise SystemExit(f"batch_size {args.batch_size} is not divisible by the {d.world_size} processes")
+    local_batch_size = args.batch_size // d.world_size
+    if local_batch_size % args.num_minibatches:
+        raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by num_minibatches {args.num_minibatches}")
+    minibatch_size = local_batch_size // args.num_minibatches  # per rank
+    micro_batch_size = args.micro_batch_size or minibatch_size
+    if minibatch_size % micro_batch_size:
+        raise SystemExit(f"the per-rank minibatch {minibatch_size} is not divisible by micro_batch_size {micro_batch_size}")
+    num_updates = args.total_episodes // args.batch_size
+    if num_updates < 1:
+        raise SystemExit(f"total_episodes {args.total_episodes} is less than one batch ({args.batch_size})")
+    if (args.lora_r or args.offload_critic or args.frozen_dtype == "int8") and d.world_size > 1:
+        raise SystemExit("--lora_r, --offload_critic and --frozen_dtype int8 run on one process; drop them under torchrun")
+    if args.frozen_dtype == "int8" and d.device.type != "cpu":
+        raise SystemExit("--frozen_dtype int8 uses torch's CPU int8 kernels; on GPU use --frozen_dtype bfloat16")
+    gold_fn = load_gold_fn(args.gold_reward_fn)
+    check_model_dir(args.sft_model, "SFT model")
+    check_model_dir(args.reward_model, "reward model", tokenizer=False, reward_model=True)
+    checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
+    if args.save:
+        prepare_output(args.output_dir, checkpoint_dir, "ppo", {"SFT model": args.sft_model, "reward model": args.reward_model,
+                       "dataset": args.dataset}, args.resume, args.overwrite, args_json(args), d.world_size)
+    elif args.resume:
+        raise SystemExit("--resume needs checkpoints, and --no_save writes none")
+    log_dir = os.path.join("runs", args.run_name or f"ppo__{args.seed}__{int(time.time())}")
+
+    # each rank takes its own shard of the prompts (and shuffles it with its own generator: prompt_batches)
+    tokenizer = load_tokenizer(args.sft_model, padding_side="left", add_pad_token=args.add_pad_token)
+    prompts, chat = load_prompts(args, tokenizer)
+    train_ids, (eval_texts, eval_ids) = prompts[args.train_split][1], prompts[args.eval_split]
+    train_ids = train_ids[d.rank::d.world_size]
+    if len(train_ids) < local_batch_size:
+        raise SystemExit(f"split '{args.train_split}' has {len(train_ids) * d.world_size} prompts, fewer than one batch")
+    return Setup(d, local_batch_size, minibatch_size, micro_batch_size, minibatch_size // micro_batch_size, num_updates,
+               checkpoint_dir, log_dir, gold_fn, tokenizer, chat, stop_token_ids(args, tokenizer, chat), train_ids,
+               eval_texts[:args.eval_samples][d.rank::d.world_size], eval_ids[:args.eval_samples][d.rank::d.world_size])
+
+
 def load_prompts(args: Args, tokenizer) -> tuple[dict[str, tuple[list[str], list[list[int]]]], bool]:
     """({split: (prompt texts, their token ids)} for the train and eval splits, whether they are chat), or a
     one-line error."""
@@ -686,31 +989,6 @@ def render_chat_prompt(prompt, tokenizer) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding, so every prompt ends where the response starts (Huang et al. 2024). -> (B, P) ids, mask"""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def generation_config(tokenizer, max_new_tokens: int, temperature: float, stop_token_ids: list[int]):
-    """Sampling from the full distribution: top_k 0, top_p 1, only the temperature (Huang et al. 2024), which
-    policy_forward models. A field left None here is filled from the model's generation_config, which holds only
-    the token ids (common.token_ids_only), then from the library defaults: neutral but for top_k 50."""
-    from transformers import GenerationConfig
-
-    sample = temperature > 0
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-        top_k=0 if sample else None, top_p=1.0 if sample else None,
-        eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-    )
-
-
 def stop_token_ids(args, tokenizer, chat: bool) -> list[int]:
     """EOS, plus --stop_tokens or (for chat prompts) the template's end-of-turn token."""
     ids = [tokenizer.eos_token_id]
@@ -724,43 +1002,240 @@ def stop_token_ids(args, tokenizer, chat: bool) -> list[int]:
     return ids + [i for i in extra if i not in ids]
 
 
-def generate(policy, queries, query_mask, config) -> torch.Tensor:
-    """Sample responses for left-padded queries (B, P) -> (B, T<=max_new_tokens); generation stops when all ended."""
-    policy.eval()  # with gradient checkpointing, training mode would switch off the KV cache
-    with unsharded(policy):  # FSDP2: one all-gather for the whole generation, not one per token
-        out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
-    return out[:, queries.shape[1]:]
-
-
-def rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length: int,
-              tokenizer, rm_retokenize, has_eos, batch_size: int) -> torch.Tensor:
-    """The RM's score at the last real token of prompt + response (the EOS), in chunks. -> (B,)
-
-    If the RM has its own tokenizer (rm_retokenize = (its tokenizer, its end token)), the text is decoded and
-    re-tokenised for it. Decoding drops the special tokens, the policy's EOS or end-of-turn among them, so
-    where the policy's response ended the RM's own end token goes back on: its EOS, or for chat its template's
-    end-of-turn token, where train_rm.py read its rewards. Otherwise the policy's tokens go in as they are.
-    """
-    if rm_retokenize is not None:
-        rm_tokenizer, rm_end_id = rm_retokenize
-        texts = tokenizer.batch_decode(query_responses.masked_fill(attention_mask == 0, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-        ids = [x + [rm_end_id] * int(e) for x, e in zip(rm_tokenizer(texts)["input_ids"], has_eos.tolist())]
-        width = max(len(x) for x in ids)
-        query_responses = torch.tensor([x + [rm_tokenizer.pad_token_id] * (width - len(x)) for x in ids],
-                                       device=response_mask.device)
-        attention_mask = (torch.arange(width, device=response_mask.device)[None] <
-                          torch.tensor([len(x) for x in ids], device=response_mask.device)[:, None]).long()
-        last = attention_mask.sum(1) - 1
+def build_models(args: Args, setup: Setup) -> Models:
+    """The policy and the frozen reference both start from the SFT checkpoint; the frozen RM scores; the critic
+    is a separate model initialised from the RM (Huang et al. 2024), or from the SFT model, or a value head on
+    the policy (Ziegler et al. 2019). Dropout is off in all four (common.disable_dropout). Under torchrun all
+    are FSDP2-sharded, and each phase all-gathers a model once (`unsharded`) rather than per forward."""
+    device, tokenizer = setup.d.device, setup.tokenizer
+    policy = load_causal_lm(args.sft_model, tokenizer, args.dtype)
+    ref_policy = None  # with LoRA, the reference is the policy with its adapter off
+    if not args.lora_r:
+        ref_policy = load_frozen(load_causal_lm, args.sft_model, tokenizer, args.dtype, args.frozen_dtype)
+    rm_has_tokenizer = not os.path.isdir(args.reward_model) or any(
+        os.path.exists(os.path.join(args.reward_model, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    rm_tokenizer = tokenizer  # an RM dir without a tokenizer shares the policy's
+    if rm_has_tokenizer:
+        rm_tokenizer = load_tokenizer(args.reward_model, padding_side="right", add_pad_token=args.add_pad_token)
+    same_tokenizer = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    if not same_tokenizer and not args.rm_retokenize:
+        raise SystemExit(f"the vocabulary of reward model '{args.reward_model}' differs from the policy's ('{args.sft_model}'); "
+                         "pass --rm_retokenize to score decoded text, or train the RM from this SFT model")
+    rm_classifier = load_frozen(load_reward_model, args.reward_model, rm_tokenizer, args.dtype, args.frozen_dtype)
+    # every score is normalised with the statistics train_rm.py stored in the RM's config (TRL #1783)
+    reward_mean = float(getattr(rm_classifier.config, "reward_mean", 0.0))
+    reward_std = float(getattr(rm_classifier.config, "reward_std", 1.0))
+    if not hasattr(rm_classifier.config, "reward_mean"):
+        print0(f"warning: '{args.reward_model}' has no reward_mean/reward_std in its config: scores are used raw")
+    reward_model = ScalarModel(rm_classifier, reward_mean, reward_std).eval().requires_grad_(False)
+    critic, value_head = None, None
+    if args.value_head_on_policy:
+        value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
+        nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # values start at 0
+    elif args.critic_init == "rm":
+        if not same_tokenizer:
+            raise SystemExit("--critic_init rm needs the reward model to share the policy's tokenizer; use --critic_init sft")
+        critic = ScalarModel(load_reward_model(args.reward_model, tokenizer, args.dtype), reward_mean, reward_std)
     else:
-        last = context_length + response_mask.long().sum(1) - 1  # (B,) index of the EOS (Huang et al. 2024)
-    scores = []
-    with unsharded(reward_model):
-        for i in range(0, query_responses.shape[0], batch_size):
-            s = slice(i, i + batch_size)
-            per_token = reward_model(query_responses[s], attention_mask[s])  # (b, S)
-            scores.append(per_token.gather(1, last[s, None]).squeeze(1).float())
-    return torch.cat(scores)
+        critic = ScalarModel(load_reward_model(args.sft_model, tokenizer, args.dtype))
+        # a fresh value head, std 1/sqrt(d_model + 1) (Ziegler et al. 2019, Huang et al. 2024)
+        nn.init.normal_(critic.head.weight, std=1.0 / math.sqrt(policy.config.hidden_size + 1))
+    if args.lora_r:  # Hu et al. 2021: train a low-rank update B A of each target weight, the base frozen
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise SystemExit("--lora_r needs peft: pip install peft") from None
+        policy = get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                   target_modules=args.lora_target_modules))
+    if args.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) too
+        for m in (policy, critic.backbone if critic is not None else None):
+            if m is not None:
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    policy, ref_policy, reward_model = (fsdp_wrap(m, device) if m is not None else None
+                                        for m in (policy, ref_policy, reward_model))
+    if critic is not None:
+        critic = fsdp_wrap(critic, device)
+    if value_head is not None and dist.is_initialized():
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(value_head)
+    # the trained models as one module, so that DCP names every parameter the optimizer holds (checkpoints)
+    trainables = nn.ModuleDict({name: m for name, m in (("policy", policy), ("critic", critic), ("value_head", value_head))
+                                if m is not None})
+    params = [p for p in trainables.parameters() if p.requires_grad]  # LoRA: the adapters only
+    # one AdamW over policy and critic (their parameters are disjoint), eps 1e-5 (Huang et al. 2024);
+    # the fused kernel: one pass over all parameters (on CPU several times faster than the default foreach)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    # re-tokenising for an RM with its own vocabulary: where a response ended, it ends in the RM's own end token
+    rm_end_id = ((end_of_turn_tokens(rm_tokenizer) if setup.chat else []) or [rm_tokenizer.eos_token_id])[0]
+    return Models(policy, ref_policy, reward_model, critic, value_head, trainables, optimizer,
+                  None if same_tokenizer else (rm_tokenizer, rm_end_id), policy, critic)
+
+
+def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress, object]:
+    """--resume: weights, optimizer, counters, adaptive beta and RNG states as they were after the checkpoint's
+    update; otherwise the SFT policy's evaluation, the baseline of the final win rate. Then the TensorBoard
+    writer (rank 0), and torch.compile (--compile)."""
+    resumed = None
+    if args.resume:
+        latest = latest_checkpoint(setup.checkpoint_dir)
+        resumed = load_checkpoint(latest, models.trainables, models.optimizer)
+        setup.log_dir = resumed["log_dir"]
+        print0(f"resumed from {latest} (update {resumed['update']} of {setup.num_updates})")
+    if args.compile:
+        models.policy_train = torch.compile(models.policy)
+        models.critic_train = torch.compile(models.critic) if models.critic is not None else None
+    writer = None
+    if setup.d.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # on resume, drop the events a killed run logged after its last checkpoint
+        writer = SummaryWriter(setup.log_dir, purge_step=resumed["update"] * args.batch_size + 1 if resumed else None)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    print0(f"PPO: {setup.num_updates} updates of {args.batch_size} episodes ({setup.d.world_size} process(es), per rank: "
+           f"{args.num_minibatches} minibatch(es) x {setup.gradient_accumulation_steps} micro-batch(es) of "
+           f"{setup.micro_batch_size}); TensorBoard: {setup.log_dir}")
+    if resumed:
+        return Progress(resumed["update"], resumed["kl_coef"], resumed["history"], resumed["timings"], resumed["sft_metrics"],
+                        resumed["sft_golds"], resumed["eval_metrics"], resumed["eval_golds"]), writer
+    sft_metrics, sft_golds = run_eval(0, args, setup, models, writer)
+    return Progress(0, args.kl_coef, [], [], sft_metrics, sft_golds, sft_metrics, sft_golds), writer
+
+
+def last_checkpoint(args: Args, setup: Setup) -> str:
+    return (latest_checkpoint(setup.checkpoint_dir) if args.save else None) or "none"
+
+
+def stop_if_not_finite(scores: torch.Tensor, update: int, args: Args, setup: Setup) -> None:
+    """A NaN or inf score stops the run before the PPO step, on every rank (all see the count)."""
+    if all_reduce_sum((~torch.isfinite(scores)).sum()).item():
+        raise SystemExit(f"non-finite reward at update {update}: stopped before the PPO step; last good "
+                         f"checkpoint: {last_checkpoint(args, setup)}. Check the reward model (and its reward_mean/reward_std)")
+
+
+def clip_grad_norm_or_stop(models: Models, args: Args, update: int, setup: Setup, last_stats: dict) -> float:
+    """The global gradient norm, clipped only with --max_grad_norm; a non-finite one stops the run before the
+    optimizer step can carry it into the weights."""
+    params = [p for p in models.trainables.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not math.isfinite(grad_norm):
+        losses = {name: float(v) for name, v in last_stats.items() if name.startswith("loss/")}
+        raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {update}, losses {losses}: stopped "
+                         f"before the optimizer step; last good checkpoint: {last_checkpoint(args, setup)}")
+    return grad_norm
+
+
+def log_update(rollout: dict, stats: list[dict], signals: dict, update: int, args: Args, setup: Setup, models: Models,
+               progress: Progress, writer) -> tuple[dict, bool]:
+    """The rollout's statistics and the PPO micro-batches' means, averaged over ranks in one all-reduce, with the
+    stop signal riding along (if any rank was signalled, every rank checkpoints at this update)."""
+    names = list(rollout) + list(stats[0])
+    local = torch.cat([torch.stack(list(rollout.values())),
+                       torch.stack([torch.stack([s[k] for s in stats]).mean() for k in stats[0]])]) / setup.d.world_size
+    stop_flag = torch.tensor([float(signals["stop"])], device=setup.d.device)
+    reduced = all_reduce_sum(torch.cat([local, stop_flag])).tolist()
+    metrics = dict(zip(names, reduced))
+    if not all(math.isfinite(v) for v in metrics.values()):
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        raise SystemExit(f"non-finite training statistics at update {update} ({', '.join(bad)}): stopped; "
+                         f"last good checkpoint: {last_checkpoint(args, setup)}")
+    metrics["lr"] = models.optimizer.param_groups[0]["lr"]
+    return metrics, reduced[-1] > 0
+
+
+def timing_metrics(t_start: float, t_generated: float, t_scored: float, t_end: float, batch_size: int,
+                   progress: Progress) -> dict:
+    timing = {"time/generate": t_generated - t_start, "time/score": t_scored - t_generated,
+              "time/train": t_end - t_scored, "time/update": t_end - t_start}
+    timing["eps"] = batch_size / timing["time/update"]  # episodes per second
+    progress.timings.append(timing)
+    return timing
+
+
+def write_update(writer, metrics: dict, update: int, args: Args, setup: Setup, queries, responses, scores,
+                 progress: Progress) -> None:
+    """The update's metrics to the history and TensorBoard, a table of samples now and then, a progress line."""
+    progress.history.append(metrics)
+    step = update * args.batch_size
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != "episode":
+                writer.add_scalar(key, value, step)
+        if args.sample_every and (update % args.sample_every == 0 or update == 1):
+            n_rows = min(args.num_sample_rows, setup.local_batch_size)
+            table = list(zip(setup.tokenizer.batch_decode(queries[:n_rows], skip_special_tokens=True),
+                             setup.tokenizer.batch_decode(responses[:n_rows], skip_special_tokens=True), scores[:n_rows].tolist()))
+            writer.add_text("samples", markdown_table(table, ["prompt", "response", "score"]), step)
+    if setup.d.is_main and update % max(1, setup.num_updates // 10) == 0:
+        tqdm.write(f"update {update}/{setup.num_updates}: score {metrics['objective/scores']:+.3f} "
+                   f"kl {metrics['objective/kl']:.2f} eos {metrics['val/num_eos_tokens'] / args.batch_size:.2f} "
+                   f"{metrics['eps']:.1f} eps")
+
+
+def run_eval(step: int, args: Args, setup: Setup, models: Models, writer) -> tuple[dict, list]:
+    """Held-out evaluation (`evaluate`) from its own fixed seed, so that (1) every evaluation, the SFT baseline
+    included, sees the same random numbers, and (2) --eval_every does not change the training run's sampling."""
+    device = setup.d.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 1_000_003 + setup.d.rank)
+        metrics, golds, rows = evaluate(args, models.policy, models.ref_policy, models.reward_model, setup.tokenizer,
+                                        models.rm_retokenize, setup.eval_texts, setup.eval_ids, setup.gold_fn, device, setup.stop_ids)
+    if writer is not None:
+        for k, v in metrics.items():
+            writer.add_scalar(f"eval/{k}", v, step)
+        writer.add_text("eval/samples", markdown_table(rows, ["prompt", "response", "rm score", "gold"]), step)
+    return metrics, golds
+
+
+def save_or_stop(update: int, stop: bool, signals: dict, kl_coef: float, args: Args, setup: Setup, models: Models,
+                 progress: Progress) -> None:
+    """A checkpoint every --checkpoint_every updates, at the end, and when a signal came; then, for a signal, exit."""
+    if args.save and ((args.checkpoint_every and update % args.checkpoint_every == 0) or update == setup.num_updates or stop):
+        state = {"update": update, "args": args_json(args), "log_dir": setup.log_dir, "kl_coef": kl_coef,
+                 "history": progress.history, "timings": progress.timings, "sft_metrics": progress.sft_metrics,
+                 "sft_golds": progress.sft_golds, "eval_metrics": progress.eval_metrics, "eval_golds": progress.eval_golds}
+        path = save_checkpoint(setup.checkpoint_dir, update, models.trainables, models.optimizer, state, "ppo")
+        if stop:
+            exit_preempted(path, f"update {update}", signals["signal"])
+    elif stop:  # --no_save: nothing to keep
+        raise SystemExit(128 + (signals["signal"] or 15))
+
+
+def final_report(args: Args, setup: Setup, models: Models, progress: Progress, writer, start_time: float) -> dict:
+    """The final evaluation (the last one, of the final policy, on the same prompts as the SFT one), the gold win
+    rate, the saved policy (atomically, with eval_results.json) and the summary table."""
+    device, sft_metrics, eval_metrics = setup.d.device, progress.sft_metrics, progress.eval_metrics
+    num_eval_prompts = int(all_reduce_sum(torch.tensor([len(setup.eval_ids)], device=device)).item())
+    final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}
+    if setup.gold_fn is not None:
+        wins = gold_wins(progress.eval_golds, progress.sft_golds)
+        totals = all_reduce_sum(torch.tensor([wins, float(len(progress.sft_golds))], dtype=torch.float64, device=device)).tolist()
+        final["gold_win_rate"] = totals[0] / totals[1]
+    final["final_kl"] = eval_metrics["kl"]
+    final["train_kl"] = progress.history[-1]["objective/kl"]
+    final["episodes"] = setup.num_updates * args.batch_size
+    final["wall_time_s"] = time.time() - start_time
+    if args.save:
+        policy = models.policy
+        if args.lora_r:  # a plain HF model: the adapter folded into the weights, W + alpha / r * B A
+            policy = policy.merge_and_unload()
+        save_model(policy, setup.tokenizer, args.output_dir, "ppo", results={**final, "args": asdict(args)})
+    if writer is not None:
+        for k, v in final.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"final/{k}", v, setup.num_updates * args.batch_size)
+        writer.close()
+    print0(f"\n{'held-out (' + str(final['num_eval_prompts']) + ' prompts)':<28}{'SFT':>10}{'PPO':>10}")
+    for name in ["rm_score", "gold_score", "kl", "response_length", "eos_rate"]:
+        if name in sft_metrics:
+            print0(f"{name:<28}{sft_metrics[name]:>10.3f}{eval_metrics[name]:>10.3f}")
+    win = f"gold win rate of PPO vs SFT {final['gold_win_rate']:.3f} | " if "gold_win_rate" in final else ""
+    print0(f"{win}final KL to reference {final['final_kl']:.3f} nats | {final['wall_time_s']:.0f} s"
+           + (f" | saved {args.output_dir}" if args.save else ""))
+    teardown_distributed()
+    return {**final, "history": progress.history, "timings": progress.timings}
 
 
 def load_gold_fn(spec: str | None):
@@ -836,427 +1311,109 @@ def markdown_table(rows, header) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    # TRY NOT TO MODIFY: checks, distributed setup, seeding, sizes
-    start_time = time.time()
-    check_args(args)
-    if args.value_head_on_policy and args.critic_init != "rm":
-        print0("note: --value_head_on_policy has no separate critic; --critic_init is ignored")
-    d = setup_distributed()
-    seed_everything(args.seed, d.rank)
-    if args.batch_size % d.world_size:
-        raise SystemExit(f"batch_size {args.batch_size} is not divisible by the {d.world_size} processes")
-    local_batch_size = args.batch_size // d.world_size
-    if local_batch_size % args.num_minibatches:
-        raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by num_minibatches {args.num_minibatches}")
-    minibatch_size = local_batch_size // args.num_minibatches  # per rank
-    micro_batch_size = args.micro_batch_size or minibatch_size
-    if minibatch_size % micro_batch_size:
-        raise SystemExit(f"the per-rank minibatch {minibatch_size} is not divisible by micro_batch_size {micro_batch_size}")
-    gradient_accumulation_steps = minibatch_size // micro_batch_size
-    num_updates = args.total_episodes // args.batch_size
-    if num_updates < 1:
-        raise SystemExit(f"total_episodes {args.total_episodes} is less than one batch ({args.batch_size})")
-    gold_fn = load_gold_fn(args.gold_reward_fn)
-    check_model_dir(args.sft_model, "SFT model")
-    check_model_dir(args.reward_model, "reward model", tokenizer=False, reward_model=True)
-    checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
-    if args.save:
-        prepare_output(args.output_dir, checkpoint_dir, "ppo", {"SFT model": args.sft_model, "reward model": args.reward_model,
-                       "dataset": args.dataset}, args.resume, args.overwrite, args_json(args), d.world_size)
-    elif args.resume:
-        raise SystemExit("--resume needs checkpoints, and --no_save writes none")
-    log_dir = os.path.join("runs", args.run_name or f"ppo__{args.seed}__{int(time.time())}")
-    device = d.device
+PRESETS = {
+    "toy": ("offline toy task (default)", Args()),
+    "pythia-tldr": (
+        "Pythia-1B on TL;DR, Huang et al. 2024 (GPU)",
+        # Huang et al. 2024, summarize_from_feedback_details/ppo.py (once ppo_left_padding.py) and its sbatch for
+        # Pythia-1B: lr 3e-6, eps 1e-5, beta 0.05, 4 epochs, 1 minibatch of 512 episodes (8 GPUs x 4
+        # accumulation x 16), responses of 53 tokens at temperature 0.7, missing-EOS penalty -1,
+        # 1M episodes, queries of 512 tokens. Evaluation at temperature 0.01 (OpenAI's summarize-from-feedback).
+        Args(
+            sft_model="models/sft",
+            reward_model="models/rm",
+            dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+            prompt_column="query",
+            max_prompt_length=512,
+            truncate_long_prompts=True,
+            gold_reward_fn=None,
+            total_episodes=1_000_000,
+            batch_size=512,
+            response_length=53,
+            temperature=0.7,
+            missing_eos_penalty=-1.0,
+            local_rollout_forward_batch_size=64,
+            kl_coef=0.05,
+            num_ppo_epochs=4,
+            num_minibatches=1,
+            micro_batch_size=16,
+            learning_rate=3e-6,
+            weight_decay=0.01,  # torch's AdamW default, which Huang et al. keep
+            max_grad_norm=1.0,
+            eval_every=100,
+            eval_samples=256,
+            eval_batch_size=32,
+            eval_temperature=0.01,
+            sample_every=100,
+        ),
+    ),
+    "hh-rlhf": (
+        "Pythia-1B PPO on Anthropic HH-RLHF prompts (GPU)",
+        # prompts: each chosen dialogue up to its last "\n\nAssistant:"; the rest follows the TL;DR preset
+        Args(
+            sft_model="models/sft",
+            reward_model="models/rm",
+            dataset="Anthropic/hh-rlhf",
+            prompt_column="chosen",
+            implicit_prompt_marker="\n\nAssistant:",
+            eval_split="test",
+            max_prompt_length=512,
+            truncate_long_prompts=True,
+            gold_reward_fn=None,
+            total_episodes=200_000,
+            batch_size=512,
+            response_length=128,
+            micro_batch_size=8,
+            local_rollout_forward_batch_size=32,
+            learning_rate=3e-6,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            eval_every=50,
+            eval_samples=256,
+            eval_batch_size=32,
+            sample_every=50,
+        ),
+    ),
+    "ultrafeedback": (
+        "Qwen2.5-0.5B PPO on UltraFeedback prompts, chat template (GPU)",
+        # train_gen/test_gen prompts (text) become one user message of the chat template; a response ends
+        # at <|im_end|>, the template's end-of-turn token
+        Args(
+            sft_model="models/sft",
+            reward_model="models/rm",
+            dataset="HuggingFaceH4/ultrafeedback_binarized",
+            prompt_column="prompt",
+            prompt_format="chat",
+            train_split="train_gen",
+            eval_split="test_gen",
+            max_prompt_length=1024,
+            truncate_long_prompts=True,
+            gold_reward_fn=None,
+            total_episodes=200_000,
+            batch_size=256,
+            response_length=256,
+            micro_batch_size=4,
+            local_rollout_forward_batch_size=16,
+            learning_rate=1e-6,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            eval_every=50,
+            eval_samples=256,
+            eval_batch_size=16,
+            sample_every=50,
+        ),
+    ),
+}
 
-    # Data: each rank takes its own shard of the prompts, and shuffles it with its own generator
-    tokenizer = load_tokenizer(args.sft_model, padding_side="left", add_pad_token=args.add_pad_token)
-    prompts, chat = load_prompts(args, tokenizer)
-    # a response ends at EOS or, for chat prompts, at the template's end-of-turn token
-    stop_ids = stop_token_ids(args, tokenizer, chat)
-    train_ids, (eval_texts, eval_ids) = prompts[args.train_split][1], prompts[args.eval_split]
-    eval_texts, eval_ids = eval_texts[:args.eval_samples][d.rank::d.world_size], eval_ids[:args.eval_samples][d.rank::d.world_size]
-    train_ids = train_ids[d.rank::d.world_size]
-    if len(train_ids) < local_batch_size:
-        raise SystemExit(f"split '{args.train_split}' has {len(train_ids) * d.world_size} prompts, fewer than one batch")
-    shuffle_generator = torch.Generator().manual_seed(args.seed + d.rank)
 
-    def prompt_batches():
-        while True:  # epochs over this rank's shard, reshuffled each time, last partial batch dropped
-            order = torch.randperm(len(train_ids), generator=shuffle_generator).tolist()
-            for i in range(0, len(order) - local_batch_size + 1, local_batch_size):
-                yield [train_ids[j] for j in order[i:i + local_batch_size]]
 
-    batches = prompt_batches()
-
-    # Models. The policy and the frozen reference both start from the SFT checkpoint; the frozen RM
-    # scores; the critic is a separate model initialised from the RM (Huang et al. 2024). Dropout is
-    # off in all four (common.disable_dropout). Under torchrun all four are FSDP2-sharded, and each
-    # phase all-gathers a model once (`unsharded`) rather than per forward.
-    if (args.lora_r or args.offload_critic or args.frozen_dtype == "int8") and d.world_size > 1:
-        raise SystemExit("--lora_r, --offload_critic and --frozen_dtype int8 run on one process; drop them under torchrun")
-    if args.frozen_dtype == "int8" and device.type != "cpu":
-        raise SystemExit("--frozen_dtype int8 uses torch's CPU int8 kernels; on GPU use --frozen_dtype bfloat16")
-    policy = load_causal_lm(args.sft_model, tokenizer, args.dtype)
-    ref_policy = None  # with LoRA, the reference is the policy with its adapter off
-    if not args.lora_r:
-        ref_policy = load_frozen(load_causal_lm, args.sft_model, tokenizer, args.dtype, args.frozen_dtype)
-    rm_has_tokenizer = not os.path.isdir(args.reward_model) or any(
-        os.path.exists(os.path.join(args.reward_model, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    rm_tokenizer = tokenizer  # an RM dir without a tokenizer shares the policy's
-    if rm_has_tokenizer:
-        rm_tokenizer = load_tokenizer(args.reward_model, padding_side="right", add_pad_token=args.add_pad_token)
-    same_tokenizer = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    if not same_tokenizer and not args.rm_retokenize:
-        raise SystemExit(f"the vocabulary of reward model '{args.reward_model}' differs from the policy's ('{args.sft_model}'); "
-                         "pass --rm_retokenize to score decoded text, or train the RM from this SFT model")
-    rm_classifier = load_frozen(load_reward_model, args.reward_model, rm_tokenizer, args.dtype, args.frozen_dtype)
-    # every score is normalised with the statistics train_rm.py stored in the RM's config (TRL #1783)
-    reward_mean = float(getattr(rm_classifier.config, "reward_mean", 0.0))
-    reward_std = float(getattr(rm_classifier.config, "reward_std", 1.0))
-    if not hasattr(rm_classifier.config, "reward_mean"):
-        print0(f"warning: '{args.reward_model}' has no reward_mean/reward_std in its config: scores are used raw")
-    reward_model = ScalarModel(rm_classifier, reward_mean, reward_std).eval().requires_grad_(False)
-    critic, value_head = None, None
-    if args.value_head_on_policy:
-        value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
-        nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # values start at 0
-    elif args.critic_init == "rm":
-        if not same_tokenizer:
-            raise SystemExit("--critic_init rm needs the reward model to share the policy's tokenizer; use --critic_init sft")
-        critic = ScalarModel(load_reward_model(args.reward_model, tokenizer, args.dtype), reward_mean, reward_std)
-    else:
-        critic = ScalarModel(load_reward_model(args.sft_model, tokenizer, args.dtype))
-        # a fresh value head, std 1/sqrt(d_model + 1) (Ziegler et al. 2019, Huang et al. 2024)
-        nn.init.normal_(critic.head.weight, std=1.0 / math.sqrt(policy.config.hidden_size + 1))
-    if args.lora_r:  # Hu et al. 2021: train a low-rank update B A of each target weight, the base frozen
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise SystemExit("--lora_r needs peft: pip install peft") from None
-        policy = get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                   target_modules=args.lora_target_modules))
-    if args.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) too
-        for m in (policy, critic.backbone if critic is not None else None):
-            if m is not None:
-                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    policy, ref_policy, reward_model = (fsdp_wrap(m, device) if m is not None else None
-                                        for m in (policy, ref_policy, reward_model))
-    if critic is not None:
-        critic = fsdp_wrap(critic, device)
-    if value_head is not None and dist.is_initialized():
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(value_head)
-    # the trained models as one module, so that DCP names every parameter the optimizer holds (checkpoints)
-    trainables = nn.ModuleDict({name: m for name, m in (("policy", policy), ("critic", critic), ("value_head", value_head))
-                                if m is not None})
-    params = [p for p in trainables.parameters() if p.requires_grad]  # LoRA: the adapters only
-    # one AdamW over policy and critic (their parameters are disjoint), eps 1e-5 (Huang et al. 2024);
-    # the fused kernel: one pass over all parameters (on CPU several times faster than the default foreach)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
-    # --resume: weights, optimizer, counters, adaptive beta and RNG states as they were after `start_update`
-    start_update, resumed = 0, None
-    if args.resume:
-        latest = latest_checkpoint(checkpoint_dir)
-        resumed = load_checkpoint(latest, trainables, optimizer)
-        start_update, log_dir = resumed["update"], resumed["log_dir"]
-        print0(f"resumed from {latest} (update {start_update} of {num_updates})")
-    for _ in range(start_update):  # the data position: replay the shuffles up to the checkpoint
-        next(batches)
-    policy_train = torch.compile(policy) if args.compile else policy
-    critic_train = torch.compile(critic) if args.compile and critic is not None else critic
-
-    def train_forward(query_responses, attention_mask, T):
-        """The training forward: (B, T, V) logits / temperature of the policy and (B, T) values."""
-        if args.gradient_checkpointing:  # HF recomputes only in training mode (dropout is off either way)
-            trainables.train()
-        logits, values = policy_forward(policy_train, query_responses, attention_mask, T, args.temperature, value_head)
-        if critic is not None:  # V(x, y<t): the critic's output at the token before y_t
-            values = critic_train(query_responses[:, :-1], attention_mask[:, :-1])[:, -T:]
-        return logits, values
-
-    # With one micro-batch per update, PPO's first forward (epoch 1, before any optimizer step) computes
-    # exactly what the rollout's pi_old and V_old forwards would: the same weights on the same sequences.
-    # It then runs once, with gradients, and serves both (the same numbers up to float rounding; two
-    # forwards fewer per update).
-    reuse_first_forward = args.reuse_first_forward and args.num_minibatches == 1 and gradient_accumulation_steps == 1
-    rollout_config = generation_config(tokenizer, args.response_length, args.temperature, stop_ids)
-    # re-tokenising for an RM with its own vocabulary: where a response ended, it ends in the RM's own end token
-    rm_end_id = ((end_of_turn_tokens(rm_tokenizer) if chat else []) or [rm_tokenizer.eos_token_id])[0]
-    rm_tok_arg = None if same_tokenizer else (rm_tokenizer, rm_end_id)
-    pad_id = tokenizer.pad_token_id
-
-    writer = None
-    if d.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        # on resume, drop the events a killed run logged after its last checkpoint
-        writer = SummaryWriter(log_dir, purge_step=start_update * args.batch_size + 1 if resumed else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    print0(f"PPO: {num_updates} updates of {args.batch_size} episodes ({d.world_size} process(es), per rank: "
-           f"{args.num_minibatches} minibatch(es) x {gradient_accumulation_steps} micro-batch(es) of {micro_batch_size}); "
-           f"TensorBoard: {log_dir}")
-
-    def run_eval(step: int):
-        # Evaluation samples from its own fixed seed, so that (1) every evaluation, the SFT baseline included,
-        # sees the same random numbers, and (2) --eval_every does not change the training run's sampling.
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed + 1_000_003 + d.rank)
-            metrics, golds, rows = evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_tok_arg,
-                                            eval_texts, eval_ids, gold_fn, device, stop_ids)
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(f"eval/{k}", v, step)
-            writer.add_text("eval/samples", markdown_table(rows, ["prompt", "response", "rm score", "gold"]), step)
-        return metrics, golds
-
-    # the initial policy is the SFT policy: its evaluation is the baseline of the final win rate
-    if resumed:
-        sft_metrics, sft_golds, eval_metrics, eval_golds = (resumed[k] for k in ("sft_metrics", "sft_golds", "eval_metrics", "eval_golds"))
-        kl_coef, timings, history = resumed["kl_coef"], resumed["timings"], resumed["history"]
-    else:
-        sft_metrics, sft_golds = run_eval(0)
-        kl_coef = args.kl_coef
-        timings, history = [], []
-        eval_metrics, eval_golds = sft_metrics, sft_golds
-
-    def last_checkpoint() -> str:
-        return (latest_checkpoint(checkpoint_dir) if args.save else None) or "none"
-    stats_names = ["losses/policy_avg", "losses/value_avg", "policy/clipfrac_avg", "val/clipfrac_avg",
-                   "policy/approxkl_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var"]
-    if not args.kl_in_reward:
-        stats_names.append("losses/kl_avg")
-    n_micro = args.num_ppo_epochs * args.num_minibatches * gradient_accumulation_steps
-
-    def place_critic(where) -> None:
-        """--offload_critic: the critic's weights and AdamW state leave the GPU while the policy generates."""
-        if critic is None or not args.offload_critic or device.type == "cpu":
-            return
-        critic.to(where)
-        for p in critic.parameters():
-            for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value):
-                    optimizer.state[p][key] = value.to(where)
-
-    def sync():  # honest phase timings on GPU; nothing to wait for on CPU
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    signals = catch_signals()
-    for update in tqdm(range(start_update + 1, num_updates + 1), initial=start_update, total=num_updates,
-                       disable=not d.is_main, desc="ppo"):
-        global_step = update * args.batch_size
-        if args.anneal_lr:  # linear decay to 0 (CleanRL, Huang et al. 2024)
-            optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.lr
-        t_start = time.perf_counter()
-
-        # ALGO LOGIC: rollout. Everything here is data, without gradients (Huang et al. 2024), except
-        # PPO's own first forward when it is reused below.
-        with torch.no_grad():
-            queries, query_mask = left_pad(next(batches), pad_id, device)  # (B, P), left-padded
-            context_length = queries.shape[1]
-            place_critic("cpu")
-            responses = generate(policy, queries, query_mask, rollout_config)  # (B, T)
-            place_critic(device)
-            # a response ends at its first EOS; what follows is padding, masked out of everything below
-            responses, response_mask, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
-            T = responses.shape[1]
-            query_responses = torch.cat([queries, responses], 1)  # (B, P + T)
-            attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)  # what the policy attended to
-            sync()
-            t_generated = time.perf_counter()
-
-            # the no-grad forwards, in chunks of local_rollout_forward_batch_size, one model at a time
-            chunks = [slice(i, i + args.local_rollout_forward_batch_size)
-                      for i in range(0, local_batch_size, args.local_rollout_forward_batch_size)]
-            # pi_old: logprobs recomputed with logits / temperature, as in sampling (Huang et al. 2024); V_old
-            if reuse_first_forward:
-                with torch.enable_grad():  # PPO's first forward, kept for the first optimizer step below
-                    first_logits, first_values = train_forward(query_responses, attention_mask, T)
-                logprobs, values = logprobs_from_logits(first_logits, responses), first_values.detach()
-            else:
-                logprobs, values = [], []
-                with unsharded(policy):
-                    for c in chunks:
-                        logits, v = policy_forward(policy, query_responses[c], attention_mask[c], T, args.temperature, value_head)
-                        logprobs.append(logprobs_from_logits(logits, responses[c]))
-                        values.append(v)
-                if critic is not None:
-                    with unsharded(critic):  # V(x, y<t): the critic's output at the token before y_t
-                        values = [critic(query_responses[c, :-1], attention_mask[c, :-1])[:, -T:] for c in chunks]
-                logprobs, values = torch.cat(logprobs), torch.cat(values)
-            ref_logprobs = []
-            with unsharded(ref_policy):  # the frozen reference, at the same temperature (Huang et al. 2024)
-                for c in chunks:
-                    logits = reference_logits(policy, ref_policy, query_responses[c], attention_mask[c], T, args.temperature)
-                    ref_logprobs.append(logprobs_from_logits(logits, responses[c]))
-            ref_logprobs = torch.cat(ref_logprobs)
-            # the RM score at the last real token, normalised by the RM's stored mean/std
-            scores = rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length,
-                               tokenizer, rm_tok_arg, has_eos, args.local_rollout_forward_batch_size)
-            # checked before the EOS penalty, which would hide a broken RM's NaN wherever no response ends
-            if all_reduce_sum((~torch.isfinite(scores)).sum()).item():  # every rank sees the count: all stop
-                raise SystemExit(f"non-finite reward at update {update}: stopped before the PPO step; last good "
-                                 f"checkpoint: {last_checkpoint()}. Check the reward model (and its reward_mean/reward_std)")
-            # missing-EOS penalty: a response that never ends gets a fixed low score (Huang et al. 2024)
-            scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
-
-            # ALGO LOGIC: per-token rewards, advantages, returns
-            kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator) * response_mask  # (B, T)
-            # KL in the reward (Ziegler et al. 2019) or, with --no_kl_in_reward, in the loss below instead
-            rewards = kl_penalized_rewards(scores, kl, response_mask, kl_coef if args.kl_in_reward else 0.0)
-            if args.whiten_rewards:  # off by default (Huang et al. 2024)
-                rewards = whiten(rewards, response_mask, shift_mean=False)
-            values = values * response_mask
-            advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
-            if args.whiten_advantages:
-                advantages = whiten(advantages, response_mask)
-            sync()
-            t_scored = time.perf_counter()
-
-        # ALGO LOGIC: PPO epochs over shuffled minibatches; old logprobs and values are the rollout's
-        stats = torch.zeros(n_micro, len(stats_names), device=device)
-        k = 0
-        for _epoch in range(args.num_ppo_epochs):
-            order = torch.randperm(local_batch_size, device=device)
-            for mb_start in range(0, local_batch_size, minibatch_size):
-                for mc_start in range(mb_start, mb_start + minibatch_size, micro_batch_size):
-                    idx = order[mc_start:mc_start + micro_batch_size]
-                    mb_mask = response_mask[idx]
-                    if reuse_first_forward and k == 0:  # computed during the rollout, on the same weights
-                        logits, vpred = first_logits[idx], first_values[idx]
-                        del first_logits, first_values
-                    else:
-                        logits, vpred = train_forward(query_responses[idx], attention_mask[idx], T)
-                    new_logprobs = logprobs_from_logits(logits, responses[idx])
-                    pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask, args.cliprange)
-                    vf_loss, vf_clipfrac = value_loss(vpred, values[idx], returns[idx], mb_mask, args.cliprange_value)
-                    loss = pg_loss + args.vf_coef * vf_loss  # L = L_CLIP + c_v * L_critic
-                    if not args.kl_in_reward:  # ... + beta * KL(pi || pi_ref), the KL as a loss term
-                        kl_loss = masked_mean(kl_estimate(new_logprobs, ref_logprobs[idx], args.kl_loss_estimator), mb_mask)
-                        loss = loss + kl_coef * kl_loss
-                    (loss / gradient_accumulation_steps).backward()
-                    with torch.no_grad():
-                        log_ratio = new_logprobs - logprobs[idx]
-                        row = [pg_loss, vf_loss, pg_clipfrac, vf_clipfrac,
-                               0.5 * masked_mean(log_ratio**2, mb_mask),  # approx KL(pi_old || pi) (Huang et al. 2024)
-                               masked_mean(entropy_from_logits(logits), mb_mask),
-                               masked_mean(ratio, mb_mask), masked_mean((ratio - masked_mean(ratio, mb_mask)) ** 2, mb_mask)]
-                        if not args.kl_in_reward:
-                            row.append(kl_loss)
-                        stats[k] = torch.stack(row)
-                    k += 1
-                # the global norm (clipped only with --max_grad_norm), checked before it can reach the weights
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                if not math.isfinite(grad_norm):
-                    losses = {name: float(v) for name, v in zip(stats_names, stats[k - 1]) if name.startswith("losses/")}
-                    raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {update}, losses {losses}: stopped "
-                                     f"before the optimizer step; last good checkpoint: {last_checkpoint()}")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        sync()
-        t_end = time.perf_counter()
-
-        # TRY NOT TO MODIFY: logging. One all-reduce and one host sync per update.
-        with torch.no_grad():
-            mask_f = response_mask.float()
-            non_score_reward = (-kl_coef * kl).sum(1)
-            explained_var_parts = torch.stack([(returns * mask_f).sum(), (returns**2 * mask_f).sum(),
-                                               ((returns - values) * mask_f).sum(), ((returns - values) ** 2 * mask_f).sum(),
-                                               mask_f.sum()])
-            rollout = torch.stack([scores.mean(), kl.sum(1).mean(), (-logprobs * mask_f).sum(1).mean(),
-                                   non_score_reward.mean(), (scores + non_score_reward).mean(),
-                                   has_eos.float().mean(), mask_f.sum(1).mean()])
-            local = torch.cat([rollout, stats.mean(0)]) / d.world_size
-            # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this update
-            stop_flag = torch.tensor([float(signals["stop"])], device=device)
-            reduced = all_reduce_sum(torch.cat([local, explained_var_parts, stop_flag])).tolist()
-            stop = reduced.pop() > 0
-        names = ["objective/scores", "objective/kl", "objective/entropy", "objective/non_score_reward",
-                 "objective/rlhf_reward", "val/eos_rate", "val/response_length", *stats_names]
-        metrics = dict(zip(names, reduced[:len(names)]))
-        s_r, s_r2, s_d, s_d2, n = reduced[len(names):]
-        var_returns = s_r2 / n - (s_r / n) ** 2
-        metrics["val/explained_variance"] = 1.0 - (s_d2 / n - (s_d / n) ** 2) / max(var_returns, 1e-8)
-        if not all(math.isfinite(v) for v in metrics.values()):
-            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-            raise SystemExit(f"non-finite training statistics at update {update} ({', '.join(bad)}): stopped; "
-                             f"last good checkpoint: {last_checkpoint()}")
-        metrics["objective/kl_coef"] = kl_coef
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        timing = {"time/generate": t_generated - t_start, "time/score": t_scored - t_generated,
-                  "time/train": t_end - t_scored, "time/update": t_end - t_start}
-        timing["eps"] = args.batch_size / timing["time/update"]
-        timings.append(timing)
-        metrics.update(timing)
-        metrics["episodes"] = global_step
-        history.append(metrics)
-        if args.adaptive_kl:  # Ziegler et al. 2019: move beta so the KL tracks its target
-            kl_coef = adaptive_kl_coef(kl_coef, metrics["objective/kl"], args.kl_target, args.kl_horizon, args.batch_size)
-        if writer is not None:
-            for key, v in metrics.items():
-                if key != "episodes":
-                    writer.add_scalar(key, v, global_step)
-            if args.sample_every and (update % args.sample_every == 0 or update == 1):
-                n_rows = min(args.num_sample_rows, local_batch_size)
-                table = list(zip(tokenizer.batch_decode(queries[:n_rows], skip_special_tokens=True),
-                                 tokenizer.batch_decode(responses[:n_rows], skip_special_tokens=True),
-                                 scores[:n_rows].tolist()))
-                writer.add_text("samples", markdown_table(table, ["prompt", "response", "score"]), global_step)
-        if (args.eval_every and update % args.eval_every == 0) or update == num_updates:
-            eval_metrics, eval_golds = run_eval(global_step)
-        if d.is_main and update % max(1, num_updates // 10) == 0:
-            tqdm.write(f"update {update}/{num_updates}: score {metrics['objective/scores']:+.3f} "
-                       f"kl {metrics['objective/kl']:.2f} eos {metrics['val/eos_rate']:.2f} {timing['eps']:.1f} eps")
-        if args.save and ((args.checkpoint_every and update % args.checkpoint_every == 0) or update == num_updates or stop):
-            state = {"update": update, "args": args_json(args), "log_dir": log_dir, "kl_coef": kl_coef,
-                     "history": history, "timings": timings, "sft_metrics": sft_metrics, "sft_golds": sft_golds,
-                     "eval_metrics": eval_metrics, "eval_golds": eval_golds}
-            path = save_checkpoint(checkpoint_dir, update, trainables, optimizer, state, "ppo")
-            if stop:
-                exit_preempted(path, f"update {update}", signals["signal"])
-        elif stop:  # --no_save: nothing to keep
-            raise SystemExit(128 + (signals["signal"] or 15))
-
-    # the final evaluation is the last one above, of the final policy, on the same prompts as the SFT one
-    num_eval_prompts = int(all_reduce_sum(torch.tensor([len(eval_ids)], device=device)).item())
-    final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}
-    if gold_fn is not None:
-        # gold win rate of PPO vs SFT on the same prompts; ties count 1/2
-        wins = sum(1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(eval_golds, sft_golds))
-        totals = all_reduce_sum(torch.tensor([wins, float(len(sft_golds))], dtype=torch.float64, device=device)).tolist()
-        final["gold_win_rate"] = totals[0] / totals[1]
-    final["final_kl"] = eval_metrics["kl"]
-    final["train_kl"] = history[-1]["objective/kl"]
-    final["episodes"] = num_updates * args.batch_size
-    final["wall_time_s"] = time.time() - start_time
-    if args.save:
-        if args.lora_r:  # a plain HF model: the adapter folded into the weights, W + alpha / r * B A
-            policy = policy.merge_and_unload()
-        save_model(policy, tokenizer, args.output_dir, "ppo", results={**final, "args": asdict(args)})
-    if writer is not None:
-        for k, v in final.items():
-            if isinstance(v, float):
-                writer.add_scalar(f"final/{k}", v, num_updates * args.batch_size)
-        writer.close()
-
-    # final summary
-    names = ["rm_score", "gold_score", "kl", "response_length", "eos_rate"]
-    print0(f"\n{'held-out (' + str(final['num_eval_prompts']) + ' prompts)':<28}{'SFT':>10}{'PPO':>10}")
-    for name in names:
-        if name in sft_metrics:
-            print0(f"{name:<28}{sft_metrics[name]:>10.3f}{eval_metrics[name]:>10.3f}")
-    win = f"gold win rate of PPO vs SFT {final['gold_win_rate']:.3f} | " if "gold_win_rate" in final else ""
-    print0(f"{win}final KL to reference {final['final_kl']:.3f} nats | {final['wall_time_s']:.0f} s"
-           + (f" | saved {args.output_dir}" if args.save else ""))
-    teardown_distributed()
-    return {**final, "history": history, "timings": timings}
+def parse_args(argv=None) -> Args:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
+        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
+    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
+        argv = ["toy", *argv]  # no preset named: the toy default
+    return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def tiny_args(toy_dir, rm, output_dir, *extra):
         "--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", rm,
         "--dataset", os.path.join(toy_dir, "prompts"), "--output_dir", str(output_dir),
         "--total_episodes", "320", "--batch_size", "32", "--response_length", "8",
-        "--lr", "3e-3", "--kl_coef", "0.01", "--missing_eos_penalty", "None",
+        "--learning_rate", "3e-3", "--kl_coef", "0.01", "--missing_eos_penalty", "None",
         "--eval_samples", "64", "--eval_every", "5", "--sample_every", "5", *extra,
     ])
 
@@ -347,7 +347,7 @@ def test_torchrun_two_processes(toy_dir, standin_rm, tmp_path, extra):
     run_script("ppo.py", "--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", standin_rm,
                "--dataset", os.path.join(toy_dir, "prompts"), "--output_dir", str(out),
                "--run_name", str(tmp_path / "tb"),  # an absolute run_name keeps the logs in tmp
-               "--total_episodes", "96", "--batch_size", "32", "--response_length", "8", "--lr", "3e-3",
+               "--total_episodes", "96", "--batch_size", "32", "--response_length", "8", "--learning_rate", "3e-3",
                "--eval_samples", "32", "--eval_every", "0", *extra, nproc=2)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["num_eval_prompts"] == 32 and math.isfinite(results["final_kl"])
@@ -396,7 +396,7 @@ def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkey
         low = strip(run("--frozen_dtype", dtype))
         assert low[0]["objective/scores"] == pytest.approx(base[0]["objective/scores"], abs=0.1)  # rounding only
     lora = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "lora", "--total_episodes", "64", "--lora_r", "4",
-                              "--eval_samples", "16", "--gold_reward_fn", "None", "--lr", "3e-2"))
+                              "--eval_samples", "16", "--gold_reward_fn", "None", "--learning_rate", "3e-2"))
     assert lora["history"][0]["objective/kl"] == 0.0 and lora["history"][1]["objective/kl"] != 0.0
     from transformers import AutoModelForCausalLM
 
@@ -446,9 +446,9 @@ def test_rm_with_its_own_tokenizer_is_fed_retokenised_text(toy_dir, standin_rm, 
 def test_presets():
     toy = ppo.parse_args([])
     assert toy.dataset == "toy_data/prompts" and toy.gold_reward_fn == "toy_task:gold_score"
-    assert ppo.parse_args(["--lr", "1e-4"]).lr == 1e-4
+    assert ppo.parse_args(["--learning_rate", "1e-4"]).learning_rate == 1e-4
     pythia = ppo.parse_args(["pythia-tldr", "--seed", "3"])
-    assert pythia.lr == 3e-6 and pythia.kl_coef == 0.05 and pythia.response_length == 53 and pythia.seed == 3
+    assert pythia.learning_rate == 3e-6 and pythia.kl_coef == 0.05 and pythia.response_length == 53 and pythia.seed == 3
     assert pythia.gold_reward_fn is None and pythia.missing_eos_penalty == -1.0
 
 

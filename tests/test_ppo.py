@@ -342,16 +342,25 @@ def test_nan_loss_stops_and_saves_nothing(toy_dir, standin_rm, tmp_path, monkeyp
     [],  # one micro-batch per rank: PPO's first forward gives pi_old and V_old
     ["--micro_batch_size", "8", "--num_ppo_epochs", "2"],  # separate recompute, gradient accumulation
 ])
-def test_torchrun_two_processes(toy_dir, standin_rm, tmp_path, extra):
+def test_torchrun_two_processes(toy_dir, standin_rm, tmp_path, monkeypatch, extra):
+    """Two processes with FSDP2 train, and evaluate exactly as one: with greedy evaluation the SFT baseline's
+    metrics over the 32 held-out prompts (16 a rank, all-reduced) equal one process's to float rounding (1e-5).
+    Training itself samples other rollouts on each rank, so only its finiteness is checked here."""
     out = tmp_path / "ppo"
-    run_script("ppo.py", "--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", standin_rm,
-               "--dataset", os.path.join(toy_dir, "prompts"), "--output_dir", str(out),
-               "--run_name", str(tmp_path / "tb"),  # an absolute run_name keeps the logs in tmp
-               "--total_episodes", "96", "--batch_size", "32", "--response_length", "8", "--learning_rate", "3e-3",
-               "--eval_samples", "32", "--eval_every", "0", *extra, nproc=2)
+    flags = ["--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", standin_rm,
+             "--dataset", os.path.join(toy_dir, "prompts"), "--total_episodes", "96", "--batch_size", "32",
+             "--response_length", "8", "--learning_rate", "3e-3", "--eval_samples", "32", "--eval_every", "0",
+             "--eval_temperature", "0", *extra]
+    run_script("ppo.py", *flags, "--output_dir", str(out), "--run_name", str(tmp_path / "tb"), nproc=2)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["num_eval_prompts"] == 32 and math.isfinite(results["final_kl"])
     assert "gold_win_rate" in results
+    if not extra:
+        monkeypatch.chdir(tmp_path)
+        with one_thread():
+            one = ppo.main(ppo.parse_args([*flags, "--no_save", "--total_episodes", "32"]))
+        assert one["num_eval_prompts"] == 32 and one["sft"]["kl"] == results["sft"]["kl"] == 0.0
+        assert one["sft"] == pytest.approx(results["sft"], rel=1e-5, abs=1e-5)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)

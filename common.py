@@ -884,11 +884,25 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dict:
             dcp.load(loaded, checkpoint_id=path, no_dist=not dist.is_initialized())
         state = torch.load(rank_file, weights_only=False)  # our own file
     except (Exception, dcp.api.CheckpointException) as e:  # a truncated or edited file: many kinds of error
-        raise SystemExit(f"checkpoint '{path}' is corrupt ({first_line(e)[:200]}); delete it to resume from an earlier "
-                         "one, or start over with --overwrite") from None
+        where = short_file(path) or (rank_file if isinstance(e, (EOFError, RuntimeError)) else None) or path
+        raise SystemExit(f"checkpoint '{path}' is corrupt: '{where}' cannot be read ({first_line(e)[:160]}); delete "
+                         f"'{path}' to resume from an earlier checkpoint, or start over with --overwrite") from None
     set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     set_rng_state(state.pop("rng"))
     return state
+
+
+def short_file(path: str) -> str | None:
+    """The shard file of a DCP checkpoint that is shorter than its metadata says (a truncated copy or write)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        needed: dict[str, int] = {}
+        for info in dcp.FileSystemReader(path).read_metadata().storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        return next((os.path.join(path, f) for f, n in needed.items() if os.path.getsize(os.path.join(path, f)) < n), None)
+    except Exception:  # no readable metadata: the caller names the dir
+        return None
 
 
 def check_same_args(saved: dict, args: dict, ignore: tuple[str, ...] = ("resume", "overwrite", "checkpoint_every")) -> None:

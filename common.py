@@ -221,9 +221,22 @@ def fit_prompts(ids: list[list[int]], max_length: int, truncate: bool, head: lis
            f"tokens; keeping their last tokens{f' after the {len(head)} they start with' if head else ''} (--truncate_long_prompts)")
     cut = []
     for x in ids:
-        keep = head if head and x[: len(head)] == head else []
+        keep = kept_head(x, head) if len(x) > max_length else []
+        keep = keep if len(keep) < max_length else []  # a header longer than the limit: a plain cut
         cut.append(x if len(x) <= max_length else keep + x[len(x) - (max_length - len(keep)):])
     return cut
+
+
+def kept_head(x: list[int], head: list[int]) -> list[int]:
+    """The front of prompt x that a cut keeps: `head` itself, or, for a chat prompt with a system turn of its own,
+    x up to the end of the longest piece of head's end (its user header, 2 tokens or more) found in x."""
+    if x[: len(head)] == head:
+        return head
+    for k in range(len(head) - 1, 1, -1):
+        for j in range(len(x) - k + 1):
+            if x[j : j + k] == head[-k:]:
+                return x[: j + k]
+    return []
 
 
 def check_flags(args, at_least_1=(), positive=(), non_negative=()) -> None:

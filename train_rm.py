@@ -10,17 +10,26 @@ The model is the SFT checkpoint with its LM head swapped for a fresh scalar head
 reward is the head's output at the last real token (the EOS). The loss is Bradley-Terry:
 `-log sigmoid(r(x, y_chosen) - r(x, y_rejected))` (Christiano et al. 2017; Ouyang et al. 2022).
 
-After training, the reward is normalised on samples of the SFT policy (Huang et al. 2024; Ziegler et al.
-2019) and the statistics are stored in the saved config; see "THE NORMALISATION CONTRACT" below.
+After training, the reward is normalised on samples of the SFT policy, as Ziegler et al. 2019 normalise on
+samples of the initial policy (Huang et al. 2024 instead shift it on the dataset's reference summaries), and
+the statistics are stored in the saved config; see "THE NORMALISATION CONTRACT" below.
+
+The file reads top to bottom: `Args`; the equations (ALGO LOGIC: one small function each); the model and data
+helpers they use; `main()`, the method itself; then, under TRY NOT TO MODIFY, the plumbing that main() calls in
+one line each (checks, data loading, model building, resume and checkpoints, logging, evaluation, the report)
+and the presets.
 
 Implementation details, each marked by a comment where it happens:
 - `pad_token_id` in the model config, a pad token distinct from EOS (common.load_reward_model);
 - EOS appended to every text, the reward read at the last non-pad token, for left and right padding;
 - position ids counted from the first real token, so padding never shifts a sequence;
 - chosen and rejected scored in one concatenated forward;
-- the scalar head initialised with std 1/sqrt(d_model + 1) (Ziegler et al. 2019, Huang et al. 2024);
+- the pairs that share a prompt kept in one batch, each distinct completion scored once (Ouyang et al. 2022);
+- the scalar head initialised with std 1/sqrt(d_model + 1) (Ziegler et al. 2019's lm-human-preferences code,
+  which Huang et al. 2024 follow);
 - no dropout (common.disable_dropout);
-- the reward bias (and optional gain) computed after training and stored in the config (TRL #1783).
+- the reward bias (and optional gain) computed after training and stored in the config, not in a head bias,
+  which loading drops (TRL #1783).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ import tyro
 from tqdm import tqdm
 
 from common import (
+    Dist,
     args_json,
     catch_signals,
     check_flags,
@@ -49,20 +59,20 @@ from common import (
     check_unknown_tokens,
     drop_unusable,
     end_of_turn_tokens,
-    fit_prompts,
     exit_preempted,
+    fit_prompts,
+    fsdp_wrap,
     latest_checkpoint,
+    load_causal_lm,
     load_checkpoint,
     load_dataset,
-    save_checkpoint,
-    fsdp_wrap,
-    load_causal_lm,
     load_reward_model,
     load_tokenizer,
     prepare_output,
     print0,
     prompt_head,
     run,
+    save_checkpoint,
     save_model,
     seed_everything,
     setup_distributed,
@@ -70,6 +80,9 @@ from common import (
 )
 
 
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
 @dataclass
 class Args:
     # data
@@ -126,12 +139,13 @@ class Args:
     """learning-rate decay to 0 over training (Huang et al. 2024: cosine)"""
     warmup_steps: int = 0
     """linear warm-up steps"""
-    num_epochs: int = 1
+    num_train_epochs: int = 1
     """passes over the training pairs (Huang et al. 2024 and Ouyang et al. 2022: 1; the RM overfits fast)"""
     batch_size: int = 128
     """pairs per optimiser step, over all processes (toy: ~21 prompts' 6 pairs each)"""
-    per_device_batch_size: int = 128
-    """pairs per forward on one process (a forward holds up to twice as many sequences)"""
+    micro_batch_size: int = 128
+    """pairs per forward on one process (a forward holds up to twice as many sequences); the gradient accumulation
+    follows: batch_size / (processes x micro_batch_size) forwards per optimiser step"""
     eval_batch_size: int = 128
     """pairs per evaluation forward on one process"""
     max_grad_norm: float = 1.0
@@ -148,9 +162,9 @@ class Args:
 
     # reward normalisation
     normalize: bool = True
-    """after training, set the reward bias so SFT-policy samples score 0 on average (Huang et al. 2024)"""
+    """after training, store reward_mean so that SFT-policy samples score 0 on average (Ziegler et al. 2019)"""
     normalize_std: bool = False
-    """also scale rewards so SFT-policy samples have std 1 (Ziegler et al. 2019)"""
+    """also store reward_std so that SFT-policy samples have std 1 (Ziegler et al. 2019)"""
     sft_model_for_normalisation: str | None = None
     """the policy that samples the normalisation responses (None: model_name_or_path)"""
     prompt_dataset: str | None = None
@@ -192,115 +206,8 @@ class Args:
     """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
 
 
-PRESETS = {
-    "toy": ("offline toy task (default)", Args()),
-    "pythia-tldr": (
-        "Pythia-1B RM on TL;DR preferences, Huang et al. 2024 (GPU)",
-        # Huang et al. 2024, summarize_from_feedback_details/reward.py: AdamW lr 3e-6 eps 1e-5, cosine, 1 epoch,
-        # batch 64 (8 GPUs x grad-accum 8), 92,832 pairs, queries <= 512 tokens, query+response <= 638 tokens.
-        # Text columns: "query" is the formatted post ending in "TL;DR:", "chosen"/"rejected" start with a
-        # space and end in "<|endoftext|>" (so no separator, and no second EOS). They normalised on the SFT
-        # dataset's reference summaries; we use SFT-policy samples (temperature 0.7, 53 tokens, as their PPO).
-        Args(
-            model_name_or_path="models/sft",
-            dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144",
-            prompt_column="query",
-            separator="",
-            max_length=640,
-            learning_rate=3e-6,
-            weight_decay=0.01,  # torch's AdamW default, which Huang et al. keep
-            num_epochs=1,
-            lr_schedule="cosine",
-            batch_size=64,
-            per_device_batch_size=8,
-            eval_batch_size=16,
-            eval_every=500,
-            group_by_length=False,  # plain shuffled batches, as theirs
-            group_by_prompt=False,
-            prompt_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
-            prompt_dataset_column="query",
-            num_normalisation_prompts=2048,
-            response_length=53,
-            max_prompt_length=512,  # as ppo.py pythia-tldr
-            truncate_long_prompts=True,
-            generation_batch_size=64,
-        ),
-    ),
-    "hh-rlhf": (
-        "Pythia-1B RM on Anthropic HH-RLHF (GPU)",
-        # chosen/rejected are whole dialogues; the prompt is their shared prefix up to the last
-        # "\n\nAssistant:" (--dataset_format implicit_prompt). Settings past the data are the TL;DR preset's.
-        Args(
-            model_name_or_path="models/sft",
-            dataset="Anthropic/hh-rlhf",
-            dataset_format="implicit_prompt",
-            eval_split="test",
-            max_length=768,
-            learning_rate=3e-6,
-            weight_decay=0.01,
-            num_epochs=1,
-            batch_size=64,
-            per_device_batch_size=8,
-            eval_batch_size=16,
-            eval_every=500,
-            group_by_length=False,
-            num_normalisation_prompts=2048,
-            response_length=128,
-            max_prompt_length=512,  # as ppo.py hh-rlhf
-            truncate_long_prompts=True,
-            generation_batch_size=32,
-        ),
-    ),
-    "ultrafeedback": (
-        "Qwen2.5-0.5B RM on UltraFeedback binarized, chat template (GPU)",
-        # chosen/rejected are [user, assistant] conversations that share the user turn; each is rendered
-        # with the chat template and the reward is read at the assistant's end-of-turn token.
-        Args(
-            model_name_or_path="models/sft",
-            dataset="HuggingFaceH4/ultrafeedback_binarized",
-            dataset_format="conversational",
-            train_split="train_prefs",
-            eval_split="test_prefs",
-            max_length=2048,
-            learning_rate=3e-6,
-            weight_decay=0.01,
-            num_epochs=1,
-            batch_size=64,
-            per_device_batch_size=4,
-            eval_batch_size=8,
-            eval_every=500,
-            group_by_length=False,
-            num_normalisation_prompts=1024,
-            response_length=256,
-            max_prompt_length=1024,  # as ppo.py ultrafeedback
-            truncate_long_prompts=True,
-            generation_batch_size=16,
-        ),
-    ),
-}
-
-
-def parse_args(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
-        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
-    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
-        argv = ["toy", *argv]  # no preset named: the toy default
-    return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
-
-
-def check_args(args: Args) -> None:
-    """Every numeric flag in range, before anything loads (None leaves a flag off)."""
-    check_flags(args, at_least_1=("max_length", "num_train_pairs", "num_eval_pairs", "num_epochs", "batch_size",
-                                  "per_device_batch_size", "eval_batch_size", "log_every", "num_normalisation_prompts", "max_prompt_length",
-                                  "response_length", "generation_batch_size"),
-                positive=("learning_rate", "adam_eps", "temperature"),
-                non_negative=("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every",
-                              "max_dropped_fraction"))
-
-
 # ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: the loss and the reward
+# ALGO LOGIC: the equations, one function each
 # ----------------------------------------------------------------------------------------------
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None):
     """loss = mean( -log sigmoid(r_chosen - r_rejected - margin) )
@@ -316,8 +223,10 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
-    """position = number of real tokens before this one, so left padding shifts nothing. (B, T)"""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    """Positions counted from the first real token, so left padding never shifts a sequence. TRL and OpenRLHF
+    pass them; Huang et al. 2024's released code passes none, which a rotary model such as Pythia barely feels
+    but a model with learned absolute positions (GPT-2) does (tests/test_math.py)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
 def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -331,10 +240,436 @@ def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     return out.logits.squeeze(-1).float()
 
 
+# THE NORMALISATION CONTRACT (ppo.py relies on it):
+#   the saved config holds `reward_mean` and `reward_std`, and every consumer of the RM uses
+#       normalised reward = (raw - config.reward_mean) / config.reward_std
+#   where raw = get_reward(...) on prompt tokens + response tokens up to and including the first EOS,
+#   padded with pad_token_id (left padding before the prompt, right padding after the response allowed).
+#   reward_mean is the mean raw reward of SFT-policy samples on training prompts, so the SFT policy scores
+#   0 on average; reward_std is their std with --normalize_std, else 1.0. Ziegler et al. 2019 set both on
+#   samples of the initial policy (lm-human-preferences' normalize_after: mean 0, std 1); Huang et al. 2024
+#   set only the mean, on the dataset's reference summaries (after Stiennon et al. 2020). HF's score head
+#   has no bias, so the shift cannot live in the weights (a trained head bias was dropped on loading: TRL #1783).
+def reward_normalisation(reward_sum: float, reward_sq_sum: float, count: float, normalize_std: bool) -> tuple[float, float, float]:
+    """reward_mean = E[r],  reward_std = sqrt((E[r^2] - E[r]^2) * n / (n - 1)) if normalize_std else 1
+
+    over the n SFT-policy samples. Returns (reward_mean, reward_std, raw std). Sums, not lists, so ranks add
+    their shares (global statistics).
+    """
+    mean = reward_sum / count
+    std = math.sqrt(max(reward_sq_sum / count - mean**2, 0.0) * count / max(count - 1, 1))
+    return mean, (max(std, 1e-8) if normalize_std else 1.0), std
+
+
+def learning_rate_at(step: int, total_steps: int, args: Args) -> float:
+    """The learning rate after `step` completed steps: linear warm-up, then decay to 0 (Huang et al. 2024: cosine).
+
+    lr(s) = lr * (s + 1) / warmup                  for s < warmup
+    lr(s) = lr * 0.5 * (1 + cos(pi * p))           cosine,   p = (s - warmup) / max(1, total_steps - warmup)
+    lr(s) = lr * (1 - p)                           linear
+    lr(s) = lr                                     constant
+    """
+    if step < args.warmup_steps:
+        return args.learning_rate * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    if args.lr_schedule == "cosine":
+        return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if args.lr_schedule == "linear":
+        return args.learning_rate * (1.0 - progress)
+    return args.learning_rate
+
+
+def truncate_after_eos(responses: torch.Tensor, stop_token_ids: int | list[int], pad_token_id: int):
+    """A response ends at its first EOS (or other stop token, e.g. a chat end-of-turn), which it keeps;
+    every token after it becomes padding.
+
+    Returns (responses, response_mask, has_eos): (B, T) tokens, (B, T) True up to and including the
+    first EOS (all True without one), and (B,) whether an EOS was generated at all.
+    """
+    is_eos = torch.isin(responses, torch.tensor(stop_token_ids, device=responses.device).reshape(-1))
+    has_eos = is_eos.any(1)
+    last = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)  # (B,) last real index
+    response_mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= last[:, None]
+    return responses.masked_fill(~response_mask, pad_token_id), response_mask, has_eos
+
+
 # ----------------------------------------------------------------------------------------------
-# Data: every format becomes (prompt, chosen completion, rejected completion) texts
+# The model and data helpers the algorithm uses
 # ----------------------------------------------------------------------------------------------
-def split_implicit_prompt(chosen: str, rejected: str, marker: str = "\n\nAssistant:") -> tuple[str, str, str]:
+def init_reward_head(model) -> None:
+    """score head: weight ~ N(0, std^2) with std = 1 / sqrt(d_model + 1); bias (if any) = 0
+
+    The init of Ziegler et al. 2019's lm-human-preferences code, which Huang et al. 2024 follow.
+    """
+    head = getattr(model, "score", None)
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op on one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def right_pad(sequences: list[list[int]], pad_token_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding, for the RM's own batches: every sequence starts in column 0. -> (B, T) ids, mask
+
+    The mask keeps every token that is not pad_token_id, the tokens get_reward reads as real.
+    """
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, : len(s)] = torch.tensor(s)
+    return input_ids.to(device), (input_ids != pad_token_id).long().to(device)
+
+
+def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so every prompt ends where the response starts (Huang et al. 2024). -> (B, P) ids, mask"""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pair_batch(pairs: dict, indices: list[int], pad_id: int, device):
+    """The distinct sequences of a batch of pairs, padded into one (N, T) batch, and where each pair's chosen and
+    rejected sit in it: rewards[index[:B]] are r_chosen, rewards[index[B:]] r_rejected. One forward scores both
+    sides with the same padding width and weights (Huang et al. 2024). A completion that several pairs of the
+    batch share (the k choose 2 pairs of k ranked completions) is scored once (Ouyang et al. 2022, Sec. 3.5)."""
+    seqs = [pairs["chosen_ids"][i] for i in indices] + [pairs["rejected_ids"][i] for i in indices]
+    row = {}  # token ids -> row of the batch
+    index = torch.tensor([row.setdefault(tuple(s), len(row)) for s in seqs], device=device)  # (2B,)
+    input_ids, attention_mask = right_pad([list(s) for s in row], pad_id, device)  # dicts keep insertion order
+    margin = None
+    if pairs["margin"] is not None:
+        margin = torch.tensor([pairs["margin"][i] for i in indices], dtype=torch.float32, device=device)
+    return input_ids, attention_mask, index, margin
+
+
+def pairs_by_prompt(prompts: list[str]) -> list[list[int]]:
+    """The indices of the pairs that share each prompt, one list per prompt, in order of first appearance."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(prompt, []).append(i)
+    return list(by_prompt.values())
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
+                    batches_per_group: int = 50) -> list[int]:
+    """Reorder a shuffled index list so that each batch holds pairs of similar length (as sft.py does).
+
+    Cut `order` into groups of batches_per_group batches, sort each group by length, cut it into batches
+    and shuffle the batches. Batches stay random but pad far less: a batch costs as much as its longest pair.
+    """
+    chunk = batch_size * batches_per_group
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]  # the ragged tail batches go last, to be dropped
+    ragged = [b for b in batches if len(b) < batch_size]
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    return [i for b in shuffled + ragged for i in b]
+
+
+def pair_batches(prompt_groups: list[list[int]], pairs: dict, steps_per_epoch: int, args: Args):
+    """Global batches of args.batch_size pair indices, epoch after epoch (a generator).
+
+    Each epoch: the prompt groups in a random order, each group's pairs next to each other; with
+    --group_by_length, batches of similar length (group_by_length); the last partial batch dropped, so that every
+    rank gets an equal share. Every rank draws the same order (one generator seeded with args.seed), so a resumed
+    run finds its place by replaying the batches before its checkpoint.
+    """
+    lengths = [0] * len(pairs["chosen_ids"])  # a group's longest sequence, for all its pairs: sorting keeps it whole
+    for group in prompt_groups:
+        longest = max(max(len(pairs["chosen_ids"][i]), len(pairs["rejected_ids"][i])) for i in group)
+        for i in group:
+            lengths[i] = longest
+    order_rng = torch.Generator().manual_seed(args.seed)
+    for _epoch in range(args.num_train_epochs):
+        order = [i for g in torch.randperm(len(prompt_groups), generator=order_rng).tolist() for i in prompt_groups[g]]
+        if args.group_by_length:
+            order = group_by_length(order, lengths, args.batch_size, order_rng)
+        for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
+            yield order[batch_start : batch_start + args.batch_size]
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[list[int], list[bool]]:
+    """Rank's share of range(n), wrapped around so every rank gets ceil(n / world_size) items: FSDP needs the
+    same number of forwards on every rank. `is_real` is False for the wrapped-around repeats."""
+    per_rank = math.ceil(n / world_size)
+    positions = [rank + world_size * k for k in range(per_rank)]
+    return [p % n for p in positions], [p < n for p in positions]
+
+
+@torch.no_grad()
+def sample_responses(policy, input_ids, attention_mask, response_length: int, temperature: float,
+                     stop_token_ids: int | list[int], pad_token_id: int) -> torch.Tensor:
+    """Sample one response per left-padded prompt, cut after its first EOS (truncate_after_eos).
+    (B, T_prompt) -> (B, T_response)
+
+    Only the temperature applies: the policy's generation_config holds only the token ids (common.token_ids_only).
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=response_length, do_sample=True, temperature=temperature,
+        top_k=0, top_p=1.0,  # the policy's full distribution, as in PPO (Huang et al. 2024); HF defaults top_k=50
+        eos_token_id=stop_token_ids, pad_token_id=pad_token_id,
+    )
+    out = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    responses, _, _ = truncate_after_eos(out[:, input_ids.shape[1]:], stop_token_ids, pad_token_id)
+    return responses
+
+
+# ----------------------------------------------------------------------------------------------
+# main: train the RM on the preference pairs, then normalise its reward on SFT-policy samples
+# ----------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    """Train the RM on the preference pairs (Bradley-Terry), then normalise its reward on SFT-policy samples."""
+    # TRY NOT TO MODIFY: checks, processes, sizes, output dirs, tokenizers and data; the model; resume; logging
+    start_time = time.time()
+    setup = set_up(args)
+    model, optimizer = build_reward_model(args, setup)
+    progress, writer = start_or_resume(args, setup, model, optimizer)
+    d, train, pad_id = setup.d, setup.train, setup.tokenizer.pad_token_id
+
+    # ALGO LOGIC: the order of the pairs. Pairs that share a prompt (the k choose 2 pairs of k ranked completions)
+    # go through training together, in one batch: each completion is scored once, and an epoch visits each
+    # ranking once. InstructGPT did this because shuffling these correlated pairs apart made the RM overfit in
+    # one epoch (Ouyang et al. 2022, Sec. 3.5).
+    n_train = len(train["chosen_ids"])
+    prompt_groups = pairs_by_prompt(train["prompt"]) if args.group_by_prompt else [[i] for i in range(n_train)]
+    batches = pair_batches(prompt_groups, train, setup.steps_per_epoch, args)  # every rank: the same global batches
+    for _ in range(progress.start_step):  # the data position: replay the shuffles up to the checkpoint
+        next(batches)
+
+    # ALGO LOGIC: training, one optimiser step per global batch
+    signals = catch_signals()
+    bar = tqdm(total=setup.total_steps, initial=progress.start_step, desc="reward model", disable=not d.is_main)
+    t_train = time.time()
+    for step in range(progress.start_step + 1, setup.total_steps + 1):
+        lr = learning_rate_at(step - 1, setup.total_steps, args)  # the rate after step - 1 completed steps
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = next(batches)
+        local = batch[d.rank * setup.pairs_per_rank : (d.rank + 1) * setup.pairs_per_rank]  # this rank's share
+        sums = [0.0] * 5  # this rank's loss * n, correct, sum r_chosen, sum r_rejected, n
+        for micro_start in range(0, setup.pairs_per_rank, setup.micro_batch_size):  # gradient accumulation
+            idx = local[micro_start : micro_start + setup.micro_batch_size]
+            input_ids, attention_mask, index, margin = pair_batch(train, idx, pad_id, d.device)  # (N <= 2b, T)
+            rewards = get_reward(model, input_ids, attention_mask)[index]  # (2b,): one forward for both
+            r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]  # (b,) each
+            loss = bradley_terry_loss(r_chosen, r_rejected, margin)
+            (loss / setup.gradient_accumulation_steps).backward()  # the gradient of the mean over the rank's share
+            sums[0] += loss.item() * len(idx)
+            sums[1] += (r_chosen > r_rejected).sum().item()
+            sums[2] += r_chosen.sum().item()
+            sums[3] += r_rejected.sum().item()
+            sums[4] += len(idx)
+        # the sums over all ranks; the signal flag rides along: if any rank was signalled, every rank checkpoints here
+        loss_sum, correct, chosen_sum, rejected_sum, count, stop = all_reduce_sum(
+            torch.tensor(sums + [float(signals["stop"])], dtype=torch.float64, device=d.device)).tolist()
+        grad_norm = clip_grad_norm_or_stop(model, loss_sum / count, step, args, setup, bar)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # TRY NOT TO MODIFY: logging, evaluation and checkpoints
+        metrics = {
+            "train/loss": loss_sum / count,
+            "train/accuracy": correct / count,
+            "train/reward_chosen": chosen_sum / count,
+            "train/reward_rejected": rejected_sum / count,
+            "train/margin": (chosen_sum - rejected_sum) / count,  # mean r_chosen - r_rejected
+        }
+        log_step(metrics, lr, grad_norm, step, args, setup, writer, bar, t_train)
+        if setup.val is not None and (step % (args.eval_every or setup.steps_per_epoch) == 0 or step == setup.total_steps):
+            run_eval(step, args, setup, model, progress, writer, bar)
+        save_or_stop(step, stop, signals, args, setup, model, optimizer, progress, bar)
+    bar.close()
+    train_time = time.time() - t_train
+    del optimizer
+    model.eval()
+
+    # ALGO LOGIC: reward normalisation on SFT-policy samples (see THE NORMALISATION CONTRACT above)
+    reward_mean, reward_std, norm_stats = 0.0, 1.0, {}
+    if args.normalize:
+        t_norm = time.time()
+        # Each rank holds a full, unsharded copy of the policy: it only generates, and generate() under FSDP
+        # would need every rank to take the same number of decoding steps.
+        policy = load_causal_lm(setup.sft_path, setup.policy_tokenizer, args.dtype).to(d.device).eval()
+        indices, is_real = shard(len(setup.normalisation_ids), d.rank, d.world_size)  # is_real: False for a repeat
+        sums = [0.0, 0.0, 0.0, 0.0]  # this rank's sum r, sum r^2, count, count with EOS
+        for start in tqdm(range(0, len(indices), args.generation_batch_size), desc="normalisation", disable=not d.is_main):
+            idx = indices[start : start + args.generation_batch_size]
+            real = torch.tensor(is_real[start : start + args.generation_batch_size], device=d.device)  # (B,)
+            queries, query_mask = left_pad([setup.normalisation_ids[i] for i in idx], pad_id, d.device)  # (B, P)
+            responses = sample_responses(policy, queries, query_mask, args.response_length,
+                                         args.temperature, setup.stop_ids, pad_id)  # (B, T_response)
+            query_responses = torch.cat([queries, responses], dim=1)  # left pad | prompt | response | pad
+            rewards = get_reward(model, query_responses, (query_responses != pad_id).long())  # (B,) raw
+            has_eos = torch.isin(responses, torch.tensor(setup.stop_ids, device=d.device)).any(-1)  # (B,)
+            sums[0] += (rewards * real).sum().item()
+            sums[1] += (rewards**2 * real).sum().item()
+            sums[2] += real.sum().item()
+            sums[3] += (has_eos & real).sum().item()
+        reward_sum, reward_sq_sum, count, with_eos = all_reduce_sum(
+            torch.tensor(sums, dtype=torch.float64, device=d.device)).tolist()
+        reward_mean, reward_std, raw_std = reward_normalisation(reward_sum, reward_sq_sum, count, args.normalize_std)
+        norm_stats = {"num_samples": int(count), "raw_mean": reward_mean, "raw_std": raw_std,
+                      "eos_fraction": with_eos / count, "time_s": time.time() - t_norm}
+        del policy
+
+    # TRY NOT TO MODIFY: save (atomic; a failed run has raised before this point) and report
+    return final_report(args, setup, model, progress, writer, reward_mean, reward_std, norm_stats, train_time,
+                        start_time)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: everything below is plumbing that main() calls in one line each: the run's setup and
+# checks, data loading, model building, resume and checkpoints, logging, evaluation and the final report, the
+# presets and the command line.
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """What main() sets up once (set_up): processes, sizes, paths, tokenizers and the data, all checked before
+    any model is loaded."""
+    d: Dist
+    pairs_per_rank: int  # pairs per optimiser step on this rank
+    micro_batch_size: int  # pairs per forward on this rank
+    gradient_accumulation_steps: int  # forwards per optimiser step on this rank
+    steps_per_epoch: int
+    total_steps: int
+    sft_path: str  # the policy that samples the normalisation responses
+    checkpoint_dir: str
+    run_name: str  # TensorBoard: runs/{run_name}
+    bayes_ceiling: float | None
+    tokenizer: object  # the RM's, padding on the right
+    policy_tokenizer: object  # the SFT policy's, padding on the left (None without --normalize)
+    train: dict  # load_split's: chosen_ids, rejected_ids, prompt, margin
+    val: dict | None
+    normalisation_ids: list[list[int]] | None  # the normalisation prompts, as the policy's token ids
+    stop_ids: list[int]  # a normalisation response ends at any of these (EOS, a chat template's end-of-turn)
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries beyond the weights, the optimiser and the RNG states."""
+    start_step: int
+    run_name: str
+    val_metrics: dict | None  # the last validation
+    history: list  # (step, validation accuracy) of every validation
+
+
+def check_args(args: Args) -> None:
+    """Every numeric flag in range, before anything loads (None leaves a flag off)."""
+    check_flags(args, at_least_1=("max_length", "num_train_pairs", "num_eval_pairs", "num_train_epochs", "batch_size",
+                                  "micro_batch_size", "eval_batch_size", "log_every", "num_normalisation_prompts", "max_prompt_length",
+                                  "response_length", "generation_batch_size"),
+                positive=("learning_rate", "adam_eps", "temperature"),
+                non_negative=("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every",
+                              "max_dropped_fraction"))
+
+
+def check_same_tokenizer(policy_tokenizer, rm_tokenizer, policy_path: str, rm_path: str) -> None:
+    """The policy's token ids go straight into the RM (here and in ppo.py): same vocabulary, same pad/EOS ids.
+
+    Comparing the full token -> id maps (not just the size) catches a different tokenizer of equal size;
+    pad and EOS must agree because the RM finds the last real token by pad_token_id and reads its reward at
+    the EOS. Only checked when it matters: when normalisation samples from a policy.
+    """
+    same = (policy_tokenizer.get_vocab() == rm_tokenizer.get_vocab()
+            and policy_tokenizer.pad_token_id == rm_tokenizer.pad_token_id
+            and policy_tokenizer.eos_token_id == rm_tokenizer.eos_token_id)
+    if not same:
+        raise SystemExit(f"tokenizer of the SFT policy '{policy_path}' differs from the reward model's "
+                         f"('{rm_path}'): the policy's token ids would be fed to the RM; start the RM from the "
+                         "SFT checkpoint or pass --sft_model_for_normalisation with the same tokenizer")
+
+
+def load_bayes_ceiling(args: Args) -> float | None:
+    """The best accuracy any RM can reach on the data (the toy task writes it), to compare with: from
+    --bayes_ceiling_file, else {dataset}/bayes_ceiling.json if it exists, else None."""
+    ceiling_file = args.bayes_ceiling_file
+    if ceiling_file is None and os.path.isfile(os.path.join(args.dataset, "bayes_ceiling.json")):
+        ceiling_file = os.path.join(args.dataset, "bayes_ceiling.json")
+    if ceiling_file is not None and not os.path.isfile(ceiling_file):
+        raise SystemExit(f"--bayes_ceiling_file '{ceiling_file}' does not exist")
+    bayes_ceiling = None
+    if ceiling_file is not None:
+        try:
+            with open(ceiling_file) as f:
+                bayes_ceiling = json.load(f).get("bayes_accuracy")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            bayes_ceiling = None
+        if not isinstance(bayes_ceiling, float):
+            raise SystemExit(f"'{ceiling_file}' has no number \"bayes_accuracy\"; pass --bayes_ceiling_file None")
+    return bayes_ceiling
+
+
+def set_up(args: Args) -> Setup:
+    """Check every flag, start the processes, derive the sizes, check the models and the output dirs, read and
+    tokenize the pairs and the normalisation prompts: everything that can fail, before any model is loaded."""
+    check_args(args)
+    d = setup_distributed()
+    pairs_per_rank = args.batch_size // d.world_size  # pairs per optimiser step on this rank
+    micro_batch_size = min(args.micro_batch_size, pairs_per_rank)  # pairs per forward on this rank
+    if args.batch_size % d.world_size or pairs_per_rank % micro_batch_size:
+        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the {d.world_size} processes x "
+                         f"--micro_batch_size {args.micro_batch_size}")
+    gradient_accumulation_steps = pairs_per_rank // micro_batch_size  # forwards per optimiser step on this rank
+    sft_path = args.sft_model_for_normalisation or args.model_name_or_path
+    checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
+    check_model_dir(args.model_name_or_path, "model")
+    if args.normalize:
+        check_model_dir(sft_path, "SFT model for normalisation")
+    inputs = {"model": args.model_name_or_path, "SFT model": sft_path, "dataset": args.dataset,
+              "prompt dataset": args.prompt_dataset, "Bayes ceiling file": args.bayes_ceiling_file}
+    prepare_output(args.output_dir, checkpoint_dir, "rm", inputs, args.resume, args.overwrite, args_json(args), d.world_size)
+    bayes_ceiling = load_bayes_ceiling(args)
+
+    tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", add_pad_token=args.add_pad_token)
+    policy_tokenizer = None
+    if args.normalize:  # fail now, not after training
+        policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)  # for generation
+        check_same_tokenizer(policy_tokenizer, tokenizer, sft_path, args.model_name_or_path)
+    dataset = load_dataset(args.dataset)
+    train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs)
+    val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
+    # the normalisation prompts are read now, so that a bad --prompt_dataset fails before training, not after it
+    chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
+    normalisation_ids = None
+    if args.normalize:  # tokenized and cut to length as ppo.py does, so that the SFT samples match its prompts
+        normalisation_ids = policy_tokenizer(load_prompts(args, train["prompt"]), add_special_tokens=not chat_rendered)["input_ids"]
+        normalisation_ids = fit_prompts(normalisation_ids, args.max_prompt_length, args.truncate_long_prompts,
+                                        prompt_head(policy_tokenizer, chat_rendered), "normalisation prompts")
+    # responses end at EOS or, for chat, at the template's end-of-turn token, as in ppo.py
+    stop_ids = [tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if chat_rendered else [])]
+
+    n_train = len(train["chosen_ids"])
+    steps_per_epoch = n_train // args.batch_size  # the last partial batch is dropped: equal shards on every rank
+    if steps_per_epoch == 0:
+        raise SystemExit(f"only {n_train} training pairs, fewer than one --batch_size {args.batch_size}")
+    total_steps = steps_per_epoch * args.num_train_epochs
+    print0(f"{n_train} training pairs, {len(val['chosen_ids']) if val else 0} validation pairs; "
+           f"{total_steps} steps of {args.batch_size} pairs ({d.world_size} processes x {gradient_accumulation_steps} "
+           f"x {micro_batch_size})")
+    run_name = args.run_name or f"rm__{args.seed}__{int(time.time())}"
+    return Setup(d, pairs_per_rank, micro_batch_size, gradient_accumulation_steps, steps_per_epoch, total_steps, sft_path,
+                 checkpoint_dir, run_name, bayes_ceiling, tokenizer, policy_tokenizer, train, val, normalisation_ids, stop_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: every format becomes (prompt, chosen completion, rejected completion) texts, then token ids
+# ----------------------------------------------------------------------------------------------
+def split_implicit_prompt_pair(chosen: str, rejected: str, marker: str = "\n\nAssistant:") -> tuple[str, str, str]:
     """prompt = the longest common prefix of chosen and rejected, cut just after its last `marker`.
 
     Anthropic HH stores whole dialogues: "\\n\\nHuman: ... \\n\\nAssistant: ...". Returns
@@ -409,7 +744,7 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
         prompts, chosen, rejected = [], [], []
         for c, r in zip(chosen_raw, rejected_raw):
             try:
-                p, c, r = split_implicit_prompt(c, r, args.implicit_prompt_marker)
+                p, c, r = split_implicit_prompt_pair(c, r, args.implicit_prompt_marker)
             except ValueError:
                 p = None  # dropped below
             prompts.append(p), chosen.append(c), rejected.append(r)
@@ -473,166 +808,6 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
     }
 
 
-def pad(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id lists -> (input_ids, attention_mask), both (B, T_max), padded on `side`."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    for i, s in enumerate(sequences):
-        if side == "right":
-            input_ids[i, : len(s)] = torch.tensor(s)
-        else:
-            input_ids[i, width - len(s):] = torch.tensor(s)
-    return input_ids, (input_ids != pad_id).long()
-
-
-def pair_batch(pairs: dict, indices: list[int], pad_id: int, device):
-    """The distinct sequences of a batch of pairs, padded into one (N, T) batch, and where each pair's chosen and
-    rejected sit in it: rewards[index[:B]] are r_chosen, rewards[index[B:]] r_rejected. One forward scores both
-    sides with the same padding width and weights (Huang et al. 2024). A completion that several pairs of the
-    batch share (the k choose 2 pairs of k ranked completions) is scored once (Ouyang et al. 2022, Sec. 3.5)."""
-    seqs = [pairs["chosen_ids"][i] for i in indices] + [pairs["rejected_ids"][i] for i in indices]
-    row = {}  # token ids -> row of the batch
-    index = torch.tensor([row.setdefault(tuple(s), len(row)) for s in seqs], device=device)  # (2B,)
-    input_ids, attention_mask = pad([list(s) for s in row], pad_id)  # dicts keep insertion order
-    margin = None
-    if pairs["margin"] is not None:
-        margin = torch.tensor([pairs["margin"][i] for i in indices], dtype=torch.float32, device=device)
-    return input_ids.to(device), attention_mask.to(device), index, margin
-
-
-def shard(n: int, rank: int, world_size: int) -> tuple[list[int], list[bool]]:
-    """Rank's share of range(n), wrapped around so every rank gets ceil(n / world_size) items: FSDP needs the
-    same number of forwards on every rank. `is_real` is False for the wrapped-around repeats."""
-    per_rank = math.ceil(n / world_size)
-    positions = [rank + world_size * k for k in range(per_rank)]
-    return [p % n for p in positions], [p < n for p in positions]
-
-
-def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
-                    batches_per_group: int = 50) -> list[int]:
-    """Reorder a shuffled index list so that each batch holds pairs of similar length (as sft.py does).
-
-    Cut `order` into groups of batches_per_group batches, sort each group by length, cut it into batches
-    and shuffle the batches. Batches stay random but pad far less: a batch costs as much as its longest pair.
-    """
-    chunk = batch_size * batches_per_group
-    batches = []
-    for start in range(0, len(order), chunk):
-        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])
-        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
-    full = [b for b in batches if len(b) == batch_size]  # the ragged tail batches go last, to be dropped
-    ragged = [b for b in batches if len(b) < batch_size]
-    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-    return [i for b in shuffled + ragged for i in b]
-
-
-def all_reduce_sum(values: list[float], device) -> list[float]:
-    """Sum a few scalars over ranks (a no-op on one process)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-@torch.no_grad()
-def evaluate(model, pairs: dict, batch_size: int, pad_id: int, rank: int, world_size: int, device) -> dict:
-    """Accuracy (r_chosen > r_rejected) and loss over all pairs, summed over ranks."""
-    indices, is_real = shard(len(pairs["chosen_ids"]), rank, world_size)
-    # shortest pairs first, so that each batch pads little (the order does not change the sums)
-    length = lambda i: max(len(pairs["chosen_ids"][i]), len(pairs["rejected_ids"][i]))  # noqa: E731
-    by_length = sorted(range(len(indices)), key=lambda k: length(indices[k]))
-    indices, is_real = [indices[k] for k in by_length], [is_real[k] for k in by_length]
-    sums = [0.0, 0.0, 0.0]  # correct, loss, count
-    for start in range(0, len(indices), batch_size):
-        idx, real = indices[start : start + batch_size], torch.tensor(is_real[start : start + batch_size], device=device)
-        input_ids, attention_mask, index, margin = pair_batch(pairs, idx, pad_id, device)
-        rewards = get_reward(model, input_ids, attention_mask)[index]  # (2B,)
-        r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]
-        m = margin if margin is not None else 0.0
-        losses = -F.logsigmoid(r_chosen - r_rejected - m)
-        sums[0] += ((r_chosen > r_rejected) & real).sum().item()
-        sums[1] += (losses * real).sum().item()
-        sums[2] += real.sum().item()
-    correct, loss, count = all_reduce_sum(sums, device)
-    return {"accuracy": correct / count, "loss": loss / count}
-
-
-def learning_rate_at(step: int, total_steps: int, args: Args) -> float:
-    """Linear warm-up, then cosine / linear decay to 0 (or constant)."""
-    if step < args.warmup_steps:
-        return args.learning_rate * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-    if args.lr_schedule == "cosine":
-        return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if args.lr_schedule == "linear":
-        return args.learning_rate * (1.0 - progress)
-    return args.learning_rate
-
-
-# ----------------------------------------------------------------------------------------------
-# ALGO LOGIC: reward normalisation on SFT-policy samples
-#
-# THE NORMALISATION CONTRACT (ppo.py relies on it):
-#   the saved config holds `reward_mean` and `reward_std`, and every consumer of the RM uses
-#       normalised reward = (raw - config.reward_mean) / config.reward_std
-#   where raw = get_reward(...) on prompt tokens + response tokens up to and including the first EOS,
-#   padded with pad_token_id (left padding before the prompt, right padding after the response allowed).
-#   reward_mean is the mean raw reward of SFT-policy samples on training prompts, so the SFT policy scores
-#   0 on average (Huang et al. 2024); reward_std is their std with --normalize_std (Ziegler et al. 2019),
-#   else 1.0. The score head has no bias, so the shift cannot live in the weights (TRL #1783 lost it).
-# ----------------------------------------------------------------------------------------------
-def truncate_after_eos(responses: torch.Tensor, eos_id: int | list[int], pad_id: int) -> torch.Tensor:
-    """Keep each response up to and including its first EOS (or other stop token); pad everything after it.
-    (B, T) -> (B, T)"""
-    is_eos = torch.isin(responses, torch.tensor(eos_id, device=responses.device).reshape(-1)).long()
-    after_first_eos = (is_eos.cumsum(-1) - is_eos) > 0
-    return responses.masked_fill(after_first_eos, pad_id)
-
-
-@torch.no_grad()
-def sample_responses(policy, input_ids, attention_mask, response_length: int, temperature: float,
-                     eos_id: int | list[int], pad_id: int) -> torch.Tensor:
-    """Sample one response per left-padded prompt, cut after its first EOS. (B, T_prompt) -> (B, T_response)
-
-    Only the temperature applies: the policy's generation_config holds only the token ids (common.token_ids_only).
-    """
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        max_new_tokens=response_length, do_sample=True, temperature=temperature,
-        top_k=0, top_p=1.0,  # the policy's full distribution, as in PPO (Huang et al. 2024); HF defaults top_k=50
-        eos_token_id=eos_id, pad_token_id=pad_id,
-    )
-    out = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    return truncate_after_eos(out[:, input_ids.shape[1]:], eos_id, pad_id)
-
-
-def reward_normalisation(reward_sum: float, reward_sq_sum: float, count: float, normalize_std: bool) -> tuple[float, float, float]:
-    """reward_mean = E[r], reward_std = sqrt(E[r^2] - E[r]^2) if normalize_std else 1.
-
-    Returns (reward_mean, reward_std, raw std). Sums, not lists, so ranks add their shares (global stats).
-    """
-    mean = reward_sum / count
-    std = math.sqrt(max(reward_sq_sum / count - mean**2, 0.0) * count / max(count - 1, 1))
-    return mean, (max(std, 1e-8) if normalize_std else 1.0), std
-
-
-def check_same_tokenizer(policy_tokenizer, rm_tokenizer, policy_path: str, rm_path: str) -> None:
-    """The policy's token ids go straight into the RM (here and in ppo.py): same vocabulary, same pad/EOS ids.
-
-    Comparing the full token -> id maps (not just the size) catches a different tokenizer of equal size;
-    pad and EOS must agree because the RM finds the last real token by pad_token_id and reads its reward at
-    the EOS. Only checked when it matters: when normalisation samples from a policy.
-    """
-    same = (policy_tokenizer.get_vocab() == rm_tokenizer.get_vocab()
-            and policy_tokenizer.pad_token_id == rm_tokenizer.pad_token_id
-            and policy_tokenizer.eos_token_id == rm_tokenizer.eos_token_id)
-    if not same:
-        raise SystemExit(f"tokenizer of the SFT policy '{policy_path}' differs from the reward model's "
-                         f"('{rm_path}'): the policy's token ids would be fed to the RM; start the RM from the "
-                         "SFT checkpoint or pass --sft_model_for_normalisation with the same tokenizer")
-
-
 def load_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
     """Normalisation prompts: the prompt dataset if given, else the preference train prompts; deduplicated,
     shuffled with the seed, the first num_normalisation_prompts."""
@@ -655,227 +830,129 @@ def load_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# main
+# The model, resume and checkpoints
 # ----------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    t_start = time.time()
-    # TRY NOT TO MODIFY: setup, checks, data
-    check_args(args)
-    d = setup_distributed()
-    from torch.utils.tensorboard import SummaryWriter
+def build_reward_model(args: Args, setup: Setup):
+    """The SFT checkpoint with a fresh scalar head (init_reward_head; no dropout: common.load_reward_model),
+    sharded with FSDP2 under torchrun, and its AdamW (eps 1e-5, Huang et al. 2024). -> (model, optimizer)
 
-    micro_per_step = args.batch_size // d.world_size  # pairs per optimiser step on this rank
-    local_batch = min(args.per_device_batch_size, micro_per_step)  # pairs per forward on this rank
-    if args.batch_size % d.world_size or micro_per_step % local_batch:
-        raise SystemExit(f"--batch_size {args.batch_size} must be divisible by the {d.world_size} processes x "
-                         f"--per_device_batch_size {args.per_device_batch_size}")
-    grad_accum = micro_per_step // local_batch  # forwards per optimiser step on this rank
-    sft_path = args.sft_model_for_normalisation or args.model_name_or_path
-    checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
-    check_model_dir(args.model_name_or_path, "model")
-    if args.normalize:
-        check_model_dir(sft_path, "SFT model for normalisation")
-    inputs = {"model": args.model_name_or_path, "SFT model": sft_path, "dataset": args.dataset,
-              "prompt dataset": args.prompt_dataset, "Bayes ceiling file": args.bayes_ceiling_file}
-    prepare_output(args.output_dir, checkpoint_dir, "rm", inputs, args.resume, args.overwrite, args_json(args), d.world_size)
-    ceiling_file = args.bayes_ceiling_file
-    if ceiling_file is None and os.path.isfile(os.path.join(args.dataset, "bayes_ceiling.json")):
-        ceiling_file = os.path.join(args.dataset, "bayes_ceiling.json")
-    if ceiling_file is not None and not os.path.isfile(ceiling_file):
-        raise SystemExit(f"--bayes_ceiling_file '{ceiling_file}' does not exist")
-    bayes_ceiling = None
-    if ceiling_file is not None:
-        try:
-            with open(ceiling_file) as f:
-                bayes_ceiling = json.load(f).get("bayes_accuracy")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            bayes_ceiling = None
-        if not isinstance(bayes_ceiling, float):
-            raise SystemExit(f"'{ceiling_file}' has no number \"bayes_accuracy\"; pass --bayes_ceiling_file None")
-
-    tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", add_pad_token=args.add_pad_token)
-    pad_id = tokenizer.pad_token_id
-    if args.normalize:  # fail now, not after training
-        policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)  # for generation
-        check_same_tokenizer(policy_tokenizer, tokenizer, sft_path, args.model_name_or_path)
-    dataset = load_dataset(args.dataset)
-    train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs)
-    val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
-    # the normalisation prompts are read now, so that a bad --prompt_dataset fails before training, not after it
-    chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
-    normalisation_ids = None
-    if args.normalize:  # tokenized and cut to length as ppo.py does, so that the SFT samples match its prompts
-        normalisation_ids = policy_tokenizer(load_prompts(args, train["prompt"]), add_special_tokens=not chat_rendered)["input_ids"]
-        normalisation_ids = fit_prompts(normalisation_ids, args.max_prompt_length, args.truncate_long_prompts,
-                                        prompt_head(policy_tokenizer, chat_rendered), "normalisation prompts")
-    n_train = len(train["chosen_ids"])
-    # Pairs that share a prompt (the k choose 2 pairs of k ranked completions) go through training together, in
-    # one batch: each completion is scored once, and an epoch visits each ranking once. InstructGPT did this
-    # because shuffling these correlated pairs apart made the RM overfit in one epoch (Ouyang et al. 2022, 3.5).
-    prompt_groups = [[i] for i in range(n_train)]
-    if args.group_by_prompt:
-        by_prompt: dict[str, list[int]] = {}
-        for i, prompt in enumerate(train["prompt"]):
-            by_prompt.setdefault(prompt, []).append(i)
-        prompt_groups = list(by_prompt.values())
-    pair_lengths = [0] * n_train  # a group's longest sequence, for all its pairs: sorting keeps groups whole
-    for group in prompt_groups:
-        longest = max(max(len(train["chosen_ids"][i]), len(train["rejected_ids"][i])) for i in group)
-        for i in group:
-            pair_lengths[i] = longest
-    steps_per_epoch = n_train // args.batch_size  # the last partial batch is dropped: equal shards on every rank
-    if steps_per_epoch == 0:
-        raise SystemExit(f"only {n_train} training pairs, fewer than one --batch_size {args.batch_size}")
-    total_steps = steps_per_epoch * args.num_epochs
-    print0(f"{n_train} training pairs, {len(val['chosen_ids']) if val else 0} validation pairs; "
-           f"{total_steps} steps of {args.batch_size} pairs ({d.world_size} processes x {grad_accum} x {local_batch})")
-
-    run_name = args.run_name or f"rm__{args.seed}__{int(time.time())}"
-    # The model: the SFT checkpoint with a fresh scalar head. Seeded identically on every rank, so every
-    # rank starts from the same head before FSDP shards it.
+    The head is drawn from args.seed on every rank, so every rank starts from the same head before FSDP2 shards
+    it; after that each rank seeds its own RNG (seed + rank).
+    """
     torch.manual_seed(args.seed)
-    model = load_reward_model(args.model_name_or_path, tokenizer, args.dtype)
-    head = getattr(model, "score", None)
-    if isinstance(head, torch.nn.Linear):  # reward head init std 1/sqrt(d_model + 1) (Ziegler et al. 2019)
-        torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
-        if head.bias is not None:
-            torch.nn.init.zeros_(head.bias)
-    model = fsdp_wrap(model, d.device)
+    model = load_reward_model(args.model_name_or_path, setup.tokenizer, args.dtype)
+    init_reward_head(model)
+    model = fsdp_wrap(model, setup.d.device)
     model.train()
-    seed_everything(args.seed, d.rank)
+    seed_everything(args.seed, setup.d.rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
+    return model, optimizer
 
-    # --resume: model, optimiser, counters and RNG states as they were after step `start_step`
-    start_step, val_metrics, history, resumed = 0, None, [], None
+
+def start_or_resume(args: Args, setup: Setup, model, optimizer) -> tuple[Progress, object]:
+    """--resume: model, optimiser, step, history and RNG states as they were after the checkpoint's step. Then the
+    TensorBoard writer (rank 0), with the hyperparameters as a table."""
+    progress, resumed = Progress(0, setup.run_name, None, []), False
     if args.resume:
-        latest = latest_checkpoint(checkpoint_dir)
-        resumed = load_checkpoint(latest, model, optimizer)
-        start_step, run_name = resumed["step"], resumed["run_name"]
-        val_metrics, history = resumed["val_metrics"], resumed["history"]
-        print0(f"resumed from {latest} (step {start_step} of {total_steps})")
+        latest = latest_checkpoint(setup.checkpoint_dir)
+        state = load_checkpoint(latest, model, optimizer)
+        progress, resumed = Progress(state["step"], state["run_name"], state["val_metrics"], state["history"]), True
+        print0(f"resumed from {latest} (step {progress.start_step} of {setup.total_steps})")
     writer = None
-    if d.is_main:  # on resume, drop the events a killed run logged after its last checkpoint
-        writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step + 1 if resumed else None)
+    if setup.d.is_main:  # on resume, drop the events a killed run logged after its last checkpoint
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(f"runs/{progress.run_name}", purge_step=progress.start_step + 1 if resumed else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return progress, writer
 
-    def batches():
-        """Global batches of pair indices; every rank draws the same order (a generator seeded with args.seed)."""
-        order_rng = torch.Generator().manual_seed(args.seed)
-        for _epoch in range(args.num_epochs):
-            order = [i for g in torch.randperm(len(prompt_groups), generator=order_rng).tolist() for i in prompt_groups[g]]
-            if args.group_by_length:
-                order = group_by_length(order, pair_lengths, args.batch_size, order_rng)
-            for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-                yield order[batch_start : batch_start + args.batch_size]
 
-    # ALGO LOGIC: training
-    data_iter = batches()
-    for _ in range(start_step):  # the data position: replay the shuffles up to the checkpoint
-        next(data_iter)
-    signals = catch_signals()
-    progress = tqdm(total=total_steps, initial=start_step, desc="reward model", disable=not d.is_main)
-    t_train = time.time()
-    for step in range(start_step + 1, total_steps + 1):
-        lr = learning_rate_at(step - 1, total_steps, args)  # the rate after step - 1 completed steps
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = next(data_iter)
-        local = batch[d.rank * micro_per_step : (d.rank + 1) * micro_per_step]  # this rank's share
-        sums = [0.0] * 5  # loss * n, correct, sum r_chosen, sum r_rejected, n
-        for micro_start in range(0, micro_per_step, local_batch):
-            idx = local[micro_start : micro_start + local_batch]
-            input_ids, attention_mask, index, margin = pair_batch(train, idx, pad_id, d.device)  # (N <= 2b, T)
-            rewards = get_reward(model, input_ids, attention_mask)[index]  # (2b,): one forward for both
-            r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]
-            loss = bradley_terry_loss(r_chosen, r_rejected, margin)
-            (loss / grad_accum).backward()
-            sums[0] += loss.item() * len(idx)
-            sums[1] += (r_chosen > r_rejected).sum().item()
-            sums[2] += r_chosen.sum().item()
-            sums[3] += r_rejected.sum().item()
-            sums[4] += len(idx)
-        # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this step
-        loss_sum, correct, chosen_sum, rejected_sum, count, stop = all_reduce_sum(sums + [float(signals["stop"])], d.device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 (a collective: every rank calls it)
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.item()
-        for name, value in (("loss", loss_sum / count), ("gradient norm", grad_norm)):
-            if not math.isfinite(value):  # global values, the same on every rank: every rank stops
-                progress.close()
-                raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimiser step; last good "
-                                 f"checkpoint: {latest_checkpoint(checkpoint_dir) or 'none'}. Lower --learning_rate or check the data")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.update(1)
-        metrics = {
-            "train/loss": loss_sum / count,
-            "train/accuracy": correct / count,
-            "train/reward_chosen": chosen_sum / count,
-            "train/reward_rejected": rejected_sum / count,
-            "train/margin": (chosen_sum - rejected_sum) / count,  # mean r_chosen - r_rejected
-        }
-        progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.3f}")
-        if writer is not None and (step % args.log_every == 0 or step == total_steps):
-            for name, value in metrics.items():
-                writer.add_scalar(name, value, step)
-            writer.add_scalar("train/lr", lr, step)
-            writer.add_scalar("train/grad_norm", grad_norm, step)
-            writer.add_scalar("charts/pairs_per_second", step * args.batch_size / (time.time() - t_train), step)
-        if val is not None and (step % (args.eval_every or steps_per_epoch) == 0 or step == total_steps):
-            val_metrics = evaluate(model, val, args.eval_batch_size, pad_id, d.rank, d.world_size, d.device)
-            history.append((step, val_metrics["accuracy"]))
-            if d.is_main:
-                progress.write(f"step {step}: val accuracy {val_metrics['accuracy']:.4f}, loss {val_metrics['loss']:.4f}")
-            if writer is not None:
-                writer.add_scalar("val/accuracy", val_metrics["accuracy"], step)
-                writer.add_scalar("val/loss", val_metrics["loss"], step)
-        if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == total_steps or stop:
-            state = {"step": step, "args": args_json(args), "run_name": run_name, "val_metrics": val_metrics,
-                     "history": history}
-            path = save_checkpoint(checkpoint_dir, step, model, optimizer, state, "rm")
-            if stop:
-                progress.close()
-                exit_preempted(path, f"step {step}", signals["signal"])
-    progress.close()
-    train_time = time.time() - t_train
-    del optimizer
-    model.eval()
+def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup, model, optimizer, progress: Progress,
+                 bar) -> None:
+    """A checkpoint every --checkpoint_every steps, at the end, and when a signal came (model, optimiser, step and
+    RNG states; the data position follows from the step); then, for a signal, exit."""
+    if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.total_steps or stop:
+        state = {"step": step, "args": args_json(args), "run_name": progress.run_name, "val_metrics": progress.val_metrics,
+                 "history": progress.history}
+        path = save_checkpoint(setup.checkpoint_dir, step, model, optimizer, state, "rm")
+        if stop:
+            bar.close()
+            exit_preempted(path, f"step {step}", signals["signal"])
 
-    # ALGO LOGIC: reward normalisation on SFT-policy samples (see THE NORMALISATION CONTRACT above)
-    reward_mean, reward_std, norm_stats = 0.0, 1.0, {}
-    if args.normalize:
-        t_norm = time.time()
-        # Each rank holds a full, unsharded copy of the policy: it only generates, and generate() under FSDP
-        # would need every rank to take the same number of decoding steps.
-        policy = load_causal_lm(sft_path, policy_tokenizer, args.dtype).to(d.device).eval()
-        # responses end at EOS or, for chat, at the template's end-of-turn token, as in ppo.py
-        stop_ids = [tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if chat_rendered else [])]
-        indices, is_real = shard(len(normalisation_ids), d.rank, d.world_size)
-        sums = [0.0, 0.0, 0.0, 0.0]  # sum r, sum r^2, count, count with EOS
-        for start in tqdm(range(0, len(indices), args.generation_batch_size), desc="normalisation", disable=not d.is_main):
-            idx = indices[start : start + args.generation_batch_size]
-            real = torch.tensor(is_real[start : start + args.generation_batch_size], device=d.device)
-            queries, query_mask = (t.to(d.device) for t in pad([normalisation_ids[i] for i in idx], pad_id, side="left"))
-            responses = sample_responses(policy, queries, query_mask, args.response_length,
-                                         args.temperature, stop_ids, pad_id)  # (B, T_response)
-            query_responses = torch.cat([queries, responses], dim=1)  # left pad | prompt | response | pad
-            rewards = get_reward(model, query_responses, (query_responses != pad_id).long())
-            sums[0] += (rewards * real).sum().item()
-            sums[1] += (rewards**2 * real).sum().item()
-            sums[2] += real.sum().item()
-            sums[3] += (torch.isin(responses, torch.tensor(stop_ids, device=d.device)).any(-1) & real).sum().item()
-        reward_sum, reward_sq_sum, count, with_eos = all_reduce_sum(sums, d.device)
-        reward_mean, reward_std, raw_std = reward_normalisation(reward_sum, reward_sq_sum, count, args.normalize_std)
-        norm_stats = {"num_samples": int(count), "raw_mean": reward_mean, "raw_std": raw_std,
-                      "eos_fraction": with_eos / count, "time_s": time.time() - t_norm}
-        del policy
-        if writer is not None:
-            for name, value in norm_stats.items():
-                writer.add_scalar(f"normalisation/{name}", value, step)
 
-    # TRY NOT TO MODIFY: save (atomic; a failed run has raised before this point) and report
+# ----------------------------------------------------------------------------------------------
+# Logging, evaluation and the final report
+# ----------------------------------------------------------------------------------------------
+def clip_grad_norm_or_stop(model, loss: float, step: int, args: Args, setup: Setup, bar) -> float:
+    """Clip the global gradient norm to --max_grad_norm and return it (before clipping); a non-finite loss or
+    norm stops the run before the optimiser step can carry it into the weights."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 (a collective: every rank calls it)
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.item()
+    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+        if not math.isfinite(value):  # global values, the same on every rank: every rank stops
+            bar.close()
+            raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimiser step; last good "
+                             f"checkpoint: {latest_checkpoint(setup.checkpoint_dir) or 'none'}. Lower --learning_rate or check the data")
+    return grad_norm
+
+
+def log_step(metrics: dict, lr: float, grad_norm: float, step: int, args: Args, setup: Setup, writer, bar,
+             t_train: float) -> None:
+    """The progress bar every step; TensorBoard every --log_every steps and at the last one."""
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.3f}")
+    if writer is not None and (step % args.log_every == 0 or step == setup.total_steps):
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, step)
+        writer.add_scalar("train/lr", lr, step)
+        writer.add_scalar("train/grad_norm", grad_norm, step)
+        writer.add_scalar("charts/pairs_per_second", step * args.batch_size / (time.time() - t_train), step)
+
+
+@torch.no_grad()
+def evaluate(model, pairs: dict, batch_size: int, pad_id: int, rank: int, world_size: int, device) -> dict:
+    """Accuracy (r_chosen > r_rejected) and loss over all pairs, summed over ranks."""
+    indices, is_real = shard(len(pairs["chosen_ids"]), rank, world_size)
+    # shortest pairs first, so that each batch pads little (the order does not change the sums)
+    length = lambda i: max(len(pairs["chosen_ids"][i]), len(pairs["rejected_ids"][i]))  # noqa: E731
+    by_length = sorted(range(len(indices)), key=lambda k: length(indices[k]))
+    indices, is_real = [indices[k] for k in by_length], [is_real[k] for k in by_length]
+    sums = [0.0, 0.0, 0.0]  # correct, loss, count
+    for start in range(0, len(indices), batch_size):
+        idx, real = indices[start : start + batch_size], torch.tensor(is_real[start : start + batch_size], device=device)
+        input_ids, attention_mask, index, margin = pair_batch(pairs, idx, pad_id, device)
+        rewards = get_reward(model, input_ids, attention_mask)[index]  # (2B,)
+        r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]
+        m = margin if margin is not None else 0.0
+        losses = -F.logsigmoid(r_chosen - r_rejected - m)  # (B,) each pair's Bradley-Terry loss
+        sums[0] += ((r_chosen > r_rejected) & real).sum().item()
+        sums[1] += (losses * real).sum().item()
+        sums[2] += real.sum().item()
+    correct, loss, count = all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=device)).tolist()
+    return {"accuracy": correct / count, "loss": loss / count}
+
+
+def run_eval(step: int, args: Args, setup: Setup, model, progress: Progress, writer, bar) -> None:
+    """Validation accuracy and loss (evaluate), kept in progress and logged."""
+    d = setup.d
+    progress.val_metrics = evaluate(model, setup.val, args.eval_batch_size, setup.tokenizer.pad_token_id, d.rank,
+                                    d.world_size, d.device)
+    progress.history.append((step, progress.val_metrics["accuracy"]))
+    if d.is_main:
+        bar.write(f"step {step}: val accuracy {progress.val_metrics['accuracy']:.4f}, loss {progress.val_metrics['loss']:.4f}")
+    if writer is not None:
+        writer.add_scalar("val/accuracy", progress.val_metrics["accuracy"], step)
+        writer.add_scalar("val/loss", progress.val_metrics["loss"], step)
+
+
+def final_report(args: Args, setup: Setup, model, progress: Progress, writer, reward_mean: float, reward_std: float,
+                 norm_stats: dict, train_time: float, start_time: float) -> dict:
+    """Save the RM (atomically, with reward_mean / reward_std in its config and eval_results.json beside it), log
+    the normalisation, print the summary and return the results."""
+    val_metrics, bayes_ceiling = progress.val_metrics, setup.bayes_ceiling
     results = {
         "val_accuracy": val_metrics["accuracy"] if val_metrics else None,
         "val_loss": val_metrics["loss"] if val_metrics else None,
@@ -884,15 +961,18 @@ def main(args: Args) -> dict:
         "reward_mean": reward_mean,
         "reward_std": reward_std,
         "normalisation": norm_stats,
-        "val_accuracy_history": history,
-        "train_pairs": n_train,
-        "steps": total_steps,
+        "val_accuracy_history": progress.history,
+        "train_pairs": len(setup.train["chosen_ids"]),
+        "steps": setup.total_steps,
         "train_time_s": train_time,
-        "wall_time_s": time.time() - t_start,
+        "wall_time_s": time.time() - start_time,
     }
-    save_model(model, tokenizer, args.output_dir, "rm", results=results,
+    if writer is not None:
+        for name, value in norm_stats.items():
+            writer.add_scalar(f"normalisation/{name}", value, setup.total_steps)
+    save_model(model, setup.tokenizer, args.output_dir, "rm", results=results,
                extra_config={"reward_mean": reward_mean, "reward_std": reward_std})
-    if d.is_main:
+    if writer is not None:
         writer.close()
     print0(f"saved {args.output_dir}: reward_mean {reward_mean:.4f}, reward_std {reward_std:.4f}")
     if val_metrics:
@@ -900,6 +980,106 @@ def main(args: Args) -> dict:
         print0(f"validation accuracy {val_metrics['accuracy']:.4f}{ceiling}")
     teardown_distributed()
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets and the command line
+# ----------------------------------------------------------------------------------------------
+PRESETS = {
+    "toy": ("offline toy task (default)", Args()),
+    "pythia-tldr": (
+        "Pythia-1B RM on TL;DR preferences, Huang et al. 2024 (GPU)",
+        # Huang et al. 2024, summarize_from_feedback_details/reward.py: AdamW lr 3e-6 eps 1e-5, cosine, 1 epoch,
+        # batch 64 (8 GPUs x grad-accum 8), 92,832 pairs, queries <= 512 tokens, query+response <= 638 tokens.
+        # Text columns: "query" is the formatted post ending in "TL;DR:", "chosen"/"rejected" start with a
+        # space and end in "<|endoftext|>" (so no separator, and no second EOS). They normalised on the SFT
+        # dataset's reference summaries; we use SFT-policy samples (temperature 0.7, 53 tokens, as their PPO).
+        Args(
+            model_name_or_path="models/sft",
+            dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144",
+            prompt_column="query",
+            separator="",
+            max_length=640,
+            learning_rate=3e-6,
+            weight_decay=0.01,  # torch's AdamW default, which Huang et al. keep
+            num_train_epochs=1,
+            lr_schedule="cosine",
+            batch_size=64,
+            micro_batch_size=8,
+            eval_batch_size=16,
+            eval_every=500,
+            group_by_length=False,  # plain shuffled batches, as theirs
+            group_by_prompt=False,
+            prompt_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+            prompt_dataset_column="query",
+            num_normalisation_prompts=2048,
+            response_length=53,
+            max_prompt_length=512,  # as ppo.py pythia-tldr
+            truncate_long_prompts=True,
+            generation_batch_size=64,
+        ),
+    ),
+    "hh-rlhf": (
+        "Pythia-1B RM on Anthropic HH-RLHF (GPU)",
+        # chosen/rejected are whole dialogues; the prompt is their shared prefix up to the last
+        # "\n\nAssistant:" (--dataset_format implicit_prompt). Settings past the data are the TL;DR preset's.
+        Args(
+            model_name_or_path="models/sft",
+            dataset="Anthropic/hh-rlhf",
+            dataset_format="implicit_prompt",
+            eval_split="test",
+            max_length=768,
+            learning_rate=3e-6,
+            weight_decay=0.01,
+            num_train_epochs=1,
+            batch_size=64,
+            micro_batch_size=8,
+            eval_batch_size=16,
+            eval_every=500,
+            group_by_length=False,
+            num_normalisation_prompts=2048,
+            response_length=128,
+            max_prompt_length=512,  # as ppo.py hh-rlhf
+            truncate_long_prompts=True,
+            generation_batch_size=32,
+        ),
+    ),
+    "ultrafeedback": (
+        "Qwen2.5-0.5B RM on UltraFeedback binarized, chat template (GPU)",
+        # chosen/rejected are [user, assistant] conversations that share the user turn; each is rendered
+        # with the chat template and the reward is read at the assistant's end-of-turn token.
+        Args(
+            model_name_or_path="models/sft",
+            dataset="HuggingFaceH4/ultrafeedback_binarized",
+            dataset_format="conversational",
+            train_split="train_prefs",
+            eval_split="test_prefs",
+            max_length=2048,
+            learning_rate=3e-6,
+            weight_decay=0.01,
+            num_train_epochs=1,
+            batch_size=64,
+            micro_batch_size=4,
+            eval_batch_size=8,
+            eval_every=500,
+            group_by_length=False,
+            num_normalisation_prompts=1024,
+            response_length=256,
+            max_prompt_length=1024,  # as ppo.py ultrafeedback
+            truncate_long_prompts=True,
+            generation_batch_size=16,
+        ),
+    ),
+}
+
+
+def parse_args(argv=None) -> Args:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
+        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
+    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
+        argv = ["toy", *argv]  # no preset named: the toy default
+    return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
 
 
 if __name__ == "__main__":

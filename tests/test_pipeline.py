@@ -26,7 +26,7 @@ def test_pipeline_runs_every_stage_and_prints_the_summary(tmp_path):
     proc = run_pipeline(
         tmp_path, "--data_dir", "toy", "--models_dir", "models", TINY_TOY,
         "--sft_args=--num_train_epochs 1 --num_eval_samples 16",
-        "--rm_args=--num_epochs 1 --num_normalisation_prompts 16",
+        "--rm_args=--num_train_epochs 1 --num_normalisation_prompts 16",
         "--ppo_args=--total_episodes 64 --batch_size 32 --eval_samples 16 --response_length 8")
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     models = tmp_path / "models"

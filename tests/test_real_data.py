@@ -98,6 +98,15 @@ def test_a_cut_prompt_keeps_the_bos_and_the_chat_header(capsys):
     cut = common.fit_prompts(ids, len(head) + 8, True, head, "x")[0]
     assert cut[: len(head)] == head and cut[len(head):] == ids[0][-8:]  # the system turn survives the cut
     assert qwen.decode(cut).endswith("<|im_start|>assistant\n")
+    # a conversation with a system turn of its own keeps it, and the user header after it
+    text = qwen.apply_chat_template([{"role": "system", "content": "be brief"},
+                                     {"role": "user", "content": "the plot was good and the acting was bad " * 6}],
+                                    tokenize=False, add_generation_prompt=True)
+    own = qwen([text], add_special_tokens=False)["input_ids"]
+    cut = common.fit_prompts(own, len(head) + 8, True, head, "x")[0]
+    assert qwen.decode(cut).startswith("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n")
+    assert len(cut) == len(head) + 8 < len(own[0])
+    assert cut[-8:] == own[0][-8:]
     with pytest.raises(SystemExit, match="leaves no room after the"):
         common.fit_prompts(ids, len(head), True, head, "x")
     with pytest.raises(SystemExit, match=r"x: 1 of 1 prompts are longer than max_prompt_length=5 tokens"):
@@ -196,7 +205,7 @@ def test_hh_rlhf_preset_runs_every_stage_on_real_rows(tmp_path, monkeypatch, cap
     assert "split 'train': dropped 4 of 2000 rows that cannot be used (4 with an empty completion; first: row 86)" in printed
     results = train_rm.main(train_rm.parse_args([
         "hh-rlhf", "--model_name_or_path", sft_out, "--dataset", data, "--output_dir", rm_out, "--num_train_pairs", "16",
-        "--num_eval_pairs", "8", "--batch_size", "8", "--per_device_batch_size", "8", "--eval_batch_size", "8",
+        "--num_eval_pairs", "8", "--batch_size", "8", "--micro_batch_size", "8", "--eval_batch_size", "8",
         "--num_normalisation_prompts", "4", "--generation_batch_size", "4", "--response_length", "4"]))
     assert results["normalisation"]["num_samples"] == 4
     printed = capsys.readouterr().out

@@ -118,8 +118,8 @@ def run_chain(tmp_path, base: str, preset: str, sft_flags: list[str], rm_flags: 
     # RM: one step on the preference data, normalised on 4 SFT samples
     rm_out = str(tmp_path / "rm")
     rm_args = train_rm.parse_args([preset, "--model_name_or_path", sft_out, "--output_dir", rm_out, *rm_flags,
-                                   "--batch_size", "4", "--per_device_batch_size", "4", "--eval_batch_size", "4",
-                                   "--num_train_pairs", "4", "--num_epochs", "1", "--num_normalisation_prompts", "4",
+                                   "--batch_size", "4", "--micro_batch_size", "4", "--eval_batch_size", "4",
+                                   "--num_train_pairs", "4", "--num_train_epochs", "1", "--num_normalisation_prompts", "4",
                                    "--generation_batch_size", "4", "--response_length", "8", "--checkpoint_every", "0"])
     rm_results = train_rm.main(rm_args)
     assert rm_results["steps"] == 1 and 0.0 <= rm_results["val_accuracy"] <= 1.0
@@ -205,7 +205,7 @@ def test_chat_prompts_stop_at_the_end_of_turn_token(tmp_path):
     assert ended.tolist() == [True, False] and mask[0].tolist() == [True, True, False, False]
     # SFT and the RM end a chat completion at the same token, where PPO reads the reward
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
-    _, completion = sft.render_conversation(messages, tokenizer)
+    _, completion = sft.render_conversation(tokenizer, messages[:1], messages[1:])
     assert completion == "hello there<|im_end|>"
     _, rm_completion = train_rm.render_conversation(tokenizer, messages[:1], messages[1:])
     assert rm_completion == completion and sft.end_of_turn_tokens(tokenizer) == [im_end]

@@ -124,7 +124,7 @@ def sft_flags(toy_dir, out, tb) -> list[str]:
 def ppo_flags(toy_dir, rm, out, tb) -> list[str]:
     return ["--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", rm,
             "--dataset", os.path.join(toy_dir, "prompts"), "--output_dir", out, "--run_name", tb,
-            "--total_episodes", "640", "--batch_size", "32", "--response_length", "8", "--lr", "3e-3",
+            "--total_episodes", "640", "--batch_size", "32", "--response_length", "8", "--learning_rate", "3e-3",
             "--adaptive_kl", "--kl_target", "0.5", "--kl_horizon", "200",  # beta moves: its state must resume too
             "--eval_samples", "32", "--eval_every", "5", "--checkpoint_every", "4"]
 
@@ -158,7 +158,7 @@ def test_sigterm_checkpoints_exits_and_resumes(toy_dir, tmp_path):
     def flags(name):
         return ["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", os.path.join(toy_dir, "prefs"),
                 "--output_dir", str(tmp_path / name), "--run_name", str(tmp_path / "runs" / name),
-                "--batch_size", "16", "--num_epochs", "1", "--eval_every", "50", "--checkpoint_every", "30",
+                "--batch_size", "16", "--num_train_epochs", "1", "--eval_every", "50", "--checkpoint_every", "30",
                 "--num_normalisation_prompts", "32"]
     run_ok("train_rm.py", flags("whole"))
     proc = launch("train_rm.py", flags("stopped"))

@@ -17,7 +17,7 @@ import train_rm
 from common import load_causal_lm, load_reward_model, load_tokenizer
 
 # A tiny run: 512 easy pairs, 1 epoch of batch 32, 64 normalisation samples of 12 tokens.
-TINY = ["--num_train_pairs", "None", "--num_epochs", "1", "--batch_size", "32", "--per_device_batch_size", "16",
+TINY = ["--num_train_pairs", "None", "--num_train_epochs", "1", "--batch_size", "32", "--micro_batch_size", "16",
         "--learning_rate", "1e-3", "--eval_every", "1000", "--num_normalisation_prompts", "64",
         "--response_length", "12", "--generation_batch_size", "32"]
 
@@ -109,11 +109,11 @@ def test_left_and_right_padding_give_the_same_reward(tiny_rm):
     model, tokenizer = tiny_rm
     seqs = encode(tokenizer, TEXTS)
     with torch.no_grad():
-        alone = torch.cat([train_rm.get_reward(model, *train_rm.pad([s], tokenizer.pad_token_id)) for s in seqs])
-        right = train_rm.get_reward(model, *train_rm.pad(seqs, tokenizer.pad_token_id, "right"))
-        left = train_rm.get_reward(model, *train_rm.pad(seqs, tokenizer.pad_token_id, "left"))
+        alone = torch.cat([train_rm.get_reward(model, *train_rm.right_pad([s], tokenizer.pad_token_id)) for s in seqs])
+        right = train_rm.get_reward(model, *train_rm.right_pad(seqs, tokenizer.pad_token_id))
+        left = train_rm.get_reward(model, *train_rm.left_pad(seqs, tokenizer.pad_token_id))
         # PPO's layout: left-padded prompt, then a response with padding after its EOS
-        both, _ = train_rm.pad([s + [tokenizer.pad_token_id] * k for k, s in enumerate(seqs)], tokenizer.pad_token_id, "left")
+        both, _ = train_rm.left_pad([s + [tokenizer.pad_token_id] * k for k, s in enumerate(seqs)], tokenizer.pad_token_id)
         ppo = train_rm.get_reward(model, both, (both != tokenizer.pad_token_id).long())
     assert alone.std() > 1e-4  # the texts really score differently
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
@@ -129,8 +129,8 @@ def test_concatenated_forward_equals_two_forwards(tiny_rm):
         input_ids, attention_mask, index, _ = train_rm.pair_batch(pairs, [0, 1, 2], tokenizer.pad_token_id, "cpu")
         assert input_ids.shape[0] == 6 and index.tolist() == [0, 1, 2, 3, 4, 5]  # (2B, T): chosen then rejected
         together = train_rm.get_reward(model, input_ids, attention_mask)[index]
-        chosen = train_rm.get_reward(model, *train_rm.pad(pairs["chosen_ids"], tokenizer.pad_token_id))
-        rejected = train_rm.get_reward(model, *train_rm.pad(pairs["rejected_ids"], tokenizer.pad_token_id))
+        chosen = train_rm.get_reward(model, *train_rm.right_pad(pairs["chosen_ids"], tokenizer.pad_token_id))
+        rejected = train_rm.get_reward(model, *train_rm.right_pad(pairs["rejected_ids"], tokenizer.pad_token_id))
     torch.testing.assert_close(together, torch.cat([chosen, rejected]), atol=1e-5, rtol=0)
 
 
@@ -143,7 +143,7 @@ def test_pairs_sharing_completions_score_each_once(tiny_rm):
         input_ids, attention_mask, index, _ = train_rm.pair_batch(pairs, [0, 1, 2], tokenizer.pad_token_id, "cpu")
         assert input_ids.shape[0] == 3
         rewards = train_rm.get_reward(model, input_ids, attention_mask)[index]
-        each = train_rm.get_reward(model, *train_rm.pad([a, a, b, b, c, c], tokenizer.pad_token_id))
+        each = train_rm.get_reward(model, *train_rm.right_pad([a, a, b, b, c, c], tokenizer.pad_token_id))
     torch.testing.assert_close(rewards, each, atol=1e-5, rtol=0)
 
 
@@ -151,25 +151,28 @@ def test_truncate_after_eos():
     eos, pad = 1, 0
     responses = torch.tensor([[5, 6, 1, 7, 1], [5, 5, 5, 5, 5], [1, 8, 8, 8, 8]])
     expected = torch.tensor([[5, 6, 1, 0, 0], [5, 5, 5, 5, 5], [1, 0, 0, 0, 0]])
-    assert torch.equal(train_rm.truncate_after_eos(responses, eos, pad), expected)
+    truncated, response_mask, has_eos = train_rm.truncate_after_eos(responses, eos, pad)
+    assert torch.equal(truncated, expected)
+    assert torch.equal(response_mask, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool())
+    assert has_eos.tolist() == [True, False, True]
 
 
 # ----------------------------------------------------------------------------------------------
 # Dataset formats
 # ----------------------------------------------------------------------------------------------
-def test_split_implicit_prompt_on_hh_examples():
+def test_split_implicit_prompt_pair_on_hh_examples():
     single = ("\n\nHuman: What is a good movie?\n\nAssistant:", " Try a comedy.", " I don't know.")
-    assert train_rm.split_implicit_prompt(single[0] + single[1], single[0] + single[2]) == single
+    assert train_rm.split_implicit_prompt_pair(single[0] + single[1], single[0] + single[2]) == single
     # several turns: the prompt runs up to the *last* shared assistant turn
     history = ("\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Recommend a film."
                "\n\nAssistant:")
     chosen, rejected = " I liked Alien.", " I liked nothing."  # the completions share " I liked "
-    assert train_rm.split_implicit_prompt(history + chosen, history + rejected) == (history, chosen, rejected)
+    assert train_rm.split_implicit_prompt_pair(history + chosen, history + rejected) == (history, chosen, rejected)
     # a completion that is a prefix of the other
-    assert train_rm.split_implicit_prompt(history + " Yes.", history + " Yes. Alien.") == (history, " Yes.", " Yes. Alien.")
+    assert train_rm.split_implicit_prompt_pair(history + " Yes.", history + " Yes. Alien.") == (history, " Yes.", " Yes. Alien.")
     # no shared assistant turn: no prompt to find
     with pytest.raises(ValueError):
-        train_rm.split_implicit_prompt("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: b")
+        train_rm.split_implicit_prompt_pair("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: b")
 
 
 def make_args(toy_dir, **kw):

@@ -77,8 +77,7 @@ def sft_checkpoints(models) -> list[str]:
 
 @pytest.mark.parametrize("sig, status", [
     (signal.SIGTERM, 143),
-    # Ctrl-C: the stage checkpoints and exits 130. This needs the stages' own SIGINT handling (issue 13, in
-    # common.catch_signals); until that lands the stage dies of a KeyboardInterrupt and this case fails.
+    # Ctrl-C: the stage checkpoints and exits 130 (common.catch_signals), and the pipeline with it
     (signal.SIGINT, 130),
 ], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_pipeline_checkpoints_the_running_stage(sig, status, tmp_path):

@@ -220,14 +220,3 @@ def test_hh_rlhf_preset_runs_every_stage_on_real_rows(tmp_path, monkeypatch, cap
     with open(os.path.join(tmp_path / "ppo", "eval_results.json")) as f:
         assert json.load(f)["episodes"] == 4
 
-
-@needs_real
-def test_pythia_tldr_preset_with_the_real_pythia_tokenizer(tmp_path, monkeypatch):
-    """The TL;DR preset on its fixture rows (the real rows are not in ../shared/real), with the real tokenizer."""
-    from test_real_path import FIXTURES, run_chain
-
-    monkeypatch.chdir(tmp_path)
-    base = tiny_pythia(str(tmp_path / "base"))
-    sft_data = os.path.join(FIXTURES, "tldr_sft")
-    run_chain(tmp_path, base, "pythia-tldr", ["--dataset", sft_data],
-              ["--dataset", os.path.join(FIXTURES, "tldr_prefs"), "--prompt_dataset", sft_data], ["--dataset", sft_data])

@@ -473,14 +473,17 @@ def read_marker(path: str) -> dict | None:
     return marker if isinstance(marker, dict) and "stage" in marker else None
 
 
+def ours_to_remove(path: str) -> bool:
+    """A real dir (not a link) that carries this project's marker, or is empty: deleting it loses nothing of
+    anyone's (an empty one is what a crash between a save's mkdir and its marker leaves)."""
+    return os.path.isdir(path) and not os.path.islink(path) and (not os.listdir(path) or read_marker(path) is not None)
+
+
 def remove_own_dir(path: str) -> None:
-    """Delete a dir this project wrote (it carries a marker); refuse anything else."""
+    """Delete a dir this project wrote (ours_to_remove); refuse anything else."""
     if not os.path.lexists(path):
         return
-    if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
-        os.rmdir(path)  # empty: nothing of anyone's is lost (a crash between its mkdir and its marker)
-        return
-    if not os.path.isdir(path) or os.path.islink(path) or read_marker(path) is None:
+    if not ours_to_remove(path):
         raise SystemExit(f"'{path}' is in the way and was not written by this project; move it away and run again")
     shutil.rmtree(path)
 
@@ -524,7 +527,7 @@ def recover_output(path: str) -> None:
         else:
             shutil.rmtree(old)
             print0(f"note: removed '{old}', the previous run an interrupted save left")
-    if read_marker(tmp) is not None or os.path.isdir(tmp) and not os.listdir(tmp):
+    if ours_to_remove(tmp):
         shutil.rmtree(tmp)
         print0(f"note: removed '{tmp}', the leftover of an interrupted save")
 
@@ -664,7 +667,7 @@ def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dic
         check_output_path(output_dir, "--output_dir", inputs)
         check_output_path(checkpoint_dir, "--checkpoint_dir", {**inputs, "output dir": output_dir})
         for leftover in (output_dir.rstrip("/") + ".tmp", output_dir.rstrip("/") + ".old"):
-            if os.path.lexists(leftover) and read_marker(leftover) is None and not (os.path.isdir(leftover) and not os.listdir(leftover)):
+            if os.path.lexists(leftover) and not ours_to_remove(leftover):
                 raise SystemExit(f"'{leftover}' is in the way of the atomic save and was not written by this project; "
                                  "move it away and run again")
         OutputLock(output_dir)

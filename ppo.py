@@ -1117,7 +1117,7 @@ def stop_if_not_finite(scores: torch.Tensor, update: int, args: Args, setup: Set
 def clip_grad_norm_or_stop(models: Models, args: Args, update: int, setup: Setup, last_stats: dict) -> float:
     """The global gradient norm, clipped only with --max_grad_norm; a non-finite one stops the run before the
     optimizer step can carry it into the weights."""
-    params = [p for p in models.trainables.parameters() if p.requires_grad]
+    params = models.optimizer.param_groups[0]["params"]  # the trained parameters (LoRA: the adapters only)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if not math.isfinite(grad_norm):

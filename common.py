@@ -961,6 +961,12 @@ def run(main, parse_args) -> None:
     Bad input is caught earlier, by the checks before the first step, each with its own message."""
     try:
         main(parse_args())
+    except SystemExit:  # the one-line message goes on a line of its own, not after an open progress bar
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):
+            bar.close()
+        raise
     except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one inside it
         print("interrupted: stopped at once; the last checkpoint (if any) is intact", file=sys.stderr)
         raise SystemExit(130) from None

@@ -616,7 +616,7 @@ def reference_logprobs(models: Models, args: Args, query_responses, attention_ma
 # ----------------------------------------------------------------------------------------------
 # Rollout helpers
 # ----------------------------------------------------------------------------------------------
-def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding, so every prompt ends where the response starts (Huang et al. 2024). -> (B, P) ids, mask"""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -796,7 +796,7 @@ def main(args: Args) -> dict:
                             "val/ratio_var": masked_mean((ratio - masked_mean(ratio, mb_mask)) ** 2, mb_mask),
                             **({} if args.kl_in_reward else {"loss/kl_avg": kl_loss})})
                 # the global norm (clipped only with --max_grad_norm), checked before it can reach the weights
-                clip_grad_norm_or_stop(models, args, update, setup, stats[-1])
+                clip_grad_norm_or_stop(models, args, setup, update, stats[-1])
                 models.optimizer.step()
                 models.optimizer.zero_grad(set_to_none=True)
         sync(device)
@@ -820,12 +820,12 @@ def main(args: Args) -> dict:
         # ALGO LOGIC: adaptive KL (Ziegler et al. 2019): move beta so that the batch's KL tracks its target
         if args.adaptive_kl:
             batch_kl = all_reduce_sum(kl.sum(1).mean() / setup.d.world_size).item()
-            kl_coef = adaptive_kl_coef(kl_coef, batch_kl, args.kl_target, args.kl_horizon, args.batch_size)
+            kl_coef = progress.kl_coef = adaptive_kl_coef(kl_coef, batch_kl, args.kl_target, args.kl_horizon, args.batch_size)
 
         # TRY NOT TO MODIFY: evaluation and checkpoints
         if (args.eval_every and update % args.eval_every == 0) or update == setup.num_updates:
-            progress.eval_metrics, progress.eval_golds = run_eval(update * args.batch_size, args, setup, models, writer)
-        save_or_stop(update, stop, signals, kl_coef, args, setup, models, progress)
+            run_eval(update * args.batch_size, args, setup, models, progress, writer)
+        save_or_stop(update, stop, signals, args, setup, models, progress)
 
     return final_report(args, setup, models, progress, writer, start_time)
 
@@ -860,13 +860,13 @@ class Progress:
     """What a checkpoint carries beyond the weights: counters, the adaptive beta, the run's history and the
     evaluations (the SFT policy's is the baseline of the final win rate)."""
     start_update: int
-    kl_coef: float
+    kl_coef: float  # beta, moved by --adaptive_kl
     history: list
     timings: list
-    sft_metrics: dict
-    sft_golds: list
-    eval_metrics: dict
-    eval_golds: list
+    sft_metrics: dict | None
+    sft_golds: list | None
+    eval_metrics: dict | None  # the last evaluation
+    eval_golds: list | None
 
 
 def check_args(args: Args) -> None:
@@ -1099,8 +1099,10 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
     if resumed:
         return Progress(resumed["update"], resumed["kl_coef"], resumed["history"], resumed["timings"], resumed["sft_metrics"],
                         resumed["sft_golds"], resumed["eval_metrics"], resumed["eval_golds"]), writer
-    sft_metrics, sft_golds = run_eval(0, args, setup, models, writer)
-    return Progress(0, args.kl_coef, [], [], sft_metrics, sft_golds, sft_metrics, sft_golds), writer
+    progress = Progress(0, args.kl_coef, [], [], None, None, None, None)
+    run_eval(0, args, setup, models, progress, writer)
+    progress.sft_metrics, progress.sft_golds = progress.eval_metrics, progress.eval_golds
+    return progress, writer
 
 
 def last_checkpoint(args: Args, setup: Setup) -> str:
@@ -1114,15 +1116,15 @@ def stop_if_not_finite(scores: torch.Tensor, update: int, args: Args, setup: Set
                          f"checkpoint: {last_checkpoint(args, setup)}. Check the reward model (and its reward_mean/reward_std)")
 
 
-def clip_grad_norm_or_stop(models: Models, args: Args, update: int, setup: Setup, last_stats: dict) -> float:
+def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, losses: dict) -> float:
     """The global gradient norm, clipped only with --max_grad_norm; a non-finite one stops the run before the
-    optimizer step can carry it into the weights."""
+    optimizer step can carry it into the weights, naming the last micro-batch's losses (`losses`: its stats)."""
     params = models.optimizer.param_groups[0]["params"]  # the trained parameters (LoRA: the adapters only)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if not math.isfinite(grad_norm):
-        losses = {name: float(v) for name, v in last_stats.items() if name.startswith("loss/")}
-        raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {update}, losses {losses}: stopped "
+        losses = {name: float(v) for name, v in losses.items() if name.startswith("loss/")}
+        raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {step}, losses {losses}: stopped "
                          f"before the optimizer step; last good checkpoint: {last_checkpoint(args, setup)}")
     return grad_norm
 
@@ -1174,31 +1176,30 @@ def write_update(writer, metrics: dict, update: int, args: Args, setup: Setup, q
                    f"{metrics['eps']:.1f} eps")
 
 
-def run_eval(step: int, args: Args, setup: Setup, models: Models, writer) -> tuple[dict, list]:
-    """Held-out evaluation (`evaluate`) from its own fixed seed, so that (1) every evaluation, the SFT baseline
+def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
+    """Held-out evaluation (`evaluate`, kept in progress) from its own fixed seed, so that (1) every evaluation, the SFT baseline
     included, sees the same random numbers, and (2) --eval_every does not change the training run's sampling."""
     device = setup.d.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + 1_000_003 + setup.d.rank)
-        metrics, golds, rows = evaluate(args, models.policy, models.ref_policy, models.reward_model, setup.tokenizer,
+        progress.eval_metrics, progress.eval_golds, rows = evaluate(args, models.policy, models.ref_policy, models.reward_model, setup.tokenizer,
                                         models.rm_retokenize, setup.eval_texts, setup.eval_ids, setup.gold_fn, device, setup.stop_ids)
     if writer is not None:
-        for k, v in metrics.items():
+        for k, v in progress.eval_metrics.items():
             writer.add_scalar(f"eval/{k}", v, step)
         writer.add_text("eval/samples", markdown_table(rows, ["prompt", "response", "rm score", "gold"]), step)
-    return metrics, golds
 
 
-def save_or_stop(update: int, stop: bool, signals: dict, kl_coef: float, args: Args, setup: Setup, models: Models,
+def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup, models: Models,
                  progress: Progress) -> None:
-    """A checkpoint every --checkpoint_every updates, at the end, and when a signal came; then, for a signal, exit."""
-    if args.save and ((args.checkpoint_every and update % args.checkpoint_every == 0) or update == setup.num_updates or stop):
-        state = {"update": update, "args": args_json(args), "log_dir": setup.log_dir, "kl_coef": kl_coef,
+    """After update `step`: a checkpoint every --checkpoint_every updates, at the end, and when a signal came; then, for a signal, exit."""
+    if args.save and ((args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.num_updates or stop):
+        state = {"update": step, "args": args_json(args), "log_dir": setup.log_dir, "kl_coef": progress.kl_coef,
                  "history": progress.history, "timings": progress.timings, "sft_metrics": progress.sft_metrics,
                  "sft_golds": progress.sft_golds, "eval_metrics": progress.eval_metrics, "eval_golds": progress.eval_golds}
-        path = save_checkpoint(setup.checkpoint_dir, update, models.trainables, models.optimizer, state, "ppo")
+        path = save_checkpoint(setup.checkpoint_dir, step, models.trainables, models.optimizer, state, "ppo")
         if stop:
-            exit_preempted(path, f"update {update}", signals["signal"])
+            exit_preempted(path, f"update {step}", signals["signal"])
     elif stop:  # --no_save: nothing to keep
         raise SystemExit(128 + (signals["signal"] or 15))
 

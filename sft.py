@@ -293,11 +293,9 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: checks, processes, sizes, output dirs, data; the model; resume; logging
     start_time = time.time()
     setup = set_up(args)
-    model = build_model(args, setup)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay)
-    scheduler = cosine_schedule(optimizer, args.warmup_steps, setup.total_steps)
-    progress, writer = start_or_resume(args, setup, model, optimizer, scheduler)
+    models = build_models(args, setup)
+    progress, writer = start_or_resume(args, setup, models)
+    model, optimizer, scheduler = models.model, models.optimizer, models.scheduler
     rank, world_size, device = setup.d.rank, setup.d.world_size, setup.d.device
     local_batch_size, micro_batch_size = setup.local_batch_size, setup.micro_batch_size
 
@@ -350,11 +348,11 @@ def main(args: Args) -> dict:
                      "charts/tokens_per_sec": progress.tokens_seen / (time.time() - train_start)}, step)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{progress.val_loss:.3f}", epoch=epoch)
         if step % args.eval_every == 0 or step == setup.total_steps:
-            progress.val_loss = run_eval(step, args, setup, model, writer)
-        save_or_stop(step, stop, signals, args, setup, model, optimizer, scheduler, progress, bar)
+            run_eval(step, args, setup, models, progress, writer)
+        save_or_stop(step, stop, signals, args, setup, models, progress)
     bar.close()
 
-    return final_report(args, setup, model, progress, writer, start_time)
+    return final_report(args, setup, models, progress, writer, start_time)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,10 +383,18 @@ class Progress:
     """What a checkpoint carries beyond the weights, the optimizer and the schedule: the step it was taken after,
     the losses so far and the tokens seen."""
     start_step: int
-    initial_val_loss: float
-    val_loss: float
+    initial_val_loss: float | None  # None until the first validation
+    val_loss: float | None
     train_loss: float | None  # None until a step is taken (--max_steps 0: evaluate only)
     tokens_seen: float
+
+
+@dataclass
+class Models:
+    """The model and what trains it (build_models)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
 # Setup, and the checks of the flags and the inputs
@@ -608,9 +614,9 @@ def tokenize_pairs(prompts, completions, tokenizer, args: Args, conversational: 
 
 
 # The model
-def build_model(args: Args, setup: Setup):
+def build_models(args: Args, setup: Setup) -> Models:
     """The base model (embeddings grown to the tokenizer, dropout off), checked against the longest sequence,
-    sharded with FSDP2 under torchrun, in training mode."""
+    sharded with FSDP2 under torchrun, in training mode; its AdamW and the cosine schedule with warm-up."""
     model = load_causal_lm(args.model_name_or_path, setup.tokenizer, args.dtype)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     longest = args.max_prompt_length + max(args.max_completion_length, args.max_new_tokens)
@@ -619,18 +625,20 @@ def build_model(args: Args, setup: Setup):
                          f"the model's {max_positions} positions; lower them")
     model = fsdp_wrap(model, setup.d.device)  # FSDP2 under torchrun; a no-op on a single process
     model.train()
-    return model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
+    return Models(model, optimizer, cosine_schedule(optimizer, args.warmup_steps, setup.total_steps))
 
 
 # Resume and checkpoints
-def start_or_resume(args: Args, setup: Setup, model, optimizer, scheduler) -> tuple[Progress, object]:
+def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress, object]:
     """--resume: model, optimizer, schedule, counters and RNG states as they were after the checkpoint's step;
     otherwise the validation loss before training. Then (rank 0) the TensorBoard writer."""
     resumed = None
     if args.resume:
         latest = latest_checkpoint(setup.checkpoint_dir)
-        resumed = load_checkpoint(latest, model, optimizer)
-        scheduler.load_state_dict(resumed["scheduler"])
+        resumed = load_checkpoint(latest, models.model, models.optimizer)
+        models.scheduler.load_state_dict(resumed["scheduler"])
         setup.run_name = resumed["run_name"]
         print0(f"resumed from {latest} (step {resumed['step']} of {setup.total_steps})")
     writer = None
@@ -644,21 +652,22 @@ def start_or_resume(args: Args, setup: Setup, model, optimizer, scheduler) -> tu
     if resumed:
         return Progress(resumed["step"], resumed["initial_val_loss"], resumed["val_loss"], resumed["train_loss"],
                         resumed["tokens_seen"]), writer
-    val_loss = run_eval(0, args, setup, model, writer)
-    print0(f"step 0: val loss {val_loss:.4f}")
-    return Progress(0, val_loss, val_loss, None, 0), writer
+    progress = Progress(0, None, None, None, 0)
+    run_eval(0, args, setup, models, progress, writer)
+    progress.initial_val_loss = progress.val_loss
+    print0(f"step 0: val loss {progress.val_loss:.4f}")
+    return progress, writer
 
 
-def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup, model, optimizer, scheduler,
-                 progress: Progress, bar) -> None:
+def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup, models: Models,
+                 progress: Progress) -> None:
     """A checkpoint every --checkpoint_every steps, at the end, and when a signal came; then, for a signal, exit."""
     if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.total_steps or stop:
-        state = {"step": step, "args": args_json(args), "run_name": setup.run_name, "scheduler": scheduler.state_dict(),
+        state = {"step": step, "args": args_json(args), "run_name": setup.run_name, "scheduler": models.scheduler.state_dict(),
                  "initial_val_loss": progress.initial_val_loss, "val_loss": progress.val_loss,
                  "train_loss": progress.train_loss, "tokens_seen": progress.tokens_seen}
-        path = save_checkpoint(setup.checkpoint_dir, step, model, optimizer, state, "sft")
+        path = save_checkpoint(setup.checkpoint_dir, step, models.model, models.optimizer, state, "sft")
         if stop:
-            bar.close()
             exit_preempted(path, f"step {step}", signals["signal"])
 
 
@@ -670,17 +679,16 @@ def log(writer, metrics: dict, step: int) -> None:
             writer.add_scalar(key, value, step)
 
 
-def run_eval(step: int, args: Args, setup: Setup, model, writer) -> float:
-    """Validation loss, plus a few sample generations written to TensorBoard."""
-    val_loss = validation_loss(model, setup.eval_pairs, args, setup.tokenizer.pad_token_id, setup.d)
-    log(writer, {"val/loss": val_loss}, step)
+def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
+    """Validation loss (kept in progress), plus a few sample generations written to TensorBoard."""
+    progress.val_loss = validation_loss(models.model, setup.eval_pairs, args, setup.tokenizer.pad_token_id, setup.d)
+    log(writer, {"val/loss": progress.val_loss}, step)
     k = args.num_logged_samples
     if k > 0:  # every rank samples the same prompts (generation is collective under FSDP2)
-        texts, ended = sample_completions(model, setup.tokenizer, [p for p, _ in setup.eval_pairs[:k]], args,
+        texts, ended = sample_completions(models.model, setup.tokenizer, [p for p, _ in setup.eval_pairs[:k]], args,
                                           setup.d.device, setup.stop_ids)
         if writer is not None:
             writer.add_text("samples", samples_markdown(setup.eval_prompts[:k], texts, ended), step)
-    return val_loss
 
 
 def rank_shard(items: list, rank: int, world_size: int) -> list:
@@ -755,14 +763,14 @@ def samples_markdown(prompts: list[str], completions: list[str], ended: list[boo
     return "| prompt | completion | EOS |\n|-|-|-|\n" + "\n".join(r.replace("\n", " ") for r in rows)
 
 
-def final_report(args: Args, setup: Setup, model, progress: Progress, writer, start_time: float) -> dict:
+def final_report(args: Args, setup: Setup, models: Models, progress: Progress, writer, start_time: float) -> dict:
     """The final score: the validation prompts sampled at the sampling temperature (every rank its share), scored by
     --eval_fn; then the model saved (collective; atomic, so a crash earlier leaves any old output_dir intact) with
     eval_results.json, and a summary line."""
     rank, world_size, device, eval_fn = setup.d.rank, setup.d.world_size, setup.d.device, setup.eval_fn
     prompts = rank_shard(setup.eval_prompts[: args.num_eval_samples], rank, world_size)
     prompt_ids = rank_shard([p for p, _ in setup.eval_pairs[: args.num_eval_samples]], rank, world_size)
-    texts, ended = sample_completions(model, setup.tokenizer, prompt_ids, args, device, setup.stop_ids)
+    texts, ended = sample_completions(models.model, setup.tokenizer, prompt_ids, args, device, setup.stop_ids)
     scores = [float(eval_fn(p, c)) for p, c in zip(prompts, texts)] if eval_fn else [0.0] * len(texts)
     totals = torch.tensor([float(v) for v in (len(texts), sum(ended), sum(scores),
                                               sum(s for s, e in zip(scores, ended) if e))],
@@ -789,7 +797,7 @@ def final_report(args: Args, setup: Setup, model, progress: Progress, writer, st
         writer.add_text("final_samples", samples_markdown(prompts[:16], texts[:16], ended[:16]), setup.total_steps)
 
     metrics["wall_time_s"] = round(time.time() - start_time, 1)
-    save_model(model, setup.tokenizer, args.output_dir, "sft", results=metrics)
+    save_model(models.model, setup.tokenizer, args.output_dir, "sft", results=metrics)
     if setup.d.is_main:
         writer.close()
     samples = ""

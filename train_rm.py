@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -437,8 +437,9 @@ def main(args: Args) -> dict:
     # TRY NOT TO MODIFY: checks, processes, sizes, output dirs, tokenizers and data; the model; resume; logging
     start_time = time.time()
     setup = set_up(args)
-    model, optimizer = build_reward_model(args, setup)
-    progress, writer = start_or_resume(args, setup, model, optimizer)
+    models = build_models(args, setup)
+    progress, writer = start_or_resume(args, setup, models)
+    model, optimizer = models.model, models.optimizer
     d, train, pad_id = setup.d, setup.train, setup.tokenizer.pad_token_id
 
     # ALGO LOGIC: the order of the pairs. Pairs that share a prompt (the k choose 2 pairs of k ranked completions)
@@ -477,7 +478,7 @@ def main(args: Args) -> dict:
         # the sums over all ranks; the signal flag rides along: if any rank was signalled, every rank checkpoints here
         loss_sum, correct, chosen_sum, rejected_sum, count, stop = all_reduce_sum(
             torch.tensor(sums + [float(signals["stop"])], dtype=torch.float64, device=d.device)).tolist()
-        grad_norm = clip_grad_norm_or_stop(model, loss_sum / count, step, args, setup, bar)
+        grad_norm = clip_grad_norm_or_stop(models, args, setup, step, {"loss": loss_sum / count})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -491,15 +492,15 @@ def main(args: Args) -> dict:
         }
         log_step(metrics, lr, grad_norm, step, args, setup, writer, bar, t_train)
         if setup.val is not None and (step % (args.eval_every or setup.steps_per_epoch) == 0 or step == setup.total_steps):
-            run_eval(step, args, setup, model, progress, writer, bar)
-        save_or_stop(step, stop, signals, args, setup, model, optimizer, progress, bar)
+            run_eval(step, args, setup, models, progress, writer)
+        save_or_stop(step, stop, signals, args, setup, models, progress)
     bar.close()
-    train_time = time.time() - t_train
+    progress.train_time = time.time() - t_train
     del optimizer
+    models.optimizer = None  # frees AdamW's state: the normalisation does not need it
     model.eval()
 
     # ALGO LOGIC: reward normalisation on SFT-policy samples (see THE NORMALISATION CONTRACT above)
-    reward_mean, reward_std, norm_stats = 0.0, 1.0, {}
     if args.normalize:
         t_norm = time.time()
         # Each rank holds a full, unsharded copy of the policy: it only generates, and generate() under FSDP
@@ -523,13 +524,13 @@ def main(args: Args) -> dict:
         reward_sum, reward_sq_sum, count, with_eos = all_reduce_sum(
             torch.tensor(sums, dtype=torch.float64, device=d.device)).tolist()
         reward_mean, reward_std, raw_std = reward_normalisation(reward_sum, reward_sq_sum, count, args.normalize_std)
-        norm_stats = {"num_samples": int(count), "raw_mean": reward_mean, "raw_std": raw_std,
-                      "eos_fraction": with_eos / count, "time_s": time.time() - t_norm}
+        progress.reward_mean, progress.reward_std = reward_mean, reward_std
+        progress.normalisation = {"num_samples": int(count), "raw_mean": reward_mean, "raw_std": raw_std,
+                                  "eos_fraction": with_eos / count, "time_s": time.time() - t_norm}
         del policy
 
     # TRY NOT TO MODIFY: save (atomic; a failed run has raised before this point) and report
-    return final_report(args, setup, model, progress, writer, reward_mean, reward_std, norm_stats, train_time,
-                        start_time)
+    return final_report(args, setup, models, progress, writer, start_time)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,11 +562,23 @@ class Setup:
 
 @dataclass
 class Progress:
-    """What a checkpoint carries beyond the weights, the optimiser and the RNG states."""
+    """What a checkpoint carries beyond the weights, the optimiser and the RNG states; then what the run measured
+    after training, for the final report."""
     start_step: int
     run_name: str
     val_metrics: dict | None  # the last validation
     history: list  # (step, validation accuracy) of every validation
+    train_time: float = 0.0
+    reward_mean: float = 0.0  # the normalisation (none: the raw reward, mean 0 and std 1)
+    reward_std: float = 1.0
+    normalisation: dict = field(default_factory=dict)
+
+
+@dataclass
+class Models:
+    """The reward model and what trains it (build_models)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None  # None after training
 
 
 def check_args(args: Args) -> None:
@@ -647,7 +660,7 @@ def set_up(args: Args) -> Setup:
     chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
     normalisation_ids = None
     if args.normalize:  # tokenized and cut to length as ppo.py does, so that the SFT samples match its prompts
-        normalisation_ids = policy_tokenizer(load_prompts(args, train["prompt"]), add_special_tokens=not chat_rendered)["input_ids"]
+        normalisation_ids = policy_tokenizer(load_normalisation_prompts(args, train["prompt"]), add_special_tokens=not chat_rendered)["input_ids"]
         normalisation_ids = fit_prompts(normalisation_ids, args.max_prompt_length, args.truncate_long_prompts,
                                         prompt_head(policy_tokenizer, chat_rendered), "normalisation prompts")
     # responses end at EOS or, for chat, at the template's end-of-turn token, as in ppo.py
@@ -808,7 +821,7 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
     }
 
 
-def load_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
+def load_normalisation_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
     """Normalisation prompts: the prompt dataset if given, else the preference train prompts; deduplicated,
     shuffled with the seed, the first num_normalisation_prompts."""
     if args.prompt_dataset is None:
@@ -832,9 +845,9 @@ def load_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # The model, resume and checkpoints
 # ----------------------------------------------------------------------------------------------
-def build_reward_model(args: Args, setup: Setup):
+def build_models(args: Args, setup: Setup) -> Models:
     """The SFT checkpoint with a fresh scalar head (init_reward_head; no dropout: common.load_reward_model),
-    sharded with FSDP2 under torchrun, and its AdamW (eps 1e-5, Huang et al. 2024). -> (model, optimizer)
+    sharded with FSDP2 under torchrun, and its AdamW (eps 1e-5, Huang et al. 2024).
 
     The head is drawn from args.seed on every rank, so every rank starts from the same head before FSDP2 shards
     it; after that each rank seeds its own RNG (seed + rank).
@@ -847,16 +860,16 @@ def build_reward_model(args: Args, setup: Setup):
     seed_everything(args.seed, setup.d.rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
-    return model, optimizer
+    return Models(model, optimizer)
 
 
-def start_or_resume(args: Args, setup: Setup, model, optimizer) -> tuple[Progress, object]:
+def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress, object]:
     """--resume: model, optimiser, step, history and RNG states as they were after the checkpoint's step. Then the
     TensorBoard writer (rank 0), with the hyperparameters as a table."""
     progress, resumed = Progress(0, setup.run_name, None, []), False
     if args.resume:
         latest = latest_checkpoint(setup.checkpoint_dir)
-        state = load_checkpoint(latest, model, optimizer)
+        state = load_checkpoint(latest, models.model, models.optimizer)
         progress, resumed = Progress(state["step"], state["run_name"], state["val_metrics"], state["history"]), True
         print0(f"resumed from {latest} (step {progress.start_step} of {setup.total_steps})")
     writer = None
@@ -868,32 +881,31 @@ def start_or_resume(args: Args, setup: Setup, model, optimizer) -> tuple[Progres
     return progress, writer
 
 
-def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup, model, optimizer, progress: Progress,
-                 bar) -> None:
+def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup, models: Models,
+                 progress: Progress) -> None:
     """A checkpoint every --checkpoint_every steps, at the end, and when a signal came (model, optimiser, step and
     RNG states; the data position follows from the step); then, for a signal, exit."""
     if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.total_steps or stop:
         state = {"step": step, "args": args_json(args), "run_name": progress.run_name, "val_metrics": progress.val_metrics,
                  "history": progress.history}
-        path = save_checkpoint(setup.checkpoint_dir, step, model, optimizer, state, "rm")
+        path = save_checkpoint(setup.checkpoint_dir, step, models.model, models.optimizer, state, "rm")
         if stop:
-            bar.close()
             exit_preempted(path, f"step {step}", signals["signal"])
 
 
 # ----------------------------------------------------------------------------------------------
 # Logging, evaluation and the final report
 # ----------------------------------------------------------------------------------------------
-def clip_grad_norm_or_stop(model, loss: float, step: int, args: Args, setup: Setup, bar) -> float:
-    """Clip the global gradient norm to --max_grad_norm and return it (before clipping); a non-finite loss or
-    norm stops the run before the optimiser step can carry it into the weights."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, losses: dict) -> float:
+    """Clip the global gradient norm to --max_grad_norm and return it (before clipping); a non-finite loss (of
+    `losses`, the step's all-reduced losses by name) or norm stops the run before the optimiser step can carry it
+    into the weights."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(models.optimizer.param_groups[0]["params"], args.max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2 (a collective: every rank calls it)
         grad_norm = grad_norm.full_tensor()
     grad_norm = grad_norm.item()
-    for name, value in (("loss", loss), ("gradient norm", grad_norm)):
+    for name, value in (*losses.items(), ("gradient norm", grad_norm)):
         if not math.isfinite(value):  # global values, the same on every rank: every rank stops
-            bar.close()
             raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimiser step; last good "
                              f"checkpoint: {latest_checkpoint(setup.checkpoint_dir) or 'none'}. Lower --learning_rate or check the data")
     return grad_norm
@@ -913,7 +925,7 @@ def log_step(metrics: dict, lr: float, grad_norm: float, step: int, args: Args, 
 
 
 @torch.no_grad()
-def evaluate(model, pairs: dict, batch_size: int, pad_id: int, rank: int, world_size: int, device) -> dict:
+def preference_accuracy(model, pairs: dict, batch_size: int, pad_id: int, rank: int, world_size: int, device) -> dict:
     """Accuracy (r_chosen > r_rejected) and loss over all pairs, summed over ranks."""
     indices, is_real = shard(len(pairs["chosen_ids"]), rank, world_size)
     # shortest pairs first, so that each batch pads little (the order does not change the sums)
@@ -935,24 +947,24 @@ def evaluate(model, pairs: dict, batch_size: int, pad_id: int, rank: int, world_
     return {"accuracy": correct / count, "loss": loss / count}
 
 
-def run_eval(step: int, args: Args, setup: Setup, model, progress: Progress, writer, bar) -> None:
-    """Validation accuracy and loss (evaluate), kept in progress and logged."""
+def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
+    """Validation accuracy and loss (preference_accuracy), kept in progress and logged."""
     d = setup.d
-    progress.val_metrics = evaluate(model, setup.val, args.eval_batch_size, setup.tokenizer.pad_token_id, d.rank,
+    progress.val_metrics = preference_accuracy(models.model, setup.val, args.eval_batch_size, setup.tokenizer.pad_token_id, d.rank,
                                     d.world_size, d.device)
     progress.history.append((step, progress.val_metrics["accuracy"]))
     if d.is_main:
-        bar.write(f"step {step}: val accuracy {progress.val_metrics['accuracy']:.4f}, loss {progress.val_metrics['loss']:.4f}")
+        tqdm.write(f"step {step}: val accuracy {progress.val_metrics['accuracy']:.4f}, loss {progress.val_metrics['loss']:.4f}")
     if writer is not None:
         writer.add_scalar("val/accuracy", progress.val_metrics["accuracy"], step)
         writer.add_scalar("val/loss", progress.val_metrics["loss"], step)
 
 
-def final_report(args: Args, setup: Setup, model, progress: Progress, writer, reward_mean: float, reward_std: float,
-                 norm_stats: dict, train_time: float, start_time: float) -> dict:
+def final_report(args: Args, setup: Setup, models: Models, progress: Progress, writer, start_time: float) -> dict:
     """Save the RM (atomically, with reward_mean / reward_std in its config and eval_results.json beside it), log
     the normalisation, print the summary and return the results."""
     val_metrics, bayes_ceiling = progress.val_metrics, setup.bayes_ceiling
+    reward_mean, reward_std, norm_stats = progress.reward_mean, progress.reward_std, progress.normalisation
     results = {
         "val_accuracy": val_metrics["accuracy"] if val_metrics else None,
         "val_loss": val_metrics["loss"] if val_metrics else None,
@@ -964,13 +976,13 @@ def final_report(args: Args, setup: Setup, model, progress: Progress, writer, re
         "val_accuracy_history": progress.history,
         "train_pairs": len(setup.train["chosen_ids"]),
         "steps": setup.total_steps,
-        "train_time_s": train_time,
+        "train_time_s": progress.train_time,
         "wall_time_s": time.time() - start_time,
     }
     if writer is not None:
         for name, value in norm_stats.items():
             writer.add_scalar(f"normalisation/{name}", value, setup.total_steps)
-    save_model(model, setup.tokenizer, args.output_dir, "rm", results=results,
+    save_model(models.model, setup.tokenizer, args.output_dir, "rm", results=results,
                extra_config={"reward_mean": reward_mean, "reward_std": reward_std})
     if writer is not None:
         writer.close()

@@ -237,7 +237,7 @@ def test_normalisation_gives_sft_samples_mean_zero(toy_dir, easy_prefs, trained_
     rm = AutoModelForSequenceClassification.from_pretrained(trained_rm).eval()
     policy = load_causal_lm(sft, tokenizer).eval()
     args = train_rm.parse_args(["--dataset", easy_prefs, *TINY])
-    prompts = train_rm.load_prompts(args, datasets.load_dataset(easy_prefs)["train"]["prompt"])
+    prompts = train_rm.load_normalisation_prompts(args, datasets.load_dataset(easy_prefs)["train"]["prompt"])
     torch.manual_seed(1234)
     enc = tokenizer(prompts, padding=True, return_tensors="pt")
     responses = train_rm.sample_responses(policy, enc["input_ids"], enc["attention_mask"], args.response_length,

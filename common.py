@@ -13,6 +13,7 @@ import contextlib
 import errno
 import glob
 import json
+import logging
 import math
 import os
 import random
@@ -29,6 +30,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+# torchao (ppo.py --frozen_dtype int8; peft imports it too) logs on import that its CUDA kernels cannot load into a
+# CPU-only torch, and torch logs that torchao's enum registrations are deprecated: harmless, and not the user's to fix
+for _name in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -414,16 +420,16 @@ def load_reward_model(name_or_path: str, tokenizer, dtype: str = "float32"):
 
 
 def save_model(model, tokenizer, output_dir: str, stage: str, results: dict | None = None,
-               extra_config: dict | None = None) -> None:
-    """save_pretrained on rank 0, gathering FSDP2 shards first; `results` go to eval_results.json inside.
+               extra_config: dict | None = None, state_dict: dict | None = None) -> None:
+    """save_pretrained on rank 0, gathering FSDP2 shards first (unless `state_dict` comes gathered already: rank
+    0's full one, {} elsewhere); `results` go to eval_results.json inside.
 
     Atomic: everything is written to `{output_dir}.tmp` (marked as this stage's, so a crash leaves nothing
     that a later run cannot recognise and clean up), which then swaps places with the old run in one
     rename (`exchange`). At every instant `output_dir` holds the complete old run or the complete new one.
     Every rank must call this (the gather is collective).
     """
-    state_dict = None
-    if dist.is_initialized():
+    if state_dict is None and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

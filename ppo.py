@@ -45,7 +45,7 @@ Implementation details, each marked by a comment where it happens:
 from __future__ import annotations
 
 import contextlib
-import importlib
+import importlib.util
 import math
 import os
 import sys
@@ -60,6 +60,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from common import (
+    Dist,
     args_json,
     catch_signals,
     check_flags,
@@ -143,16 +144,17 @@ class Args:
     compile: bool = False
     """torch.compile the policy's and critic's training forwards"""
     frozen_dtype: Literal["same", "bfloat16", "float16", "int8"] = "same"
-    """dtype of the frozen reference and reward model (same: --dtype). bf16 halves their weights; int8 (dynamic
-    quantisation of their linear layers, torch.ao) quarters them, on CPU and one process only"""
+    """dtype of the frozen reference and reward model (same: --dtype). bf16 halves their weights; int8 (torchao's
+    weight-only int8 of their linear layers: `pip install torchao`) quarters them. Under torchrun int8 models are
+    replicated, not sharded: FSDP2 cannot split torchao's int8 tensors"""
     gradient_checkpointing: bool = False
     """recompute the policy's and critic's activations in the backward pass instead of keeping them"""
     offload_critic: bool = False
-    """keep the critic's weights and optimizer state on the CPU during generation, where the KV cache needs the
-    GPU memory (one process; nothing to do on a CPU setup)"""
+    """keep the critic's weights and optimizer state (under torchrun: its shards) on the CPU during generation,
+    where the KV cache needs the GPU memory (on a CPU setup they stay where they are)"""
     lora_r: int = 0
     """LoRA rank of the policy (0: full fine-tuning). The reference is then the policy's own weights with the
-    adapter switched off, so no second copy exists (needs `pip install peft`; one process)"""
+    adapter switched off, so no second copy exists (needs `pip install peft`)"""
     lora_alpha: float = 16.0
     """LoRA scale alpha (the update is alpha / r * B A)"""
     lora_target_modules: str = "all-linear"
@@ -515,7 +517,7 @@ def unsharded(model):
         for m in fsdp_modules:
             m.reshard()
             # FSDP2's defaults: blocks reshard after forward; the root does not (its params are needed first in backward)
-            m.set_reshard_after_forward(m is not model, recurse=False)
+            m.set_reshard_after_forward(m is not fsdp_modules[0], recurse=False)
 
 
 def reference_logits(policy, ref_policy, query_responses, attention_mask, response_length: int, temperature: float):
@@ -527,21 +529,28 @@ def reference_logits(policy, ref_policy, query_responses, attention_mask, respon
 
 
 def quantize_int8(model):
-    """Dynamic int8 quantisation of every linear layer (torch.ao; torch deprecates it in favour of torchao, which
-    this project does not depend on, so its deprecation warnings are silenced here)."""
-    import warnings
+    """Weight-only int8 of every linear layer (torchao's Int8WeightOnlyConfig): each weight row stored as int8
+    with one scale, w = scale * q, dequantised in the matmul; activations stay in the model's dtype. CPU and CUDA."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(torch.ao.quantization|quantize_per_tensor).*")
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
 
 
 def load_frozen(load, path: str, tokenizer, dtype: str, frozen_dtype: str):
     """A frozen model in --frozen_dtype: loaded in that dtype, or quantised to int8 after loading."""
     model = load(path, tokenizer, dtype if frozen_dtype in ("same", "int8") else frozen_dtype)
-    if frozen_dtype == "int8":  # weights stored as int8, activations quantised on the fly (CPU kernels)
+    if frozen_dtype == "int8":
         model = quantize_int8(model)
     return model.eval().requires_grad_(False)
+
+
+def shard_frozen(model, args: Args, device: torch.device):
+    """FSDP2 for a frozen model, except an int8 one: FSDP2 cannot split torchao's int8 tensors (no aten.split,
+    torchao 0.18), so each rank holds all of it, a quarter of fp32's bytes."""
+    if model is None or args.frozen_dtype == "int8":
+        return model.to(device) if model is not None else None
+    return fsdp_wrap(model, device)
 
 
 @dataclass
@@ -690,8 +699,10 @@ def prompt_batches(prompt_ids: list[list[int]], batch_size: int, generator: torc
 
 
 def place_critic(models: Models, args: Args, where, device: torch.device) -> None:
-    """--offload_critic: the critic's weights and AdamW state leave the GPU while the policy generates."""
-    if models.critic is None or not args.offload_critic or device.type == "cpu":
+    """--offload_critic: the critic's weights and AdamW state leave the GPU while the policy generates. Under
+    FSDP2 these are the rank's shards; Module.to keeps the parameter objects (FSDP2 swaps DTensors in place), so
+    the optimizer still holds them. On a CPU setup `where` is where they are already, and nothing moves."""
+    if models.critic is None or not args.offload_critic:
         return
     models.critic.to(where)
     for p in models.critic.parameters():
@@ -903,10 +914,9 @@ def set_up(args: Args) -> Setup:
     num_updates = args.total_episodes // args.batch_size
     if num_updates < 1:
         raise SystemExit(f"total_episodes {args.total_episodes} is less than one batch ({args.batch_size})")
-    if (args.lora_r or args.offload_critic or args.frozen_dtype == "int8") and d.world_size > 1:
-        raise SystemExit("--lora_r, --offload_critic and --frozen_dtype int8 run on one process; drop them under torchrun")
-    if args.frozen_dtype == "int8" and d.device.type != "cpu":
-        raise SystemExit("--frozen_dtype int8 uses torch's CPU int8 kernels; on GPU use --frozen_dtype bfloat16")
+    for flag, needed, module in (("--lora_r", args.lora_r, "peft"), ("--frozen_dtype int8", args.frozen_dtype == "int8", "torchao")):
+        if needed and importlib.util.find_spec(module) is None:
+            raise SystemExit(f"{flag} needs {module}: pip install {module} (requirements.txt pins it)")
     gold_fn = load_gold_fn(args.gold_reward_fn)
     check_model_dir(args.sft_model, "SFT model")
     check_model_dir(args.reward_model, "reward model", tokenizer=False, reward_model=True)
@@ -1037,22 +1047,21 @@ def build_models(args: Args, setup: Setup) -> Models:
             raise SystemExit("--critic_init rm needs the reward model to share the policy's tokenizer; use --critic_init sft")
         critic = ScalarModel(load_reward_model(args.reward_model, tokenizer, args.dtype), reward_mean, reward_std)
     else:
-        critic = ScalarModel(load_reward_model(args.sft_model, tokenizer, args.dtype))
-        # a fresh value head, std 1/sqrt(d_model + 1) (Ziegler et al. 2019, Huang et al. 2024)
-        nn.init.normal_(critic.head.weight, std=1.0 / math.sqrt(policy.config.hidden_size + 1))
+        with same_draws_on_every_rank(args.seed, setup.d):
+            critic = ScalarModel(load_reward_model(args.sft_model, tokenizer, args.dtype))
+            # a fresh value head, std 1/sqrt(d_model + 1) (Ziegler et al. 2019, Huang et al. 2024)
+            nn.init.normal_(critic.head.weight, std=1.0 / math.sqrt(policy.config.hidden_size + 1))
     if args.lora_r:  # Hu et al. 2021: train a low-rank update B A of each target weight, the base frozen
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise SystemExit("--lora_r needs peft: pip install peft") from None
-        policy = get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                   target_modules=args.lora_target_modules))
+        with same_draws_on_every_rank(args.seed, setup.d):
+            policy = with_lora(policy, args)
     if args.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) too
         for m in (policy, critic.backbone if critic is not None else None):
             if m is not None:
                 m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    policy, ref_policy, reward_model = (fsdp_wrap(m, device) if m is not None else None
-                                        for m in (policy, ref_policy, reward_model))
+    # FSDP2's root is the module every call goes through: with LoRA the HF model inside peft's wrapper, since
+    # generate() bypasses the wrapper's forward (a block would otherwise initialise as a root of its own)
+    fsdp_wrap(policy.get_base_model() if args.lora_r else policy, device)
+    ref_policy, reward_model = shard_frozen(ref_policy, args, device), shard_frozen(reward_model, args, device)
     if critic is not None:
         critic = fsdp_wrap(critic, device)
     if value_head is not None and dist.is_initialized():
@@ -1219,10 +1228,11 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
     final["episodes"] = setup.num_updates * args.batch_size
     final["wall_time_s"] = time.time() - start_time
     if args.save:
-        policy = models.policy
+        policy, state_dict = models.policy, None
         if args.lora_r:  # a plain HF model: the adapter folded into the weights, W + alpha / r * B A
-            policy = policy.merge_and_unload()
-        save_model(policy, setup.tokenizer, args.output_dir, "ppo", results={**final, "args": asdict(args)})
+            policy, state_dict = merged_lora(models.policy, args, setup)
+        save_model(policy, setup.tokenizer, args.output_dir, "ppo", results={**final, "args": asdict(args)},
+                   state_dict=state_dict)
     if writer is not None:
         for k, v in final.items():
             if isinstance(v, float):
@@ -1237,6 +1247,43 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
            + (f" | saved {args.output_dir}" if args.save else ""))
     teardown_distributed()
     return {**final, "history": progress.history, "timings": progress.timings}
+
+
+@contextlib.contextmanager
+def same_draws_on_every_rank(seed: int, d: Dist):
+    """Random weights drawn before FSDP2 shards a model must be the same draw on every rank, since each rank keeps
+    its shard of its own copy: the ranks draw from `seed`, then return to their own streams (seed + rank). One
+    process draws from its stream as before."""
+    if d.world_size > 1:
+        torch.manual_seed(seed)
+    yield
+    if d.world_size > 1:
+        seed_everything(seed, d.rank)
+
+
+def with_lora(policy, args: Args):
+    """The policy with LoRA adapters (peft), B = 0 so that it starts at the SFT weights."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                             target_modules=args.lora_target_modules))
+
+
+def merged_lora(policy, args: Args, setup: Setup):
+    """The LoRA policy as a plain HF model, W + alpha / r * B A. Under FSDP2 every rank gathers the full state dict
+    (collective) and rank 0 folds it into a fresh CPU copy. -> (model, its full state dict for save_model, or
+    None: take the model's own)"""
+    if not dist.is_initialized():
+        return policy.merge_and_unload(), None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not setup.d.is_main:
+        return policy, {}  # only rank 0 writes
+    copy = with_lora(load_causal_lm(args.sft_model, setup.tokenizer, args.dtype), args)
+    copy.load_state_dict(full)
+    merged = copy.merge_and_unload()
+    return merged, merged.state_dict()
 
 
 def load_gold_fn(spec: str | None):

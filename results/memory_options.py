@@ -71,18 +71,18 @@ def build_models(workdir: str) -> tuple[str, str, int]:
     return sft, rm, sum(p.numel() for p in policy.parameters())
 
 
-def frozen_bytes(model) -> int:
-    """Bytes of a frozen model's weights; int8-quantised linear layers count their int8 weights and bias."""
-    import torch
+def tensor_bytes(t) -> int:
+    """Bytes a tensor holds; a torchao int8 weight (ppo.quantize_int8) counts its inner tensors, the int8 data
+    and the per-row scales."""
+    names = getattr(t, "tensor_data_names", None)
+    if names:
+        return sum(tensor_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
 
-    total, quantized = 0, torch.ao.nn.quantized.dynamic.Linear
-    for module in model.modules():
-        if isinstance(module, quantized):
-            w, b = module._weight_bias()
-            total += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
-        else:
-            total += sum(t.numel() * t.element_size() for t in module.parameters(recurse=False))
-    return total
+
+def frozen_bytes(model) -> int:
+    """Bytes of a frozen model's weights (int8-quantised linear layers at their stored size)."""
+    return sum(tensor_bytes(p) for p in model.parameters())
 
 
 def static_bytes(sft: str, rm: str, flags: list[str]) -> dict[str, int]:

@@ -42,6 +42,9 @@ OPTIONS = {
     "--lora_r 16": ["--lora_r", "16"],
     "--lora_r 16 --frozen_dtype bfloat16 --gradient_checkpointing": ["--lora_r", "16", "--frozen_dtype", "bfloat16",
                                                                       "--gradient_checkpointing"],
+    # the 7B recipe (README); --offload_critic moves nothing on CPU
+    "--frozen_dtype int8 --offload_critic --lora_r 8 --gradient_checkpointing": [
+        "--frozen_dtype", "int8", "--offload_critic", "--lora_r", "8", "--gradient_checkpointing"],
 }
 RUN = "import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path('ppo.py', run_name='__main__'); " \
       "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"

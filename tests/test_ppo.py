@@ -425,7 +425,8 @@ def test_torchrun_trains_as_one_process(toy_dir, standin_rm, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("extra", [
-    ["--micro_batch_size", "8", "--num_ppo_epochs", "2"],  # separate recompute, gradient accumulation
+    # separate recompute, gradient accumulation; bf16 frozen models sharded by FSDP2
+    ["--micro_batch_size", "8", "--num_ppo_epochs", "2", "--frozen_dtype", "bfloat16"],
 ])
 def test_torchrun_two_processes(toy_dir, standin_rm, tmp_path, extra):
     """Two processes with FSDP2 train on rollouts sampled on each rank (other ones than one process would

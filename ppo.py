@@ -460,7 +460,7 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor) -> torch.
         A_t = whiten( sum_{s >= t} r~_s )                  gamma 1; whiten as for GAE's advantages
     KL: in the reward per token, as the paper: r~_t = score * [t = last] - beta * kl_t (the default --kl_in_reward).
     """
-    reward_to_go = rewards.flip(1).cumsum(1).flip(1) * mask  # (B, T)
+    reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1) * mask  # (B, T); nothing flows back from padding
     return whiten(reward_to_go, mask)
 
 

@@ -240,7 +240,7 @@ class Args:
     cliprange_high: float | None = None
     """the upper side, 1 + eps_high, when it differs from --cliprange (Yu et al. 2025, DAPO: 0.28); None: --cliprange"""
     dual_clip: float | None = None
-    """c > 1: with a negative advantage the per-token loss is at most -c * A (Ye et al. 2020 use 3); None: off"""
+    """c > 1: with a negative advantage the per-token loss is at most -c * A (Ye et al. 2020; e.g. 3); None: off"""
     entropy_coef: float = 0.0
     """c_H, the weight of an entropy bonus -c_H * H in the loss (0: none)"""
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
@@ -1076,7 +1076,7 @@ def check_estimator_flags(args: Args) -> None:
         raise SystemExit(f"--advantage_estimator {estimator} compares each response with the prompt's other ones: "
                          "pass --samples_per_prompt 2 or more (e.g. 4)")
     if args.dual_clip is not None and not (math.isfinite(args.dual_clip) and args.dual_clip > 1):
-        raise SystemExit(f"--dual_clip {args.dual_clip}: must be > 1 (Ye et al. 2020 use 3), or None for off")
+        raise SystemExit(f"--dual_clip {args.dual_clip}: must be > 1 (e.g. 3), or None for off")
     if critic_free and args.value_head_on_policy:
         raise SystemExit(f"--advantage_estimator {estimator} has no critic: drop --value_head_on_policy")
     if critic_free and args.critic_warmup_updates:

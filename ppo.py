@@ -1309,7 +1309,9 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
     resumed = None
     if args.resume:
         latest = latest_checkpoint(setup.checkpoint_dir)
-        resumed = load_checkpoint(latest, models.trainables, models.optimizer)
+        during_warmup = int(latest.rsplit("_", 1)[1]) <= args.critic_warmup_updates  # step_N: update N
+        with policy_without_optimizer_state(models, during_warmup):
+            resumed = load_checkpoint(latest, models.trainables, models.optimizer)
         setup.log_dir = resumed["log_dir"]
         print0(f"resumed from {latest} (update {resumed['update']} of {setup.num_updates})")
     if args.compile:
@@ -1332,6 +1334,22 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
     run_eval(0, args, setup, models, progress, writer)
     progress.sft_metrics, progress.sft_golds = progress.eval_metrics, progress.eval_golds
     return progress, writer
+
+
+@contextlib.contextmanager
+def policy_without_optimizer_state(models: Models, during_warmup: bool):
+    """A checkpoint written during the critic warm-up holds AdamW state for the critic only: the policy has had no
+    gradient yet. The checkpoint loader (DCP) creates and expects state for every parameter that requires a gradient,
+    so while it loads such a checkpoint the policy's parameters do not; the policy's state is then created by its
+    first real step, as in the uninterrupted run. Any other checkpoint loads as it is."""
+    trained = [p for p in models.policy.parameters() if p.requires_grad] if during_warmup else []
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
 
 
 def last_checkpoint(args: Args, setup: Setup) -> str:

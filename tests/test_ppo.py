@@ -540,6 +540,38 @@ def test_reward_fn_and_critic_warmup(toy_dir, tmp_path, monkeypatch):
     assert any(not torch.equal(v, initial_critic[k]) for k, v in built[0].critic.state_dict().items())
 
 
+def test_resume_inside_the_critic_warmup_is_exact(toy_dir, standin_rm, tmp_path, monkeypatch):
+    """A checkpoint written during the critic warm-up holds no AdamW state for the policy (it had no gradient
+    yet); resuming from it must load, and finish exactly as the uninterrupted run (3 updates, warm-up 2, stopped
+    after update 1)."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(out, *flags):
+        return ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / out, "--total_episodes", "96", "--eval_samples", "16",
+                                  "--eval_every", "0", "--gold_reward_fn", "None", "--checkpoint_every", "1",
+                                  "--critic_warmup_updates", "2", "--run_name", out, *flags))
+
+    class Stop(Exception):
+        pass
+
+    full = run("full")
+    real_save = ppo.save_or_stop
+
+    def stop_after_the_first(step, *a):
+        real_save(step, *a)
+        if step == 1:
+            raise Stop
+
+    monkeypatch.setattr(ppo, "save_or_stop", stop_after_the_first)
+    with pytest.raises(Stop):
+        run("cut")
+    monkeypatch.setattr(ppo, "save_or_stop", real_save)
+    resumed = run("cut", "--resume")
+    strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in (full, resumed)]
+    assert len(strip[1]) == 3 and strip[0] == strip[1]
+    assert full["ppo"] == resumed["ppo"]
+
+
 def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkeypatch):
     """Gradient checkpointing changes memory, not numbers; bf16 / int8 frozen models change them only by
     rounding; LoRA starts exactly at the reference (B = 0), so the first KL is 0. --offload_critic runs its moves

@@ -14,6 +14,11 @@ pi_ref. The KL appears in one of two places:
 
 One update: (1) rollout: sample a batch of responses and score them, without gradients; (2) per-token
 rewards, GAE advantages and returns; (3) a few epochs of PPO over shuffled minibatches.
+
+Critic-free estimators replace (2)'s critic by a baseline made of other samples (--advantage_estimator): GRPO
+(Shao et al. 2024) and RLOO (Ahmadian et al. 2024) sample each prompt k times and compare each response with the
+prompt's group; REINFORCE++ (Hu 2025) whitens reward-to-go over the whole batch. They build no critic at all.
+The score can come from one RM, an ensemble of RMs (Coste et al. 2023), or a verifier function (--reward_fn).
 Each equation is one small function below, and each implementation detail has a comment naming its
 source. "Huang et al. 2024" is "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
 Summarization"; "Ziegler et al. 2019" is "Fine-Tuning Language Models from Human Preferences".
@@ -35,7 +40,11 @@ Implementation details, each marked by a comment where it happens:
 - the RM score read at the last real token and normalised by the RM's stored mean/std;
 - per-token KL penalty (k1 or k3) with the score on the last token, or the KL as a loss term;
   fixed or adaptive beta (Ziegler et al. 2019);
-- GAE (gamma 1, lambda 0.95), masked advantage whitening; optional reward whitening (off);
+- GAE (gamma 1, lambda 0.95), masked advantage whitening; optional reward whitening (off); or a critic-free
+  estimator: GRPO's group z-score, RLOO's leave-one-out mean, REINFORCE++'s global batch whitening;
+- optional loss details, each off by default: asymmetric ratio clipping (Yu et al. 2025, DAPO), dual clip
+  (Ye et al. 2020), an entropy bonus, reward clipping, per-sequence loss aggregation (Liu et al. 2025, Dr. GRPO),
+  value-only critic warm-up updates;
 - 4 PPO epochs over shuffled minibatches with gradient accumulation; clipped surrogate; clipped value
   loss with c_v 0.1; AdamW eps 1e-5 with a linearly annealed learning rate; optional grad-norm clipping;
 - FSDP2: every rank samples its own rollouts; whitening and logged statistics are all-reduced; each model
@@ -50,7 +59,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -99,8 +108,17 @@ class Args:
     # models and data
     sft_model: str = "models/sft"
     """the SFT checkpoint: the initial policy and the frozen reference policy"""
-    reward_model: str = "models/rm"
-    """the reward model (a sequence classifier, one label); its config's reward_mean/reward_std normalise every score"""
+    reward_model: list[str] | None = field(default_factory=lambda: ["models/rm"])
+    """the reward model (a sequence classifier, one label); its config's reward_mean/reward_std normalise every score.
+    Several paths: an ensemble (--ensemble), each member normalised with its own statistics. None: --reward_fn instead"""
+    ensemble: Literal["mean", "min", "uwo"] = "mean"
+    """how an ensemble's normalised scores combine (Coste et al. 2023): their mean; their min (the worst case); uwo,
+    the mean minus --uwo_coef times the members' variance"""
+    uwo_coef: float = 1.0
+    """lambda of --ensemble uwo (uncertainty-weighted optimisation)"""
+    reward_fn: str | None = None
+    """`module:function` f(prompts, completions) -> list[float] to train against instead of an RM (a verifier; needs
+    --reward_model None). toy_task:gold_score is the toy task's perfect RM: the upper bound of a learned one"""
     dataset: str = "toy_data/prompts"
     """prompts: a hub name or a local dir of {split}.jsonl files that `datasets.load_dataset` reads"""
     prompt_column: str = "prompt"
@@ -173,6 +191,10 @@ class Args:
     """sampling temperature of rollouts (top_k 0, top_p 1); logprobs use the same temperature (Huang et al. 2024)"""
     missing_eos_penalty: float | None = -1.0
     """score given to a response without EOS within response_length (Huang et al. 2024); None: no penalty"""
+    reward_clip: float | None = None
+    """clip every score to [-c, c] before the missing-EOS penalty (None: off)"""
+    samples_per_prompt: int = 1
+    """k responses sampled per prompt, all on the prompt's rank; batch_size counts responses (>= 2 for grpo, rloo)"""
     local_rollout_forward_batch_size: int = 64
     """sequences per no-grad forward (policy, reference, RM, critic) during the rollout, per rank"""
 
@@ -200,7 +222,11 @@ class Args:
     lam: float = 0.95
     """GAE lambda"""
     whiten_advantages: bool = True
-    """whiten advantages over the response tokens of the whole batch"""
+    """whiten GAE's advantages over the response tokens of the whole batch (the critic-free estimators normalise
+    as their papers do)"""
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    """gae: a critic (PPO); critic-free, no critic built: grpo (Shao et al. 2024), rloo (Ahmadian et al. 2024), both
+    with --samples_per_prompt >= 2, or reinforce_pp (Hu 2025). Each one's KL placement: see its function"""
 
     # PPO update
     num_ppo_epochs: int = 4
@@ -210,7 +236,18 @@ class Args:
     micro_batch_size: int | None = None
     """sequences per forward/backward on one rank; a minibatch accumulates gradients over them (None: the whole minibatch)"""
     cliprange: float = 0.2
-    """epsilon of the clipped surrogate"""
+    """epsilon of the clipped surrogate (its lower side, 1 - eps, and by default its upper side too)"""
+    cliprange_high: float | None = None
+    """the upper side, 1 + eps_high, when it differs from --cliprange (Yu et al. 2025, DAPO: 0.28); None: --cliprange"""
+    dual_clip: float | None = None
+    """c > 1: with a negative advantage the per-token loss is at most -c * A (Ye et al. 2020; e.g. 3); None: off"""
+    entropy_coef: float = 0.0
+    """c_H, the weight of an entropy bonus -c_H * H in the loss (0: none)"""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """how per-token losses become one: a mean over all tokens; a mean over sequences of their token means (GRPO);
+    a mean over sequences of token sums / response_length (Liu et al. 2025, Dr. GRPO)"""
+    critic_warmup_updates: int = 0
+    """the first n updates train only the critic (value loss); the policy moves from update n + 1"""
     cliprange_value: float = 0.2
     """value clipping around the rollout's values"""
     vf_coef: float = 0.1
@@ -270,6 +307,25 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum()
 
 
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean",
+                   max_length: int | None = None) -> torch.Tensor:
+    """How per-token losses l_it of responses i of |y_i| tokens become one number (Liu et al. 2025, Dr. GRPO):
+
+        token_mean:               sum_i sum_t l_it / sum_i |y_i|      every token weighs the same (masked_mean)
+        seq_mean_token_mean:      1/B sum_i (sum_t l_it / |y_i|)      every response weighs the same (GRPO)
+        seq_mean_token_sum_norm:  1/B sum_i (sum_t l_it / L)          a constant L = max_length (Dr. GRPO), which
+                                                                      gives long responses no smaller per-token weight
+    """
+    if aggregation == "token_mean":
+        return masked_mean(per_token, mask)
+    per_sequence = (per_token * mask).sum(1)  # (B,)
+    if aggregation == "seq_mean_token_mean":
+        return (per_sequence / mask.sum(1)).mean()
+    if aggregation == "seq_mean_token_sum_norm":
+        return (per_sequence / max_length).mean()
+    raise ValueError(f"unknown loss aggregation {aggregation}")
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (a no-op on one process)."""
     if dist.is_initialized():
@@ -325,6 +381,13 @@ def truncate_after_eos(responses: torch.Tensor, stop_token_ids: int | list[int],
     return responses.masked_fill(~response_mask, pad_token_id), response_mask, has_eos
 
 
+def clip_reward(scores: torch.Tensor, reward_clip: float | None) -> torch.Tensor:
+    """score = clip(score, -c, c): no single outlier score can dominate a batch (None: unchanged)."""
+    if reward_clip is None:
+        return scores
+    return scores.clamp(-reward_clip, reward_clip)
+
+
 def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
     """score = penalty if the response has no EOS else score (Huang et al. 2024: -1 for unfinished text)."""
     if penalty is None:
@@ -365,23 +428,84 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float):
-    """PPO's clipped surrogate (Schulman et al. 2017), averaged over real response tokens:
+def grpo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath, outcome supervision), one per response:
+
+        A_i = (R_i - mean_j R_j) / (std_j R_j + 1e-4)      over the k responses j to the same prompt
+    std with Bessel's correction, eps 1e-4 (TRL's GRPOTrainer); a group whose returns are all equal gets A = 0.
+    KL: GRPO puts it in the loss (k3; here --no_kl_in_reward --kl_loss_estimator k3); with the default
+    --kl_in_reward, R_i = score_i - beta * sum_t kl_it.
+    (B,) -> (B,); the rows hold groups of k consecutive responses.
+    """
+    groups = returns.view(-1, group_size)  # (B / k, k)
+    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)
+    return ((groups - mean) / (std + 1e-4)).view(-1)
+
+
+def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024), one advantage per response:
+
+        A_i = R_i - 1/(k-1) sum_{j != i} R_j               the mean of the prompt's other k - 1 responses
+    KL: in the reward, as the paper: R_i = score_i - beta * sum_t kl_it (the default --kl_in_reward).
+    (B,) -> (B,); the rows hold groups of k consecutive responses.
+    """
+    groups = returns.view(-1, group_size)  # (B / k, k)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).view(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): reward-to-go, normalised over the global batch (all ranks) instead of by a critic:
+
+        A_t = whiten( sum_{s >= t} r~_s )                  gamma 1; whiten as for GAE's advantages
+    KL: in the reward per token, as the paper: r~_t = score * [t = last] - beta * kl_t (the default --kl_in_reward).
+    """
+    reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1) * mask  # (B, T); nothing flows back from padding
+    return whiten(reward_to_go, mask)
+
+
+def ensemble_scores(member_scores: torch.Tensor, how: str, uwo_coef: float) -> torch.Tensor:
+    """One score from M reward models' normalised scores r_m (Coste et al. 2023), (M, B) -> (B,):
+
+        mean:  1/M sum_m r_m
+        min:   min_m r_m                                   worst-case optimisation
+        uwo:   1/M sum_m r_m - lambda * 1/M sum_m (r_m - mean)^2    uncertainty-weighted optimisation
+    """
+    mean = member_scores.mean(0)
+    if how == "mean":
+        return mean
+    if how == "min":
+        return member_scores.min(0).values
+    if how == "uwo":
+        return mean - uwo_coef * ((member_scores - mean) ** 2).mean(0)
+    raise ValueError(f"unknown ensemble {how}")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, cliprange_high: float | None = None,
+                dual_clip: float | None = None, aggregation: str = "token_mean", max_length: int | None = None):
+    """PPO's clipped surrogate (Schulman et al. 2017), averaged over real response tokens (aggregate_loss):
 
         ratio_t = exp(log pi(y_t) - log pi_old(y_t))
-        L_CLIP  = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+        L_t     = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps_high))     eps_high = eps by default
+        L_t     = min(L_t, -c * A_t)  where A_t < 0                                      --dual_clip c only
+    eps_high > eps ("clip-higher", Yu et al. 2025, DAPO) lets a token with A > 0 gain more probability.
+    The dual clip (Ye et al. 2020) bounds the loss of a token with A < 0 whose ratio has grown far above 1.
     Returns (loss, clipfrac, ratio); clipfrac is the fraction of tokens where the clipped branch wins.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + (cliprange if cliprange_high is None else cliprange_high))
+    per_token = torch.max(unclipped, clipped)
+    if dual_clip is not None:
+        per_token = torch.where(advantages < 0, torch.min(per_token, -dual_clip * advantages), per_token)
+    loss = aggregate_loss(per_token, mask, aggregation, max_length)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     return loss, clipfrac, ratio
 
 
-def value_loss(values, old_values, returns, mask, cliprange_value: float):
-    """Clipped value loss (the OpenAI baselines / Ziegler et al. 2019 critic):
+def value_loss(values, old_values, returns, mask, cliprange_value: float, aggregation: str = "token_mean",
+               max_length: int | None = None):
+    """Clipped value loss (the OpenAI baselines / Ziegler et al. 2019 critic), averaged as the policy loss:
 
         V_clip   = V_old + clip(V - V_old, -eps_v, eps_v)
         L_critic = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
@@ -390,7 +514,7 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float):
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped = (values - returns) ** 2
     clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
+    loss = 0.5 * aggregate_loss(torch.max(unclipped, clipped), mask, aggregation, max_length)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     return loss, clipfrac
 
@@ -554,22 +678,31 @@ def shard_frozen(model, args: Args, device: torch.device):
 
 
 @dataclass
+class Reward:
+    """What scores a response: one frozen RM, an ensemble of them, or a verifier function (--reward_fn)."""
+    models: list  # frozen ScalarModels, each normalised with its own stored mean/std; empty with --reward_fn
+    fn: object  # --reward_fn: f(prompts, completions) -> list[float], or None
+    retokenize: tuple | None  # (RM tokenizer, its end token) when a single RM reads another vocabulary
+    ensemble: str = "mean"
+    uwo_coef: float = 1.0
+
+
+@dataclass
 class Models:
     """The four models of PPO and what trains them (built by build_models, in the appendix)."""
     policy: nn.Module  # trained; with --lora_r, its adapters only
     ref_policy: nn.Module | None  # frozen SFT policy; None with --lora_r (the policy with its adapter off)
-    reward_model: nn.Module  # frozen; scores normalised with its stored mean/std
-    critic: nn.Module | None  # trained; None with --value_head_on_policy
+    reward: Reward  # the frozen RM(s), or --reward_fn
+    critic: nn.Module | None  # trained; None with --value_head_on_policy and with a critic-free estimator
     value_head: nn.Module | None  # --value_head_on_policy: a linear head on the policy's last hidden state
     trainables: nn.ModuleDict  # policy, critic, value head: what the optimizer and the checkpoints hold
     optimizer: torch.optim.Optimizer
-    rm_retokenize: tuple | None  # (RM tokenizer, its end token) when the RM reads another vocabulary
     policy_train: nn.Module  # the policy, or its torch.compile wrapper (--compile)
     critic_train: nn.Module | None
 
 
 def train_forward(models: Models, args: Args, query_responses, attention_mask, response_length: int):
-    """The training forward: ((B, T, V) logits / temperature of the policy, (B, T) values)."""
+    """The training forward: ((B, T, V) logits / temperature of the policy, (B, T) values, or None without a critic)."""
     if args.gradient_checkpointing:  # HF recomputes only in training mode (dropout is off either way)
         models.trainables.train()
     logits, values = policy_forward(models.policy_train, query_responses, attention_mask, response_length,
@@ -582,7 +715,8 @@ def train_forward(models: Models, args: Args, query_responses, attention_mask, r
 def old_logprobs_and_values(models: Models, args: Args, query_responses, attention_mask, responses, reuse: bool):
     """pi_old(y_t) and V_old(x, y<t), the rollout's logprobs and values that PPO's ratio and value clipping
     compare against: no-grad forwards in chunks of local_rollout_forward_batch_size, logits / temperature as
-    in sampling (Huang et al. 2024). -> ((B, T) logprobs, (B, T) values, the reused forward or None)
+    in sampling (Huang et al. 2024). -> ((B, T) logprobs, (B, T) values or None without a critic, the reused
+    forward or None)
 
     `reuse`, with one micro-batch per update: PPO's first forward (epoch 1, before any optimizer step) runs the
     same weights on the same sequences, so it computes exactly these numbers. It then runs here, once, with
@@ -593,7 +727,7 @@ def old_logprobs_and_values(models: Models, args: Args, query_responses, attenti
     if reuse:
         with torch.enable_grad():
             logits, values = train_forward(models, args, query_responses, attention_mask, T)
-        return logprobs_from_logits(logits, responses), values.detach(), (logits, values)
+        return logprobs_from_logits(logits, responses), values.detach() if values is not None else None, (logits, values)
     chunks = [slice(i, i + args.local_rollout_forward_batch_size)
               for i in range(0, len(responses), args.local_rollout_forward_batch_size)]
     logprobs, values = [], []
@@ -606,7 +740,7 @@ def old_logprobs_and_values(models: Models, args: Args, query_responses, attenti
     if models.critic is not None:
         with unsharded(models.critic):  # V(x, y<t): the critic's output at the token before y_t
             values = [models.critic(query_responses[c, :-1], attention_mask[c, :-1])[:, -T:] for c in chunks]
-    return torch.cat(logprobs), torch.cat(values), None
+    return torch.cat(logprobs), torch.cat(values) if values[0] is not None else None, None
 
 
 def reference_logprobs(models: Models, args: Args, query_responses, attention_mask, responses) -> torch.Tensor:
@@ -689,6 +823,23 @@ def rm_scores(reward_model, query_responses, attention_mask, response_mask, cont
     return torch.cat(scores)
 
 
+def reward_scores(reward: Reward, tokenizer, query_responses, attention_mask, response_mask, context_length: int,
+                  has_eos, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scores of a batch of responses -> ((B,) scores, (M, B) an ensemble's member scores or None):
+    --reward_fn's on the decoded prompts and responses; else each RM's (rm_scores), an ensemble's combined
+    (ensemble_scores)."""
+    if reward.fn is not None:
+        prompts = tokenizer.batch_decode(query_responses[:, :context_length], skip_special_tokens=True)
+        completions = tokenizer.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
+        return torch.tensor(call_fn(reward.fn, prompts, completions, "--reward_fn"), device=response_mask.device), None
+    members = [rm_scores(rm, query_responses, attention_mask, response_mask, context_length, tokenizer,
+                         reward.retokenize, has_eos, batch_size) for rm in reward.models]
+    if len(members) == 1:
+        return members[0], None
+    member_scores = torch.stack(members)  # (M, B)
+    return ensemble_scores(member_scores, reward.ensemble, reward.uwo_coef), member_scores
+
+
 def prompt_batches(prompt_ids: list[list[int]], batch_size: int, generator: torch.Generator):
     """Batches of this rank's prompts, forever: epochs over its shard, reshuffled each time, the last partial
     batch dropped."""
@@ -726,8 +877,8 @@ def main(args: Args) -> dict:
     setup = set_up(args)
     models = build_models(args, setup)
     progress, writer = start_or_resume(args, setup, models)
-    device, pad_id, kl_coef = setup.d.device, setup.tokenizer.pad_token_id, progress.kl_coef
-    batches = prompt_batches(setup.train_ids, setup.local_batch_size, torch.Generator().manual_seed(args.seed + setup.d.rank))
+    device, pad_id, kl_coef, k = setup.d.device, setup.tokenizer.pad_token_id, progress.kl_coef, args.samples_per_prompt
+    batches = prompt_batches(setup.train_ids, setup.local_batch_size // k, torch.Generator().manual_seed(args.seed + setup.d.rank))
     for _ in range(progress.start_update):  # the data position: replay the shuffles up to the checkpoint
         next(batches)
     rollout_config = generation_config(setup.tokenizer, args.response_length, args.temperature, setup.stop_ids)
@@ -742,7 +893,8 @@ def main(args: Args) -> dict:
         # ALGO LOGIC: rollout. Everything here is data, without gradients (Huang et al. 2024), except PPO's
         # own first forward when it is reused (old_logprobs_and_values).
         with torch.no_grad():
-            queries, query_mask = left_pad(next(batches), pad_id, device)  # (B, P), left-padded
+            # each prompt k times in a row, on this rank: a GRPO / RLOO group never spans two ranks
+            queries, query_mask = left_pad([p for p in next(batches) for _ in range(k)], pad_id, device)  # (B, P), left-padded
             place_critic(models, args, "cpu", device)
             responses = generate(models.policy, queries, query_mask, rollout_config)  # (B, T)
             place_critic(models, args, device, device)
@@ -753,10 +905,12 @@ def main(args: Args) -> dict:
             sync(device)
             t_generated = time.perf_counter()
             ref_logprobs = reference_logprobs(models, args, query_responses, attention_mask, responses)
-            # the RM score at the last real token, normalised by the RM's stored mean/std
-            scores = rm_scores(models.reward_model, query_responses, attention_mask, response_mask, queries.shape[1],
-                               setup.tokenizer, models.rm_retokenize, has_eos, args.local_rollout_forward_batch_size)
+            # the RM score at the last real token, normalised by the RM's stored mean/std; an ensemble's members
+            # combined (Coste et al. 2023); or --reward_fn's score of the text
+            scores, member_scores = reward_scores(models.reward, setup.tokenizer, query_responses, attention_mask, response_mask,
+                                                  queries.shape[1], has_eos, args.local_rollout_forward_batch_size)
             stop_if_not_finite(scores, update, args, setup)  # before the penalty, which would hide a broken RM's NaN
+            scores = clip_reward(scores, args.reward_clip)  # off by default
             # missing-EOS penalty: a response that never ends gets a fixed low score (Huang et al. 2024)
             scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
             logprobs, values, first_forward = old_logprobs_and_values(models, args, query_responses, attention_mask,
@@ -768,15 +922,22 @@ def main(args: Args) -> dict:
             rewards = kl_penalized_rewards(scores, kl, response_mask, kl_coef if args.kl_in_reward else 0.0)
             if args.whiten_rewards:  # off by default (Huang et al. 2024)
                 rewards = whiten(rewards, response_mask, shift_mean=False)
-            values = values * response_mask
-            advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
-            if args.whiten_advantages:
-                advantages = whiten(advantages, response_mask)
+            if args.advantage_estimator == "gae":  # PPO: the critic's values are the baseline
+                values = values * response_mask
+                advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+                if args.whiten_advantages:
+                    advantages = whiten(advantages, response_mask)
+            elif args.advantage_estimator == "reinforce_pp":  # no critic: the global batch is the baseline
+                advantages = reinforce_pp_advantages(rewards, response_mask)
+            else:  # no critic: the prompt's other responses are the baseline; one advantage for all of a response's tokens
+                group_advantages = grpo_advantages if args.advantage_estimator == "grpo" else rloo_advantages
+                advantages = group_advantages(rewards.sum(1), k)[:, None] * response_mask  # R_i = score_i - beta * sum_t kl_it
             sync(device)
             t_scored = time.perf_counter()
 
-        # ALGO LOGIC: PPO epochs over shuffled minibatches; the old logprobs and values are the rollout's
-        T, stats = responses.shape[1], []
+        # ALGO LOGIC: PPO epochs over shuffled minibatches; the old logprobs and values are the rollout's. During
+        # the critic warm-up only the value loss trains; the policy moves from update critic_warmup_updates + 1 on
+        T, stats, policy_moves = responses.shape[1], [], update > args.critic_warmup_updates
         for _epoch in range(args.num_ppo_epochs):
             order = torch.randperm(setup.local_batch_size, device=device)
             for mb_start in range(0, setup.local_batch_size, setup.minibatch_size):
@@ -787,20 +948,28 @@ def main(args: Args) -> dict:
                         logits, vpred = train_forward(models, args, query_responses[idx], attention_mask[idx], T)
                     else:  # the rollout's forward, on the same weights and sequences (old_logprobs_and_values)
                         (logits, vpred), first_forward = first_forward, None
-                        logits, vpred = logits[idx], vpred[idx]
+                        logits, vpred = logits[idx], vpred[idx] if vpred is not None else None
                     new_logprobs = logprobs_from_logits(logits, responses[idx])
                     pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask,
-                                                              args.cliprange)
-                    vf_loss, vf_clipfrac = value_loss(vpred, values[idx], returns[idx], mb_mask, args.cliprange_value)
-                    loss = pg_loss + args.vf_coef * vf_loss  # L = L_CLIP + c_v * L_critic
+                                                              args.cliprange, args.cliprange_high, args.dual_clip,
+                                                              args.loss_aggregation, args.response_length)
+                    loss, critic_stats = pg_loss, {}  # L = L_CLIP
+                    if vpred is not None:  # ... + c_v * L_critic (only c_v * L_critic during the warm-up)
+                        vf_loss, vf_clipfrac = value_loss(vpred, values[idx], returns[idx], mb_mask, args.cliprange_value,
+                                                          args.loss_aggregation, args.response_length)
+                        loss = pg_loss + args.vf_coef * vf_loss if policy_moves else args.vf_coef * vf_loss
+                        critic_stats = {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac}
                     if not args.kl_in_reward:  # ... + beta * KL(pi || pi_ref), the KL as a loss term
-                        kl_loss = masked_mean(kl_estimate(new_logprobs, ref_logprobs[idx], args.kl_loss_estimator), mb_mask)
-                        loss = loss + kl_coef * kl_loss
+                        kl_loss = aggregate_loss(kl_estimate(new_logprobs, ref_logprobs[idx], args.kl_loss_estimator), mb_mask,
+                                                 args.loss_aggregation, args.response_length)
+                        loss = loss + kl_coef * kl_loss if policy_moves else loss
+                    if args.entropy_coef and policy_moves:  # ... - c_H * H, an entropy bonus
+                        entropy = aggregate_loss(entropy_from_logits(logits), mb_mask, args.loss_aggregation, args.response_length)
+                        loss = loss - args.entropy_coef * entropy
                     (loss / setup.gradient_accumulation_steps).backward()
                     with torch.no_grad():  # each logged value next to its name (TRL's PPO names)
                         stats.append({
-                            "loss/policy_avg": pg_loss, "loss/value_avg": vf_loss,
-                            "policy/clipfrac_avg": pg_clipfrac, "val/clipfrac_avg": vf_clipfrac,
+                            "loss/policy_avg": pg_loss, "policy/clipfrac_avg": pg_clipfrac, **critic_stats,
                             "policy/approxkl_avg": approx_kl(new_logprobs, logprobs[idx], mb_mask),
                             "policy/entropy_avg": masked_mean(entropy_from_logits(logits), mb_mask),
                             "val/ratio": masked_mean(ratio, mb_mask),
@@ -822,9 +991,12 @@ def main(args: Args) -> dict:
                        "objective/rlhf_reward": (scores + non_score_reward).mean(),
                        "val/num_eos_tokens": has_eos.float().mean() * args.batch_size,
                        "val/response_length": response_mask.float().sum(1).mean()}
-            explained = explained_variance(values, returns, response_mask)
+            if member_scores is not None:  # the ensemble's disagreement: the members' std, averaged over responses
+                rollout["objective/ensemble_std"] = member_scores.std(0, unbiased=False).mean()
+            explained = explained_variance(values, returns, response_mask) if values is not None else None
         metrics, stop = log_update(rollout, stats, signals, update, args, setup, models, progress, writer)
-        metrics.update({"val/explained_variance": explained.item(), "objective/kl_coef": kl_coef, "episode": update * args.batch_size,
+        metrics.update({**({} if explained is None else {"val/explained_variance": explained.item()}),
+                        "objective/kl_coef": kl_coef, "episode": update * args.batch_size,
                         **timing_metrics(t_start, t_generated, t_scored, t_end, args.batch_size, progress)})
         write_update(writer, metrics, update, args, setup, queries, responses, scores, progress)
 
@@ -858,6 +1030,7 @@ class Setup:
     checkpoint_dir: str
     log_dir: str
     gold_fn: object  # module:function(prompts, completions) -> scores, or None
+    reward_fn: object  # --reward_fn, the same kind of function, trained against; or None
     tokenizer: object
     chat: bool  # the prompts are chat conversations, rendered with the template
     stop_ids: list[int]  # a response ends at any of these (EOS, a chat template's end-of-turn token)
@@ -884,14 +1057,40 @@ def check_args(args: Args) -> None:
     """Every numeric flag in range, before anything loads (None leaves a flag off)."""
     check_flags(args, at_least_1=("total_episodes", "batch_size", "response_length", "local_rollout_forward_batch_size",
                                   "num_ppo_epochs", "num_minibatches", "micro_batch_size", "eval_batch_size",
-                                  "max_prompt_length", "kl_horizon"),
-                positive=("temperature", "learning_rate", "adam_eps", "cliprange", "cliprange_value", "kl_target"),
+                                  "max_prompt_length", "kl_horizon", "samples_per_prompt"),
+                positive=("temperature", "learning_rate", "adam_eps", "cliprange", "cliprange_value", "kl_target",
+                          "cliprange_high", "reward_clip"),
                 non_negative=("kl_coef", "eval_temperature", "vf_coef", "weight_decay", "max_grad_norm", "eval_every",
                               "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r", "lora_alpha",
-                              "max_dropped_fraction"))
+                              "max_dropped_fraction", "entropy_coef", "critic_warmup_updates", "uwo_coef"))
     for name in ("gamma", "lam"):
         if not 0 <= getattr(args, name) <= 1:
             raise SystemExit(f"--{name} {getattr(args, name)}: must be in [0, 1]")
+    check_estimator_flags(args)
+
+
+def check_estimator_flags(args: Args) -> None:
+    """The flags of the critic-free estimators, the loss details and the reward's source, each in one line."""
+    estimator, critic_free = args.advantage_estimator, args.advantage_estimator != "gae"
+    if estimator in ("grpo", "rloo") and args.samples_per_prompt < 2:
+        raise SystemExit(f"--advantage_estimator {estimator} compares each response with the prompt's other ones: "
+                         "pass --samples_per_prompt 2 or more (e.g. 4)")
+    if args.dual_clip is not None and not (math.isfinite(args.dual_clip) and args.dual_clip > 1):
+        raise SystemExit(f"--dual_clip {args.dual_clip}: must be > 1 (e.g. 3), or None for off")
+    if critic_free and args.value_head_on_policy:
+        raise SystemExit(f"--advantage_estimator {estimator} has no critic: drop --value_head_on_policy")
+    if critic_free and args.critic_warmup_updates:
+        raise SystemExit(f"--advantage_estimator {estimator} has no critic to warm up: drop --critic_warmup_updates")
+    if args.critic_warmup_updates and args.value_head_on_policy:
+        raise SystemExit("--critic_warmup_updates would move the policy through --value_head_on_policy's shared "
+                         "backbone: use a separate critic")
+    if (args.reward_fn is None) == (args.reward_model is None):
+        raise SystemExit("--reward_fn and --reward_model: give exactly one (--reward_fn needs --reward_model None)"
+                         if args.reward_fn else "no reward: give --reward_model PATH or --reward_fn module:function")
+    if args.reward_fn and args.critic_init == "rm" and not (critic_free or args.value_head_on_policy):
+        raise SystemExit("--critic_init rm needs a reward model, and --reward_fn replaces it: pass --critic_init sft")
+    if args.reward_model is not None and len(args.reward_model) != len(set(args.reward_model)):
+        raise SystemExit(f"--reward_model lists a model twice ({' '.join(args.reward_model)}): give distinct members")
 
 
 def set_up(args: Args) -> Setup:
@@ -905,6 +1104,9 @@ def set_up(args: Args) -> Setup:
     if args.batch_size % d.world_size:
         raise SystemExit(f"batch_size {args.batch_size} is not divisible by the {d.world_size} processes")
     local_batch_size = args.batch_size // d.world_size
+    if local_batch_size % args.samples_per_prompt:
+        raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by --samples_per_prompt "
+                         f"{args.samples_per_prompt}: make batch_size a multiple of processes x samples_per_prompt")
     if local_batch_size % args.num_minibatches:
         raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by num_minibatches {args.num_minibatches}")
     minibatch_size = local_batch_size // args.num_minibatches  # per rank
@@ -917,12 +1119,14 @@ def set_up(args: Args) -> Setup:
     for flag, needed, module in (("--lora_r", args.lora_r, "peft"), ("--frozen_dtype int8", args.frozen_dtype == "int8", "torchao")):
         if needed and importlib.util.find_spec(module) is None:
             raise SystemExit(f"{flag} needs {module}: pip install {module} (requirements.txt pins it)")
-    gold_fn = load_gold_fn(args.gold_reward_fn)
+    gold_fn, reward_fn = load_fn(args.gold_reward_fn, "--gold_reward_fn"), load_fn(args.reward_fn, "--reward_fn")
     check_model_dir(args.sft_model, "SFT model")
-    check_model_dir(args.reward_model, "reward model", tokenizer=False, reward_model=True)
+    reward_models = {"reward model" + (f" {i + 1}" if i else ""): path for i, path in enumerate(args.reward_model or [])}
+    for what, path in reward_models.items():
+        check_model_dir(path, what, tokenizer=False, reward_model=True)
     checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
     if args.save:
-        prepare_output(args.output_dir, checkpoint_dir, "ppo", {"SFT model": args.sft_model, "reward model": args.reward_model,
+        prepare_output(args.output_dir, checkpoint_dir, "ppo", {"SFT model": args.sft_model, **reward_models,
                        "dataset": args.dataset}, args.resume, args.overwrite, args_json(args), d.world_size)
     elif args.resume:
         raise SystemExit("--resume needs checkpoints, and --no_save writes none")
@@ -933,10 +1137,10 @@ def set_up(args: Args) -> Setup:
     prompts, chat = load_prompts(args, tokenizer)
     train_ids, (eval_texts, eval_ids) = prompts[args.train_split][1], prompts[args.eval_split]
     train_ids = train_ids[d.rank::d.world_size]
-    if len(train_ids) < local_batch_size:
+    if len(train_ids) < local_batch_size // args.samples_per_prompt:
         raise SystemExit(f"split '{args.train_split}' has {len(train_ids) * d.world_size} prompts, fewer than one batch")
     return Setup(d, local_batch_size, minibatch_size, micro_batch_size, minibatch_size // micro_batch_size, num_updates,
-               checkpoint_dir, log_dir, gold_fn, tokenizer, chat, stop_token_ids(args, tokenizer, chat), train_ids,
+               checkpoint_dir, log_dir, gold_fn, reward_fn, tokenizer, chat, stop_token_ids(args, tokenizer, chat), train_ids,
                eval_texts[:args.eval_samples][d.rank::d.world_size], eval_ids[:args.eval_samples][d.rank::d.world_size])
 
 
@@ -1013,40 +1217,27 @@ def stop_token_ids(args, tokenizer, chat: bool) -> list[int]:
 
 
 def build_models(args: Args, setup: Setup) -> Models:
-    """The policy and the frozen reference both start from the SFT checkpoint; the frozen RM scores; the critic
-    is a separate model initialised from the RM (Huang et al. 2024), or from the SFT model, or a value head on
-    the policy (Ziegler et al. 2019). Dropout is off in all four (common.disable_dropout). Under torchrun all
+    """The policy and the frozen reference both start from the SFT checkpoint; the frozen RM(s) score; the critic
+    is a separate model initialised from the (first) RM (Huang et al. 2024), or from the SFT model, or a value head
+    on the policy (Ziegler et al. 2019), or, with a critic-free --advantage_estimator, nothing. Dropout is off in all four (common.disable_dropout). Under torchrun all
     are FSDP2-sharded, and each phase all-gathers a model once (`unsharded`) rather than per forward."""
     device, tokenizer = setup.d.device, setup.tokenizer
     policy = load_causal_lm(args.sft_model, tokenizer, args.dtype)
     ref_policy = None  # with LoRA, the reference is the policy with its adapter off
     if not args.lora_r:
         ref_policy = load_frozen(load_causal_lm, args.sft_model, tokenizer, args.dtype, args.frozen_dtype)
-    rm_has_tokenizer = not os.path.isdir(args.reward_model) or any(
-        os.path.exists(os.path.join(args.reward_model, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    rm_tokenizer = tokenizer  # an RM dir without a tokenizer shares the policy's
-    if rm_has_tokenizer:
-        rm_tokenizer = load_tokenizer(args.reward_model, padding_side="right", add_pad_token=args.add_pad_token)
-    same_tokenizer = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    if not same_tokenizer and not args.rm_retokenize:
-        raise SystemExit(f"the vocabulary of reward model '{args.reward_model}' differs from the policy's ('{args.sft_model}'); "
-                         "pass --rm_retokenize to score decoded text, or train the RM from this SFT model")
-    rm_classifier = load_frozen(load_reward_model, args.reward_model, rm_tokenizer, args.dtype, args.frozen_dtype)
-    # every score is normalised with the statistics train_rm.py stored in the RM's config (TRL #1783)
-    reward_mean = float(getattr(rm_classifier.config, "reward_mean", 0.0))
-    reward_std = float(getattr(rm_classifier.config, "reward_std", 1.0))
-    if not hasattr(rm_classifier.config, "reward_mean"):
-        print0(f"warning: '{args.reward_model}' has no reward_mean/reward_std in its config: scores are used raw")
-    reward_model = ScalarModel(rm_classifier, reward_mean, reward_std).eval().requires_grad_(False)
-    critic, value_head = None, None
-    if args.value_head_on_policy:
+    reward, rm_tokenizer, same_tokenizer = load_reward(args, setup)
+    critic, value_head = None, None  # a critic-free estimator builds neither: no weights, no optimizer state, no forward
+    with_critic = args.advantage_estimator == "gae"
+    if with_critic and args.value_head_on_policy:
         value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
         nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # values start at 0
-    elif args.critic_init == "rm":
+    elif with_critic and args.critic_init == "rm":
         if not same_tokenizer:
             raise SystemExit("--critic_init rm needs the reward model to share the policy's tokenizer; use --critic_init sft")
-        critic = ScalarModel(load_reward_model(args.reward_model, tokenizer, args.dtype), reward_mean, reward_std)
-    else:
+        first = reward.models[0]  # the critic starts as a copy of the (first) RM, on the score's scale
+        critic = ScalarModel(load_reward_model(args.reward_model[0], tokenizer, args.dtype), first.mean, first.std)
+    elif with_critic:
         with same_draws_on_every_rank(args.seed, setup.d):
             critic = ScalarModel(load_reward_model(args.sft_model, tokenizer, args.dtype))
             # a fresh value head, std 1/sqrt(d_model + 1) (Ziegler et al. 2019, Huang et al. 2024)
@@ -1061,7 +1252,7 @@ def build_models(args: Args, setup: Setup) -> Models:
     # FSDP2's root is the module every call goes through: with LoRA the HF model inside peft's wrapper, since
     # generate() bypasses the wrapper's forward (a block would otherwise initialise as a root of its own)
     fsdp_wrap(policy.get_base_model() if args.lora_r else policy, device)
-    ref_policy, reward_model = shard_frozen(ref_policy, args, device), shard_frozen(reward_model, args, device)
+    ref_policy, reward.models = shard_frozen(ref_policy, args, device), [shard_frozen(m, args, device) for m in reward.models]
     if critic is not None:
         critic = fsdp_wrap(critic, device)
     if value_head is not None and dist.is_initialized():
@@ -1078,8 +1269,37 @@ def build_models(args: Args, setup: Setup) -> Models:
                                   fused=device.type in ("cpu", "cuda"))
     # re-tokenising for an RM with its own vocabulary: where a response ended, it ends in the RM's own end token
     rm_end_id = ((end_of_turn_tokens(rm_tokenizer) if setup.chat else []) or [rm_tokenizer.eos_token_id])[0]
-    return Models(policy, ref_policy, reward_model, critic, value_head, trainables, optimizer,
-                  None if same_tokenizer else (rm_tokenizer, rm_end_id), policy, critic)
+    reward.retokenize = None if same_tokenizer else (rm_tokenizer, rm_end_id)
+    return Models(policy, ref_policy, reward, critic, value_head, trainables, optimizer, policy, critic)
+
+
+def load_reward(args: Args, setup: Setup) -> tuple[Reward, object, bool]:
+    """The frozen RM (or each member of an ensemble) as a ScalarModel normalised with the statistics train_rm.py
+    stored in its config (TRL #1783), not yet sharded; or --reward_fn. -> (Reward, the RM's tokenizer, whether it
+    is the policy's). An ensemble's members must share the policy's vocabulary."""
+    tokenizer = setup.tokenizer
+    if args.reward_fn is not None:
+        return Reward([], setup.reward_fn, None, args.ensemble, args.uwo_coef), tokenizer, True
+    models, rm_tokenizer, same_tokenizer = [], tokenizer, True
+    for path in args.reward_model:
+        rm_has_tokenizer = not os.path.isdir(path) or any(
+            os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+        rm_tokenizer = tokenizer  # an RM dir without a tokenizer shares the policy's
+        if rm_has_tokenizer:
+            rm_tokenizer = load_tokenizer(path, padding_side="right", add_pad_token=args.add_pad_token)
+        same_tokenizer = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+        if not same_tokenizer and len(args.reward_model) > 1:
+            raise SystemExit(f"ensemble member '{path}' has another vocabulary than the policy ('{args.sft_model}'): "
+                             "train every member from this SFT model (train_rm.py --seed N)")
+        if not same_tokenizer and not args.rm_retokenize:
+            raise SystemExit(f"the vocabulary of reward model '{path}' differs from the policy's ('{args.sft_model}'); "
+                             "pass --rm_retokenize to score decoded text, or train the RM from this SFT model")
+        rm_classifier = load_frozen(load_reward_model, path, rm_tokenizer, args.dtype, args.frozen_dtype)
+        if not hasattr(rm_classifier.config, "reward_mean"):
+            print0(f"warning: '{path}' has no reward_mean/reward_std in its config: scores are used raw")
+        mean, std = (float(getattr(rm_classifier.config, key, default)) for key, default in (("reward_mean", 0.0), ("reward_std", 1.0)))
+        models.append(ScalarModel(rm_classifier, mean, std).eval().requires_grad_(False))
+    return Reward(models, None, None, args.ensemble, args.uwo_coef), rm_tokenizer, same_tokenizer
 
 
 def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress, object]:
@@ -1089,7 +1309,9 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
     resumed = None
     if args.resume:
         latest = latest_checkpoint(setup.checkpoint_dir)
-        resumed = load_checkpoint(latest, models.trainables, models.optimizer)
+        during_warmup = int(latest.rsplit("_", 1)[1]) <= args.critic_warmup_updates  # step_N: update N
+        with policy_without_optimizer_state(models, during_warmup):
+            resumed = load_checkpoint(latest, models.trainables, models.optimizer)
         setup.log_dir = resumed["log_dir"]
         print0(f"resumed from {latest} (update {resumed['update']} of {setup.num_updates})")
     if args.compile:
@@ -1112,6 +1334,22 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
     run_eval(0, args, setup, models, progress, writer)
     progress.sft_metrics, progress.sft_golds = progress.eval_metrics, progress.eval_golds
     return progress, writer
+
+
+@contextlib.contextmanager
+def policy_without_optimizer_state(models: Models, during_warmup: bool):
+    """A checkpoint written during the critic warm-up holds AdamW state for the critic only: the policy has had no
+    gradient yet. The checkpoint loader (DCP) creates and expects state for every parameter that requires a gradient,
+    so while it loads such a checkpoint the policy's parameters do not; the policy's state is then created by its
+    first real step, as in the uninterrupted run. Any other checkpoint loads as it is."""
+    trained = [p for p in models.policy.parameters() if p.requires_grad] if during_warmup else []
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
 
 
 def last_checkpoint(args: Args, setup: Setup) -> str:
@@ -1191,8 +1429,8 @@ def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Prog
     device = setup.d.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + 1_000_003 + setup.d.rank)
-        progress.eval_metrics, progress.eval_golds, rows = evaluate(args, models.policy, models.ref_policy, models.reward_model, setup.tokenizer,
-                                        models.rm_retokenize, setup.eval_texts, setup.eval_ids, setup.gold_fn, device, setup.stop_ids)
+        progress.eval_metrics, progress.eval_golds, rows = evaluate(args, models.policy, models.ref_policy, models.reward, setup.tokenizer,
+                                                                    setup.eval_texts, setup.eval_ids, setup.gold_fn, device, setup.stop_ids)
     if writer is not None:
         for k, v in progress.eval_metrics.items():
             writer.add_scalar(f"eval/{k}", v, step)
@@ -1286,25 +1524,32 @@ def merged_lora(policy, args: Args, setup: Setup):
     return merged, merged.state_dict()
 
 
-def load_gold_fn(spec: str | None):
-    """`module:function` -> the function, or a one-line error."""
+def load_fn(spec: str | None, flag: str):
+    """`module:function` (--gold_reward_fn, --reward_fn) -> the function, or a one-line error."""
     if spec is None:
         return None
     module_name, _, fn_name = spec.partition(":")
     if not module_name or not fn_name:
-        raise SystemExit(f"--gold_reward_fn '{spec}' must look like module:function")
+        raise SystemExit(f"{flag} '{spec}' must look like module:function")
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError) as e:
-        raise SystemExit(f"--gold_reward_fn '{spec}' cannot be imported: {e}") from None
+        raise SystemExit(f"{flag} '{spec}' cannot be imported: {e}") from None
     if not callable(fn):
-        raise SystemExit(f"--gold_reward_fn '{spec}' is not callable")
+        raise SystemExit(f"{flag} '{spec}' is not callable")
     return fn
 
 
+def call_fn(fn, prompts: list[str], completions: list[str], flag: str) -> list[float]:
+    """fn(prompts, completions) as floats, one per completion, or a one-line error."""
+    scores = [float(g) for g in fn(prompts, completions)]
+    if len(scores) != len(completions):
+        raise SystemExit(f"{flag} returned {len(scores)} scores for {len(completions)} completions")
+    return scores
+
+
 @torch.no_grad()
-def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_retokenize, prompts, prompt_ids, gold_fn, device,
-             stop_ids: list[int]):
+def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, prompt_ids, gold_fn, device, stop_ids: list[int]):
     """Held-out evaluation of the current policy: RM score, gold score, KL to the reference, length, EOS.
 
     KL here is exact per position, sum_t KL(pi(.|x,y<t) || pi_ref(.|x,y<t)) at the training temperature,
@@ -1322,8 +1567,8 @@ def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_retokenize, p
         T = responses.shape[1]
         query_responses = torch.cat([queries, responses], 1)
         attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
-        scores = rm_scores(reward_model, query_responses, attention_mask, response_mask, P, tokenizer, rm_retokenize,
-                           has_eos, args.local_rollout_forward_batch_size)
+        scores = reward_scores(reward, tokenizer, query_responses, attention_mask, response_mask, P, has_eos,
+                               args.local_rollout_forward_batch_size)[0]
         kl = torch.zeros(len(responses), device=device)
         with unsharded(policy), unsharded(ref_policy):
             for j in range(0, len(responses), args.local_rollout_forward_batch_size):
@@ -1333,9 +1578,7 @@ def evaluate(args, policy, ref_policy, reward_model, tokenizer, rm_retokenize, p
                 kl[s] = ((logp.exp() * (logp - ref_logp)).sum(-1) * response_mask[s]).sum(1)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
         if gold_fn is not None:
-            gold = [float(g) for g in gold_fn(prompts[i:i + args.eval_batch_size], completions)]
-            if len(gold) != len(completions):
-                raise SystemExit(f"--gold_reward_fn returned {len(gold)} scores for {len(completions)} completions")
+            gold = call_fn(gold_fn, prompts[i:i + args.eval_batch_size], completions, "--gold_reward_fn")
             golds += gold
             sums[1] += sum(gold)
         sums[0] += scores.sum()
@@ -1369,7 +1612,7 @@ PRESETS = {
         # 1M episodes, queries of 512 tokens. Evaluation at temperature 0.01 (OpenAI's summarize-from-feedback).
         Args(
             sft_model="models/sft",
-            reward_model="models/rm",
+            reward_model=["models/rm"],
             dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
             prompt_column="query",
             max_prompt_length=512,
@@ -1400,7 +1643,7 @@ PRESETS = {
         # prompts: each chosen dialogue up to its last "\n\nAssistant:"; the rest follows the TL;DR preset
         Args(
             sft_model="models/sft",
-            reward_model="models/rm",
+            reward_model=["models/rm"],
             dataset="Anthropic/hh-rlhf",
             prompt_column="chosen",
             implicit_prompt_marker="\n\nAssistant:",
@@ -1428,7 +1671,7 @@ PRESETS = {
         # at <|im_end|>, the template's end-of-turn token
         Args(
             sft_model="models/sft",
-            reward_model="models/rm",
+            reward_model=["models/rm"],
             dataset="HuggingFaceH4/ultrafeedback_binarized",
             prompt_column="prompt",
             prompt_format="chat",

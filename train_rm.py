@@ -115,6 +115,9 @@ class Args:
     """train on this many pairs drawn at random (None: all)"""
     num_eval_pairs: int | None = None
     """evaluate on this many pairs (None: all)"""
+    bootstrap: bool = False
+    """train on a bootstrap resample of the training pairs: as many pairs, drawn with replacement, seeded by --seed. With
+    different seeds, members of an RM ensemble (ppo.py --reward_model A B C) that differ in data as well as in init"""
     bayes_ceiling_file: str | None = None
     """JSON with "bayes_accuracy" to compare with (None: {dataset}/bayes_ceiling.json if it exists)"""
 
@@ -654,7 +657,7 @@ def set_up(args: Args) -> Setup:
         policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)  # for generation
         check_same_tokenizer(policy_tokenizer, tokenizer, sft_path, args.model_name_or_path)
     dataset = load_dataset(args.dataset)
-    train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs)
+    train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs, args.bootstrap)
     val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
     # the normalisation prompts are read now, so that a bad --prompt_dataset fails before training, not after it
     chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
@@ -707,8 +710,9 @@ def render_conversation(tokenizer, prompt_messages: list[dict], completion_messa
     return prompt, full[len(prompt):].rstrip()  # ends at the end-of-turn token, where ppo.py's responses stop
 
 
-def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None) -> dict:
-    """Check the columns, convert to prompt/completion texts, tokenize. Returns a dict of lists:
+def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None, bootstrap: bool = False) -> dict:
+    """Check the columns, convert to prompt/completion texts, tokenize; `bootstrap`: resample the rows with
+    replacement (bagging, Breiman 1996), the same draw on every rank. Returns a dict of lists:
     chosen_ids / rejected_ids (prompt + completion + EOS, token ids), prompt (texts), margin (floats or None).
     """
     if split not in dataset:
@@ -730,6 +734,8 @@ def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None
                              f"(it has: {', '.join(data.column_names)}); pass --{flag} NAME{hint}")
     if max_pairs is not None and max_pairs < len(data):
         data = data.shuffle(seed=args.seed).select(range(max_pairs))  # a random subset, the same on every rank
+    if bootstrap:  # n rows drawn with replacement from the n rows
+        data = data.select(torch.randint(len(data), (len(data),), generator=torch.Generator().manual_seed(args.seed)).tolist())
 
     # list(): indexing a datasets Column one row at a time costs ~30 us a row (25 s for 90k pairs)
     chosen_raw, rejected_raw = list(data[args.chosen_column]), list(data[args.rejected_column])

@@ -1,4 +1,5 @@
-"""Runs every experiment behind results/README.md: the beta sweep, the ablations and the RM-size study.
+"""Runs every experiment behind results/README.md: the beta sweep, the ablations and the RM-size study; and
+(issue 17) the advantage estimators, the loss details, PPO against the gold scorer, and RM ensembles.
 
     python results/sweep.py                        # all groups, 2 runs at a time with 1 thread each
     python results/sweep.py --groups beta --jobs 1 --threads 2
@@ -42,14 +43,40 @@ ABLATIONS = {
     "ppo_epochs_1": ["--num_ppo_epochs", "1"],
 }
 RM_PAIRS = (3000, 10000, 30000)  # "all" (240000) is the default RM
-# the beta runs evaluate every 20 updates for the KL-reward curves; the others only at the end
-EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"], "rm_size": ["--eval_every", "0"]}
+# the estimators at the default episodes; the group methods sample each prompt 4 times (batch: 16 prompts x 4).
+# GRPO as Shao et al. 2024: the KL as a k3 loss term; RLOO and REINFORCE++ keep it in the reward, as their papers
+ESTIMATORS = {
+    "gae": [],
+    "grpo": ["--advantage_estimator", "grpo", "--samples_per_prompt", "4", "--no_kl_in_reward", "--kl_loss_estimator", "k3"],
+    "rloo": ["--advantage_estimator", "rloo", "--samples_per_prompt", "4"],
+    "reinforce_pp": ["--advantage_estimator", "reinforce_pp"],
+}
+# one loss detail each on top of the default (token_mean aggregation is the default: the beta group's beta0.05 rows)
+LOSS_DETAILS = {
+    "cliprange_high0.28": ["--cliprange_high", "0.28"],
+    "dual_clip3": ["--dual_clip", "3"],
+    "entropy0.01": ["--entropy_coef", "0.01"],
+    "seq_mean_token_mean": ["--loss_aggregation", "seq_mean_token_mean"],
+    "seq_mean_token_sum_norm": ["--loss_aggregation", "seq_mean_token_sum_norm"],
+    "critic_warmup5": ["--critic_warmup_updates", "5"],
+}
+# PPO against the gold scorer itself (the perfect RM) vs the learned RM; the critic starts from SFT in all four,
+# since a reward function has no weights to copy
+GOLD_REWARD = {f"{source}_beta{b:g}": ["--kl_coef", str(b), "--critic_init", "sft", *flags]
+               for b in (0.05, 0.0) for source, flags in
+               (("rm", []), ("gold", ["--reward_model", "None", "--reward_fn", "toy_task:gold_score"]))}
+ENSEMBLE_SEEDS = (1, 2, 3)  # members: train_rm.py --seed s --bootstrap
+ENSEMBLE_BETAS = (0.0, 0.01)
+# the beta and estimator runs evaluate every 20 updates for curves (over episodes and wall time); the others at the end
+EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"], "rm_size": ["--eval_every", "0"],
+              "estimators": ["--eval_every", "20"], "loss_details": ["--eval_every", "0"], "gold_reward": ["--eval_every", "20"],
+              "ensembles": ["--eval_every", "20"]}
 
 
 @dataclass
 class Args:
     groups: list[str] = field(default_factory=lambda: ["beta", "ablations", "rm_size"])
-    """which experiment groups to run: beta, ablations, rm_size"""
+    """which experiment groups to run: beta, ablations, rm_size, estimators, loss_details, gold_reward, ensembles"""
     jobs: int = 2
     """runs at a time"""
     threads: int = 1
@@ -82,6 +109,16 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
         stages.append(rms)
         stages.append([ppo_run(args, "rm_size", f"pairs{n}", s, ["--reward_model", f"{args.out_dir}/rm_size/rm_{n}"])
                        for n in RM_PAIRS for s in args.rm_size_seeds])
+    for group, runs in (("estimators", ESTIMATORS), ("loss_details", LOSS_DETAILS), ("gold_reward", GOLD_REWARD)):
+        if group in args.groups:
+            stages.append([ppo_run(args, group, n, s, f) for n, f in runs.items() for s in args.seeds])
+    if "ensembles" in args.groups:  # 3 RMs (seed, bootstrap resample); PPO on their mean/min/uwo vs one RM
+        members = [f"{args.out_dir}/ensembles/rm_s{m}" for m in ENSEMBLE_SEEDS]
+        stages.append([(path, [sys.executable, "train_rm.py", "--seed", str(m), "--bootstrap", "--output_dir", path,
+                               "--run_name", f"sweeps/ensembles/rm_s{m}"]) for m, path in zip(ENSEMBLE_SEEDS, members)])
+        stages.append([ppo_run(args, "ensembles", f"{how}_beta{b:g}", s, ["--kl_coef", str(b), "--reward_model",
+                               *(members if how != "single" else ["models/rm"]), "--ensemble", "mean" if how == "single" else how])
+                       for how in ("single", "mean", "min", "uwo") for b in ENSEMBLE_BETAS for s in args.seeds])
     return stages
 
 

@@ -155,6 +155,15 @@ CATALOGUE = {
         "ppo --kl_coef -0.1": (lambda c: c.ppo("--kl_coef", "-0.1"), "--kl_coef -0.1: must be >= 0"),
         "ppo fewer episodes than a batch": (lambda c: c.ppo("--total_episodes", "10"), "less than one batch"),
         "unknown preset": (lambda c: (ppo, ["pythia-7b-tldr", *c.ppo()[1]]), "unknown preset 'pythia-7b-tldr'; the presets are toy, pythia-tldr"),
+        "ppo grpo with one sample per prompt": (lambda c: c.ppo("--advantage_estimator", "grpo"), "pass --samples_per_prompt 2 or more"),
+        "ppo batch not divisible by samples_per_prompt": (lambda c: c.ppo("--advantage_estimator", "rloo", "--samples_per_prompt", "3"), "not divisible by --samples_per_prompt 3"),
+        "ppo --dual_clip 1": (lambda c: c.ppo("--dual_clip", "1.0"), "--dual_clip 1.0: must be > 1"),
+        "ppo --cliprange_high 0": (lambda c: c.ppo("--cliprange_high", "0"), "--cliprange_high 0.0: must be > 0"),
+        "ppo critic warm-up without a critic": (lambda c: c.ppo("--advantage_estimator", "reinforce_pp", "--critic_warmup_updates", "2"), "has no critic to warm up"),
+        "ppo --reward_fn and --reward_model both": (lambda c: c.ppo("--reward_fn", "toy_task:gold_score"), "give exactly one (--reward_fn needs --reward_model None)"),
+        "ppo neither --reward_fn nor --reward_model": (lambda c: c.ppo("--reward_model", "None"), "no reward: give --reward_model PATH or --reward_fn"),
+        "ppo --reward_fn that cannot be imported": (lambda c: c.ppo("--reward_model", "None", "--reward_fn", "no_such_module_xyz:f", "--critic_init", "sft"), "--reward_fn 'no_such_module_xyz:f' cannot be imported"),
+        "ppo --reward_fn with a critic from the RM": (lambda c: c.ppo("--reward_model", "None", "--reward_fn", "toy_task:gold_score"), "pass --critic_init sft"),
     },
     "paths": {
         "--output_dir .": (lambda c: c.sft("--output_dir", "."), "is or contains the current directory"),
@@ -194,6 +203,7 @@ CATALOGUE = {
         "PAD == EOS": (lambda c: c.sft("--model_name_or_path", edit_tokenizer_config(c, pad_token="<eos>")), "pads with its EOS token, which would mask the real EOS out of the loss; pass --add_pad_token"),
         "model config without EOS": (lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", config_edit=lambda d: d.update(eos_token_id=None), remove=["generation_config.json"])), "has no eos_token_id"),
         "embeddings smaller than the tokenizer": (lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", tokenizer_edit=add_words)), "embedding rows, but its tokenizer has"),
+        "an ensemble member with another tokenizer": (lambda c: c.ppo("--reward_model", c.rm, swapped_vocab_rm(c)), "has another vocabulary than the policy"),
         "RM vocabulary differs, re-tokenising off": (lambda c: c.ppo("--reward_model", swapped_vocab_rm(c), "--no_rm_retokenize"), "differs from the policy's"),
     },
     "data rows": {

@@ -229,10 +229,10 @@ def e2e(toy_dir, standin_rm, tmp_path_factory):
     calls = []
     real_policy_loss = ppo.policy_loss
 
-    def spy(logprobs, old_logprobs, advantages, mask, cliprange):
+    def spy(logprobs, old_logprobs, advantages, mask, *loss_flags):
         if not calls:
             calls.append((logprobs.detach().clone(), old_logprobs.clone(), mask.clone()))
-        return real_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+        return real_policy_loss(logprobs, old_logprobs, advantages, mask, *loss_flags)
 
     cwd = os.getcwd()
     os.chdir(tmp)  # TensorBoard logs go to tmp/runs
@@ -461,6 +461,116 @@ def test_options_run(toy_dir, standin_rm, tmp_path, monkeypatch, extra):
     assert all(math.isfinite(v) for h in out["history"] for v in h.values())
     if "--adaptive_kl" in extra:  # KL far below its target: beta shrinks
         assert out["history"][-1]["objective/kl_coef"] < 0.01
+
+
+@pytest.fixture(scope="module")
+def second_rm(standin_rm, tmp_path_factory):
+    """A second ensemble member: the stand-in RM with other stored statistics, so its normalised scores differ."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("member") / "rm2"
+    shutil.copytree(standin_rm, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(reward_mean=config["reward_mean"] + 0.5, reward_std=2.0 * config["reward_std"])
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("extra, ensemble", [
+    (["--advantage_estimator", "gae"], "mean"),
+    (["--advantage_estimator", "grpo", "--samples_per_prompt", "4", "--no_kl_in_reward", "--kl_loss_estimator", "k3",
+      "--loss_aggregation", "seq_mean_token_mean"], "min"),
+    (["--advantage_estimator", "rloo", "--samples_per_prompt", "4", "--loss_aggregation", "seq_mean_token_sum_norm"], "uwo"),
+    (["--advantage_estimator", "reinforce_pp", "--cliprange_high", "0.28", "--dual_clip", "3", "--entropy_coef", "0.01",
+      "--reward_clip", "1.0"], None),
+], ids=["gae-ensemble_mean", "grpo-ensemble_min", "rloo-ensemble_uwo", "reinforce_pp-loss_details"])
+def test_estimators_and_ensembles_run(toy_dir, standin_rm, second_rm, tmp_path, monkeypatch, extra, ensemble):
+    """Each advantage estimator and each ensemble mode trains two updates to finite numbers. A critic-free
+    estimator builds no critic (no weights, no optimizer state, no value loss logged); GRPO's and RLOO's groups
+    are k copies of one prompt in a row; an ensemble logs its members' disagreement, a single RM does not."""
+    monkeypatch.chdir(tmp_path)
+    built, rollouts = [], []
+    real_build, real_scores = ppo.build_models, ppo.reward_scores
+    monkeypatch.setattr(ppo, "build_models", lambda *a: built.append(real_build(*a)) or built[-1])
+    monkeypatch.setattr(ppo, "reward_scores", lambda reward, tok, qr, *a: (rollouts.append(qr[:, :a[2]]) if len(qr) == 32 else None)
+                        or real_scores(reward, tok, qr, *a))
+    members = [standin_rm, second_rm] if ensemble else [standin_rm]
+    out = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "64", "--no_save", "--eval_samples", "16",
+                             "--gold_reward_fn", "None", "--reward_model", *members, "--ensemble", ensemble or "mean", *extra))
+    history = out["history"]
+    assert len(history) == 2 and all(math.isfinite(v) for h in history for v in h.values())
+    models = built[0]
+    if "gae" in extra:
+        assert models.critic is not None and "loss/value_avg" in history[0]
+    else:  # no critic: the optimizer holds the policy's parameters only
+        assert models.critic is None and models.value_head is None and set(models.trainables) == {"policy"}
+        assert len(models.optimizer.param_groups[0]["params"]) == len(list(models.policy.parameters()))
+        assert not any(k in history[0] for k in ("loss/value_avg", "val/clipfrac_avg", "val/explained_variance"))
+    k = 4 if "--samples_per_prompt" in extra else 1
+    for queries in rollouts:  # each prompt k times in a row
+        groups = queries.view(32 // k, k, -1)
+        assert (groups == groups[:, :1]).all() and len({tuple(g[0].tolist()) for g in groups}) > 1
+    assert ("objective/ensemble_std" in history[0]) == (ensemble is not None)
+    if ensemble:  # the members' normalisations differ, and so do their scores
+        assert history[0]["objective/ensemble_std"] > 0.01
+
+
+def test_reward_fn_and_critic_warmup(toy_dir, tmp_path, monkeypatch):
+    """--reward_fn toy_task:gold_score trains against the gold score itself: the evaluation's reward is its gold
+    score. --critic_warmup_updates 2 over 2 updates: only the critic moves, so the second rollout is still at KL 0
+    and the saved policy is the SFT model bit for bit, while the critic's weights changed."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    built, initial_critic = [], {}
+    real_build = ppo.build_models
+
+    def build(*a):
+        built.append(real_build(*a))
+        initial_critic.update({k: v.clone() for k, v in built[0].critic.state_dict().items()})
+        return built[0]
+
+    monkeypatch.setattr(ppo, "build_models", build)
+    out = ppo.main(tiny_args(toy_dir, "None", tmp_path / "o", "--total_episodes", "64", "--eval_samples", "16",
+                             "--reward_fn", "toy_task:gold_score", "--gold_reward_fn", "toy_task:gold_score",
+                             "--critic_init", "sft", "--critic_warmup_updates", "2"))
+    assert out["ppo"]["rm_score"] == pytest.approx(out["ppo"]["gold_score"])
+    assert out["history"][1]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    saved, sft = load_file(tmp_path / "o" / "model.safetensors"), load_file(os.path.join(toy_dir, "base_model", "model.safetensors"))
+    assert saved.keys() == sft.keys() and all(torch.equal(saved[k], sft[k]) for k in saved)
+    assert any(not torch.equal(v, initial_critic[k]) for k, v in built[0].critic.state_dict().items())
+
+
+def test_resume_inside_the_critic_warmup_is_exact(toy_dir, standin_rm, tmp_path, monkeypatch):
+    """A checkpoint written during the critic warm-up holds no AdamW state for the policy (it had no gradient
+    yet); resuming from it must load, and finish exactly as the uninterrupted run (3 updates, warm-up 2, stopped
+    after update 1)."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(out, *flags):
+        return ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / out, "--total_episodes", "96", "--eval_samples", "16",
+                                  "--eval_every", "0", "--gold_reward_fn", "None", "--checkpoint_every", "1",
+                                  "--critic_warmup_updates", "2", "--run_name", out, *flags))
+
+    class Stop(Exception):
+        pass
+
+    full = run("full")
+    real_save = ppo.save_or_stop
+
+    def stop_after_the_first(step, *a):
+        real_save(step, *a)
+        if step == 1:
+            raise Stop
+
+    monkeypatch.setattr(ppo, "save_or_stop", stop_after_the_first)
+    with pytest.raises(Stop):
+        run("cut")
+    monkeypatch.setattr(ppo, "save_or_stop", real_save)
+    resumed = run("cut", "--resume")
+    strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in (full, resumed)]
+    assert len(strip[1]) == 3 and strip[0] == strip[1]
+    assert full["ppo"] == resumed["ppo"]
 
 
 def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkeypatch):

@@ -213,6 +213,20 @@ def test_implicit_prompt_and_conversational_formats(toy_dir):
     assert out["rejected_ids"] == [ids("the plot was bad .") + [eos]]
 
 
+def test_bootstrap_resamples_the_pairs_with_replacement(toy_dir):
+    """--bootstrap (ensemble members that differ in data): as many pairs as before, each one of the original
+    pairs, some repeated and some left out; the same draw for the same seed, another for another seed."""
+    tokenizer = load_tokenizer(os.path.join(toy_dir, "base_model"))
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i} .", "rejected": f"bad {i} ."} for i in range(40)]
+    data = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+    plain = train_rm.load_split(make_args(toy_dir), data, "train", tokenizer, None)
+    draws = [train_rm.load_split(make_args(toy_dir, seed=seed), data, "train", tokenizer, None, bootstrap=True)["prompt"]
+             for seed in (1, 1, 2)]
+    assert len(draws[0]) == 40 and set(draws[0]) < set(plain["prompt"])  # some left out ...
+    assert len(set(draws[0])) < 40  # ... because some are drawn twice
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end, normalisation, FSDP2
 # ----------------------------------------------------------------------------------------------

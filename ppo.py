@@ -1370,7 +1370,7 @@ def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, 
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if not math.isfinite(grad_norm):
-        losses = {name: float(v) for name, v in losses.items() if name.startswith("loss/")}
+        losses = {name: float(v.detach()) for name, v in losses.items() if name.startswith("loss/")}
         raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {step}, losses {losses}: stopped "
                          f"before the optimizer step; last good checkpoint: {last_checkpoint(args, setup)}")
     return grad_norm

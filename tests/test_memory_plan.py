@@ -1,0 +1,65 @@
+"""results/memory_plan.py: its plan agrees with the bytes a real run of a small model holds (--validate), and the
+fake-tensor accounting has the structure FSDP2 and the KV cache give it."""
+
+import dataclasses
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "results"))
+
+import memory_plan  # noqa: E402
+import ppo  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing")  # peft asks transformers' deprecated name
+
+
+def test_validate_agrees_with_a_real_run():
+    """What `--validate` checks: every phase's planned peak within 10% of the bytes the CPU allocator held in a real
+    run of a small model, on one process (no FSDP2) and on two ranks, for each option set it covers."""
+    try:
+        rows = memory_plan.validation()
+    finally:
+        memory_plan.stop_fake_ranks()
+    assert len(rows) == len(memory_plan.PHASES) * len(memory_plan.VALIDATE_CASES)
+    assert all(abs(r["ratio"] - 1) <= 0.10 for r in rows), rows
+
+
+LAYERS, HIDDEN, HEADS, KV_HEADS = 2, 256, 8, 2
+
+
+def small_qwen2():
+    """A small model with grouped keys and values, whose KV cache is smaller than its query heads would make it."""
+    return memory_plan.Qwen2Config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                   num_key_value_heads=KV_HEADS, intermediate_size=512, vocab_size=1024)
+
+
+def test_shards_and_kv_cache():
+    """On fake tensors: 8 ranks hold an eighth of one rank's weights, gradients and AdamW state; one rank runs
+    without FSDP2 (no gathered copy); and the generate phase's KV cache is keys and values of every layer, for
+    prompt + response of every sequence of the rank's batch (batch_size // N), in the compute dtype: fp32 (--dtype)
+    on one rank, FSDP2's bf16 on 8."""
+    args = dataclasses.replace(ppo.PRESETS["toy"][1], batch_size=512, max_prompt_length=4, response_length=60,
+                               local_rollout_forward_batch_size=8, micro_batch_size=4)
+    try:
+        one, eight = (memory_plan.plan_runs(small_qwen2, [args], ranks)[0] for ranks in (1, 8))
+    finally:
+        memory_plan.stop_fake_ranks()
+    for model in ("policy", "critic", "reference", "reward model"):
+        for part, n in one["models"][model].items():
+            assert eight["models"][model][part] == pytest.approx(n / 8, rel=0.02), (model, part)
+    policy = one["models"]["policy"]
+    assert policy["optimizer state"] == pytest.approx(2 * policy["gradients"], rel=1e-3)  # AdamW's two fp32 moments
+    assert all(p["gathered"] == 0 for p in one["phases"].values())
+    assert all(p["gathered"] > 0 for p in eight["phases"].values())
+    # at the phase's peak (the last token's step) the cache is whole, and the one layer's keys or values that HF's
+    # DynamicCache is growing by concatenation are there twice: the old tensor and the new
+    per_token = 2 * LAYERS * KV_HEADS * (HIDDEN // HEADS)  # keys and values of every layer
+    for plan, sequences, size in ((one, 512, 4), (eight, 64, 2)):
+        full = per_token * sequences * (4 + 60) * size
+        assert full <= plan["phases"]["generate"]["KV cache"] <= full * (1 + 1 / (2 * LAYERS))
+    for plan in (one, eight):
+        assert all(p["KV cache"] == 0 for name, p in plan["phases"].items() if name != "generate")

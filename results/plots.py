@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(os.path.dirname(HERE), "runs", "sweeps")
 FIGS = os.path.join(HERE, "figures")
 sys.path.insert(0, HERE)
-from sweep import ABLATIONS  # noqa: E402
+from sweep import ABLATIONS, ESTIMATORS, GOLD_REWARD, LOSS_DETAILS  # noqa: E402
 
 
 def load(run_dir: str) -> dict:
@@ -80,6 +80,54 @@ def curve(seeds: dict[int, dict], tag: str) -> tuple[list[float], list[float], l
     steps = sorted(set.intersection(*(set(s) for s in series)))
     ys = [[s[x] for s in series] for x in steps]
     return steps, [statistics.mean(y) for y in ys], [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+
+
+def training_seconds(log: dict) -> list[tuple[int, float]]:
+    """(episode, seconds of PPO updates so far) after every update: the run's own time/update, summed; evaluations
+    and startup excluded, so that runs compare by the time their updates took."""
+    total, out = 0.0, []
+    for step, seconds in log["scalars"]["time/update"]:
+        total += seconds
+        out.append((step, total))
+    return out
+
+
+def gold_within(log: dict, budget: float) -> float:
+    """The gold score of the last evaluation reached within `budget` seconds of updates (the SFT one at 0 s)."""
+    elapsed = dict(training_seconds(log))
+    golds = [(step, g) for step, g in log["scalars"]["eval/gold_score"] if step == 0 or elapsed.get(step, math.inf) <= budget]
+    return golds[-1][1]
+
+
+def estimators_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
+    """Equal episodes: the final evaluation. Equal wall time: each run's gold score at its last evaluation within
+    the time of updates the fastest run took for all of its episodes."""
+    budget = min(training_seconds(log)[-1][1] for seeds in runs.values() for log in seeds.values())
+    rows = ["| estimator | flags | seeds | gold score | gold win rate vs SFT | KL (nats) | episodes / s | "
+            f"gold score after {budget:.0f} s of updates |", "|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for name in [n for n in ESTIMATORS if n in runs]:
+        seeds = runs[name]
+        f = finals(seeds)
+        f["eps"] = [statistics.mean(v for _, v in log["scalars"]["eps"]) for _, log in sorted(seeds.items())]
+        f["gold_equal_time"] = [gold_within(log, budget) for _, log in sorted(seeds.items())]
+        summary[f"estimators/{name}"] = f
+        rows.append(f"| {name} | `{' '.join(ESTIMATORS[name]) or '(default)'}` | {len(f['gold'])} | {pm(f['gold'])} "
+                    f"| {pm(f['win'])} | {pm(f['kl'], 2)} | {pm(f['eps'], 0)} | {pm(f['gold_equal_time'])} |")
+    return "\n".join(rows), summary
+
+
+def flag_rows(runs: dict[str, dict[int, dict]], flags: dict[str, list[str]], base: dict[str, list[float]] | None,
+              group: str, summary: dict) -> list[str]:
+    """One table row per run name: seeds, gold score (and its difference to `base`), win rate, KL."""
+    rows = []
+    for name in [n for n in flags if n in runs]:
+        f = finals(runs[name])
+        summary[f"{group}/{name}"] = f
+        delta = f" | {statistics.mean(f['gold']) - statistics.mean(base['gold']):+.3f}" if base else ""
+        rows.append(f"| {name} | `{' '.join(flags[name])}` | {len(f['gold'])} | {pm(f['gold'])}{delta} | {pm(f['win'])} "
+                    f"| {pm(f['kl'], 2)} |")
+    return rows
 
 
 def plot_training_curves(default: dict[int, dict]) -> str:
@@ -239,13 +287,32 @@ def main() -> None:
                         f"| {spread(r['ppo_kl'])} |")
         blocks["rm_size"] = "\n".join(rows)
 
+    estimators = runs_of("estimators")
+    if estimators:
+        blocks["estimators"], estimator_summary = estimators_table(estimators)
+        summary.update(estimator_summary)
+    loss_details = runs_of("loss_details")
+    if loss_details and "gae" in estimators:  # the default flags: the estimators group's gae runs
+        gae = finals(estimators["gae"])
+        rows = ["| variant | flag | seeds | gold score | Δ gold vs default | gold win rate vs SFT | KL (nats) |",
+                "|---|---|---|---|---|---|---|",
+                f"| **default** (estimators/gae) | | {len(gae['gold'])} | {pm(gae['gold'])} | | {pm(gae['win'])} | {pm(gae['kl'], 2)} |"]
+        blocks["loss_details"] = "\n".join(rows + flag_rows(loss_details, LOSS_DETAILS, gae, "loss_details", summary))
+    gold_reward = runs_of("gold_reward")
+    if gold_reward:
+        rows = ["| reward, β | flags | seeds | gold score | gold win rate vs SFT | KL (nats) |", "|---|---|---|---|---|---|"]
+        blocks["gold_reward"] = "\n".join(rows + flag_rows(gold_reward, GOLD_REWARD, None, "gold_reward", summary))
+
     readme_path = os.path.join(HERE, "README.md")
     text = open(readme_path).read()
     for name, body in blocks.items():
         text = replace_block(text, name, body)
     with open(readme_path, "w") as f:
         f.write(text)
-    with open(os.path.join(HERE, "sweep_summary.json"), "w") as f:
+    summary_path = os.path.join(HERE, "sweep_summary.json")
+    # groups whose logs are not here keep their last summary (each group's runs may live on another machine)
+    summary = {**(json.load(open(summary_path)) if os.path.exists(summary_path) else {}), **summary}
+    with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {FIGS}/*.png, results/sweep_summary.json and the blocks {sorted(blocks)} of results/README.md")
 

@@ -65,7 +65,10 @@ LOSS_DETAILS = {
 GOLD_REWARD = {f"{source}_beta{b:g}": ["--kl_coef", str(b), "--critic_init", "sft", *flags]
                for b in (0.05, 0.0) for source, flags in
                (("rm", []), ("gold", ["--reward_model", "None", "--reward_fn", "toy_task:gold_score"]))}
-ENSEMBLE_SEEDS = (1, 2, 3)  # members: train_rm.py --seed s --bootstrap
+ENSEMBLE_SEEDS = (1, 2, 3, 4, 5)  # members: train_rm.py --seed s --bootstrap
+ENSEMBLE_SIZES = (3, 5)  # the first 3 members, and all 5
+# over-optimisation needs a long run: 4x the default 6400 episodes, so that the single RM's gold score turns down
+ENSEMBLE_EPISODES = 4 * 6400
 ENSEMBLE_BETAS = (0.0, 0.01)
 # the beta and estimator runs evaluate every 20 updates for curves (over episodes and wall time); the others at the end
 EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"], "rm_size": ["--eval_every", "0"],
@@ -116,9 +119,11 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
         members = [f"{args.out_dir}/ensembles/rm_s{m}" for m in ENSEMBLE_SEEDS]
         stages.append([(path, [sys.executable, "train_rm.py", "--seed", str(m), "--bootstrap", "--output_dir", path,
                                "--run_name", f"sweeps/ensembles/rm_s{m}"]) for m, path in zip(ENSEMBLE_SEEDS, members)])
-        stages.append([ppo_run(args, "ensembles", f"{how}_beta{b:g}", s, ["--kl_coef", str(b), "--reward_model",
-                               *(members if how != "single" else ["models/rm"]), "--ensemble", "mean" if how == "single" else how])
-                       for how in ("single", "mean", "min", "uwo") for b in ENSEMBLE_BETAS for s in args.seeds])
+        runs = [("single", ["models/rm"], "mean")] + [(f"{how}{n}", members[:n], how) for how in ("mean", "min", "uwo")
+                                                       for n in ENSEMBLE_SIZES]
+        stages.append([ppo_run(args, "ensembles", f"{name}_beta{b:g}", s, ["--kl_coef", str(b), "--total_episodes",
+                               str(ENSEMBLE_EPISODES), "--reward_model", *paths, "--ensemble", how])
+                       for name, paths, how in runs for b in ENSEMBLE_BETAS for s in args.seeds])
     return stages
 
 

@@ -672,8 +672,10 @@ def load_frozen(load, path: str, tokenizer, dtype: str, frozen_dtype: str):
 def shard_frozen(model, args: Args, device: torch.device):
     """FSDP2 for a frozen model, except an int8 one: FSDP2 cannot split torchao's int8 tensors (no aten.split,
     torchao 0.18), so each rank holds all of it, a quarter of fp32's bytes."""
-    if model is None or args.frozen_dtype == "int8":
-        return model.to(device) if model is not None else None
+    if model is None:
+        return None
+    if args.frozen_dtype == "int8":
+        return model.to(device)
     return fsdp_wrap(model, device)
 
 

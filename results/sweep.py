@@ -19,6 +19,7 @@ to the thread count (floating-point sums in another order).
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -70,16 +71,24 @@ ENSEMBLE_SIZES = (3, 5)  # the first 3 members, and all 5
 # over-optimisation needs a long run: 4x the default 6400 episodes, so that the single RM's gold score turns down
 ENSEMBLE_EPISODES = 4 * 6400
 ENSEMBLE_BETAS = (0.0, 0.01)
+# Gao et al. 2022's RL curves need gold vs KL along a run without the KL penalty: PPO at beta 0 against each smaller RM
+# (the full RM's beta-0 curves are the ensembles group's single_beta0 runs)
+GAO_PAIRS = RM_PAIRS
+# the process's peak memory per estimator: one short run each (seed 1, 1280 episodes, then the final evaluation),
+# which passes through every phase of a full run (rollout, scoring, update, evaluation) with the same shapes
+MEMORY_EPISODES = 1280
 # the beta and estimator runs evaluate every 20 updates for curves (over episodes and wall time); the others at the end
 EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"], "rm_size": ["--eval_every", "0"],
               "estimators": ["--eval_every", "20"], "loss_details": ["--eval_every", "0"], "gold_reward": ["--eval_every", "20"],
-              "ensembles": ["--eval_every", "20"]}
+              "ensembles": ["--eval_every", "20"], "gao": ["--eval_every", "20"],
+              "estimators_memory": ["--eval_every", "0"]}
 
 
 @dataclass
 class Args:
     groups: list[str] = field(default_factory=lambda: ["beta", "ablations", "rm_size"])
-    """which experiment groups to run: beta, ablations, rm_size, estimators, loss_details, gold_reward, ensembles"""
+    """which experiment groups to run: beta, ablations, rm_size, estimators, estimators_memory, loss_details,
+    gold_reward, gao, ensembles"""
     jobs: int = 2
     """runs at a time"""
     threads: int = 1
@@ -105,25 +114,34 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
         stages.append([ppo_run(args, "beta", f"beta{b:g}", s, ["--kl_coef", str(b)]) for b in BETAS for s in args.seeds])
     if "ablations" in args.groups:
         stages.append([ppo_run(args, "ablations", n, s, f) for n, f in ABLATIONS.items() for s in args.seeds])
-    if "rm_size" in args.groups:
-        rms = [(f"{args.out_dir}/rm_size/rm_{n}", [sys.executable, "train_rm.py", "--num_train_pairs", str(n),
-                "--output_dir", f"{args.out_dir}/rm_size/rm_{n}", "--run_name", f"sweeps/rm_size/rm_{n}"])
-               for n in RM_PAIRS]
+    rms = [(f"{args.out_dir}/rm_size/rm_{n}", [sys.executable, "train_rm.py", "--num_train_pairs", str(n),
+            "--output_dir", f"{args.out_dir}/rm_size/rm_{n}", "--run_name", f"sweeps/rm_size/rm_{n}"])
+           for n in RM_PAIRS]
+    if "rm_size" in args.groups or "gao" in args.groups:
         stages.append(rms)
+    if "rm_size" in args.groups:
         stages.append([ppo_run(args, "rm_size", f"pairs{n}", s, ["--reward_model", f"{args.out_dir}/rm_size/rm_{n}"])
                        for n in RM_PAIRS for s in args.rm_size_seeds])
+    if "gao" in args.groups:
+        stages.append([ppo_run(args, "gao", f"pairs{n}_beta0", s, ["--kl_coef", "0", "--reward_model",
+                                                                   f"{args.out_dir}/rm_size/rm_{n}"])
+                       for n in GAO_PAIRS for s in args.seeds])
     for group, runs in (("estimators", ESTIMATORS), ("loss_details", LOSS_DETAILS), ("gold_reward", GOLD_REWARD)):
         if group in args.groups:
             stages.append([ppo_run(args, group, n, s, f) for n, f in runs.items() for s in args.seeds])
+    if "estimators_memory" in args.groups:  # peak RSS is per process: runs side by side do not change it
+        stages.append([ppo_run(args, "estimators_memory", n, 1, [*f, "--total_episodes", str(MEMORY_EPISODES)])
+                       for n, f in ESTIMATORS.items()])
     if "ensembles" in args.groups:  # 3 RMs (seed, bootstrap resample); PPO on their mean/min/uwo vs one RM
         members = [f"{args.out_dir}/ensembles/rm_s{m}" for m in ENSEMBLE_SEEDS]
         stages.append([(path, [sys.executable, "train_rm.py", "--seed", str(m), "--bootstrap", "--output_dir", path,
                                "--run_name", f"sweeps/ensembles/rm_s{m}"]) for m, path in zip(ENSEMBLE_SEEDS, members)])
-        runs = [("single", ["models/rm"], "mean")] + [(f"{how}{n}", members[:n], how) for how in ("mean", "min", "uwo")
-                                                       for n in ENSEMBLE_SIZES]
+        runs = [("single", ["models/rm"], "mean")] + [(f"{how}{n}", members[:n], how) for n in sorted(ENSEMBLE_SIZES, reverse=True)
+                                                       for how in ("mean", "min", "uwo")]
+        # beta 0 first (all of its rows, then beta 0.01), so that a sweep stopped halfway leaves whole comparisons
         stages.append([ppo_run(args, "ensembles", f"{name}_beta{b:g}", s, ["--kl_coef", str(b), "--total_episodes",
                                str(ENSEMBLE_EPISODES), "--reward_model", *paths, "--ensemble", how])
-                       for name, paths, how in runs for b in ENSEMBLE_BETAS for s in args.seeds])
+                       for b in ENSEMBLE_BETAS for name, paths, how in runs for s in args.seeds])
     return stages
 
 
@@ -140,10 +158,16 @@ def execute(out: str, cmd: list[str], threads: int) -> tuple[str, float, int]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     with open(out + ".log", "a") as log:
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # wait4 gives this child's own resource usage (RUSAGE_CHILDREN would mix the runs that share the pool)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t0
     if rc == 0:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model is in `out`
-    return out, time.perf_counter() - t0, rc
+        with open(out + ".resources.json", "w") as f:  # ru_maxrss is in KiB on Linux
+            json.dump({"wall_seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20, "threads": threads}, f)
+    return out, seconds, rc
 
 
 def main(args: Args) -> None:

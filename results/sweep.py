@@ -71,16 +71,18 @@ ENSEMBLE_SIZES = (3, 5)  # the first 3 members, and all 5
 # over-optimisation needs a long run: 4x the default 6400 episodes, so that the single RM's gold score turns down
 ENSEMBLE_EPISODES = 4 * 6400
 ENSEMBLE_BETAS = (0.0, 0.01)
-# Gao et al. 2022's RL curves need gold vs KL along a run without the KL penalty: PPO at beta 0 against each smaller RM
-# (the full RM's beta-0 curves are the ensembles group's single_beta0 runs)
+# Gao et al. 2022's RL curves need gold vs KL along a run without the KL penalty: PPO at beta 0 against each smaller RM,
+# evaluated every 5 updates (20 points a run: at beta 0 the first 20 updates already reach 2-7 nats); the full RM's
+# beta-0 curves are the ensembles group's single_beta0 runs
 GAO_PAIRS = RM_PAIRS
 # the process's peak memory per estimator: one short run each (seed 1, 1280 episodes, then the final evaluation),
 # which passes through every phase of a full run (rollout, scoring, update, evaluation) with the same shapes
 MEMORY_EPISODES = 1280
-# the beta and estimator runs evaluate every 20 updates for curves (over episodes and wall time); the others at the end
+# the beta, estimator, gold-reward and ensemble runs evaluate every 20 updates for curves (over episodes and wall time),
+# the gao runs every 5; the others at the end
 EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"], "rm_size": ["--eval_every", "0"],
               "estimators": ["--eval_every", "20"], "loss_details": ["--eval_every", "0"], "gold_reward": ["--eval_every", "20"],
-              "ensembles": ["--eval_every", "20"], "gao": ["--eval_every", "20"],
+              "ensembles": ["--eval_every", "20"], "gao": ["--eval_every", "5"],
               "estimators_memory": ["--eval_every", "0"]}
 
 

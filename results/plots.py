@@ -20,6 +20,7 @@ import sys
 from collections import defaultdict
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(os.path.dirname(HERE), "runs", "sweeps")
 FIGS = os.path.join(HERE, "figures")
 sys.path.insert(0, HERE)
-from sweep import ABLATIONS, ESTIMATORS, GOLD_REWARD, LOSS_DETAILS  # noqa: E402
+from sweep import ABLATIONS, ENSEMBLE_BETAS, ENSEMBLE_SIZES, ESTIMATORS, GAO_PAIRS, GOLD_REWARD, LOSS_DETAILS  # noqa: E402
 
 
 def load(run_dir: str) -> dict:
@@ -99,12 +100,21 @@ def gold_within(log: dict, budget: float) -> float:
     return golds[-1][1]
 
 
+def resources(out: str) -> dict | None:
+    """A sweep run's wall seconds and peak RSS (results/sweep.py writes <out>.resources.json), or None."""
+    path = out + ".resources.json"
+    if not os.path.exists(path):
+        summary = os.path.join(HERE, "sweep_summary.json")  # measured on another machine: its summary keeps it
+        return None if not os.path.exists(summary) else json.load(open(summary)).get("resources", {}).get(out)
+    return json.load(open(path))
+
+
 def estimators_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
     """Equal episodes: the final evaluation. Equal wall time: each run's gold score at its last evaluation within
     the time of updates the fastest run took for all of its episodes."""
     budget = min(training_seconds(log)[-1][1] for seeds in runs.values() for log in seeds.values())
     rows = ["| estimator | flags | seeds | gold score | gold win rate vs SFT | KL (nats) | episodes / s | "
-            f"gold score after {budget:.0f} s of updates |", "|---|---|---|---|---|---|---|---|"]
+            f"gold score after {budget:.0f} s of updates | peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for name in [n for n in ESTIMATORS if n in runs]:
         seeds = runs[name]
@@ -112,8 +122,13 @@ def estimators_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
         f["eps"] = [statistics.mean(v for _, v in log["scalars"]["eps"]) for _, log in sorted(seeds.items())]
         f["gold_equal_time"] = [gold_within(log, budget) for _, log in sorted(seeds.items())]
         summary[f"estimators/{name}"] = f
+        memory = resources(os.path.join("sweeps", "estimators_memory", f"{name}_s1"))  # its own short run
+        rss = "not measured"
+        if memory:
+            f["peak_rss_gib"] = memory["peak_rss_gib"]
+            rss = f"{memory['peak_rss_gib']:.3f}"
         rows.append(f"| {name} | `{' '.join(ESTIMATORS[name]) or '(default)'}` | {len(f['gold'])} | {pm(f['gold'])} "
-                    f"| {pm(f['win'])} | {pm(f['kl'], 2)} | {pm(f['eps'], 0)} | {pm(f['gold_equal_time'])} |")
+                    f"| {pm(f['win'])} | {pm(f['kl'], 2)} | {pm(f['eps'], 0)} | {pm(f['gold_equal_time'])} | {rss} |")
     return "\n".join(rows), summary
 
 
@@ -189,6 +204,161 @@ def plot_rm_size(rm_rows: list[dict]) -> str:
     axes[1].set_title("PPO's gold score vs RM quality")
     fig.tight_layout()
     path = os.path.join(FIGS, "rm_size.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+ENSEMBLE_NAMES = ["single"] + [f"{how}{n}" for n in sorted(ENSEMBLE_SIZES, reverse=True) for how in ("mean", "min", "uwo")]
+
+
+def peak_and_end(log: dict) -> dict[str, float]:
+    """A run's best held-out gold score, where it was reached (episodes, KL), and its end."""
+    golds, kls = log["scalars"]["eval/gold_score"], dict(log["scalars"]["eval/kl"])
+    step, peak = max(golds, key=lambda sg: sg[1])
+    return {"peak": peak, "peak_episodes": step, "peak_kl": kls[step], "end": golds[-1][1], "end_kl": kls[golds[-1][0]],
+            "drop": peak - golds[-1][1]}
+
+
+def ensembles_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
+    rows = ["| reward | β | seeds | gold at the end | KL at the end | best gold on the way | its KL | its episodes "
+            "| drop from best to end | s / update | of which scoring | peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for b in ENSEMBLE_BETAS:
+        for name in ENSEMBLE_NAMES:
+            key = f"{name}_beta{b:g}"
+            if key not in runs:
+                continue
+            seeds = sorted(runs[key].items())
+            f = {k: [peak_and_end(log)[k] for _, log in seeds] for k in ("end", "end_kl", "peak", "peak_kl", "peak_episodes", "drop")}
+            used = [resources(os.path.join("sweeps", "ensembles", f"{key}_s{seed}")) for seed, _ in seeds]
+            # medians over the updates: robust to another job sharing the cores for part of a run
+            f["update_seconds"] = [statistics.median(v for _, v in log["scalars"]["time/update"]) for _, log in seeds]
+            f["score_seconds"] = [statistics.median(v for _, v in log["scalars"]["time/score"]) for _, log in seeds]
+            f["peak_rss_gib"] = [u["peak_rss_gib"] for u in used if u]
+            summary[f"ensembles/{key}"] = f
+            reward = "single RM (models/rm)" if name == "single" else f"{name[:-1]} of {name[-1]}"
+            rows.append(f"| {reward} | {b:g} | {len(seeds)} | {pm(f['end'])} | {pm(f['end_kl'], 1)} | {pm(f['peak'])} "
+                        f"| {pm(f['peak_kl'], 1)} | {pm(f['peak_episodes'], 0)} | {pm(f['drop'])} "
+                        f"| {pm(f['update_seconds'], 2)} | {pm(f['score_seconds'], 3)} "
+                        f"| {pm(f['peak_rss_gib'], 3) if f['peak_rss_gib'] else '-'} |")
+    return "\n".join(rows), summary
+
+
+def plot_ensembles(runs: dict[str, dict[int, dict]]) -> str:
+    fig, axes = plt.subplots(2, len(ENSEMBLE_BETAS), figsize=(5 * len(ENSEMBLE_BETAS), 8), squeeze=False)
+    for col, b in enumerate(ENSEMBLE_BETAS):
+        for i, name in enumerate(ENSEMBLE_NAMES):
+            key = f"{name}_beta{b:g}"
+            if key not in runs:
+                continue
+            x, kl, _ = curve(runs[key], "eval/kl")
+            _, gold, _ = curve(runs[key], "eval/gold_score")
+            style = dict(color="k", lw=2) if name == "single" else dict(color=f"C{i}", ls="-" if name.endswith("5") else ":")
+            axes[0, col].plot([math.sqrt(max(k, 0.0)) for k in kl], gold, "o-", ms=2, label=name, **style)
+            axes[1, col].plot(x, gold, "o-", ms=2, label=name, **style)
+        axes[0, col].set_title(f"β = {b:g}: gold score vs √KL (mean of 3 seeds)")
+        axes[0, col].set_xlabel("√KL(π ‖ π_ref)  (nats^½, per response)")
+        axes[1, col].set_title(f"β = {b:g}: gold score vs episodes")
+        axes[1, col].set_xlabel("episodes")
+        for ax in axes[:, col]:
+            ax.set_ylabel("gold score (held-out)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(FIGS, "ensembles.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def fit_gao(d: list[float], r: list[float], form: str) -> dict:
+    """Least squares of Gao et al. 2022's forms, which pass through R(0) = 0 (their section 2), on d = √KL and
+    R = the gold score's gain over the starting policy: RL: R = d (α - β log d); best-of-n: R = d (α - β d).
+    Both are linear in (α, β): the normal equations of the two columns d and -d log d (or -d²)."""
+    d, r = np.asarray(d, dtype=float), np.asarray(r, dtype=float)
+    second = -d * np.log(d) if form == "rl" else -d * d
+    (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, second], 1), r, rcond=None)
+    fitted = alpha * d + beta * second
+    r2 = 1.0 - float(((r - fitted) ** 2).sum() / ((r - r.mean()) ** 2).sum())
+    return {"alpha": float(alpha), "beta": float(beta), "r2": r2, "points": len(d)}
+
+
+def gao_curve(fit: dict, form: str, d: np.ndarray) -> np.ndarray:
+    return d * (fit["alpha"] - fit["beta"] * (np.log(d) if form == "rl" else d))
+
+
+def rl_points(seeds: dict[int, dict]) -> tuple[list[float], list[float]]:
+    """(√KL, gold gain over the run's own first evaluation) at every evaluation after the start, all seeds."""
+    d, r = [], []
+    for log in seeds.values():
+        golds, kls = log["scalars"]["eval/gold_score"], dict(log["scalars"]["eval/kl"])
+        start = golds[0][1]
+        for step, g in golds[1:]:
+            if kls[step] > 0:
+                d.append(math.sqrt(kls[step]))
+                r.append(g - start)
+    return d, r
+
+
+def gao_fits(gao: dict, ensembles: dict, bon: dict | None) -> tuple[str, dict, list]:
+    """One row per proxy: its RL runs at β = 0 and its best-of-n on the SFT policy, each fitted."""
+    proxies = [(f"{n} pairs", f"rm_{n}", gao.get(f"pairs{n}_beta0"), os.path.join("sweeps", "rm_size", f"rm_{n}")) for n in GAO_PAIRS]
+    proxies.append(("240000 pairs (models/rm)", "rm_240000", ensembles.get("single_beta0"), os.path.join("models", "rm")))
+    n_max = max(ENSEMBLE_SIZES)
+    proxies += [(f"ensemble: {how} of {n_max}", f"{how}{n_max}", ensembles.get(f"{how}{n_max}_beta0"), None)
+                for how in ("mean", "min", "uwo")]
+    rows = ["| proxy reward | RM val accuracy | best-of-n α | β | R² | points | RL α | β | R² | points (3 seeds) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    summary, drawn = {}, []
+    for label, bon_key, rl_runs, rm_dir in proxies:
+        acc = json.load(open(os.path.join(rm_dir, "eval_results.json")))["val_accuracy"] if rm_dir and os.path.isdir(rm_dir) else None
+        entry, cells = {}, []
+        if bon and bon_key in bon["proxies"]:
+            gold = bon["proxies"][bon_key]["gold"]
+            d = [math.sqrt(k) for k in bon["kl"][1:]]
+            r = [g - gold[0] for g in gold[1:]]  # n = 1 is the SFT policy itself
+            entry["bon"] = {**fit_gao(d, r, "bon"), "d": d, "r": r}
+            cells += [f"{entry['bon']['alpha']:.3f}", f"{entry['bon']['beta']:.3f}", f"{entry['bon']['r2']:.3f}", str(entry["bon"]["points"])]
+        else:
+            cells += ["not run"] * 4
+        if rl_runs:
+            d, r = rl_points(rl_runs)
+            entry["rl"] = {**fit_gao(d, r, "rl"), "d": d, "r": r}
+            cells += [f"{entry['rl']['alpha']:.3f}", f"{entry['rl']['beta']:.3f}", f"{entry['rl']['r2']:.3f}", str(entry["rl"]["points"])]
+        else:
+            cells += ["not run"] * 4
+        if entry:
+            summary[f"gao_fit/{bon_key}"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("d", "r")} for k, v in entry.items()}
+            drawn.append((label, entry))
+        rows.append(f"| {label} | {f'{acc:.3f}' if acc is not None else '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(rows), summary, drawn
+
+
+def plot_gao(drawn: list, frontier: dict | None) -> str:
+    """Gold gain vs √KL: best-of-n (left) and RL at β = 0 (right), points and fits per proxy reward."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, (label, entry) in enumerate(drawn):
+        for ax, form in zip(axes, ("bon", "rl")):
+            if form not in entry:
+                continue
+            e = entry[form]
+            ax.plot(e["d"], e["r"], "o", ms=2 if form == "rl" else 4, alpha=0.5, color=f"C{i}")
+            grid = np.linspace(1e-3, max(e["d"]) * 1.05, 200)
+            ax.plot(grid, gao_curve(e, form, grid), "-", color=f"C{i}",
+                    label=f"{label}: α {e['alpha']:.2f}, β {e['beta']:.2f}, R² {e['r2']:.2f}")
+    if frontier:  # the β sweep's final points (models/rm, 3 seeds each) against the same axes
+        axes[1].plot(frontier["d"], frontier["r"], "k^", ms=6, label="PPO at β > 0, final (models/rm; gain over SFT)")
+    axes[0].set_title("best-of-n on the SFT policy: d = √(log n − (n−1)/n)")
+    axes[1].set_title("PPO at β = 0: every evaluation of 3 seeds")
+    for ax in axes:
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("d = √KL  (nats^½)")
+        ax.set_ylabel("gold score gain over SFT (held-out)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.suptitle("Gao et al. 2022's functional forms fitted by least squares (lines) to the toy task (points)", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(FIGS, "gao_fit.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -303,6 +473,30 @@ def main() -> None:
         rows = ["| reward, β | flags | seeds | gold score | gold win rate vs SFT | KL (nats) |", "|---|---|---|---|---|---|"]
         blocks["gold_reward"] = "\n".join(rows + flag_rows(gold_reward, GOLD_REWARD, None, "gold_reward", summary))
 
+    ensembles = runs_of("ensembles")
+    if ensembles:
+        blocks["ensembles"], ensemble_summary = ensembles_table(ensembles)
+        summary.update(ensemble_summary)
+        plot_ensembles(ensembles)
+    bon_path = os.path.join(HERE, "best_of_n.json")
+    bon = json.load(open(bon_path)) if os.path.exists(bon_path) else None
+    gao = runs_of("gao")
+    if gao or ensembles or bon:
+        blocks["gao_fit"], gao_summary, drawn = gao_fits(gao, ensembles, bon)
+        summary.update(gao_summary)
+        frontier = None
+        old_summary = json.load(open(os.path.join(HERE, "sweep_summary.json")))
+        if bon:  # the β sweep's final points, as gains over the SFT policy's gold score on the same prompts
+            betas = {k: v for k, v in {**old_summary, **summary}.items() if k.startswith("beta/beta") and k != "beta/beta0"}
+            sft = json.load(open(os.path.join(HERE, "toy_pipeline", "pipeline_summary.json")))["ppo"]["sft"]["gold_score"]
+            frontier = {"d": [math.sqrt(statistics.mean(v["kl"])) for v in betas.values()],
+                        "r": [statistics.mean(v["gold"]) - sft for v in betas.values()]}
+        plot_gao(drawn, frontier)
+    found = {path.removesuffix(".resources.json"): json.load(open(path))
+             for path in glob.glob(os.path.join("sweeps", "**", "*.resources.json"), recursive=True)}
+    if found:
+        summary["resources"] = found
+
     readme_path = os.path.join(HERE, "README.md")
     text = open(readme_path).read()
     for name, body in blocks.items():
@@ -311,7 +505,10 @@ def main() -> None:
         f.write(text)
     summary_path = os.path.join(HERE, "sweep_summary.json")
     # groups whose logs are not here keep their last summary (each group's runs may live on another machine)
-    summary = {**(json.load(open(summary_path)) if os.path.exists(summary_path) else {}), **summary}
+    old_summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    if "resources" in summary:
+        summary["resources"] = {**old_summary.get("resources", {}), **summary["resources"]}
+    summary = {**old_summary, **summary}
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {FIGS}/*.png, results/sweep_summary.json and the blocks {sorted(blocks)} of results/README.md")

@@ -58,11 +58,22 @@ def best_of_n_weights(n_max: int, n: int) -> torch.Tensor:
     return torch.tensor([math.comb(i - 1, n - 1) / math.comb(n_max, n) for i in range(1, n_max + 1)], dtype=torch.float64)
 
 
-def best_of_n(proxy: torch.Tensor, gold: torch.Tensor, n: int) -> tuple[float, float]:
-    """Expected (gold, proxy) score of the proxy's best of n, from (prompts, n_max) samples, averaged over prompts."""
+def best_of_n_per_prompt(proxy: torch.Tensor, gold: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected (gold, proxy) score of the proxy's best of n per prompt, from (prompts, n_max) samples -> 2 x (prompts,)"""
     order = proxy.argsort(dim=1)  # ascending
     w = best_of_n_weights(proxy.shape[1], n)
-    return ((gold.gather(1, order) * w).sum(1).mean().item(), (proxy.gather(1, order) * w).sum(1).mean().item())
+    return (gold.gather(1, order) * w).sum(1), (proxy.gather(1, order) * w).sum(1)
+
+
+def best_of_n(proxy: torch.Tensor, gold: torch.Tensor, n: int) -> tuple[float, float]:
+    """Expected (gold, proxy) score of the proxy's best of n, averaged over prompts."""
+    g, p = best_of_n_per_prompt(proxy, gold, n)
+    return g.mean().item(), p.mean().item()
+
+
+def standard_error(x: torch.Tensor) -> float:
+    """Of the mean over prompts."""
+    return (x.std() / math.sqrt(len(x))).item()
 
 
 def kl_best_of_n(n: int) -> float:
@@ -116,15 +127,20 @@ def main(a: Args) -> None:
     out = {"command": "python results/best_of_n.py " + " ".join(sys.argv[1:]), "num_prompts": len(prompt_ids),
            "n_max": a.n_max, "temperature": args.temperature, "seconds": seconds, "sft_gold": gold.mean().item(),
            "n": ns, "kl": [kl_best_of_n(n) for n in ns], "proxies": {}}
+    # the standard error over prompts, and that of each proxy's difference to the main RM on the same samples
+    single = {n: best_of_n_per_prompt(proxies["rm_240000"], gold, n)[0] for n in ns} if "rm_240000" in proxies else None
     for name, proxy in proxies.items():
-        curve = [best_of_n(proxy, gold, n) for n in ns]
-        out["proxies"][name] = {"gold": [g for g, _ in curve], "proxy": [p for _, p in curve]}
+        curve = [best_of_n_per_prompt(proxy, gold, n) for n in ns]
+        out["proxies"][name] = {"gold": [g.mean().item() for g, _ in curve], "proxy": [p.mean().item() for _, p in curve],
+                                "gold_se": [standard_error(g) for g, _ in curve]}
+        if single is not None:
+            out["proxies"][name]["minus_rm_240000_se"] = [standard_error(g - single[n]) for n, (g, _) in zip(ns, curve)]
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"{len(prompt_ids)} prompts x {a.n_max} samples in {seconds:.0f} s; SFT gold {out['sft_gold']:.3f}")
     for name, c in out["proxies"].items():
-        print(f"{name:>12}: best-of-{ns[-1]} gold {c['gold'][-1]:+.3f}, best-of-n peak {max(c['gold']):+.3f} "
-              f"at n = {ns[c['gold'].index(max(c['gold']))]}")
+        print(f"{name:>12}: best-of-{ns[-1]} gold {c['gold'][-1]:+.3f} ± {c['gold_se'][-1]:.3f}, best-of-n peak "
+              f"{max(c['gold']):+.3f} at n = {ns[c['gold'].index(max(c['gold']))]}")
 
 
 if __name__ == "__main__":

@@ -138,12 +138,14 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
         members = [f"{args.out_dir}/ensembles/rm_s{m}" for m in ENSEMBLE_SEEDS]
         stages.append([(path, [sys.executable, "train_rm.py", "--seed", str(m), "--bootstrap", "--output_dir", path,
                                "--run_name", f"sweeps/ensembles/rm_s{m}"]) for m, path in zip(ENSEMBLE_SEEDS, members)])
-        runs = [("single", ["models/rm"], "mean")] + [(f"{how}{n}", members[:n], how) for n in sorted(ENSEMBLE_SIZES, reverse=True)
-                                                       for how in ("mean", "min", "uwo")]
-        # beta 0 first (all of its rows, then beta 0.01), so that a sweep stopped halfway leaves whole comparisons
+        # the single RM and the largest ensembles at both betas first, then the smaller ensembles: a sweep stopped
+        # halfway leaves whole comparisons
+        by_size = [[("single", ["models/rm"], "mean")] * (n == max(ENSEMBLE_SIZES)) +
+                   [(f"{how}{n}", members[:n], how) for how in ("mean", "min", "uwo")]
+                   for n in sorted(ENSEMBLE_SIZES, reverse=True)]
         stages.append([ppo_run(args, "ensembles", f"{name}_beta{b:g}", s, ["--kl_coef", str(b), "--total_episodes",
                                str(ENSEMBLE_EPISODES), "--reward_model", *paths, "--ensemble", how])
-                       for b in ENSEMBLE_BETAS for name, paths, how in runs for s in args.seeds])
+                       for runs in by_size for b in ENSEMBLE_BETAS for name, paths, how in runs for s in args.seeds])
     return stages
 
 

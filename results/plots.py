@@ -287,27 +287,32 @@ def gao_curve(fit: dict, form: str, d: np.ndarray) -> np.ndarray:
     return d * (fit["alpha"] - fit["beta"] * (np.log(d) if form == "rl" else d))
 
 
-def rl_points(seeds: dict[int, dict]) -> tuple[list[float], list[float]]:
-    """(√KL, gold gain over the run's own first evaluation) at every evaluation after the start, all seeds."""
+# RL fits use the evaluations up to this KL (d = 4), the range that the runs against every RM size reach; the
+# longer beta-0 runs against the main RM go on to a collapse at 100+ nats that would otherwise dominate their fit
+RL_FIT_MAX_KL = 16.0
+
+
+def rl_points(seeds: dict[int, dict], max_kl: float = RL_FIT_MAX_KL) -> tuple[list[float], list[float]]:
+    """(√KL, gold gain over the run's own first evaluation) at every evaluation after the start up to max_kl, all seeds."""
     d, r = [], []
     for log in seeds.values():
         golds, kls = log["scalars"]["eval/gold_score"], dict(log["scalars"]["eval/kl"])
         start = golds[0][1]
         for step, g in golds[1:]:
-            if kls[step] > 0:
+            if 0 < kls[step] <= max_kl:
                 d.append(math.sqrt(kls[step]))
                 r.append(g - start)
     return d, r
 
 
-def gao_fits(gao: dict, ensembles: dict, bon: dict | None) -> tuple[str, dict, list]:
+def gao_fits(gao: dict, bon: dict | None) -> tuple[str, dict, list]:
     """One row per proxy: its RL runs at β = 0 and its best-of-n on the SFT policy, each fitted."""
     proxies = [(f"{n} pairs", f"rm_{n}", gao.get(f"pairs{n}_beta0"), os.path.join("sweeps", "rm_size", f"rm_{n}")) for n in GAO_PAIRS]
-    proxies.append(("240000 pairs (models/rm)", "rm_240000", ensembles.get("single_beta0"), os.path.join("models", "rm")))
-    n_max = max(ENSEMBLE_SIZES)
-    proxies += [(f"ensemble: {how} of {n_max}", f"{how}{n_max}", ensembles.get(f"{how}{n_max}_beta0"), None)
+    proxies.append(("240000 pairs (models/rm)", "rm_240000", gao.get("pairs240000_beta0"), os.path.join("models", "rm")))
+    n_max = max(ENSEMBLE_SIZES)  # RL at beta 0 for the mean only; best-of-n for each way to combine
+    proxies += [(f"ensemble: {how} of {n_max}", f"{how}{n_max}", gao.get(f"{how}{n_max}_beta0"), None)
                 for how in ("mean", "min", "uwo")]
-    rows = ["| proxy reward | RM val accuracy | best-of-n α | β | R² | points | RL α | β | R² | points (3 seeds) |",
+    rows = [f"| proxy reward | RM val accuracy | best-of-n α | β | R² | points | RL α | β | R² | points (3 seeds, KL ≤ {RL_FIT_MAX_KL:g}) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     summary, drawn = {}, []
     for label, bon_key, rl_runs, rm_dir in proxies:
@@ -323,14 +328,27 @@ def gao_fits(gao: dict, ensembles: dict, bon: dict | None) -> tuple[str, dict, l
             cells += ["not run"] * 4
         if rl_runs:
             d, r = rl_points(rl_runs)
-            entry["rl"] = {**fit_gao(d, r, "rl"), "d": d, "r": r}
+            entry["rl"] = {**fit_gao(d, r, "rl"), "d": d, "r": r, "all": rl_points(rl_runs, math.inf)}
             cells += [f"{entry['rl']['alpha']:.3f}", f"{entry['rl']['beta']:.3f}", f"{entry['rl']['r2']:.3f}", str(entry["rl"]["points"])]
         else:
             cells += ["not run"] * 4
         if entry:
-            summary[f"gao_fit/{bon_key}"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("d", "r")} for k, v in entry.items()}
+            summary[f"gao_fit/{bon_key}"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("d", "r", "all")} for k, v in entry.items()}
             drawn.append((label, entry))
         rows.append(f"| {label} | {f'{acc:.3f}' if acc is not None else '-'} | " + " | ".join(cells) + " |")
+    if bon:  # the best-of-n scores themselves, with their standard errors over prompts
+        shown = [i for i, n in enumerate(bon["n"]) if math.log2(n) % 2 == 0 or n == bon["n"][-1]]
+        rows += ["", f"Best-of-n gold score on {bon['num_prompts']} held-out prompts x {bon['n_max']} SFT samples "
+                 f"(T = {bon['temperature']}); ± is the standard error over prompts; the last column is the difference "
+                 "to the main RM on the same samples, ± its paired standard error:", "",
+                 "| proxy reward | " + " | ".join(f"n = {bon['n'][i]} (KL {bon['kl'][i]:.2f})" for i in shown)
+                 + f" | best n | vs 240000 pairs at n = {bon['n'][-1]} |", "|---" * (len(shown) + 3) + "|"]
+        base = bon["proxies"].get("rm_240000")
+        for name, c in bon["proxies"].items():
+            g = c["gold"]
+            cells = [f"{g[i]:.3f}" + (f" ± {c['gold_se'][i]:.3f}" if i == len(g) - 1 else "") for i in shown]
+            delta = f"{g[-1] - base['gold'][-1]:+.3f} ± {c['minus_rm_240000_se'][-1]:.3f}" if base and name != "rm_240000" else ""
+            rows.append(f"| {name} | " + " | ".join(cells) + f" | {bon['n'][g.index(max(g))]} | {delta} |")
     return "\n".join(rows), summary, drawn
 
 
@@ -342,14 +360,17 @@ def plot_gao(drawn: list, frontier: dict | None) -> str:
             if form not in entry:
                 continue
             e = entry[form]
+            if form == "rl":  # the points beyond the fitted range, faint
+                beyond = [(d, r) for d, r in zip(*e["all"]) if d * d > RL_FIT_MAX_KL]
+                ax.plot([d for d, _ in beyond], [r for _, r in beyond], "o", ms=2, alpha=0.15, color=f"C{i}")
             ax.plot(e["d"], e["r"], "o", ms=2 if form == "rl" else 4, alpha=0.5, color=f"C{i}")
-            grid = np.linspace(1e-3, max(e["d"]) * 1.05, 200)
+            grid = np.linspace(1e-3, max(e["d"]) * 1.02, 200)
             ax.plot(grid, gao_curve(e, form, grid), "-", color=f"C{i}",
                     label=f"{label}: α {e['alpha']:.2f}, β {e['beta']:.2f}, R² {e['r2']:.2f}")
     if frontier:  # the β sweep's final points (models/rm, 3 seeds each) against the same axes
         axes[1].plot(frontier["d"], frontier["r"], "k^", ms=6, label="PPO at β > 0, final (models/rm; gain over SFT)")
     axes[0].set_title("best-of-n on the SFT policy: d = √(log n − (n−1)/n)")
-    axes[1].set_title("PPO at β = 0: every evaluation of 3 seeds")
+    axes[1].set_title(f"PPO at β = 0: every evaluation of 3 seeds (fits: KL ≤ {RL_FIT_MAX_KL:g})")
     for ax in axes:
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xlabel("d = √KL  (nats^½)")
@@ -481,8 +502,8 @@ def main() -> None:
     bon_path = os.path.join(HERE, "best_of_n.json")
     bon = json.load(open(bon_path)) if os.path.exists(bon_path) else None
     gao = runs_of("gao")
-    if gao or ensembles or bon:
-        blocks["gao_fit"], gao_summary, drawn = gao_fits(gao, ensembles, bon)
+    if gao or bon:
+        blocks["gao_fit"], gao_summary, drawn = gao_fits(gao, bon)
         summary.update(gao_summary)
         frontier = None
         old_summary = json.load(open(os.path.join(HERE, "sweep_summary.json")))

@@ -71,9 +71,9 @@ ENSEMBLE_SIZES = (3, 5)  # the first 3 members, and all 5
 # over-optimisation needs a long run: 4x the default 6400 episodes, so that the single RM's gold score turns down
 ENSEMBLE_EPISODES = 4 * 6400
 ENSEMBLE_BETAS = (0.0, 0.01)
-# Gao et al. 2022's RL curves need gold vs KL along a run without the KL penalty: PPO at beta 0 against each smaller RM,
-# evaluated every 5 updates (20 points a run: at beta 0 the first 20 updates already reach 2-7 nats); the full RM's
-# beta-0 curves are the ensembles group's single_beta0 runs
+# Gao et al. 2022's RL curves need gold vs KL along a run without the KL penalty: PPO at beta 0 for the default
+# episodes against each RM size (and the main RM, and the mean of the 5 ensemble members), evaluated every 5 updates
+# (20 points a run: at beta 0 the first 20 updates already reach 2-7 nats)
 GAO_PAIRS = RM_PAIRS
 # the process's peak memory per estimator: one short run each (seed 1, 1280 episodes, then the final evaluation),
 # which passes through every phase of a full run (rollout, scoring, update, evaluation) with the same shapes
@@ -124,20 +124,22 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
     if "rm_size" in args.groups:
         stages.append([ppo_run(args, "rm_size", f"pairs{n}", s, ["--reward_model", f"{args.out_dir}/rm_size/rm_{n}"])
                        for n in RM_PAIRS for s in args.rm_size_seeds])
-    if "gao" in args.groups:
-        stages.append([ppo_run(args, "gao", f"pairs{n}_beta0", s, ["--kl_coef", "0", "--reward_model",
-                                                                   f"{args.out_dir}/rm_size/rm_{n}"])
-                       for n in GAO_PAIRS for s in args.seeds])
     for group, runs in (("estimators", ESTIMATORS), ("loss_details", LOSS_DETAILS), ("gold_reward", GOLD_REWARD)):
         if group in args.groups:
             stages.append([ppo_run(args, group, n, s, f) for n, f in runs.items() for s in args.seeds])
     if "estimators_memory" in args.groups:  # peak RSS is per process: runs side by side do not change it
         stages.append([ppo_run(args, "estimators_memory", n, 1, [*f, "--total_episodes", str(MEMORY_EPISODES)])
                        for n, f in ESTIMATORS.items()])
-    if "ensembles" in args.groups:  # 3 RMs (seed, bootstrap resample); PPO on their mean/min/uwo vs one RM
-        members = [f"{args.out_dir}/ensembles/rm_s{m}" for m in ENSEMBLE_SEEDS]
+    members = [f"{args.out_dir}/ensembles/rm_s{m}" for m in ENSEMBLE_SEEDS]
+    if "ensembles" in args.groups or "gao" in args.groups:  # the members: seeds 1-5, each on a bootstrap resample
         stages.append([(path, [sys.executable, "train_rm.py", "--seed", str(m), "--bootstrap", "--output_dir", path,
                                "--run_name", f"sweeps/ensembles/rm_s{m}"]) for m, path in zip(ENSEMBLE_SEEDS, members)])
+    if "gao" in args.groups:  # every RM size, and the mean of the 5 members, at beta 0 for the same episodes
+        rewards = {**{f"pairs{n}": [f"{args.out_dir}/rm_size/rm_{n}"] for n in GAO_PAIRS}, "pairs240000": ["models/rm"],
+                   f"mean{len(members)}": [*members, "--ensemble", "mean"]}
+        stages.append([ppo_run(args, "gao", f"{name}_beta0", s, ["--kl_coef", "0", "--reward_model", *reward])
+                       for name, reward in rewards.items() for s in args.seeds])
+    if "ensembles" in args.groups:  # PPO on the members' mean/min/uwo vs the single RM
         # the single RM and the largest ensembles at both betas first, then the smaller ensembles: a sweep stopped
         # halfway leaves whole comparisons
         by_size = [[("single", ["models/rm"], "mean")] * (n == max(ENSEMBLE_SIZES)) +

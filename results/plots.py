@@ -33,6 +33,14 @@ sys.path.insert(0, HERE)
 from sweep import ABLATIONS, ENSEMBLE_BETAS, ENSEMBLE_SIZES, ESTIMATORS, GAO_PAIRS, GOLD_REWARD, LOSS_DETAILS  # noqa: E402
 
 
+def save(fig, name: str) -> str:
+    fig.tight_layout()
+    path = os.path.join(FIGS, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def load(run_dir: str) -> dict:
     ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
@@ -157,11 +165,7 @@ def plot_training_curves(default: dict[int, dict]) -> str:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("episodes")
     fig.suptitle(f"default ppo.py run, mean ± std over {len(default)} seeds", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(FIGS, "training_curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, "training_curves.png")
 
 
 def plot_frontier(beta: dict[str, dict[int, dict]]) -> str:
@@ -178,11 +182,7 @@ def plot_frontier(beta: dict[str, dict[int, dict]]) -> str:
         ax.set_xlabel("√KL(π ‖ π_ref)  (nats^½, per response)")
         ax.legend(fontsize=8)
     fig.suptitle("one curve per β: evaluations every 1280 episodes, mean over seeds (Gao et al. 2022 axes)", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(FIGS, "kl_frontier.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, "kl_frontier.png")
 
 
 def plot_rm_size(rm_rows: list[dict]) -> str:
@@ -202,11 +202,7 @@ def plot_rm_size(rm_rows: list[dict]) -> str:
     axes[1].set_xlabel("RM validation accuracy")
     axes[1].set_ylabel("final gold score of PPO (held-out)")
     axes[1].set_title("PPO's gold score vs RM quality")
-    fig.tight_layout()
-    path = os.path.join(FIGS, "rm_size.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, "rm_size.png")
 
 
 ENSEMBLE_NAMES = ["single"] + [f"{how}{n}" for n in sorted(ENSEMBLE_SIZES, reverse=True) for how in ("mean", "min", "uwo")]
@@ -264,11 +260,7 @@ def plot_ensembles(runs: dict[str, dict[int, dict]]) -> str:
         for ax in axes[:, col]:
             ax.set_ylabel("gold score (held-out)")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(FIGS, "ensembles.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, "ensembles.png")
 
 
 def fit_gao(d: list[float], r: list[float], form: str) -> dict:
@@ -378,11 +370,7 @@ def plot_gao(drawn: list, frontier: dict | None) -> str:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     fig.suptitle("Gao et al. 2022's functional forms fitted by least squares (lines) to the toy task (points)", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(FIGS, "gao_fit.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, "gao_fit.png")
 
 
 def last_samples(log: dict, n: int = 4) -> str:

@@ -217,8 +217,8 @@ def peak_and_end(log: dict) -> dict[str, float]:
 
 
 def ensembles_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
-    rows = ["| reward | β | seeds | gold at the end | KL at the end | best gold on the way | its KL | its episodes "
-            "| drop from best to end | s / update | of which scoring | peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| reward | β | seeds | gold at the end | per seed | KL at the end | best gold on the way | its KL | its episodes "
+            "| drop from best to end | s / update | score phase (s) | peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for b in ENSEMBLE_BETAS:
         for name in ENSEMBLE_NAMES:
@@ -234,10 +234,25 @@ def ensembles_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
             f["peak_rss_gib"] = [u["peak_rss_gib"] for u in used if u]
             summary[f"ensembles/{key}"] = f
             reward = "single RM (models/rm)" if name == "single" else f"{name[:-1]} of {name[-1]}"
-            rows.append(f"| {reward} | {b:g} | {len(seeds)} | {pm(f['end'])} | {pm(f['end_kl'], 1)} | {pm(f['peak'])} "
+            per_seed = ", ".join(f"{x:.2f}" for x in f["end"])
+            rows.append(f"| {reward} | {b:g} | {len(seeds)} | {pm(f['end'])} | {per_seed} | {pm(f['end_kl'], 1)} | {pm(f['peak'])} "
                         f"| {pm(f['peak_kl'], 1)} | {pm(f['peak_episodes'], 0)} | {pm(f['drop'])} "
                         f"| {pm(f['update_seconds'], 2)} | {pm(f['score_seconds'], 3)} "
                         f"| {pm(f['peak_rss_gib'], 3) if f['peak_rss_gib'] else '-'} |")
+    cost = runs_of("ensembles_cost")
+    if cost:  # 1, 3, 5 RMs on the same short run, one run at a time on an idle machine
+        rows += ["", "What the members cost on the same short run (seed 1, 1280 episodes at β = 0.05, one run at a time; "
+                 "medians over its 20 updates):", "",
+                 "| reward | RMs | s / update | score phase (s) | peak RSS (GiB) |", "|---|---|---|---|---|"]
+        for name in [n for n in ("single", "mean3", "mean5") if n in cost]:
+            log = cost[name][1]
+            used = resources(os.path.join("sweeps", "ensembles_cost", f"{name}_s1"))
+            f = {"update_seconds": statistics.median(v for _, v in log["scalars"]["time/update"]),
+                 "score_seconds": statistics.median(v for _, v in log["scalars"]["time/score"]),
+                 "peak_rss_gib": used["peak_rss_gib"] if used else math.nan}
+            summary[f"ensembles_cost/{name}"] = f
+            rows.append(f"| {name} | {1 if name == 'single' else name[-1]} | {f['update_seconds']:.3f} | {f['score_seconds']:.3f} "
+                        f"| {f['peak_rss_gib']:.3f} |")
     return "\n".join(rows), summary
 
 

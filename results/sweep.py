@@ -78,19 +78,21 @@ GAO_PAIRS = RM_PAIRS
 # the process's peak memory per estimator: one short run each (seed 1, 1280 episodes, then the final evaluation),
 # which passes through every phase of a full run (rollout, scoring, update, evaluation) with the same shapes
 MEMORY_EPISODES = 1280
+# what an ensemble costs, apart from what the policy does: 1, 3 and 5 RMs at the default beta for MEMORY_EPISODES,
+# seed 1; run with --jobs 1 on an otherwise idle machine, so that the medians of time/score compare
 # the beta, estimator, gold-reward and ensemble runs evaluate every 20 updates for curves (over episodes and wall time),
 # the gao runs every 5; the others at the end
 EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"], "rm_size": ["--eval_every", "0"],
               "estimators": ["--eval_every", "20"], "loss_details": ["--eval_every", "0"], "gold_reward": ["--eval_every", "20"],
               "ensembles": ["--eval_every", "20"], "gao": ["--eval_every", "5"],
-              "estimators_memory": ["--eval_every", "0"]}
+              "estimators_memory": ["--eval_every", "0"], "ensembles_cost": ["--eval_every", "0"]}
 
 
 @dataclass
 class Args:
     groups: list[str] = field(default_factory=lambda: ["beta", "ablations", "rm_size"])
     """which experiment groups to run: beta, ablations, rm_size, estimators, estimators_memory, loss_details,
-    gold_reward, gao, ensembles"""
+    gold_reward, gao, ensembles, ensembles_cost"""
     jobs: int = 2
     """runs at a time"""
     threads: int = 1
@@ -131,7 +133,7 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
         stages.append([ppo_run(args, "estimators_memory", n, 1, [*f, "--total_episodes", str(MEMORY_EPISODES)])
                        for n, f in ESTIMATORS.items()])
     members = [f"{args.out_dir}/ensembles/rm_s{m}" for m in ENSEMBLE_SEEDS]
-    if "ensembles" in args.groups or "gao" in args.groups:  # the members: seeds 1-5, each on a bootstrap resample
+    if {"ensembles", "gao", "ensembles_cost"} & set(args.groups):  # the members: seeds 1-5, each on a bootstrap resample
         stages.append([(path, [sys.executable, "train_rm.py", "--seed", str(m), "--bootstrap", "--output_dir", path,
                                "--run_name", f"sweeps/ensembles/rm_s{m}"]) for m, path in zip(ENSEMBLE_SEEDS, members)])
     if "gao" in args.groups:  # every RM size, and the mean of the 5 members, at beta 0 for the same episodes
@@ -148,6 +150,10 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
         stages.append([ppo_run(args, "ensembles", f"{name}_beta{b:g}", s, ["--kl_coef", str(b), "--total_episodes",
                                str(ENSEMBLE_EPISODES), "--reward_model", *paths, "--ensemble", how])
                        for runs in by_size for b in ENSEMBLE_BETAS for name, paths, how in runs for s in args.seeds])
+    if "ensembles_cost" in args.groups:
+        stages.append([ppo_run(args, "ensembles_cost", name, 1, ["--total_episodes", str(MEMORY_EPISODES),
+                                                                 "--reward_model", *paths])
+                       for name, paths in (("single", ["models/rm"]), ("mean3", members[:3]), ("mean5", members))])
     return stages
 
 

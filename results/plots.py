@@ -266,15 +266,21 @@ def plot_ensembles(runs: dict[str, dict[int, dict]]) -> str:
             x, kl, _ = curve(runs[key], "eval/kl")
             _, gold, _ = curve(runs[key], "eval/gold_score")
             style = dict(color="k", lw=2) if name == "single" else dict(color=f"C{i}", ls="-" if name.endswith("5") else ":")
-            axes[0, col].plot([math.sqrt(max(k, 0.0)) for k in kl], gold, "o-", ms=2, label=name, **style)
-            axes[1, col].plot(x, gold, "o-", ms=2, label=name, **style)
-        axes[0, col].set_title(f"β = {b:g}: gold score vs √KL (mean of 3 seeds)")
+            axes[0, col].plot([math.sqrt(max(k, 0.0)) for k in kl], gold, "o-", ms=2, label=f"{name} (mean)", **style)
+            axes[1, col].plot(x, gold, "o-", ms=2, label=f"{name} (mean)", **style)
+            for log in runs[key].values():  # each seed, faint: the mean hides runs that collapse and runs that do not
+                steps, golds = zip(*log["scalars"]["eval/gold_score"])
+                kls = dict(log["scalars"]["eval/kl"])
+                axes[0, col].plot([math.sqrt(max(kls[t], 0.0)) for t in steps], golds, "-", lw=0.7, alpha=0.3, color=style["color"])
+                axes[1, col].plot(steps, golds, "-", lw=0.7, alpha=0.3, color=style["color"])
+        axes[0, col].set_title(f"β = {b:g}: gold vs √KL (seed mean; each seed faint)")
         axes[0, col].set_xlabel("√KL(π ‖ π_ref)  (nats^½, per response)")
         axes[1, col].set_title(f"β = {b:g}: gold score vs episodes")
         axes[1, col].set_xlabel("episodes")
         for ax in axes[:, col]:
             ax.set_ylabel("gold score (held-out)")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     return save(fig, "ensembles.png")
 
 

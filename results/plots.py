@@ -9,6 +9,7 @@ results/figures/*.png and results/sweep_summary.json, and rewrites the blocks of
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import math
@@ -108,12 +109,20 @@ def gold_within(log: dict, budget: float) -> float:
     return golds[-1][1]
 
 
+SUMMARY = os.path.join(HERE, "sweep_summary.json")
+
+
+@functools.cache
+def last_summary() -> dict:
+    """sweep_summary.json as the last run of this script wrote it: groups whose logs are on another machine."""
+    return json.load(open(SUMMARY)) if os.path.exists(SUMMARY) else {}
+
+
 def resources(out: str) -> dict | None:
     """A sweep run's wall seconds and peak RSS (results/sweep.py writes <out>.resources.json), or None."""
     path = out + ".resources.json"
-    if not os.path.exists(path):
-        summary = os.path.join(HERE, "sweep_summary.json")  # measured on another machine: its summary keeps it
-        return None if not os.path.exists(summary) else json.load(open(summary)).get("resources", {}).get(out)
+    if not os.path.exists(path):  # measured on another machine: the last summary keeps it
+        return last_summary().get("resources", {}).get(out)
     return json.load(open(path))
 
 
@@ -515,9 +524,8 @@ def main() -> None:
         blocks["gao_fit"], gao_summary, drawn = gao_fits(gao, bon)
         summary.update(gao_summary)
         frontier = None
-        old_summary = json.load(open(os.path.join(HERE, "sweep_summary.json")))
         if bon:  # the β sweep's final points, as gains over the SFT policy's gold score on the same prompts
-            betas = {k: v for k, v in {**old_summary, **summary}.items() if k.startswith("beta/beta") and k != "beta/beta0"}
+            betas = {k: v for k, v in {**last_summary(), **summary}.items() if k.startswith("beta/beta") and k != "beta/beta0"}
             sft = json.load(open(os.path.join(HERE, "toy_pipeline", "pipeline_summary.json")))["ppo"]["sft"]["gold_score"]
             frontier = {"d": [math.sqrt(statistics.mean(v["kl"])) for v in betas.values()],
                         "r": [statistics.mean(v["gold"]) - sft for v in betas.values()]}
@@ -533,13 +541,11 @@ def main() -> None:
         text = replace_block(text, name, body)
     with open(readme_path, "w") as f:
         f.write(text)
-    summary_path = os.path.join(HERE, "sweep_summary.json")
     # groups whose logs are not here keep their last summary (each group's runs may live on another machine)
-    old_summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     if "resources" in summary:
-        summary["resources"] = {**old_summary.get("resources", {}), **summary["resources"]}
-    summary = {**old_summary, **summary}
-    with open(summary_path, "w") as f:
+        summary["resources"] = {**last_summary().get("resources", {}), **summary["resources"]}
+    summary = {**last_summary(), **summary}
+    with open(SUMMARY, "w") as f:
         json.dump(summary, f, indent=1)
     print(f"wrote {FIGS}/*.png, results/sweep_summary.json and the blocks {sorted(blocks)} of results/README.md")
 

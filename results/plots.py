@@ -177,7 +177,8 @@ def plot_training_curves(default: dict[int, dict]) -> str:
     return save(fig, "training_curves.png")
 
 
-def plot_frontier(beta: dict[str, dict[int, dict]]) -> str:
+def plot_frontier(beta: dict[str, dict[int, dict]], fits: dict | None = None) -> str:
+    """Gold and RM score vs √KL, one curve per β; with `fits`, the main RM's Gao et al. fits (gao_fit) on the gold panel."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     order = sorted(beta, key=lambda n: float(n.removeprefix("beta")))
     for i, name in enumerate(order):
@@ -185,6 +186,14 @@ def plot_frontier(beta: dict[str, dict[int, dict]]) -> str:
         for ax, tag in zip(axes, ("eval/gold_score", "eval/rm_score")):
             _, y, _ = curve(beta[name], tag)
             ax.plot([math.sqrt(max(k, 0.0)) for k in kl], y, "o-", ms=3, color=f"C{i}", label=f"β = {name.removeprefix('beta')}")
+    if fits:  # fitted to gains over the starting policy, so drawn from where the curves start (SFT, mean over seeds)
+        start = statistics.mean(log["scalars"]["eval/gold_score"][0][1] for runs in beta.values() for log in runs.values())
+        for form, style, what in (("rl", "k--", "PPO at β = 0"), ("bon", "k:", "best-of-n")):
+            if form in fits:
+                e = fits[form]
+                grid = np.linspace(1e-3, max(e["d"]) * 1.02, 200)
+                axes[0].plot(grid, start + gao_curve(e, form, grid), style, lw=1,
+                             label=f"Gao fit, {what}: α {e['alpha']:.2f}, β {e['beta']:.2f}")
     axes[0].set_title("gold score (held-out) vs √KL")
     axes[1].set_title("RM score (the proxy, held-out) vs √KL")
     for ax in axes:
@@ -275,8 +284,8 @@ def plot_ensembles(runs: dict[str, dict[int, dict]]) -> str:
             x, kl, _ = curve(runs[key], "eval/kl")
             _, gold, _ = curve(runs[key], "eval/gold_score")
             style = dict(color="k", lw=2) if name == "single" else dict(color=f"C{i}", ls="-" if name.endswith("5") else ":")
-            axes[0, col].plot([math.sqrt(max(k, 0.0)) for k in kl], gold, "o-", ms=2, label=f"{name} (mean)", **style)
-            axes[1, col].plot(x, gold, "o-", ms=2, label=f"{name} (mean)", **style)
+            axes[0, col].plot([math.sqrt(max(k, 0.0)) for k in kl], gold, marker="o", ms=2, label=f"{name} (mean)", **style)
+            axes[1, col].plot(x, gold, marker="o", ms=2, label=f"{name} (mean)", **style)
             for log in runs[key].values():  # each seed, faint: the mean hides runs that collapse and runs that do not
                 steps, golds = zip(*log["scalars"]["eval/gold_score"])
                 kls = dict(log["scalars"]["eval/kl"])
@@ -437,7 +446,6 @@ def main() -> None:
         plot_training_curves(default)
 
     if beta:
-        plot_frontier(beta)
         rows = ["| β | gold score | RM score | KL (nats) | gold win rate vs SFT | response length | EOS rate |", "|---|---|---|---|---|---|---|"]
         for name in sorted(beta, key=lambda n: float(n.removeprefix("beta"))):
             f = finals(beta[name])
@@ -469,7 +477,7 @@ def main() -> None:
 
     rm_runs = runs_of("rm_size")
     rm_dirs = glob.glob(os.path.join("sweeps", "rm_size", "rm_*", "eval_results.json"))
-    if rm_dirs and default:
+    if rm_dirs and default and rm_runs:  # the RMs alone (the gao group trains them too) keep the last table
         rm_rows = []
         for n in sorted(int(re.search(r"rm_(\d+)", d).group(1)) for d in rm_dirs):
             res = json.load(open(os.path.join("sweeps", "rm_size", f"rm_{n}", "eval_results.json")))
@@ -530,6 +538,8 @@ def main() -> None:
             frontier = {"d": [math.sqrt(statistics.mean(v["kl"])) for v in betas.values()],
                         "r": [statistics.mean(v["gold"]) - sft for v in betas.values()]}
         plot_gao(drawn, frontier)
+    if beta:  # after the fits, which it draws when there are any
+        plot_frontier(beta, dict(drawn).get("240000 pairs (models/rm)") if gao or bon else None)
     found = {path.removesuffix(".resources.json"): json.load(open(path))
              for path in glob.glob(os.path.join("sweeps", "**", "*.resources.json"), recursive=True)}
     if found:

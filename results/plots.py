@@ -191,8 +191,8 @@ def plot_frontier(beta: dict[str, dict[int, dict]], fits: dict | None = None) ->
         for form, style, what in (("rl", "k--", "PPO at β = 0"), ("bon", "k:", "best-of-n")):
             if form in fits:
                 e = fits[form]
-                grid = np.linspace(1e-3, max(e["d"]) * 1.02, 200)
-                axes[0].plot(grid, start + gao_curve(e, form, grid), style, lw=1,
+                grid, gain = fit_line(e, form)
+                axes[0].plot(grid, start + gain, style, lw=1,
                              label=f"Gao fit, {what}: α {e['alpha']:.2f}, β {e['beta']:.2f}")
     axes[0].set_title("gold score (held-out) vs √KL")
     axes[1].set_title("RM score (the proxy, held-out) vs √KL")
@@ -234,6 +234,11 @@ def peak_and_end(log: dict) -> dict[str, float]:
             "drop": peak - golds[-1][1]}
 
 
+def median_over_updates(log: dict, tag: str) -> float:
+    """Robust to another job sharing the cores for part of a run."""
+    return statistics.median(v for _, v in log["scalars"][tag])
+
+
 def ensembles_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
     rows = ["| reward | β | seeds | gold at the end | per seed | KL at the end | best gold on the way | its KL | its episodes "
             "| drop from best to end | s / update | score phase (s) | peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -244,11 +249,11 @@ def ensembles_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
             if key not in runs:
                 continue
             seeds = sorted(runs[key].items())
-            f = {k: [peak_and_end(log)[k] for _, log in seeds] for k in ("end", "end_kl", "peak", "peak_kl", "peak_episodes", "drop")}
+            points = [peak_and_end(log) for _, log in seeds]
+            f = {k: [p[k] for p in points] for k in ("end", "end_kl", "peak", "peak_kl", "peak_episodes", "drop")}
             used = [resources(os.path.join("sweeps", "ensembles", f"{key}_s{seed}")) for seed, _ in seeds]
-            # medians over the updates: robust to another job sharing the cores for part of a run
-            f["update_seconds"] = [statistics.median(v for _, v in log["scalars"]["time/update"]) for _, log in seeds]
-            f["score_seconds"] = [statistics.median(v for _, v in log["scalars"]["time/score"]) for _, log in seeds]
+            f["update_seconds"] = [median_over_updates(log, "time/update") for _, log in seeds]
+            f["score_seconds"] = [median_over_updates(log, "time/score") for _, log in seeds]
             f["peak_rss_gib"] = [u["peak_rss_gib"] for u in used if u]
             summary[f"ensembles/{key}"] = f
             reward = "single RM (models/rm)" if name == "single" else f"{name[:-1]} of {name[-1]}"
@@ -265,8 +270,8 @@ def ensembles_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
         for name in [n for n in ("single", "mean3", "mean5") if n in cost]:
             log = cost[name][1]
             used = resources(os.path.join("sweeps", "ensembles_cost", f"{name}_s1"))
-            f = {"update_seconds": statistics.median(v for _, v in log["scalars"]["time/update"]),
-                 "score_seconds": statistics.median(v for _, v in log["scalars"]["time/score"]),
+            f = {"update_seconds": median_over_updates(log, "time/update"),
+                 "score_seconds": median_over_updates(log, "time/score"),
                  "peak_rss_gib": used["peak_rss_gib"] if used else math.nan}
             summary[f"ensembles_cost/{name}"] = f
             rows.append(f"| {name} | {1 if name == 'single' else name[-1]} | {f['update_seconds']:.3f} | {f['score_seconds']:.3f} "
@@ -318,6 +323,12 @@ def gao_curve(fit: dict, form: str, d: np.ndarray) -> np.ndarray:
     return d * (fit["alpha"] - fit["beta"] * (np.log(d) if form == "rl" else d))
 
 
+def fit_line(fit: dict, form: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted R(d) to draw, over the d range of the points it was fitted on."""
+    grid = np.linspace(1e-3, max(fit["d"]) * 1.02, 200)
+    return grid, gao_curve(fit, form, grid)
+
+
 # RL fits use the evaluations up to this KL (d = 4), the range that the runs against every RM size reach; the
 # longer beta-0 runs against the main RM go on to a collapse at 100+ nats that would otherwise dominate their fit
 RL_FIT_MAX_KL = 16.0
@@ -336,7 +347,7 @@ def rl_points(seeds: dict[int, dict], max_kl: float = RL_FIT_MAX_KL) -> tuple[li
     return d, r
 
 
-def gao_fits(gao: dict, bon: dict | None) -> tuple[str, dict, list]:
+def gao_fits(gao: dict, bon: dict | None) -> tuple[str, dict, dict]:
     """One row per proxy: its RL runs at β = 0 and its best-of-n on the SFT policy, each fitted."""
     proxies = [(f"{n} pairs", f"rm_{n}", gao.get(f"pairs{n}_beta0"), os.path.join("sweeps", "rm_size", f"rm_{n}")) for n in GAO_PAIRS]
     proxies.append(("240000 pairs (models/rm)", "rm_240000", gao.get("pairs240000_beta0"), os.path.join("models", "rm")))
@@ -345,7 +356,7 @@ def gao_fits(gao: dict, bon: dict | None) -> tuple[str, dict, list]:
                 for how in ("mean", "min", "uwo")]
     rows = [f"| proxy reward | RM val accuracy | best-of-n α | β | R² | points | RL α | β | R² | points (3 seeds, KL ≤ {RL_FIT_MAX_KL:g}) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    summary, drawn = {}, []
+    summary, drawn = {}, {}
     for label, bon_key, rl_runs, rm_dir in proxies:
         acc = json.load(open(os.path.join(rm_dir, "eval_results.json")))["val_accuracy"] if rm_dir and os.path.isdir(rm_dir) else None
         entry, cells = {}, []
@@ -365,7 +376,7 @@ def gao_fits(gao: dict, bon: dict | None) -> tuple[str, dict, list]:
             cells += ["not run"] * 4
         if entry:
             summary[f"gao_fit/{bon_key}"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("d", "r", "all")} for k, v in entry.items()}
-            drawn.append((label, entry))
+            drawn[bon_key] = (label, entry)
         rows.append(f"| {label} | {f'{acc:.3f}' if acc is not None else '-'} | " + " | ".join(cells) + " |")
     if bon:  # the best-of-n scores themselves, with their standard errors over prompts
         shown = [i for i, n in enumerate(bon["n"]) if math.log2(n) % 2 == 0 or n == bon["n"][-1]]
@@ -383,10 +394,10 @@ def gao_fits(gao: dict, bon: dict | None) -> tuple[str, dict, list]:
     return "\n".join(rows), summary, drawn
 
 
-def plot_gao(drawn: list, frontier: dict | None) -> str:
+def plot_gao(drawn: dict, frontier: dict | None) -> str:
     """Gold gain vs √KL: best-of-n (left) and RL at β = 0 (right), points and fits per proxy reward."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for i, (label, entry) in enumerate(drawn):
+    for i, (label, entry) in enumerate(drawn.values()):
         for ax, form in zip(axes, ("bon", "rl")):
             if form not in entry:
                 continue
@@ -395,8 +406,7 @@ def plot_gao(drawn: list, frontier: dict | None) -> str:
                 beyond = [(d, r) for d, r in zip(*e["all"]) if d * d > RL_FIT_MAX_KL]
                 ax.plot([d for d, _ in beyond], [r for _, r in beyond], "o", ms=2, alpha=0.15, color=f"C{i}")
             ax.plot(e["d"], e["r"], "o", ms=2 if form == "rl" else 4, alpha=0.5, color=f"C{i}")
-            grid = np.linspace(1e-3, max(e["d"]) * 1.02, 200)
-            ax.plot(grid, gao_curve(e, form, grid), "-", color=f"C{i}",
+            ax.plot(*fit_line(e, form), "-", color=f"C{i}",
                     label=f"{label}: α {e['alpha']:.2f}, β {e['beta']:.2f}, R² {e['r2']:.2f}")
     if frontier:  # the β sweep's final points (models/rm, 3 seeds each) against the same axes
         axes[1].plot(frontier["d"], frontier["r"], "k^", ms=6, label="PPO at β > 0, final (models/rm; gain over SFT)")
@@ -539,7 +549,8 @@ def main() -> None:
                         "r": [statistics.mean(v["gold"]) - sft for v in betas.values()]}
         plot_gao(drawn, frontier)
     if beta:  # after the fits, which it draws when there are any
-        plot_frontier(beta, dict(drawn).get("240000 pairs (models/rm)") if gao or bon else None)
+        main_rm = drawn.get("rm_240000") if gao or bon else None  # (label, its fits)
+        plot_frontier(beta, main_rm[1] if main_rm else None)
     found = {path.removesuffix(".resources.json"): json.load(open(path))
              for path in glob.glob(os.path.join("sweeps", "**", "*.resources.json"), recursive=True)}
     if found:

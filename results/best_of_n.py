@@ -84,11 +84,18 @@ def main(a: Args) -> None:
     missing = [p for p in (*a.rms, *a.members) if not os.path.isdir(p)]
     if missing:
         raise SystemExit(f"{', '.join(missing)} not found: run `python results/sweep.py --groups gao ensembles` first")
-    if a.n_max & (a.n_max - 1):
+    if a.n_max < 1 or a.n_max & (a.n_max - 1):
         raise SystemExit(f"--n_max {a.n_max} must be a power of 2")
+    if a.num_prompts < 1:
+        raise SystemExit(f"--num_prompts {a.num_prompts} must be at least 1")
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if not os.path.isdir(out_dir):  # before the sampling, not after it
+        raise SystemExit(f"--out {a.out}: the folder {out_dir} does not exist; create it or pick another --out")
     torch.manual_seed(a.seed)
     args = ppo.Args(save=False, seed=a.seed, eval_samples=a.num_prompts)
     setup = ppo.set_up(args)
+    if len(setup.eval_ids) < a.num_prompts:
+        raise SystemExit(f"--num_prompts {a.num_prompts}: the evaluation split has only {len(setup.eval_ids)} prompts")
     tokenizer, device = setup.tokenizer, torch.device("cpu")
     policy = load_causal_lm(args.sft_model, tokenizer, args.dtype).eval()
     config = ppo.generation_config(tokenizer, args.response_length, args.temperature, setup.stop_ids)
@@ -128,13 +135,13 @@ def main(a: Args) -> None:
            "n_max": a.n_max, "temperature": args.temperature, "seconds": seconds, "sft_gold": gold.mean().item(),
            "n": ns, "kl": [kl_best_of_n(n) for n in ns], "proxies": {}}
     # the standard error over prompts, and that of each proxy's difference to the main RM on the same samples
-    single = {n: best_of_n_per_prompt(proxies["rm_240000"], gold, n)[0] for n in ns} if "rm_240000" in proxies else None
-    for name, proxy in proxies.items():
-        curve = [best_of_n_per_prompt(proxy, gold, n) for n in ns]
+    curves = {name: [best_of_n_per_prompt(proxy, gold, n) for n in ns] for name, proxy in proxies.items()}
+    single = curves.get("rm_240000")
+    for name, curve in curves.items():
         out["proxies"][name] = {"gold": [g.mean().item() for g, _ in curve], "proxy": [p.mean().item() for _, p in curve],
                                 "gold_se": [standard_error(g) for g, _ in curve]}
         if single is not None:
-            out["proxies"][name]["minus_rm_240000_se"] = [standard_error(g - single[n]) for n, (g, _) in zip(ns, curve)]
+            out["proxies"][name]["minus_rm_240000_se"] = [standard_error(g - s) for (g, _), (s, _) in zip(curve, single)]
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"{len(prompt_ids)} prompts x {a.n_max} samples in {seconds:.0f} s; SFT gold {out['sft_gold']:.3f}")

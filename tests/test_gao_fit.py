@@ -77,3 +77,17 @@ def test_fit_is_least_squares():
     r2 = 1 - sum((y - f) ** 2 for y, f in zip(r, fitted)) / sum((y - mean) ** 2 for y in r)
     fit = plots.fit_gao(d, r, "rl")
     assert (fit["alpha"], fit["beta"], fit["r2"]) == pytest.approx((alpha, beta, r2), abs=1e-12)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"n_max": 0}, "--n_max 0 must be a power of 2"),
+    ({"n_max": 12}, "--n_max 12 must be a power of 2"),
+    ({"num_prompts": 0}, "--num_prompts 0 must be at least 1"),
+    ({"out": "/nowhere/best_of_n.json"}, "the folder /nowhere does not exist"),
+])
+def test_best_of_n_refuses_bad_flags_before_sampling(tmp_path, flags, message):
+    """One line naming the flag, before any model is loaded (the RM paths only have to exist for these checks)."""
+    args = best_of_n.Args(rms=(str(tmp_path),), members=(str(tmp_path),), out=str(tmp_path / "out.json"))
+    with pytest.raises(SystemExit, match=message):
+        best_of_n.main(best_of_n.Args(**{**vars(args), **flags}))
+    assert not (tmp_path / "out.json").exists()

@@ -40,6 +40,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ----------------------------------------------------------------------------------------------
+# Flags that several stages share, as dataclasses a stage's Args inherits (their flags keep their plain names)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ResumeFlags:
+    checkpoint_dir: str | None = None
+    """where checkpoints go, the latest one kept (None: {output_dir}_checkpoints)"""
+    resume: bool = False
+    """continue from the latest checkpoint, with the same flags: on CPU the result is bit-identical to an
+    uninterrupted run"""
+    overwrite: bool = False
+    """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
+
+
+# ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
 def check_path(name_or_path: str, what: str) -> None:
@@ -960,6 +974,25 @@ def exit_preempted(path: str, where: str, signum: int | None = None) -> NoReturn
     print0(f"{signal.Signals(signum).name}: checkpoint {path} written at {where}; continue with --resume")
     teardown_distributed()
     raise SystemExit(128 + signum)
+
+
+def parse_args_with_presets(Args, presets: dict, argv=None, moved_flags: dict | None = None):
+    """A stage's command line: an optional preset name first (presets.py; none: the toy task, the stage's defaults),
+    then flags over it. A flag in moved_flags gets one line naming the script it moved to, not tyro's usage box."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in (moved_flags or {}):
+            raise SystemExit(f"{flag}: {moved_flags[flag]}")
+    configs = {"toy": ("offline toy task (default)", Args()),
+               **{name: (about, Args(**flags)) for name, (about, flags) in presets.items()}}
+    if argv and not argv[0].startswith("-") and argv[0] not in configs:
+        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(configs)} (flags start with --)")
+    if not argv or argv[0] not in (*configs, "-h", "--help"):
+        argv = ["toy", *argv]  # no preset named: the toy default
+    return tyro.extras.overridable_config_cli(configs, args=argv, use_underscores=True)
 
 
 def run(main, parse_args) -> None:

@@ -65,11 +65,12 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import tyro
 from tqdm.auto import tqdm
 
+import presets
 from common import (
     Dist,
+    ResumeFlags,
     args_json,
     catch_signals,
     check_flags,
@@ -90,6 +91,7 @@ from common import (
     load_reward_model,
     load_tokenizer,
     prepare_output,
+    parse_args_with_presets,
     print0,
     prompt_head,
     run,
@@ -104,7 +106,7 @@ from common import (
 # Arguments
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class Args:
+class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     # models and data
     sft_model: str = "models/sft"
     """the SFT checkpoint: the initial policy and the frozen reference policy"""
@@ -288,13 +290,6 @@ class Args:
     checkpoint_every: int = 20
     """updates between checkpoints (policy, critic, optimizer, RNG states, adaptive beta, data position); 0: only
     the final one. SIGTERM (preemption) also writes one, then exits with status 143"""
-    checkpoint_dir: str | None = None
-    """where checkpoints go, the latest one kept (None: {output_dir}_checkpoints)"""
-    resume: bool = False
-    """continue from the latest checkpoint, with the same flags: on CPU the result is bit-identical to an
-    uninterrupted run"""
-    overwrite: bool = False
-    """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
 
 
 
@@ -1604,109 +1599,9 @@ def markdown_table(rows, header) -> str:
     return "\n".join(lines)
 
 
-PRESETS = {
-    "toy": ("offline toy task (default)", Args()),
-    "pythia-tldr": (
-        "Pythia-1B on TL;DR, Huang et al. 2024 (GPU)",
-        # Huang et al. 2024, summarize_from_feedback_details/ppo.py (once ppo_left_padding.py) and its sbatch for
-        # Pythia-1B: lr 3e-6, eps 1e-5, beta 0.05, 4 epochs, 1 minibatch of 512 episodes (8 GPUs x 4
-        # accumulation x 16), responses of 53 tokens at temperature 0.7, missing-EOS penalty -1,
-        # 1M episodes, queries of 512 tokens. Evaluation at temperature 0.01 (OpenAI's summarize-from-feedback).
-        Args(
-            sft_model="models/sft",
-            reward_model=["models/rm"],
-            dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
-            prompt_column="query",
-            max_prompt_length=512,
-            truncate_long_prompts=True,
-            gold_reward_fn=None,
-            total_episodes=1_000_000,
-            batch_size=512,
-            response_length=53,
-            temperature=0.7,
-            missing_eos_penalty=-1.0,
-            local_rollout_forward_batch_size=64,
-            kl_coef=0.05,
-            num_ppo_epochs=4,
-            num_minibatches=1,
-            micro_batch_size=16,
-            learning_rate=3e-6,
-            weight_decay=0.01,  # torch's AdamW default, which Huang et al. keep
-            max_grad_norm=1.0,
-            eval_every=100,
-            eval_samples=256,
-            eval_batch_size=32,
-            eval_temperature=0.01,
-            sample_every=100,
-        ),
-    ),
-    "hh-rlhf": (
-        "Pythia-1B PPO on Anthropic HH-RLHF prompts (GPU)",
-        # prompts: each chosen dialogue up to its last "\n\nAssistant:"; the rest follows the TL;DR preset
-        Args(
-            sft_model="models/sft",
-            reward_model=["models/rm"],
-            dataset="Anthropic/hh-rlhf",
-            prompt_column="chosen",
-            implicit_prompt_marker="\n\nAssistant:",
-            eval_split="test",
-            max_prompt_length=512,
-            truncate_long_prompts=True,
-            gold_reward_fn=None,
-            total_episodes=200_000,
-            batch_size=512,
-            response_length=128,
-            micro_batch_size=8,
-            local_rollout_forward_batch_size=32,
-            learning_rate=3e-6,
-            weight_decay=0.01,
-            max_grad_norm=1.0,
-            eval_every=50,
-            eval_samples=256,
-            eval_batch_size=32,
-            sample_every=50,
-        ),
-    ),
-    "ultrafeedback": (
-        "Qwen2.5-0.5B PPO on UltraFeedback prompts, chat template (GPU)",
-        # train_gen/test_gen prompts (text) become one user message of the chat template; a response ends
-        # at <|im_end|>, the template's end-of-turn token
-        Args(
-            sft_model="models/sft",
-            reward_model=["models/rm"],
-            dataset="HuggingFaceH4/ultrafeedback_binarized",
-            prompt_column="prompt",
-            prompt_format="chat",
-            train_split="train_gen",
-            eval_split="test_gen",
-            max_prompt_length=1024,
-            truncate_long_prompts=True,
-            gold_reward_fn=None,
-            total_episodes=200_000,
-            batch_size=256,
-            response_length=256,
-            micro_batch_size=4,
-            local_rollout_forward_batch_size=16,
-            learning_rate=1e-6,
-            weight_decay=0.01,
-            max_grad_norm=1.0,
-            eval_every=50,
-            eval_samples=256,
-            eval_batch_size=16,
-            sample_every=50,
-        ),
-    ),
-}
-
-
-
 def parse_args(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
-        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
-    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
-        argv = ["toy", *argv]  # no preset named: the toy default
-    return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
+    """Args from the command line: a preset's name (presets.py; none: the toy task), then flags over it."""
+    return parse_args_with_presets(Args, presets.PPO, argv)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,12 @@ from typing import Callable, Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
+import presets
 from common import (
     Dist,
+    ResumeFlags,
     args_json,
     catch_signals,
     check_flags,
@@ -57,6 +58,7 @@ from common import (
     load_dataset,
     load_tokenizer,
     prepare_output,
+    parse_args_with_presets,
     print0,
     prompt_head,
     run,
@@ -74,7 +76,7 @@ IGNORE_INDEX = -100  # label of a position that is not a target (F.cross_entropy
 # Arguments
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class Args:
+class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     # experiment
     seed: int = 1
     """random seed (rank r samples with seed + r; every rank shuffles the data with seed): the same seed on the
@@ -171,13 +173,6 @@ class Args:
     checkpoint_every: int = 100
     """optimizer steps between checkpoints (model, optimizer, schedule, RNG states, data position); 0: only the
     final one. SIGTERM (preemption) also writes one, then exits with status 143"""
-    checkpoint_dir: str | None = None
-    """where checkpoints go, the latest one kept (None: {output_dir}_checkpoints)"""
-    resume: bool = False
-    """continue from the latest checkpoint, with the same flags: on CPU the result is bit-identical to an
-    uninterrupted run"""
-    overwrite: bool = False
-    """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -810,109 +805,9 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
     return metrics
 
 
-# Presets and the command line
-PRESETS = {
-    "toy": ("offline toy task (default)", Args()),
-    "pythia-tldr": (
-        "Pythia-1B on TL;DR, Huang et al. 2024 (GPU)",
-        # The SFT settings of Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"),
-        # summarize_from_feedback_details/sft.py and benchmark.sbatch: AdamW lr 3e-6, eps 1e-5,
-        # cosine decay with no warmup, one epoch, batch 128 (8 GPUs x 16 accumulation x 1), loss on the
-        # query tokens too, responses of at most 53 tokens after a query of 512 tokens.
-        Args(
-            model_name_or_path="EleutherAI/pythia-1b-deduped",
-            # a no-op under transformers 5, where Pythia's tokenizer pads with '<|padding|>'; a copy saved
-            # without a pad token gets a distinct '[PAD]'
-            add_pad_token=True,
-            dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
-            prompt_column="query",
-            # " {summary}<|endoftext|>": it already ends in EOS, so none is appended twice
-            completion_column="reference_response",
-            max_prompt_length=512,
-            max_completion_length=53,
-            # the queries were fitted to 512 tokens (the post cut at a newline; tldr_dataset.py) before being
-            # decoded to text; re-tokenising can move a few by a token, so trim those rather than fail
-            truncate_long_prompts=True,
-            train_on_prompt=True,
-            learning_rate=3e-6,
-            adam_eps=1e-5,
-            weight_decay=0.01,  # torch's AdamW default, which Huang et al. keep
-            warmup_steps=0,
-            num_train_epochs=1,
-            batch_size=128,
-            gradient_accumulation_steps=16,
-            group_by_length=False,  # plain shuffled batches, as theirs
-            eval_every=200,
-            eval_batch_size=32,
-            max_new_tokens=53,
-            eval_fn=None,
-        ),
-    ),
-    "hh-rlhf": (
-        "Pythia-1B on Anthropic HH-RLHF's chosen dialogues (GPU)",
-        # Whole dialogues: the prompt is everything up to the last "\n\nAssistant:", the completion is the
-        # final reply. The settings past the data are ours, scaled from the TL;DR preset.
-        Args(
-            model_name_or_path="EleutherAI/pythia-1b-deduped",
-            add_pad_token=True,  # a no-op for Pythia's tokenizer under transformers 5 (see pythia-tldr)
-            dataset="Anthropic/hh-rlhf",
-            dataset_format="implicit_prompt",
-            completion_column="chosen",
-            eval_split="test",
-            max_prompt_length=512,
-            max_completion_length=256,
-            truncate_long_prompts=True,  # keep the end of a long dialogue, the turn being answered
-            learning_rate=1e-5,
-            weight_decay=0.01,
-            warmup_steps=0,
-            num_train_epochs=1,
-            batch_size=64,
-            gradient_accumulation_steps=8,
-            group_by_length=False,
-            eval_every=200,
-            eval_batch_size=16,
-            max_new_tokens=128,
-            eval_fn=None,
-        ),
-    ),
-    "ultrafeedback": (
-        "Qwen2.5-0.5B-Instruct on UltraFeedback binarized, chat template (GPU)",
-        # train_sft/test_sft hold "messages" conversations; they are rendered with the model's ChatML
-        # template, and each completion ends with the template's end-of-turn token <|im_end|>.
-        Args(
-            model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct",
-            add_pad_token=True,  # only if its pad token is missing or equals EOS
-            dataset="HuggingFaceH4/ultrafeedback_binarized",
-            dataset_format="conversational",
-            messages_column="messages",
-            train_split="train_sft",
-            eval_split="test_sft",
-            max_prompt_length=1024,
-            max_completion_length=1024,
-            truncate_long_prompts=True,
-            learning_rate=1e-5,
-            weight_decay=0.01,
-            warmup_steps=0,
-            num_train_epochs=1,
-            batch_size=64,
-            gradient_accumulation_steps=8,
-            group_by_length=False,
-            eval_every=200,
-            eval_batch_size=8,
-            max_new_tokens=256,
-            eval_fn=None,
-        ),
-    ),
-}
-
-
 def parse_args(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
-        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
-    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
-        argv = ["toy", *argv]  # no preset named: the toy default
-    return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
+    """Args from the command line: a preset's name (presets.py; none: the toy task), then flags over it."""
+    return parse_args_with_presets(Args, presets.SFT, argv)
 
 
 if __name__ == "__main__":

@@ -45,11 +45,12 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
+import presets
 from common import (
     Dist,
+    ResumeFlags,
     args_json,
     catch_signals,
     check_flags,
@@ -69,6 +70,7 @@ from common import (
     load_reward_model,
     load_tokenizer,
     prepare_output,
+    parse_args_with_presets,
     print0,
     prompt_head,
     run,
@@ -84,7 +86,7 @@ from common import (
 # Arguments
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class Args:
+class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     # data
     dataset: str = "toy_data/prefs"
     """preference dataset: a hub name or a local dir that `datasets.load_dataset` reads"""
@@ -200,13 +202,6 @@ class Args:
     checkpoint_every: int = 200
     """optimiser steps between checkpoints (model, optimiser, step, RNG states; the data position follows from
     the step); 0: only the final one. SIGTERM (preemption) also writes one, then exits with status 143"""
-    checkpoint_dir: str | None = None
-    """where checkpoints go, the latest one kept (None: {output_dir}_checkpoints)"""
-    resume: bool = False
-    """continue from the latest checkpoint, with the same flags: on CPU the result is bit-identical to an
-    uninterrupted run"""
-    overwrite: bool = False
-    """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1000,104 +995,9 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
     return results
 
 
-# ----------------------------------------------------------------------------------------------
-# Presets and the command line
-# ----------------------------------------------------------------------------------------------
-PRESETS = {
-    "toy": ("offline toy task (default)", Args()),
-    "pythia-tldr": (
-        "Pythia-1B RM on TL;DR preferences, Huang et al. 2024 (GPU)",
-        # Huang et al. 2024, summarize_from_feedback_details/reward.py: AdamW lr 3e-6 eps 1e-5, cosine, 1 epoch,
-        # batch 64 (8 GPUs x grad-accum 8), 92,832 pairs, queries <= 512 tokens, query+response <= 638 tokens.
-        # Text columns: "query" is the formatted post ending in "TL;DR:", "chosen"/"rejected" start with a
-        # space and end in "<|endoftext|>" (so no separator, and no second EOS). They normalised on the SFT
-        # dataset's reference summaries; we use SFT-policy samples (temperature 0.7, 53 tokens, as their PPO).
-        Args(
-            model_name_or_path="models/sft",
-            dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144",
-            prompt_column="query",
-            separator="",
-            max_length=640,
-            learning_rate=3e-6,
-            weight_decay=0.01,  # torch's AdamW default, which Huang et al. keep
-            num_train_epochs=1,
-            lr_schedule="cosine",
-            batch_size=64,
-            micro_batch_size=8,
-            eval_batch_size=16,
-            eval_every=500,
-            group_by_length=False,  # plain shuffled batches, as theirs
-            group_by_prompt=False,
-            prompt_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
-            prompt_dataset_column="query",
-            num_normalisation_prompts=2048,
-            response_length=53,
-            max_prompt_length=512,  # as ppo.py pythia-tldr
-            truncate_long_prompts=True,
-            generation_batch_size=64,
-        ),
-    ),
-    "hh-rlhf": (
-        "Pythia-1B RM on Anthropic HH-RLHF (GPU)",
-        # chosen/rejected are whole dialogues; the prompt is their shared prefix up to the last
-        # "\n\nAssistant:" (--dataset_format implicit_prompt). Settings past the data are the TL;DR preset's.
-        Args(
-            model_name_or_path="models/sft",
-            dataset="Anthropic/hh-rlhf",
-            dataset_format="implicit_prompt",
-            eval_split="test",
-            max_length=768,
-            learning_rate=3e-6,
-            weight_decay=0.01,
-            num_train_epochs=1,
-            batch_size=64,
-            micro_batch_size=8,
-            eval_batch_size=16,
-            eval_every=500,
-            group_by_length=False,
-            num_normalisation_prompts=2048,
-            response_length=128,
-            max_prompt_length=512,  # as ppo.py hh-rlhf
-            truncate_long_prompts=True,
-            generation_batch_size=32,
-        ),
-    ),
-    "ultrafeedback": (
-        "Qwen2.5-0.5B RM on UltraFeedback binarized, chat template (GPU)",
-        # chosen/rejected are [user, assistant] conversations that share the user turn; each is rendered
-        # with the chat template and the reward is read at the assistant's end-of-turn token.
-        Args(
-            model_name_or_path="models/sft",
-            dataset="HuggingFaceH4/ultrafeedback_binarized",
-            dataset_format="conversational",
-            train_split="train_prefs",
-            eval_split="test_prefs",
-            max_length=2048,
-            learning_rate=3e-6,
-            weight_decay=0.01,
-            num_train_epochs=1,
-            batch_size=64,
-            micro_batch_size=4,
-            eval_batch_size=8,
-            eval_every=500,
-            group_by_length=False,
-            num_normalisation_prompts=1024,
-            response_length=256,
-            max_prompt_length=1024,  # as ppo.py ultrafeedback
-            truncate_long_prompts=True,
-            generation_batch_size=16,
-        ),
-    ),
-}
-
-
 def parse_args(argv=None) -> Args:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and not argv[0].startswith("-") and argv[0] not in PRESETS:
-        raise SystemExit(f"unknown preset '{argv[0]}'; the presets are {', '.join(PRESETS)} (flags start with --)")
-    if not argv or argv[0] not in (*PRESETS, "-h", "--help"):
-        argv = ["toy", *argv]  # no preset named: the toy default
-    return tyro.extras.overridable_config_cli(PRESETS, args=argv, use_underscores=True)
+    """Args from the command line: a preset's name (presets.py; none: the toy task), then flags over it."""
+    return parse_args_with_presets(Args, presets.REWARD_MODEL, argv)
 
 
 if __name__ == "__main__":

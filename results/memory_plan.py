@@ -581,7 +581,7 @@ MODEL_FIELDS = ("dtype", "frozen_dtype", "lora_r", "lora_alpha", "lora_target_mo
 
 
 def preset_args(preset: str, option: str) -> ppo.Args:
-    return dataclasses.replace(ppo.PRESETS[preset][1], **OPTIONS[option])
+    return dataclasses.replace(ppo.parse_args([preset]), **OPTIONS[option])
 
 
 def plan(model: str, presets: list[str], option: str, ranks: int) -> list[dict]:
@@ -681,7 +681,7 @@ def validate_config() -> GPTNeoXConfig:
 
 def validate_args(option: str) -> ppo.Args:
     """Small shapes, with several micro-batches per update as in the presets."""
-    return dataclasses.replace(ppo.PRESETS["toy"][1], batch_size=32, max_prompt_length=48, response_length=16,
+    return dataclasses.replace(ppo.Args(), batch_size=32, max_prompt_length=48, response_length=16,
                                local_rollout_forward_batch_size=8, micro_batch_size=4, **OPTIONS[option])
 
 
@@ -814,7 +814,7 @@ def validation_table(rows: list[dict]) -> str:
 
 def markdown(report: dict) -> str:
     budget = report["gpu_gb"] * GB
-    sizes = {p: sizes_of(ppo.PRESETS[p][1], 1) for p in PRESETS}
+    sizes = {p: sizes_of(ppo.parse_args([p]), 1) for p in PRESETS}
     config = validate_config()
     return "\n\n".join([
         f"`python results/memory_plan.py` (this run: {report['wall_time_s'] / 60:.0f} minutes with --workers "

@@ -42,7 +42,7 @@ def test_shards_and_kv_cache():
     without FSDP2 (no gathered copy); and the generate phase's KV cache is keys and values of every layer, for
     prompt + response of every sequence of the rank's batch (batch_size // N), in the compute dtype: fp32 (--dtype)
     on one rank, FSDP2's bf16 on 8."""
-    args = dataclasses.replace(ppo.PRESETS["toy"][1], batch_size=512, max_prompt_length=4, response_length=60,
+    args = dataclasses.replace(ppo.Args(), batch_size=512, max_prompt_length=4, response_length=60,
                                local_rollout_forward_batch_size=8, micro_batch_size=4)
     try:
         one, eight = (memory_plan.plan_runs(small_qwen2, [args], ranks)[0] for ranks in (1, 8))

@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import errno
 import glob
+import importlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Literal, NoReturn
 
 import numpy as np
 import torch
@@ -51,6 +52,78 @@ class ResumeFlags:
     uninterrupted run"""
     overwrite: bool = False
     """replace a finished run in output_dir, or start over where an unfinished run left checkpoints"""
+
+
+@dataclass
+class PromptFlags:
+    """The prompts of an RL stage (ppo.py, grpo.py): where they come from and how they are read."""
+    dataset: str = "toy_data/prompts"
+    """prompts: a hub name or a local dir of {split}.jsonl files that `datasets.load_dataset` reads"""
+    prompt_column: str = "prompt"
+    """the column holding the prompt: a text, or a list of {role, content} messages"""
+    prompt_format: Literal["auto", "text", "chat"] = "auto"
+    """chat: render with the tokenizer's chat template and add_generation_prompt (a text becomes one user
+    message; a final assistant message is dropped); text: as is; auto: chat for message lists, text for texts"""
+    implicit_prompt_marker: str | None = None
+    """cut each prompt text just after the last occurrence of this (Anthropic HH: --prompt_column chosen
+    --implicit_prompt_marker '\n\nAssistant:' takes the dialogue up to the final assistant turn)"""
+    stop_tokens: list[str] | None = None
+    """tokens that end a response besides EOS (None: the chat template's end-of-turn token, e.g. <|im_end|>,
+    when prompts are rendered as chat)"""
+    train_split: str = "train"
+    """the split whose prompts the policy trains on"""
+    eval_split: str = "validation"
+    """the split of held-out prompts for evaluation"""
+    max_prompt_length: int = 32
+    """prompts longer than this many tokens are rejected (or left-truncated with --truncate_long_prompts)"""
+    truncate_long_prompts: bool = False
+    """keep the last tokens of a too-long prompt, behind its BOS or chat template header (with a warning),
+    instead of failing"""
+    max_dropped_fraction: float = 0.01
+    """prompts that cannot be used (empty, no --implicit_prompt_marker) are dropped with a count; more than this
+    fraction of a split stops the run (a wrong column or format)"""
+
+
+@dataclass
+class MemoryFlags:
+    """How an RL stage holds its models: dtypes, compilation, recomputation, LoRA."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the models are loaded in (FSDP2 on GPU computes in bf16 with fp32 weights anyway)"""
+    compile: bool = False
+    """torch.compile the trained models' training forwards"""
+    frozen_dtype: Literal["same", "bfloat16", "float16", "int8"] = "same"
+    """dtype of the frozen reference and reward model (same: --dtype). bf16 halves their weights; int8 (torchao's
+    weight-only int8 of their linear layers: `pip install torchao`) quarters them. Under torchrun int8 models are
+    replicated, not sharded: FSDP2 cannot split torchao's int8 tensors"""
+    gradient_checkpointing: bool = False
+    """recompute the trained models' activations in the backward pass instead of keeping them"""
+    lora_r: int = 0
+    """LoRA rank of the policy (0: full fine-tuning). The reference is then the policy's own weights with the
+    adapter switched off, so no second copy exists (needs `pip install peft`)"""
+    lora_alpha: float = 16.0
+    """LoRA scale alpha (the update is alpha / r * B A)"""
+    lora_target_modules: str = "all-linear"
+    """modules that get an adapter (peft's names; all-linear: every linear layer but the LM head)"""
+
+
+@dataclass
+class EvalFlags:
+    """How an RL stage evaluates on held-out prompts and logs samples."""
+    gold_reward_fn: str | None = "toy_task:gold_score"
+    """`module:function` f(prompts, completions) -> list[float], the true reward (a verifier) logged at evaluation;
+    None skips it"""
+    eval_every: int = 25
+    """updates between evaluations on held-out prompts (0: only before and after training)"""
+    eval_samples: int = 512
+    """held-out prompts per evaluation (first N of eval_split)"""
+    eval_batch_size: int = 512
+    """prompts per generate call during evaluation, per rank"""
+    eval_temperature: float = 0.7
+    """sampling temperature for evaluation (0: greedy)"""
+    sample_every: int = 25
+    """updates between TensorBoard tables of sampled prompt/response/score (0: never)"""
+    num_sample_rows: int = 8
+    """rows in each sample table"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,6 +882,200 @@ def fsdp_wrap(model, device: torch.device):
     return model
 
 
+
+# ----------------------------------------------------------------------------------------------
+# What the RL stages (ppo.py, grpo.py) share that is no algorithm: their prompts, frozen and LoRA models, FSDP2
+# gathering, reward functions given by name, sample tables
+# ----------------------------------------------------------------------------------------------
+def load_prompts(args: PromptFlags, tokenizer, model: str) -> tuple[dict[str, tuple[list[str], list[list[int]]]], bool]:
+    """({split: (prompt texts, their token ids)} for the train and eval splits, whether they are chat), or a
+    one-line error."""
+    splits = load_dataset(args.dataset)
+    out = {split: prompts_of_split(args, splits, split, tokenizer, model) for split in (args.train_split, args.eval_split)}
+    return out, is_chat(args, list(splits[args.train_split][args.prompt_column][:1]))
+
+
+def prompts_of_split(args: PromptFlags, splits, split: str, tokenizer, model: str) -> tuple[list[str], list[list[int]]]:
+    if split not in splits:
+        raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(splits)}); "
+                         "set --train_split / --eval_split")
+    ds = splits[split]
+    if args.prompt_column not in ds.column_names:
+        raise SystemExit(f"split '{split}' of '{args.dataset}' has no column '{args.prompt_column}' "
+                         f"(it has: {', '.join(ds.column_names)}); set --prompt_column")
+    texts = list(ds[args.prompt_column])
+    where = f"split '{split}' of '{args.dataset}'"
+    if isinstance(texts[0], list):  # chat prompts: lists of messages
+        for i, messages in enumerate(texts):
+            check_messages(messages, f"{where}: row {i}")
+    else:
+        check_texts(texts, args.prompt_column, where)
+    marker = args.implicit_prompt_marker
+    if marker is not None:  # whole dialogues: the prompt ends at the last marker
+        texts = [t[: t.rfind(marker) + len(marker)] if marker in t else None for t in texts]
+    chat = is_chat(args, texts)
+    if chat:
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"chat prompts need a tokenizer with a chat template, and '{model}' has none; "
+                             "pass --prompt_format text, or use a tokenizer with one")
+        texts = [render_chat_prompt(t, tokenizer) for t in texts]
+    # rows that cannot be used are dropped with a count (common.drop_unusable: the same policy in every stage)
+    keep = drop_unusable(["without the prompt marker" if t is None else "with an empty prompt" if not t.strip() else None
+                          for t in texts], where, args.max_dropped_fraction)
+    texts = [texts[i] for i in keep]
+    ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]  # a rendered template has its own BOS
+    check_unknown_tokens(ids, tokenizer, where)
+    # a long prompt keeps its end, the text the response continues, behind its BOS or chat header
+    ids = fit_prompts(ids, args.max_prompt_length, args.truncate_long_prompts, prompt_head(tokenizer, chat), where)
+    return texts, ids
+
+
+def is_chat(args: PromptFlags, prompts: list) -> bool:
+    return args.prompt_format == "chat" or (args.prompt_format == "auto" and isinstance(prompts[0], list))
+
+
+def render_chat_prompt(prompt, tokenizer) -> str:
+    """A text (one user message) or a message list, rendered up to the assistant's turn (add_generation_prompt)."""
+    if prompt is None:  # no --implicit_prompt_marker in it: dropped later
+        return None
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if messages and messages[-1]["role"] == "assistant":  # the response is the policy's to write
+        messages = messages[:-1]
+    if not messages or any(not str(m["content"]).strip() for m in messages):
+        return ""  # reported as an empty prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def stop_token_ids(args: PromptFlags, tokenizer, chat: bool) -> list[int]:
+    """EOS, plus --stop_tokens or (for chat prompts) the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id]
+    if args.stop_tokens is not None:
+        unknown = [t for t in args.stop_tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if unknown:
+            raise SystemExit(f"--stop_tokens {unknown} are not single tokens of the tokenizer; pass tokens it has")
+        extra = [tokenizer.convert_tokens_to_ids(t) for t in args.stop_tokens]
+    else:
+        extra = end_of_turn_tokens(tokenizer) if chat else []
+    return ids + [i for i in extra if i not in ids]
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """Under FSDP2, all-gather the parameters once for many forwards (a whole generation: one forward per
+    token), then reshard. Without it FSDP2 would all-gather every block at every token. No-op on 1 process."""
+    if not dist.is_initialized() or model is None:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            # FSDP2's defaults: blocks reshard after forward; the root does not (its params are needed first in backward)
+            m.set_reshard_after_forward(m is not fsdp_modules[0], recurse=False)
+
+
+def quantize_int8(model):
+    """Weight-only int8 of every linear layer (torchao's Int8WeightOnlyConfig): each weight row stored as int8
+    with one scale, w = scale * q, dequantised in the matmul; activations stay in the model's dtype. CPU and CUDA."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def load_frozen(load, path: str, tokenizer, dtype: str, frozen_dtype: str):
+    """A frozen model in --frozen_dtype: loaded in that dtype, or quantised to int8 after loading."""
+    model = load(path, tokenizer, dtype if frozen_dtype in ("same", "int8") else frozen_dtype)
+    if frozen_dtype == "int8":
+        model = quantize_int8(model)
+    return model.eval().requires_grad_(False)
+
+
+def shard_frozen(model, frozen_dtype: str, device: torch.device):
+    """FSDP2 for a frozen model, except an int8 one: FSDP2 cannot split torchao's int8 tensors (no aten.split,
+    torchao 0.18), so each rank holds all of it, a quarter of fp32's bytes."""
+    if model is None:
+        return None
+    if frozen_dtype == "int8":
+        return model.to(device)
+    return fsdp_wrap(model, device)
+
+
+@contextlib.contextmanager
+def same_draws_on_every_rank(seed: int, d: Dist):
+    """Random weights drawn before FSDP2 shards a model must be the same draw on every rank, since each rank keeps
+    its shard of its own copy: the ranks draw from `seed`, then return to their own streams (seed + rank). One
+    process draws from its stream as before."""
+    if d.world_size > 1:
+        torch.manual_seed(seed)
+    yield
+    if d.world_size > 1:
+        seed_everything(seed, d.rank)
+
+
+def with_lora(policy, args: MemoryFlags):
+    """The policy with LoRA adapters (peft), B = 0 so that it starts at the SFT weights."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                             target_modules=args.lora_target_modules))
+
+
+def merged_lora(policy, args: MemoryFlags, sft_model: str, tokenizer):
+    """The LoRA policy as a plain HF model, W + alpha / r * B A. Under FSDP2 every rank gathers the full state dict
+    (collective) and rank 0 folds it into a fresh CPU copy. -> (model, its full state dict for save_model, or
+    None: take the model's own)"""
+    if not dist.is_initialized():
+        return policy.merge_and_unload(), None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return policy, {}  # only rank 0 writes
+    copy = with_lora(load_causal_lm(sft_model, tokenizer, args.dtype), args)
+    copy.load_state_dict(full)
+    merged = copy.merge_and_unload()
+    return merged, merged.state_dict()
+
+
+def load_fn(spec: str | None, flag: str):
+    """`module:function` (--gold_reward_fn, --reward_fn) -> the function, or a one-line error."""
+    if spec is None:
+        return None
+    module_name, _, fn_name = spec.partition(":")
+    if not module_name or not fn_name:
+        raise SystemExit(f"{flag} '{spec}' must look like module:function")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"{flag} '{spec}' cannot be imported: {e}") from None
+    if not callable(fn):
+        raise SystemExit(f"{flag} '{spec}' is not callable")
+    return fn
+
+
+def call_fn(fn, prompts: list[str], completions: list[str], flag: str) -> list[float]:
+    """fn(prompts, completions) as floats, one per completion, or a one-line error."""
+    scores = [float(g) for g in fn(prompts, completions)]
+    if len(scores) != len(completions):
+        raise SystemExit(f"{flag} returned {len(scores)} scores for {len(completions)} completions")
+    return scores
+
+
+def markdown_table(rows, header) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c).replace("|", "\\|") for c in row) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and resume. Model and optimiser state go through torch.distributed.checkpoint (DCP):
 # under FSDP2 every rank writes its own shards, and a checkpoint loads back onto the same sharding.
@@ -974,6 +1241,11 @@ def exit_preempted(path: str, where: str, signum: int | None = None) -> NoReturn
     print0(f"{signal.Signals(signum).name}: checkpoint {path} written at {where}; continue with --resume")
     teardown_distributed()
     raise SystemExit(128 + signum)
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """The flags written on a command line (--name or --name=value), whatever their values."""
+    return {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
 
 
 def parse_args_with_presets(Args, presets: dict, argv=None, moved_flags: dict | None = None):

@@ -2,7 +2,7 @@
 
     python ppo.py                               # toy task: models/sft + models/rm -> models/ppo, minutes on a CPU
     torchrun --nproc_per_node=2 ppo.py          # the same with FSDP2, each rank on its own shard of prompts
-    python ppo.py pythia-tldr                   # Huang et al. 2024's TL;DR settings (GPUs)
+    python ppo.py pythia-tldr                   # Huang et al. 2024's TL;DR settings (GPUs; presets.py)
     python ppo.py --help                        # every flag
 
 The objective (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022) is to maximise the reward
@@ -13,20 +13,19 @@ pi_ref. The KL appears in one of two places:
     as a loss term instead:   L = L_CLIP + c_v * L_critic + beta * KL(pi || pi_ref)
 
 One update: (1) rollout: sample a batch of responses and score them, without gradients; (2) per-token
-rewards, GAE advantages and returns; (3) a few epochs of PPO over shuffled minibatches.
-
-Critic-free estimators replace (2)'s critic by a baseline made of other samples (--advantage_estimator): GRPO
-(Shao et al. 2024) and RLOO (Ahmadian et al. 2024) sample each prompt k times and compare each response with the
-prompt's group; REINFORCE++ (Hu 2025) whitens reward-to-go over the whole batch. They build no critic at all.
+rewards, GAE advantages and returns from a learned critic; (3) a few epochs of PPO over shuffled minibatches.
 The score can come from one RM, an ensemble of RMs (Coste et al. 2023), or a verifier function (--reward_fn).
+grpo.py is this file without the critic: `diff ppo.py grpo.py` shows what GRPO, RLOO and REINFORCE++ change.
+
 Each equation is one small function below, and each implementation detail has a comment naming its
 source. "Huang et al. 2024" is "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
 Summarization"; "Ziegler et al. 2019" is "Fine-Tuning Language Models from Human Preferences".
 
 The file reads top to bottom: arguments, the equations, the models and the rollout's forwards, the
 rollout helpers, then main(), one PPO update after another. Below main(), under TRY NOT TO MODIFY, is the
-plumbing it calls in one line each: checks and setup, prompts, model building, resume and checkpoints,
-logging (TRL's PPO names: objective/*, policy/*, loss/*, val/*, time/*), evaluation, presets.
+plumbing it calls in one line each: checks and setup, model building, resume and checkpoints, logging (TRL's
+PPO names: objective/*, policy/*, loss/*, val/*, time/*), evaluation. Loading prompts, FSDP2 and LoRA are
+common.py's; the presets are in presets.py.
 
 Implementation details, each marked by a comment where it happens:
 - policy and frozen reference both loaded from the SFT checkpoint; frozen RM; a separate critic
@@ -40,10 +39,8 @@ Implementation details, each marked by a comment where it happens:
 - the RM score read at the last real token and normalised by the RM's stored mean/std;
 - per-token KL penalty (k1 or k3) with the score on the last token, or the KL as a loss term;
   fixed or adaptive beta (Ziegler et al. 2019);
-- GAE (gamma 1, lambda 0.95), masked advantage whitening; optional reward whitening (off); or a critic-free
-  estimator: GRPO's group z-score, RLOO's leave-one-out mean, REINFORCE++'s global batch whitening;
-- optional loss details, each off by default: asymmetric ratio clipping (Yu et al. 2025, DAPO), dual clip
-  (Ye et al. 2020), an entropy bonus, reward clipping, per-sequence loss aggregation (Liu et al. 2025, Dr. GRPO),
+- GAE (gamma 1, lambda 0.95), masked advantage whitening; optional reward whitening (off);
+- optional loss details, each off by default: dual clip (Ye et al. 2020), an entropy bonus, reward clipping,
   value-only critic warm-up updates;
 - 4 PPO epochs over shuffled minibatches with gradient accumulation; clipped surrogate; clipped value
   loss with c_v 0.1; AdamW eps 1e-5 with a linearly annealed learning rate; optional grad-norm clipping;
@@ -54,6 +51,7 @@ Implementation details, each marked by a comment where it happens:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import math
 import os
@@ -70,44 +68,53 @@ from tqdm.auto import tqdm
 import presets
 from common import (
     Dist,
+    EvalFlags,
+    MemoryFlags,
+    PromptFlags,
     ResumeFlags,
     args_json,
+    call_fn,
     catch_signals,
     check_flags,
-    check_messages,
     check_model_dir,
-    check_texts,
-    check_unknown_tokens,
-    drop_unusable,
     end_of_turn_tokens,
-    fit_prompts,
     exit_preempted,
-    latest_checkpoint,
-    load_checkpoint,
-    load_dataset,
-    save_checkpoint,
+    flags_given,
     fsdp_wrap,
+    latest_checkpoint,
     load_causal_lm,
+    load_checkpoint,
+    load_fn,
+    load_frozen,
+    load_prompts,
     load_reward_model,
     load_tokenizer,
-    prepare_output,
+    markdown_table,
+    merged_lora,
     parse_args_with_presets,
+    prepare_output,
     print0,
-    prompt_head,
     run,
+    same_draws_on_every_rank,
+    save_checkpoint,
     save_model,
     seed_everything,
+    shard_frozen,
     setup_distributed,
+    stop_token_ids,
     teardown_distributed,
+    unsharded,
+    with_lora,
 )
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments
+# Arguments: PPO's own flags here; the prompts', memory's, evaluation's and resume's flags (common.PromptFlags,
+# MemoryFlags, EvalFlags, ResumeFlags) are inherited under the same plain names (`python ppo.py --help` lists all)
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
-    # models and data
+class Args(PromptFlags, MemoryFlags, EvalFlags, ResumeFlags):
+    # models
     sft_model: str = "models/sft"
     """the SFT checkpoint: the initial policy and the frozen reference policy"""
     reward_model: list[str] | None = field(default_factory=lambda: ["models/rm"])
@@ -121,31 +128,6 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     reward_fn: str | None = None
     """`module:function` f(prompts, completions) -> list[float] to train against instead of an RM (a verifier; needs
     --reward_model None). toy_task:gold_score is the toy task's perfect RM: the upper bound of a learned one"""
-    dataset: str = "toy_data/prompts"
-    """prompts: a hub name or a local dir of {split}.jsonl files that `datasets.load_dataset` reads"""
-    prompt_column: str = "prompt"
-    """the column holding the prompt: a text, or a list of {role, content} messages"""
-    prompt_format: Literal["auto", "text", "chat"] = "auto"
-    """chat: render with the tokenizer's chat template and add_generation_prompt (a text becomes one user
-    message; a final assistant message is dropped); text: as is; auto: chat for message lists, text for texts"""
-    implicit_prompt_marker: str | None = None
-    """cut each prompt text just after the last occurrence of this (Anthropic HH: --prompt_column chosen
-    --implicit_prompt_marker '\n\nAssistant:' takes the dialogue up to the final assistant turn)"""
-    stop_tokens: list[str] | None = None
-    """tokens that end a response besides EOS (None: the chat template's end-of-turn token, e.g. <|im_end|>,
-    when prompts are rendered as chat)"""
-    train_split: str = "train"
-    """the split whose prompts PPO trains on"""
-    eval_split: str = "validation"
-    """the split of held-out prompts for evaluation"""
-    max_prompt_length: int = 32
-    """prompts longer than this many tokens are rejected (or left-truncated with --truncate_long_prompts)"""
-    truncate_long_prompts: bool = False
-    """keep the last tokens of a too-long prompt, behind its BOS or chat template header (with a warning),
-    instead of failing"""
-    max_dropped_fraction: float = 0.01
-    """prompts that cannot be used (empty, no --implicit_prompt_marker) are dropped with a count; more than this
-    fraction of a split stops the run (a wrong column or format)"""
     output_dir: str = "models/ppo"
     """where the trained policy, its tokenizer and eval_results.json are saved"""
     save: bool = True
@@ -159,28 +141,9 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     """TensorBoard logs go to runs/{run_name}; default ppo__{seed}__{unix time}"""
     seed: int = 1
     """random seed (rank r samples with seed + r)"""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype the four models are loaded in (FSDP2 on GPU computes in bf16 with fp32 weights anyway)"""
-    compile: bool = False
-    """torch.compile the policy's and critic's training forwards"""
-    frozen_dtype: Literal["same", "bfloat16", "float16", "int8"] = "same"
-    """dtype of the frozen reference and reward model (same: --dtype). bf16 halves their weights; int8 (torchao's
-    weight-only int8 of their linear layers: `pip install torchao`) quarters them. Under torchrun int8 models are
-    replicated, not sharded: FSDP2 cannot split torchao's int8 tensors"""
-    gradient_checkpointing: bool = False
-    """recompute the policy's and critic's activations in the backward pass instead of keeping them"""
     offload_critic: bool = False
     """keep the critic's weights and optimizer state (under torchrun: its shards) on the CPU during generation,
     where the KV cache needs the GPU memory (on a CPU setup they stay where they are)"""
-    lora_r: int = 0
-    """LoRA rank of the policy (0: full fine-tuning). The reference is then the policy's own weights with the
-    adapter switched off, so no second copy exists (needs `pip install peft`)"""
-    lora_alpha: float = 16.0
-    """LoRA scale alpha (the update is alpha / r * B A)"""
-    lora_target_modules: str = "all-linear"
-    """modules that get an adapter (peft's names; all-linear: every linear layer but the LM head)"""
-    gold_reward_fn: str | None = "toy_task:gold_score"
-    """`module:function` f(prompts, completions) -> list[float], the true reward (a verifier) logged at evaluation; None skips it"""
 
     # rollout
     total_episodes: int = 6400
@@ -195,8 +158,6 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     """score given to a response without EOS within response_length (Huang et al. 2024); None: no penalty"""
     reward_clip: float | None = None
     """clip every score to [-c, c] before the missing-EOS penalty (None: off)"""
-    samples_per_prompt: int = 1
-    """k responses sampled per prompt, all on the prompt's rank; batch_size counts responses (>= 2 for grpo, rloo)"""
     local_rollout_forward_batch_size: int = 64
     """sequences per no-grad forward (policy, reference, RM, critic) during the rollout, per rank"""
 
@@ -224,11 +185,7 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     lam: float = 0.95
     """GAE lambda"""
     whiten_advantages: bool = True
-    """whiten GAE's advantages over the response tokens of the whole batch (the critic-free estimators normalise
-    as their papers do)"""
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
-    """gae: a critic (PPO); critic-free, no critic built: grpo (Shao et al. 2024), rloo (Ahmadian et al. 2024), both
-    with --samples_per_prompt >= 2, or reinforce_pp (Hu 2025). Each one's KL placement: see its function"""
+    """whiten GAE's advantages over the response tokens of the whole batch"""
 
     # PPO update
     num_ppo_epochs: int = 4
@@ -236,18 +193,14 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     num_minibatches: int = 1
     """optimizer steps per epoch; each takes a shuffled 1/num_minibatches of the batch"""
     micro_batch_size: int | None = None
-    """sequences per forward/backward on one rank; a minibatch accumulates gradients over them (None: the whole minibatch)"""
+    """sequences per forward/backward on one rank; a minibatch accumulates gradients over them (None: the whole
+    minibatch)"""
     cliprange: float = 0.2
-    """epsilon of the clipped surrogate (its lower side, 1 - eps, and by default its upper side too)"""
-    cliprange_high: float | None = None
-    """the upper side, 1 + eps_high, when it differs from --cliprange (Yu et al. 2025, DAPO: 0.28); None: --cliprange"""
+    """epsilon of the clipped surrogate"""
     dual_clip: float | None = None
     """c > 1: with a negative advantage the per-token loss is at most -c * A (Ye et al. 2020; e.g. 3); None: off"""
     entropy_coef: float = 0.0
     """c_H, the weight of an entropy bonus -c_H * H in the loss (0: none)"""
-    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    """how per-token losses become one: a mean over all tokens; a mean over sequences of their token means (GRPO);
-    a mean over sequences of token sums / response_length (Liu et al. 2025, Dr. GRPO)"""
     critic_warmup_updates: int = 0
     """the first n updates train only the critic (value loss); the policy moves from update n + 1"""
     cliprange_value: float = 0.2
@@ -271,26 +224,9 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     """the separate critic starts from the reward model (Huang et al. 2024) or from the SFT model with a fresh head"""
     value_head_on_policy: bool = False
     """no separate critic: a value head on the policy's last hidden state, sharing its backbone (Ziegler et al. 2019)"""
-
-    # logging and evaluation
-    eval_every: int = 25
-    """updates between evaluations on held-out prompts (0: only before and after training)"""
-    eval_samples: int = 512
-    """held-out prompts per evaluation (first N of eval_split)"""
-    eval_batch_size: int = 512
-    """prompts per generate call during evaluation, per rank"""
-    eval_temperature: float = 0.7
-    """sampling temperature for evaluation (0: greedy)"""
-    sample_every: int = 25
-    """updates between TensorBoard tables of sampled prompt/response/score (0: never)"""
-    num_sample_rows: int = 8
-    """rows in each sample table"""
-
-    # checkpoints
     checkpoint_every: int = 20
     """updates between checkpoints (policy, critic, optimizer, RNG states, adaptive beta, data position); 0: only
     the final one. SIGTERM (preemption) also writes one, then exits with status 143"""
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,25 +236,6 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum(x * mask) / sum(mask)"""
     return (x * mask).sum() / mask.sum()
-
-
-def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean",
-                   max_length: int | None = None) -> torch.Tensor:
-    """How per-token losses l_it of responses i of |y_i| tokens become one number (Liu et al. 2025, Dr. GRPO):
-
-        token_mean:               sum_i sum_t l_it / sum_i |y_i|      every token weighs the same (masked_mean)
-        seq_mean_token_mean:      1/B sum_i (sum_t l_it / |y_i|)      every response weighs the same (GRPO)
-        seq_mean_token_sum_norm:  1/B sum_i (sum_t l_it / L)          a constant L = max_length (Dr. GRPO), which
-                                                                      gives long responses no smaller per-token weight
-    """
-    if aggregation == "token_mean":
-        return masked_mean(per_token, mask)
-    per_sequence = (per_token * mask).sum(1)  # (B,)
-    if aggregation == "seq_mean_token_mean":
-        return (per_sequence / mask.sum(1)).mean()
-    if aggregation == "seq_mean_token_sum_norm":
-        return (per_sequence / max_length).mean()
-    raise ValueError(f"unknown loss aggregation {aggregation}")
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -423,42 +340,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def grpo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
-    """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath, outcome supervision), one per response:
-
-        A_i = (R_i - mean_j R_j) / (std_j R_j + 1e-4)      over the k responses j to the same prompt
-    std with Bessel's correction, eps 1e-4 (TRL's GRPOTrainer); a group whose returns are all equal gets A = 0.
-    KL: GRPO puts it in the loss (k3; here --no_kl_in_reward --kl_loss_estimator k3); with the default
-    --kl_in_reward, R_i = score_i - beta * sum_t kl_it.
-    (B,) -> (B,); the rows hold groups of k consecutive responses.
-    """
-    groups = returns.view(-1, group_size)  # (B / k, k)
-    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)
-    return ((groups - mean) / (std + 1e-4)).view(-1)
-
-
-def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
-    """REINFORCE Leave-One-Out (Ahmadian et al. 2024), one advantage per response:
-
-        A_i = R_i - 1/(k-1) sum_{j != i} R_j               the mean of the prompt's other k - 1 responses
-    KL: in the reward, as the paper: R_i = score_i - beta * sum_t kl_it (the default --kl_in_reward).
-    (B,) -> (B,); the rows hold groups of k consecutive responses.
-    """
-    groups = returns.view(-1, group_size)  # (B / k, k)
-    baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - baseline).view(-1)
-
-
-def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """REINFORCE++ (Hu 2025): reward-to-go, normalised over the global batch (all ranks) instead of by a critic:
-
-        A_t = whiten( sum_{s >= t} r~_s )                  gamma 1; whiten as for GAE's advantages
-    KL: in the reward per token, as the paper: r~_t = score * [t = last] - beta * kl_t (the default --kl_in_reward).
-    """
-    reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1) * mask  # (B, T); nothing flows back from padding
-    return whiten(reward_to_go, mask)
-
-
 def ensemble_scores(member_scores: torch.Tensor, how: str, uwo_coef: float) -> torch.Tensor:
     """One score from M reward models' normalised scores r_m (Coste et al. 2023), (M, B) -> (B,):
 
@@ -476,31 +357,28 @@ def ensemble_scores(member_scores: torch.Tensor, how: str, uwo_coef: float) -> t
     raise ValueError(f"unknown ensemble {how}")
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, cliprange_high: float | None = None,
-                dual_clip: float | None = None, aggregation: str = "token_mean", max_length: int | None = None):
-    """PPO's clipped surrogate (Schulman et al. 2017), averaged over real response tokens (aggregate_loss):
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, dual_clip: float | None = None):
+    """PPO's clipped surrogate (Schulman et al. 2017), averaged over real response tokens:
 
         ratio_t = exp(log pi(y_t) - log pi_old(y_t))
-        L_t     = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps_high))     eps_high = eps by default
+        L_t     = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
         L_t     = min(L_t, -c * A_t)  where A_t < 0                                      --dual_clip c only
-    eps_high > eps ("clip-higher", Yu et al. 2025, DAPO) lets a token with A > 0 gain more probability.
     The dual clip (Ye et al. 2020) bounds the loss of a token with A < 0 whose ratio has grown far above 1.
     Returns (loss, clipfrac, ratio); clipfrac is the fraction of tokens where the clipped branch wins.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + (cliprange if cliprange_high is None else cliprange_high))
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     per_token = torch.max(unclipped, clipped)
     if dual_clip is not None:
         per_token = torch.where(advantages < 0, torch.min(per_token, -dual_clip * advantages), per_token)
-    loss = aggregate_loss(per_token, mask, aggregation, max_length)
+    loss = masked_mean(per_token, mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     return loss, clipfrac, ratio
 
 
-def value_loss(values, old_values, returns, mask, cliprange_value: float, aggregation: str = "token_mean",
-               max_length: int | None = None):
-    """Clipped value loss (the OpenAI baselines / Ziegler et al. 2019 critic), averaged as the policy loss:
+def value_loss(values, old_values, returns, mask, cliprange_value: float):
+    """Clipped value loss (the OpenAI baselines / Ziegler et al. 2019 critic), averaged over real response tokens:
 
         V_clip   = V_old + clip(V - V_old, -eps_v, eps_v)
         L_critic = 0.5 * mean_t max((V_t - R_t)^2, (V_clip_t - R_t)^2)
@@ -509,7 +387,7 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float, aggreg
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped = (values - returns) ** 2
     clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * aggregate_loss(torch.max(unclipped, clipped), mask, aggregation, max_length)
+    loss = 0.5 * masked_mean(torch.max(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     return loss, clipfrac
 
@@ -617,61 +495,12 @@ class ScalarModel(nn.Module):
         return (self.head(out.last_hidden_state).squeeze(-1) - self.mean) / self.std
 
 
-@contextlib.contextmanager
-def unsharded(model):
-    """Under FSDP2, all-gather the parameters once for many forwards (a whole generation: one forward per
-    token), then reshard. Without it FSDP2 would all-gather every block at every token. No-op on 1 process."""
-    if not dist.is_initialized() or model is None:
-        yield
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in fsdp_modules:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in fsdp_modules:
-            m.reshard()
-            # FSDP2's defaults: blocks reshard after forward; the root does not (its params are needed first in backward)
-            m.set_reshard_after_forward(m is not fsdp_modules[0], recurse=False)
-
-
 def reference_logits(policy, ref_policy, query_responses, attention_mask, response_length: int, temperature: float):
     """The frozen reference's logits / temperature (B, T, V), in float32 whatever its dtype. With LoRA there is
     no reference model: the policy's weights with the adapter switched off are the SFT weights."""
     model = policy if ref_policy is None else ref_policy
     with policy.disable_adapter() if ref_policy is None else contextlib.nullcontext():
         return policy_forward(model, query_responses, attention_mask, response_length, temperature)[0].float()
-
-
-def quantize_int8(model):
-    """Weight-only int8 of every linear layer (torchao's Int8WeightOnlyConfig): each weight row stored as int8
-    with one scale, w = scale * q, dequantised in the matmul; activations stay in the model's dtype. CPU and CUDA."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    quantize_(model, Int8WeightOnlyConfig())
-    return model
-
-
-def load_frozen(load, path: str, tokenizer, dtype: str, frozen_dtype: str):
-    """A frozen model in --frozen_dtype: loaded in that dtype, or quantised to int8 after loading."""
-    model = load(path, tokenizer, dtype if frozen_dtype in ("same", "int8") else frozen_dtype)
-    if frozen_dtype == "int8":
-        model = quantize_int8(model)
-    return model.eval().requires_grad_(False)
-
-
-def shard_frozen(model, args: Args, device: torch.device):
-    """FSDP2 for a frozen model, except an int8 one: FSDP2 cannot split torchao's int8 tensors (no aten.split,
-    torchao 0.18), so each rank holds all of it, a quarter of fp32's bytes."""
-    if model is None:
-        return None
-    if args.frozen_dtype == "int8":
-        return model.to(device)
-    return fsdp_wrap(model, device)
 
 
 @dataclass
@@ -837,13 +666,16 @@ def reward_scores(reward: Reward, tokenizer, query_responses, attention_mask, re
     return ensemble_scores(member_scores, reward.ensemble, reward.uwo_coef), member_scores
 
 
-def prompt_batches(prompt_ids: list[list[int]], batch_size: int, generator: torch.Generator):
+def prompt_batches(prompt_ids: list[list[int]], batch_size: int, skip: int, generator: torch.Generator):
     """Batches of this rank's prompts, forever: epochs over its shard, reshuffled each time, the last partial
-    batch dropped."""
+    batch dropped. The first `skip` batches are drawn but not given: on resume, the checkpoint's data position."""
+    drawn = 0
     while True:
         order = torch.randperm(len(prompt_ids), generator=generator).tolist()
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [prompt_ids[j] for j in order[i:i + batch_size]]
+            drawn += 1
+            if drawn > skip:
+                yield [prompt_ids[j] for j in order[i:i + batch_size]]
 
 
 def place_critic(models: Models, args: Args, where, device: torch.device) -> None:
@@ -865,6 +697,61 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class Rollout:
+    """One update's episodes on this rank, B of them with T response tokens: what PPO's epochs train on."""
+    query_responses: torch.Tensor  # (B, P + T) left-padded prompts, then the responses
+    attention_mask: torch.Tensor  # (B, P + T) what the policy attended to
+    responses: torch.Tensor  # (B, T) padding after each response's EOS
+    response_mask: torch.Tensor  # (B, T) True up to and including the EOS
+    logprobs: torch.Tensor  # (B, T) log pi_old(y_t)
+    ref_logprobs: torch.Tensor  # (B, T) log pi_ref(y_t)
+    values: torch.Tensor  # (B, T) V_old(x, y<t)
+    advantages: torch.Tensor  # (B, T)
+    returns: torch.Tensor  # (B, T)
+
+
+def micro_batch_backward(models: Models, args: Args, rollout: Rollout, idx: torch.Tensor, kl_coef: float,
+                         policy_moves: bool, accumulation_steps: int, first_forward=None) -> dict:
+    """PPO's loss on the micro-batch `idx` of the rollout, its backward (the gradients add up over a minibatch's
+    micro-batches), and its statistics under TRL's names:
+
+        L = L_CLIP + c_v * L_critic  (+ beta * KL with --no_kl_in_reward)  (- c_H * H with --entropy_coef)
+    During the critic warm-up (policy_moves False) only c_v * L_critic trains. first_forward: the rollout's own
+    forward of every sequence on the same weights (old_logprobs_and_values), taken instead of a new one.
+    """
+    T = rollout.responses.shape[1]
+    if first_forward is None:
+        logits, values = train_forward(models, args, rollout.query_responses[idx], rollout.attention_mask[idx], T)
+    else:
+        logits, values = first_forward[0][idx], first_forward[1][idx]
+    micro_mask = rollout.response_mask[idx]
+    old_logprobs = rollout.logprobs[idx]
+    new_logprobs = logprobs_from_logits(logits, rollout.responses[idx])
+    pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, old_logprobs, rollout.advantages[idx], micro_mask,
+                                              args.cliprange, args.dual_clip)
+    vf_loss, vf_clipfrac = value_loss(values, rollout.values[idx], rollout.returns[idx], micro_mask,
+                                      args.cliprange_value)
+    loss = args.vf_coef * vf_loss
+    if policy_moves:
+        loss = pg_loss + loss
+    if not args.kl_in_reward:  # the KL as a loss term, beta * KL(pi || pi_ref)
+        kl_loss = masked_mean(kl_estimate(new_logprobs, rollout.ref_logprobs[idx], args.kl_loss_estimator), micro_mask)
+        if policy_moves:
+            loss = loss + kl_coef * kl_loss
+    if args.entropy_coef and policy_moves:  # an entropy bonus
+        loss = loss - args.entropy_coef * masked_mean(entropy_from_logits(logits), micro_mask)
+    (loss / accumulation_steps).backward()
+    with torch.no_grad():  # each logged value next to its name (TRL's PPO names)
+        return {"loss/policy_avg": pg_loss, "policy/clipfrac_avg": pg_clipfrac,
+                "loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac,
+                "policy/approxkl_avg": approx_kl(new_logprobs, old_logprobs, micro_mask),
+                "policy/entropy_avg": masked_mean(entropy_from_logits(logits), micro_mask),
+                "val/ratio": masked_mean(ratio, micro_mask),
+                "val/ratio_var": masked_mean((ratio - masked_mean(ratio, micro_mask)) ** 2, micro_mask),
+                **({} if args.kl_in_reward else {"loss/kl_avg": kl_loss})}
+
+
 # ----------------------------------------------------------------------------------------------
 # main: one PPO update after another
 # ----------------------------------------------------------------------------------------------
@@ -873,30 +760,30 @@ def main(args: Args) -> dict:
     start_time = time.time()
     setup = set_up(args)
     models = build_models(args, setup)
-    progress, writer = start_or_resume(args, setup, models)
-    device, pad_id, kl_coef, k = setup.d.device, setup.tokenizer.pad_token_id, progress.kl_coef, args.samples_per_prompt
-    batches = prompt_batches(setup.train_ids, setup.local_batch_size // k, torch.Generator().manual_seed(args.seed + setup.d.rank))
-    for _ in range(progress.start_update):  # the data position: replay the shuffles up to the checkpoint
-        next(batches)
+    progress, writer = start_or_resume(args, setup, models)  # progress.kl_coef is beta, moved by --adaptive_kl
+    device = setup.dist.device
+    pad_token_id = setup.tokenizer.pad_token_id
+    batches = prompt_batches(setup.train_ids, setup.local_batch_size, progress.start_update,
+                             torch.Generator().manual_seed(args.seed + setup.dist.rank))
     rollout_config = generation_config(setup.tokenizer, args.response_length, args.temperature, setup.stop_ids)
     reuse = args.reuse_first_forward and args.num_minibatches == 1 and setup.gradient_accumulation_steps == 1
     signals = catch_signals()
     for update in tqdm(range(progress.start_update + 1, setup.num_updates + 1), initial=progress.start_update,
-                       total=setup.num_updates, disable=not setup.d.is_main, desc="ppo"):
+                       total=setup.num_updates, disable=not setup.dist.is_main, desc="ppo"):
         if args.anneal_lr:  # linear decay to 0 (CleanRL, Huang et al. 2024)
-            models.optimizer.param_groups[0]["lr"] = annealed_learning_rate(update, setup.num_updates, args.learning_rate)
+            models.optimizer.param_groups[0]["lr"] = annealed_learning_rate(update, setup.num_updates,
+                                                                            args.learning_rate)
         t_start = time.perf_counter()
 
         # ALGO LOGIC: rollout. Everything here is data, without gradients (Huang et al. 2024), except PPO's
         # own first forward when it is reused (old_logprobs_and_values).
         with torch.no_grad():
-            # each prompt k times in a row, on this rank: a GRPO / RLOO group never spans two ranks
-            queries, query_mask = left_pad([p for p in next(batches) for _ in range(k)], pad_id, device)  # (B, P), left-padded
+            queries, query_mask = left_pad(next(batches), pad_token_id, device)  # (B, P), left-padded
             place_critic(models, args, "cpu", device)
             responses = generate(models.policy, queries, query_mask, rollout_config)  # (B, T)
             place_critic(models, args, device, device)
             # a response ends at its first EOS; what follows is padding, masked out of everything below
-            responses, response_mask, has_eos = truncate_after_eos(responses, setup.stop_ids, pad_id)
+            responses, response_mask, has_eos = truncate_after_eos(responses, setup.stop_ids, pad_token_id)
             query_responses = torch.cat([queries, responses], 1)  # (B, P + T)
             attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)  # what the policy attended to
             sync(device)
@@ -904,8 +791,9 @@ def main(args: Args) -> dict:
             ref_logprobs = reference_logprobs(models, args, query_responses, attention_mask, responses)
             # the RM score at the last real token, normalised by the RM's stored mean/std; an ensemble's members
             # combined (Coste et al. 2023); or --reward_fn's score of the text
-            scores, member_scores = reward_scores(models.reward, setup.tokenizer, query_responses, attention_mask, response_mask,
-                                                  queries.shape[1], has_eos, args.local_rollout_forward_batch_size)
+            scores, member_scores = reward_scores(models.reward, setup.tokenizer, query_responses, attention_mask,
+                                                  response_mask, queries.shape[1], has_eos,
+                                                  args.local_rollout_forward_batch_size)
             stop_if_not_finite(scores, update, args, setup)  # before the penalty, which would hide a broken RM's NaN
             scores = clip_reward(scores, args.reward_clip)  # off by default
             # missing-EOS penalty: a response that never ends gets a fixed low score (Huang et al. 2024)
@@ -915,63 +803,31 @@ def main(args: Args) -> dict:
 
             # ALGO LOGIC: per-token rewards, advantages, returns
             kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator) * response_mask  # (B, T)
-            # KL in the reward (Ziegler et al. 2019) or, with --no_kl_in_reward, in the loss below instead
-            rewards = kl_penalized_rewards(scores, kl, response_mask, kl_coef if args.kl_in_reward else 0.0)
+            # KL in the reward (Ziegler et al. 2019) or, with --no_kl_in_reward, in the loss instead
+            rewards = kl_penalized_rewards(scores, kl, response_mask, progress.kl_coef if args.kl_in_reward else 0.0)
             if args.whiten_rewards:  # off by default (Huang et al. 2024)
                 rewards = whiten(rewards, response_mask, shift_mean=False)
-            if args.advantage_estimator == "gae":  # PPO: the critic's values are the baseline
-                values = values * response_mask
-                advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
-                if args.whiten_advantages:
-                    advantages = whiten(advantages, response_mask)
-            elif args.advantage_estimator == "reinforce_pp":  # no critic: the global batch is the baseline
-                advantages = reinforce_pp_advantages(rewards, response_mask)
-            else:  # no critic: the prompt's other responses are the baseline; one advantage for all of a response's tokens
-                group_advantages = grpo_advantages if args.advantage_estimator == "grpo" else rloo_advantages
-                advantages = group_advantages(rewards.sum(1), k)[:, None] * response_mask  # R_i = score_i - beta * sum_t kl_it
+            values = values * response_mask
+            advantages, returns = gae(rewards, values, response_mask, args.gamma, args.lam)
+            if args.whiten_advantages:
+                advantages = whiten(advantages, response_mask)
+            rollout = Rollout(query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,
+                              values, advantages, returns)
             sync(device)
             t_scored = time.perf_counter()
 
         # ALGO LOGIC: PPO epochs over shuffled minibatches; the old logprobs and values are the rollout's. During
         # the critic warm-up only the value loss trains; the policy moves from update critic_warmup_updates + 1 on
-        T, stats, policy_moves = responses.shape[1], [], update > args.critic_warmup_updates
-        for _epoch in range(args.num_ppo_epochs):
+        stats, policy_moves = [], update > args.critic_warmup_updates
+        for epoch in range(args.num_ppo_epochs):
             order = torch.randperm(setup.local_batch_size, device=device)
-            for mb_start in range(0, setup.local_batch_size, setup.minibatch_size):
-                for mc_start in range(mb_start, mb_start + setup.minibatch_size, setup.micro_batch_size):
-                    idx = order[mc_start:mc_start + setup.micro_batch_size]
-                    mb_mask = response_mask[idx]
-                    if first_forward is None:
-                        logits, vpred = train_forward(models, args, query_responses[idx], attention_mask[idx], T)
-                    else:  # the rollout's forward, on the same weights and sequences (old_logprobs_and_values)
-                        (logits, vpred), first_forward = first_forward, None
-                        logits, vpred = logits[idx], vpred[idx] if vpred is not None else None
-                    new_logprobs = logprobs_from_logits(logits, responses[idx])
-                    pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, logprobs[idx], advantages[idx], mb_mask,
-                                                              args.cliprange, args.cliprange_high, args.dual_clip,
-                                                              args.loss_aggregation, args.response_length)
-                    loss, critic_stats = pg_loss, {}  # L = L_CLIP
-                    if vpred is not None:  # ... + c_v * L_critic (only c_v * L_critic during the warm-up)
-                        vf_loss, vf_clipfrac = value_loss(vpred, values[idx], returns[idx], mb_mask, args.cliprange_value,
-                                                          args.loss_aggregation, args.response_length)
-                        loss = pg_loss + args.vf_coef * vf_loss if policy_moves else args.vf_coef * vf_loss
-                        critic_stats = {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac}
-                    if not args.kl_in_reward:  # ... + beta * KL(pi || pi_ref), the KL as a loss term
-                        kl_loss = aggregate_loss(kl_estimate(new_logprobs, ref_logprobs[idx], args.kl_loss_estimator), mb_mask,
-                                                 args.loss_aggregation, args.response_length)
-                        loss = loss + kl_coef * kl_loss if policy_moves else loss
-                    if args.entropy_coef and policy_moves:  # ... - c_H * H, an entropy bonus
-                        entropy = aggregate_loss(entropy_from_logits(logits), mb_mask, args.loss_aggregation, args.response_length)
-                        loss = loss - args.entropy_coef * entropy
-                    (loss / setup.gradient_accumulation_steps).backward()
-                    with torch.no_grad():  # each logged value next to its name (TRL's PPO names)
-                        stats.append({
-                            "loss/policy_avg": pg_loss, "policy/clipfrac_avg": pg_clipfrac, **critic_stats,
-                            "policy/approxkl_avg": approx_kl(new_logprobs, logprobs[idx], mb_mask),
-                            "policy/entropy_avg": masked_mean(entropy_from_logits(logits), mb_mask),
-                            "val/ratio": masked_mean(ratio, mb_mask),
-                            "val/ratio_var": masked_mean((ratio - masked_mean(ratio, mb_mask)) ** 2, mb_mask),
-                            **({} if args.kl_in_reward else {"loss/kl_avg": kl_loss})})
+            for minibatch_start in range(0, setup.local_batch_size, setup.minibatch_size):
+                for micro_start in range(minibatch_start, minibatch_start + setup.minibatch_size,
+                                         setup.micro_batch_size):
+                    idx = order[micro_start:micro_start + setup.micro_batch_size]
+                    stats.append(micro_batch_backward(models, args, rollout, idx, progress.kl_coef, policy_moves,
+                                                      setup.gradient_accumulation_steps, first_forward))
+                    first_forward = None  # used once: by the first micro-batch, on the weights it was computed with
                 # the global norm (clipped only with --max_grad_norm), checked before it can reach the weights
                 clip_grad_norm_or_stop(models, args, setup, update, stats[-1])
                 models.optimizer.step()
@@ -981,26 +837,29 @@ def main(args: Args) -> dict:
 
         # TRY NOT TO MODIFY: logging, one all-reduce per update (the stop signal rides along)
         with torch.no_grad():
-            non_score_reward = (-kl_coef * kl).sum(1)
-            rollout = {"objective/scores": scores.mean(), "objective/kl": kl.sum(1).mean(),
-                       "objective/entropy": (-logprobs * response_mask).sum(1).mean(),
-                       "objective/non_score_reward": non_score_reward.mean(),
-                       "objective/rlhf_reward": (scores + non_score_reward).mean(),
-                       "val/num_eos_tokens": has_eos.float().mean() * args.batch_size,
-                       "val/response_length": response_mask.float().sum(1).mean()}
+            non_score_reward = (-progress.kl_coef * kl).sum(1)
+            rollout_stats = {"objective/scores": scores.mean(), "objective/kl": kl.sum(1).mean(),
+                             "objective/entropy": (-logprobs * response_mask).sum(1).mean(),
+                             "objective/non_score_reward": non_score_reward.mean(),
+                             "objective/rlhf_reward": (scores + non_score_reward).mean(),
+                             "val/num_eos_tokens": has_eos.float().mean() * args.batch_size,
+                             "val/response_length": response_mask.float().sum(1).mean()}
             if member_scores is not None:  # the ensemble's disagreement: the members' std, averaged over responses
-                rollout["objective/ensemble_std"] = member_scores.std(0, unbiased=False).mean()
-            explained = explained_variance(values, returns, response_mask) if values is not None else None
-        metrics, stop = log_update(rollout, stats, signals, update, args, setup, models, progress, writer)
-        metrics.update({**({} if explained is None else {"val/explained_variance": explained.item()}),
-                        "objective/kl_coef": kl_coef, "episode": update * args.batch_size,
+                rollout_stats["objective/ensemble_std"] = member_scores.std(0, unbiased=False).mean()
+            explained = explained_variance(values, returns, response_mask)
+        metrics = all_reduce_mean({**rollout_stats, **mean_of(stats), "stop": float(signals["stop"])}, setup.dist)
+        stop = metrics.pop("stop") > 0
+        check_finite(metrics, update, args, setup)
+        metrics.update({"val/explained_variance": explained.item(), "lr": models.optimizer.param_groups[0]["lr"],
+                        "objective/kl_coef": progress.kl_coef, "episode": update * args.batch_size,
                         **timing_metrics(t_start, t_generated, t_scored, t_end, args.batch_size, progress)})
         write_update(writer, metrics, update, args, setup, queries, responses, scores, progress)
 
         # ALGO LOGIC: adaptive KL (Ziegler et al. 2019): move beta so that the batch's KL tracks its target
         if args.adaptive_kl:
-            batch_kl = all_reduce_sum(kl.sum(1).mean() / setup.d.world_size).item()
-            kl_coef = progress.kl_coef = adaptive_kl_coef(kl_coef, batch_kl, args.kl_target, args.kl_horizon, args.batch_size)
+            batch_kl = all_reduce_sum(kl.sum(1).mean() / setup.dist.world_size).item()
+            progress.kl_coef = adaptive_kl_coef(progress.kl_coef, batch_kl, args.kl_target, args.kl_horizon,
+                                                args.batch_size)
 
         # TRY NOT TO MODIFY: evaluation and checkpoints
         if (args.eval_every and update % args.eval_every == 0) or update == setup.num_updates:
@@ -1018,7 +877,7 @@ def main(args: Args) -> dict:
 @dataclass
 class Setup:
     """What main() sets up once: processes, sizes, paths and the prompts (set_up)."""
-    d: Dist
+    dist: Dist  # rank, world size, device
     local_batch_size: int  # episodes per update on this rank
     minibatch_size: int  # per rank
     micro_batch_size: int  # sequences per training forward on this rank
@@ -1054,37 +913,29 @@ def check_args(args: Args) -> None:
     """Every numeric flag in range, before anything loads (None leaves a flag off)."""
     check_flags(args, at_least_1=("total_episodes", "batch_size", "response_length", "local_rollout_forward_batch_size",
                                   "num_ppo_epochs", "num_minibatches", "micro_batch_size", "eval_batch_size",
-                                  "max_prompt_length", "kl_horizon", "samples_per_prompt"),
+                                  "max_prompt_length", "kl_horizon"),
                 positive=("temperature", "learning_rate", "adam_eps", "cliprange", "cliprange_value", "kl_target",
-                          "cliprange_high", "reward_clip"),
+                          "reward_clip"),
                 non_negative=("kl_coef", "eval_temperature", "vf_coef", "weight_decay", "max_grad_norm", "eval_every",
-                              "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r", "lora_alpha",
-                              "max_dropped_fraction", "entropy_coef", "critic_warmup_updates", "uwo_coef"))
+                              "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r",
+                              "lora_alpha", "max_dropped_fraction", "entropy_coef", "critic_warmup_updates", "uwo_coef"))
     for name in ("gamma", "lam"):
         if not 0 <= getattr(args, name) <= 1:
             raise SystemExit(f"--{name} {getattr(args, name)}: must be in [0, 1]")
-    check_estimator_flags(args)
+    check_loss_and_reward_flags(args)
 
 
-def check_estimator_flags(args: Args) -> None:
-    """The flags of the critic-free estimators, the loss details and the reward's source, each in one line."""
-    estimator, critic_free = args.advantage_estimator, args.advantage_estimator != "gae"
-    if estimator in ("grpo", "rloo") and args.samples_per_prompt < 2:
-        raise SystemExit(f"--advantage_estimator {estimator} compares each response with the prompt's other ones: "
-                         "pass --samples_per_prompt 2 or more (e.g. 4)")
+def check_loss_and_reward_flags(args: Args) -> None:
+    """The flags of the critic, the loss details and the reward's source, each in one line."""
     if args.dual_clip is not None and not (math.isfinite(args.dual_clip) and args.dual_clip > 1):
         raise SystemExit(f"--dual_clip {args.dual_clip}: must be > 1 (e.g. 3), or None for off")
-    if critic_free and args.value_head_on_policy:
-        raise SystemExit(f"--advantage_estimator {estimator} has no critic: drop --value_head_on_policy")
-    if critic_free and args.critic_warmup_updates:
-        raise SystemExit(f"--advantage_estimator {estimator} has no critic to warm up: drop --critic_warmup_updates")
     if args.critic_warmup_updates and args.value_head_on_policy:
         raise SystemExit("--critic_warmup_updates would move the policy through --value_head_on_policy's shared "
                          "backbone: use a separate critic")
     if (args.reward_fn is None) == (args.reward_model is None):
         raise SystemExit("--reward_fn and --reward_model: give exactly one (--reward_fn needs --reward_model None)"
                          if args.reward_fn else "no reward: give --reward_model PATH or --reward_fn module:function")
-    if args.reward_fn and args.critic_init == "rm" and not (critic_free or args.value_head_on_policy):
+    if args.reward_fn and args.critic_init == "rm" and not args.value_head_on_policy:
         raise SystemExit("--critic_init rm needs a reward model, and --reward_fn replaces it: pass --critic_init sft")
     if args.reward_model is not None and len(args.reward_model) != len(set(args.reward_model)):
         raise SystemExit(f"--reward_model lists a model twice ({' '.join(args.reward_model)}): give distinct members")
@@ -1096,151 +947,82 @@ def set_up(args: Args) -> Setup:
     check_args(args)
     if args.value_head_on_policy and args.critic_init != "rm":
         print0("note: --value_head_on_policy has no separate critic; --critic_init is ignored")
-    d = setup_distributed()
-    seed_everything(args.seed, d.rank)
-    if args.batch_size % d.world_size:
-        raise SystemExit(f"batch_size {args.batch_size} is not divisible by the {d.world_size} processes")
-    local_batch_size = args.batch_size // d.world_size
-    if local_batch_size % args.samples_per_prompt:
-        raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by --samples_per_prompt "
-                         f"{args.samples_per_prompt}: make batch_size a multiple of processes x samples_per_prompt")
+    processes = setup_distributed()
+    seed_everything(args.seed, processes.rank)
+    if args.batch_size % processes.world_size:
+        raise SystemExit(f"batch_size {args.batch_size} is not divisible by the {processes.world_size} processes")
+    local_batch_size = args.batch_size // processes.world_size
     if local_batch_size % args.num_minibatches:
-        raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by num_minibatches {args.num_minibatches}")
+        raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by num_minibatches "
+                         f"{args.num_minibatches}")
     minibatch_size = local_batch_size // args.num_minibatches  # per rank
     micro_batch_size = args.micro_batch_size or minibatch_size
     if minibatch_size % micro_batch_size:
-        raise SystemExit(f"the per-rank minibatch {minibatch_size} is not divisible by micro_batch_size {micro_batch_size}")
+        raise SystemExit(f"the per-rank minibatch {minibatch_size} is not divisible by micro_batch_size "
+                         f"{micro_batch_size}")
     num_updates = args.total_episodes // args.batch_size
     if num_updates < 1:
         raise SystemExit(f"total_episodes {args.total_episodes} is less than one batch ({args.batch_size})")
-    for flag, needed, module in (("--lora_r", args.lora_r, "peft"), ("--frozen_dtype int8", args.frozen_dtype == "int8", "torchao")):
+    for flag, needed, module in (("--lora_r", args.lora_r, "peft"),
+                                 ("--frozen_dtype int8", args.frozen_dtype == "int8", "torchao")):
         if needed and importlib.util.find_spec(module) is None:
             raise SystemExit(f"{flag} needs {module}: pip install {module} (requirements.txt pins it)")
     gold_fn, reward_fn = load_fn(args.gold_reward_fn, "--gold_reward_fn"), load_fn(args.reward_fn, "--reward_fn")
     check_model_dir(args.sft_model, "SFT model")
-    reward_models = {"reward model" + (f" {i + 1}" if i else ""): path for i, path in enumerate(args.reward_model or [])}
+    reward_models = {"reward model" + (f" {i + 1}" if i else ""): path
+                     for i, path in enumerate(args.reward_model or [])}
     for what, path in reward_models.items():
         check_model_dir(path, what, tokenizer=False, reward_model=True)
     checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
     if args.save:
         prepare_output(args.output_dir, checkpoint_dir, "ppo", {"SFT model": args.sft_model, **reward_models,
-                       "dataset": args.dataset}, args.resume, args.overwrite, args_json(args), d.world_size)
+                       "dataset": args.dataset}, args.resume, args.overwrite, args_json(args), processes.world_size)
     elif args.resume:
         raise SystemExit("--resume needs checkpoints, and --no_save writes none")
     log_dir = os.path.join("runs", args.run_name or f"ppo__{args.seed}__{int(time.time())}")
 
     # each rank takes its own shard of the prompts (and shuffles it with its own generator: prompt_batches)
     tokenizer = load_tokenizer(args.sft_model, padding_side="left", add_pad_token=args.add_pad_token)
-    prompts, chat = load_prompts(args, tokenizer)
+    prompts, chat = load_prompts(args, tokenizer, args.sft_model)
     train_ids, (eval_texts, eval_ids) = prompts[args.train_split][1], prompts[args.eval_split]
-    train_ids = train_ids[d.rank::d.world_size]
-    if len(train_ids) < local_batch_size // args.samples_per_prompt:
-        raise SystemExit(f"split '{args.train_split}' has {len(train_ids) * d.world_size} prompts, fewer than one batch")
-    return Setup(d, local_batch_size, minibatch_size, micro_batch_size, minibatch_size // micro_batch_size, num_updates,
-               checkpoint_dir, log_dir, gold_fn, reward_fn, tokenizer, chat, stop_token_ids(args, tokenizer, chat), train_ids,
-               eval_texts[:args.eval_samples][d.rank::d.world_size], eval_ids[:args.eval_samples][d.rank::d.world_size])
-
-
-def load_prompts(args: Args, tokenizer) -> tuple[dict[str, tuple[list[str], list[list[int]]]], bool]:
-    """({split: (prompt texts, their token ids)} for the train and eval splits, whether they are chat), or a
-    one-line error."""
-    splits = load_dataset(args.dataset)
-    out = {split: prompts_of_split(args, splits, split, tokenizer) for split in (args.train_split, args.eval_split)}
-    return out, is_chat(args, list(splits[args.train_split][args.prompt_column][:1]))
-
-
-def prompts_of_split(args: Args, splits, split: str, tokenizer) -> tuple[list[str], list[list[int]]]:
-    if split not in splits:
-        raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(splits)}); "
-                         "set --train_split / --eval_split")
-    ds = splits[split]
-    if args.prompt_column not in ds.column_names:
-        raise SystemExit(f"split '{split}' of '{args.dataset}' has no column '{args.prompt_column}' "
-                         f"(it has: {', '.join(ds.column_names)}); set --prompt_column")
-    texts = list(ds[args.prompt_column])
-    where = f"split '{split}' of '{args.dataset}'"
-    if isinstance(texts[0], list):  # chat prompts: lists of messages
-        for i, messages in enumerate(texts):
-            check_messages(messages, f"{where}: row {i}")
-    else:
-        check_texts(texts, args.prompt_column, where)
-    marker = args.implicit_prompt_marker
-    if marker is not None:  # whole dialogues: the prompt ends at the last marker
-        texts = [t[: t.rfind(marker) + len(marker)] if marker in t else None for t in texts]
-    chat = is_chat(args, texts)
-    if chat:
-        if tokenizer.chat_template is None:
-            raise SystemExit(f"chat prompts need a tokenizer with a chat template, and '{args.sft_model}' has none; "
-                             "pass --prompt_format text, or use a tokenizer with one")
-        texts = [render_chat_prompt(t, tokenizer) for t in texts]
-    # rows that cannot be used are dropped with a count (common.drop_unusable: the same policy in every stage)
-    keep = drop_unusable(["without the prompt marker" if t is None else "with an empty prompt" if not t.strip() else None
-                          for t in texts], where, args.max_dropped_fraction)
-    texts = [texts[i] for i in keep]
-    ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]  # a rendered template has its own BOS
-    check_unknown_tokens(ids, tokenizer, where)
-    # a long prompt keeps its end, the text the response continues, behind its BOS or chat header
-    ids = fit_prompts(ids, args.max_prompt_length, args.truncate_long_prompts, prompt_head(tokenizer, chat), where)
-    return texts, ids
-
-
-def is_chat(args: Args, prompts: list) -> bool:
-    return args.prompt_format == "chat" or (args.prompt_format == "auto" and isinstance(prompts[0], list))
-
-
-def render_chat_prompt(prompt, tokenizer) -> str:
-    """A text (one user message) or a message list, rendered up to the assistant's turn (add_generation_prompt)."""
-    if prompt is None:  # no --implicit_prompt_marker in it: dropped later
-        return None
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if messages and messages[-1]["role"] == "assistant":  # the response is the policy's to write
-        messages = messages[:-1]
-    if not messages or any(not str(m["content"]).strip() for m in messages):
-        return ""  # reported as an empty prompt
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def stop_token_ids(args, tokenizer, chat: bool) -> list[int]:
-    """EOS, plus --stop_tokens or (for chat prompts) the template's end-of-turn token."""
-    ids = [tokenizer.eos_token_id]
-    if args.stop_tokens is not None:
-        unknown = [t for t in args.stop_tokens if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
-        if unknown:
-            raise SystemExit(f"--stop_tokens {unknown} are not single tokens of the tokenizer; pass tokens it has")
-        extra = [tokenizer.convert_tokens_to_ids(t) for t in args.stop_tokens]
-    else:
-        extra = end_of_turn_tokens(tokenizer) if chat else []
-    return ids + [i for i in extra if i not in ids]
+    rank, world_size = processes.rank, processes.world_size
+    train_ids = train_ids[rank::world_size]
+    if len(train_ids) < local_batch_size:
+        raise SystemExit(f"split '{args.train_split}' has {len(train_ids) * world_size} prompts, fewer than one batch")
+    return Setup(processes, local_batch_size, minibatch_size, micro_batch_size, minibatch_size // micro_batch_size,
+                 num_updates, checkpoint_dir, log_dir, gold_fn, reward_fn, tokenizer, chat,
+                 stop_token_ids(args, tokenizer, chat), train_ids, eval_texts[:args.eval_samples][rank::world_size],
+                 eval_ids[:args.eval_samples][rank::world_size])
 
 
 def build_models(args: Args, setup: Setup) -> Models:
     """The policy and the frozen reference both start from the SFT checkpoint; the frozen RM(s) score; the critic
     is a separate model initialised from the (first) RM (Huang et al. 2024), or from the SFT model, or a value head
-    on the policy (Ziegler et al. 2019), or, with a critic-free --advantage_estimator, nothing. Dropout is off in all four (common.disable_dropout). Under torchrun all
+    on the policy (Ziegler et al. 2019). Dropout is off in all four (common.disable_dropout). Under torchrun all
     are FSDP2-sharded, and each phase all-gathers a model once (`unsharded`) rather than per forward."""
-    device, tokenizer = setup.d.device, setup.tokenizer
+    device, tokenizer = setup.dist.device, setup.tokenizer
     policy = load_causal_lm(args.sft_model, tokenizer, args.dtype)
     ref_policy = None  # with LoRA, the reference is the policy with its adapter off
     if not args.lora_r:
         ref_policy = load_frozen(load_causal_lm, args.sft_model, tokenizer, args.dtype, args.frozen_dtype)
     reward, rm_tokenizer, same_tokenizer = load_reward(args, setup)
-    critic, value_head = None, None  # a critic-free estimator builds neither: no weights, no optimizer state, no forward
-    with_critic = args.advantage_estimator == "gae"
-    if with_critic and args.value_head_on_policy:
+    critic, value_head = None, None  # one of them, the other None
+    if args.value_head_on_policy:
         value_head = nn.Linear(policy.config.hidden_size, 1).to(device)
         nn.init.zeros_(value_head.weight), nn.init.zeros_(value_head.bias)  # values start at 0
-    elif with_critic and args.critic_init == "rm":
+    elif args.critic_init == "rm":
         if not same_tokenizer:
-            raise SystemExit("--critic_init rm needs the reward model to share the policy's tokenizer; use --critic_init sft")
+            raise SystemExit("--critic_init rm needs the reward model to share the policy's tokenizer; "
+                             "use --critic_init sft")
         first = reward.models[0]  # the critic starts as a copy of the (first) RM, on the score's scale
         critic = ScalarModel(load_reward_model(args.reward_model[0], tokenizer, args.dtype), first.mean, first.std)
-    elif with_critic:
-        with same_draws_on_every_rank(args.seed, setup.d):
+    else:
+        with same_draws_on_every_rank(args.seed, setup.dist):
             critic = ScalarModel(load_reward_model(args.sft_model, tokenizer, args.dtype))
             # a fresh value head, std 1/sqrt(d_model + 1) (Ziegler et al. 2019, Huang et al. 2024)
             nn.init.normal_(critic.head.weight, std=1.0 / math.sqrt(policy.config.hidden_size + 1))
     if args.lora_r:  # Hu et al. 2021: train a low-rank update B A of each target weight, the base frozen
-        with same_draws_on_every_rank(args.seed, setup.d):
+        with same_draws_on_every_rank(args.seed, setup.dist):
             policy = with_lora(policy, args)
     if args.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) too
         for m in (policy, critic.backbone if critic is not None else None):
@@ -1249,7 +1031,8 @@ def build_models(args: Args, setup: Setup) -> Models:
     # FSDP2's root is the module every call goes through: with LoRA the HF model inside peft's wrapper, since
     # generate() bypasses the wrapper's forward (a block would otherwise initialise as a root of its own)
     fsdp_wrap(policy.get_base_model() if args.lora_r else policy, device)
-    ref_policy, reward.models = shard_frozen(ref_policy, args, device), [shard_frozen(m, args, device) for m in reward.models]
+    ref_policy = shard_frozen(ref_policy, args.frozen_dtype, device)
+    reward.models = [shard_frozen(m, args.frozen_dtype, device) for m in reward.models]
     if critic is not None:
         critic = fsdp_wrap(critic, device)
     if value_head is not None and dist.is_initialized():
@@ -1315,13 +1098,13 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
         models.policy_train = torch.compile(models.policy)
         models.critic_train = torch.compile(models.critic) if models.critic is not None else None
     writer = None
-    if setup.d.is_main:
+    if setup.dist.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         # on resume, drop the events a killed run logged after its last checkpoint
         writer = SummaryWriter(setup.log_dir, purge_step=resumed["update"] * args.batch_size + 1 if resumed else None)
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    print0(f"PPO: {setup.num_updates} updates of {args.batch_size} episodes ({setup.d.world_size} process(es), per rank: "
+    print0(f"PPO: {setup.num_updates} updates of {args.batch_size} episodes ({setup.dist.world_size} process(es), per rank: "
            f"{args.num_minibatches} minibatch(es) x {setup.gradient_accumulation_steps} micro-batch(es) of "
            f"{setup.micro_batch_size}); TensorBoard: {setup.log_dir}")
     if resumed:
@@ -1373,22 +1156,23 @@ def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, 
     return grad_norm
 
 
-def log_update(rollout: dict, stats: list[dict], signals: dict, update: int, args: Args, setup: Setup, models: Models,
-               progress: Progress, writer) -> tuple[dict, bool]:
-    """The rollout's statistics and the PPO micro-batches' means, averaged over ranks in one all-reduce, with the
-    stop signal riding along (if any rank was signalled, every rank checkpoints at this update)."""
-    names = list(rollout) + list(stats[0])
-    local = torch.cat([torch.stack(list(rollout.values())),
-                       torch.stack([torch.stack([s[k] for s in stats]).mean() for k in stats[0]])]) / setup.d.world_size
-    stop_flag = torch.tensor([float(signals["stop"])], device=setup.d.device)
-    reduced = all_reduce_sum(torch.cat([local, stop_flag])).tolist()
-    metrics = dict(zip(names, reduced))
-    if not all(math.isfinite(v) for v in metrics.values()):
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+def mean_of(stats: list[dict]) -> dict:
+    """Each statistic's mean over the update's micro-batches."""
+    return {name: torch.stack([s[name] for s in stats]).mean() for name in stats[0]}
+
+
+def all_reduce_mean(metrics: dict, processes: Dist) -> dict:
+    """Each value's mean over ranks, all of them in one all-reduce -> floats."""
+    local = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=processes.device) for v in metrics.values()])
+    return dict(zip(metrics, all_reduce_sum(local / processes.world_size).tolist()))
+
+
+def check_finite(metrics: dict, update: int, args: Args, setup: Setup) -> None:
+    """A NaN or inf statistic stops the run, naming it and the last good checkpoint."""
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
         raise SystemExit(f"non-finite training statistics at update {update} ({', '.join(bad)}): stopped; "
                          f"last good checkpoint: {last_checkpoint(args, setup)}")
-    metrics["lr"] = models.optimizer.param_groups[0]["lr"]
-    return metrics, reduced[-1] > 0
 
 
 def timing_metrics(t_start: float, t_generated: float, t_scored: float, t_end: float, batch_size: int,
@@ -1414,7 +1198,7 @@ def write_update(writer, metrics: dict, update: int, args: Args, setup: Setup, q
             table = list(zip(setup.tokenizer.batch_decode(queries[:n_rows], skip_special_tokens=True),
                              setup.tokenizer.batch_decode(responses[:n_rows], skip_special_tokens=True), scores[:n_rows].tolist()))
             writer.add_text("samples", markdown_table(table, ["prompt", "response", "score"]), step)
-    if setup.d.is_main and update % max(1, setup.num_updates // 10) == 0:
+    if setup.dist.is_main and update % max(1, setup.num_updates // 10) == 0:
         tqdm.write(f"update {update}/{setup.num_updates}: score {metrics['objective/scores']:+.3f} "
                    f"kl {metrics['objective/kl']:.2f} eos {metrics['val/num_eos_tokens'] / args.batch_size:.2f} "
                    f"{metrics['eps']:.1f} eps")
@@ -1423,9 +1207,9 @@ def write_update(writer, metrics: dict, update: int, args: Args, setup: Setup, q
 def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
     """Held-out evaluation (`evaluate`, kept in progress) from its own fixed seed, so that (1) every evaluation, the SFT baseline
     included, sees the same random numbers, and (2) --eval_every does not change the training run's sampling."""
-    device = setup.d.device
+    device = setup.dist.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed + 1_000_003 + setup.d.rank)
+        torch.manual_seed(args.seed + 1_000_003 + setup.dist.rank)
         progress.eval_metrics, progress.eval_golds, rows = evaluate(args, models.policy, models.ref_policy, models.reward, setup.tokenizer,
                                                                     setup.eval_texts, setup.eval_ids, setup.gold_fn, device, setup.stop_ids)
     if writer is not None:
@@ -1451,7 +1235,7 @@ def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup
 def final_report(args: Args, setup: Setup, models: Models, progress: Progress, writer, start_time: float) -> dict:
     """The final evaluation (the last one, of the final policy, on the same prompts as the SFT one), the gold win
     rate, the saved policy (atomically, with eval_results.json) and the summary table."""
-    device, sft_metrics, eval_metrics = setup.d.device, progress.sft_metrics, progress.eval_metrics
+    device, sft_metrics, eval_metrics = setup.dist.device, progress.sft_metrics, progress.eval_metrics
     num_eval_prompts = int(all_reduce_sum(torch.tensor([len(setup.eval_ids)], device=device)).item())
     final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}
     if setup.gold_fn is not None:
@@ -1465,7 +1249,7 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
     if args.save:
         policy, state_dict = models.policy, None
         if args.lora_r:  # a plain HF model: the adapter folded into the weights, W + alpha / r * B A
-            policy, state_dict = merged_lora(models.policy, args, setup)
+            policy, state_dict = merged_lora(models.policy, args, args.sft_model, setup.tokenizer)
         save_model(policy, setup.tokenizer, args.output_dir, "ppo", results={**final, "args": asdict(args)},
                    state_dict=state_dict)
     if writer is not None:
@@ -1482,67 +1266,6 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
            + (f" | saved {args.output_dir}" if args.save else ""))
     teardown_distributed()
     return {**final, "history": progress.history, "timings": progress.timings}
-
-
-@contextlib.contextmanager
-def same_draws_on_every_rank(seed: int, d: Dist):
-    """Random weights drawn before FSDP2 shards a model must be the same draw on every rank, since each rank keeps
-    its shard of its own copy: the ranks draw from `seed`, then return to their own streams (seed + rank). One
-    process draws from its stream as before."""
-    if d.world_size > 1:
-        torch.manual_seed(seed)
-    yield
-    if d.world_size > 1:
-        seed_everything(seed, d.rank)
-
-
-def with_lora(policy, args: Args):
-    """The policy with LoRA adapters (peft), B = 0 so that it starts at the SFT weights."""
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(policy, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                             target_modules=args.lora_target_modules))
-
-
-def merged_lora(policy, args: Args, setup: Setup):
-    """The LoRA policy as a plain HF model, W + alpha / r * B A. Under FSDP2 every rank gathers the full state dict
-    (collective) and rank 0 folds it into a fresh CPU copy. -> (model, its full state dict for save_model, or
-    None: take the model's own)"""
-    if not dist.is_initialized():
-        return policy.merge_and_unload(), None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not setup.d.is_main:
-        return policy, {}  # only rank 0 writes
-    copy = with_lora(load_causal_lm(args.sft_model, setup.tokenizer, args.dtype), args)
-    copy.load_state_dict(full)
-    merged = copy.merge_and_unload()
-    return merged, merged.state_dict()
-
-
-def load_fn(spec: str | None, flag: str):
-    """`module:function` (--gold_reward_fn, --reward_fn) -> the function, or a one-line error."""
-    if spec is None:
-        return None
-    module_name, _, fn_name = spec.partition(":")
-    if not module_name or not fn_name:
-        raise SystemExit(f"{flag} '{spec}' must look like module:function")
-    try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise SystemExit(f"{flag} '{spec}' cannot be imported: {e}") from None
-    if not callable(fn):
-        raise SystemExit(f"{flag} '{spec}' is not callable")
-    return fn
-
-
-def call_fn(fn, prompts: list[str], completions: list[str], flag: str) -> list[float]:
-    """fn(prompts, completions) as floats, one per completion, or a one-line error."""
-    scores = [float(g) for g in fn(prompts, completions)]
-    if len(scores) != len(completions):
-        raise SystemExit(f"{flag} returned {len(scores)} scores for {len(completions)} completions")
-    return scores
 
 
 @torch.no_grad()
@@ -1592,16 +1315,33 @@ def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, promp
     return metrics, (golds if gold_fn is not None else None), rows
 
 
-def markdown_table(rows, header) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c).replace("|", "\\|") for c in row) + " |")
-    return "\n".join(lines)
+# the critic-free family's flags moved to grpo.py with it: a user of the old flags gets one line naming it
+MOVED_TO_GRPO = {flag: f"the critic-free estimators and their loss details are in grpo.py now: python grpo.py {flag} ..."
+                 for flag in ("--advantage_estimator", "--samples_per_prompt", "--cliprange_high", "--loss_aggregation")}
 
 
 def parse_args(argv=None) -> Args:
     """Args from the command line: a preset's name (presets.py; none: the toy task), then flags over it."""
-    return parse_args_with_presets(Args, presets.PPO, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args_with_presets(Args, presets.PPO, argv, MOVED_TO_GRPO)
+    return reward_fn_instead_of_rm(args, flags_given(argv))
+
+
+def reward_fn_instead_of_rm(args: Args, given: set[str]) -> Args:
+    """--reward_fn alone means "train against this function instead of the RM": the RM, and the critic copied
+    from it, make way when the user left --reward_model and --critic_init at their defaults. Either one given
+    next to --reward_fn stays an error (check_loss_and_reward_flags)."""
+    if args.reward_fn is None:
+        return args
+    changes = {}
+    if "--reward_model" not in given:
+        changes["reward_model"] = None
+    if "--critic_init" not in given and not args.value_head_on_policy:
+        changes["critic_init"] = "sft"
+    if changes.get("reward_model", args.reward_model) is None:
+        print0(f"--reward_fn {args.reward_fn} replaces the reward model" +
+               ("; the critic starts from the SFT model (--critic_init sft)" if "critic_init" in changes else ""))
+    return dataclasses.replace(args, **changes)
 
 
 if __name__ == "__main__":

@@ -353,7 +353,7 @@ def greedy_full_length(tokenizer, max_new_tokens, temperature, stop_token_ids):
                             eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id)
 
 
-def in_order(prompt_ids, batch_size, generator):
+def in_order(prompt_ids, batch_size, skip, generator):
     # rank r holds prompts r, r + W, ...: batch k of every rank together is prompts kB .. kB + B - 1, as on one process
     for i in range(0, len(prompt_ids) - batch_size + 1, batch_size):
         yield prompt_ids[i:i + batch_size]

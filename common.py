@@ -959,6 +959,20 @@ def stop_token_ids(args: PromptFlags, tokenizer, chat: bool) -> list[int]:
     return ids + [i for i in extra if i not in ids]
 
 
+def retokenized(query_responses, attention_mask, has_eos, tokenizer, rm_tokenizer, rm_end_id: int):
+    """Prompts + responses in the policy's vocabulary -> the same texts in an RM's: decoded, re-tokenised and
+    right-padded. Decoding drops the special tokens, the policy's EOS or end-of-turn among them, so where a
+    response ended (has_eos) the RM's own end token goes back on: its EOS, or for chat its template's end-of-turn
+    token. -> ((B, S) ids, (B, S) attention mask)"""
+    texts = tokenizer.batch_decode(query_responses.masked_fill(attention_mask == 0, tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    ids = [x + [rm_end_id] * int(e) for x, e in zip(rm_tokenizer(texts)["input_ids"], has_eos.tolist())]
+    width, device = max(len(x) for x in ids), query_responses.device
+    padded = torch.tensor([x + [rm_tokenizer.pad_token_id] * (width - len(x)) for x in ids], device=device)
+    lengths = torch.tensor([len(x) for x in ids], device=device)
+    return padded, (torch.arange(width, device=device)[None] < lengths[:, None]).long()
+
+
 @contextlib.contextmanager
 def unsharded(model):
     """Under FSDP2, all-gather the parameters once for many forwards (a whole generation: one forward per

@@ -21,11 +21,9 @@ Each equation is one small function below, and each implementation detail has a 
 source. "Huang et al. 2024" is "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
 Summarization"; "Ziegler et al. 2019" is "Fine-Tuning Language Models from Human Preferences".
 
-The file reads top to bottom: arguments, the equations, the models and the rollout's forwards, the
-rollout helpers, then main(), one PPO update after another. Below main(), under TRY NOT TO MODIFY, is the
-plumbing it calls in one line each: checks and setup, model building, resume and checkpoints, logging (TRL's
-PPO names: objective/*, policy/*, loss/*, val/*, time/*), evaluation. Loading prompts, FSDP2 and LoRA are
-common.py's; the presets are in presets.py.
+The file reads top to bottom: arguments, the equations, the models and the rollout's forwards, main(). Below
+main(), under TRY NOT TO MODIFY, the plumbing it calls in one line each: setup, model building, resume and
+checkpoints, logging (TRL's names: objective/*, policy/*, loss/*, val/*, time/*), evaluation.
 
 Implementation details, each marked by a comment where it happens:
 - policy and frozen reference both loaded from the SFT checkpoint; frozen RM; a separate critic
@@ -94,6 +92,7 @@ from common import (
     parse_args_with_presets,
     prepare_output,
     print0,
+    retokenized,
     run,
     same_draws_on_every_rank,
     save_checkpoint,
@@ -109,8 +108,8 @@ from common import (
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments: PPO's own flags here; the prompts', memory's, evaluation's and resume's flags (common.PromptFlags,
-# MemoryFlags, EvalFlags, ResumeFlags) are inherited under the same plain names (`python ppo.py --help` lists all)
+# Arguments: PPO's own; the prompts', memory's, evaluation's and resume's are inherited from common.py under
+# their plain names (PromptFlags, MemoryFlags, EvalFlags, ResumeFlags; `python ppo.py --help` lists them all)
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Args(PromptFlags, MemoryFlags, EvalFlags, ResumeFlags):
@@ -118,8 +117,8 @@ class Args(PromptFlags, MemoryFlags, EvalFlags, ResumeFlags):
     sft_model: str = "models/sft"
     """the SFT checkpoint: the initial policy and the frozen reference policy"""
     reward_model: list[str] | None = field(default_factory=lambda: ["models/rm"])
-    """the reward model (a sequence classifier, one label); its config's reward_mean/reward_std normalise every score.
-    Several paths: an ensemble (--ensemble), each member normalised with its own statistics. None: --reward_fn instead"""
+    """the reward model (a sequence classifier, one label); its config's reward_mean/reward_std normalise every
+    score. Several paths: an ensemble (--ensemble), each normalised with its own statistics. None: --reward_fn"""
     ensemble: Literal["mean", "min", "uwo"] = "mean"
     """how an ensemble's normalised scores combine (Coste et al. 2023): their mean; their min (the worst case); uwo,
     the mean minus --uwo_coef times the members' variance"""
@@ -142,8 +141,7 @@ class Args(PromptFlags, MemoryFlags, EvalFlags, ResumeFlags):
     seed: int = 1
     """random seed (rank r samples with seed + r)"""
     offload_critic: bool = False
-    """keep the critic's weights and optimizer state (under torchrun: its shards) on the CPU during generation,
-    where the KV cache needs the GPU memory (on a CPU setup they stay where they are)"""
+    """the critic's weights and AdamW state (its shards under torchrun) wait on the CPU while the policy generates"""
 
     # rollout
     total_episodes: int = 6400
@@ -193,8 +191,7 @@ class Args(PromptFlags, MemoryFlags, EvalFlags, ResumeFlags):
     num_minibatches: int = 1
     """optimizer steps per epoch; each takes a shuffled 1/num_minibatches of the batch"""
     micro_batch_size: int | None = None
-    """sequences per forward/backward on one rank; a minibatch accumulates gradients over them (None: the whole
-    minibatch)"""
+    """sequences per forward/backward on one rank, gradients accumulated over a minibatch (None: the minibatch)"""
     cliprange: float = 0.2
     """epsilon of the clipped surrogate"""
     dual_clip: float | None = None
@@ -218,8 +215,7 @@ class Args(PromptFlags, MemoryFlags, EvalFlags, ResumeFlags):
     max_grad_norm: float | None = None
     """clip the gradient norm of policy + critic to this; None: no clipping"""
     reuse_first_forward: bool = True
-    """with one micro-batch per update, take pi_old and V_old from PPO's first forward (same weights, same
-    inputs) instead of two extra no-grad forwards; --no_reuse_first_forward recomputes them separately"""
+    """with one micro-batch per update, take pi_old and V_old from PPO's first forward (same weights and inputs)"""
     critic_init: Literal["rm", "sft"] = "rm"
     """the separate critic starts from the reward model (Huang et al. 2024) or from the SFT model with a fresh head"""
     value_head_on_policy: bool = False
@@ -411,35 +407,10 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 
-def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """How far the update moved the policy: 0.5 * mean_t (log pi(y_t) - log pi_old(y_t))^2 over response tokens.
-
-    Schulman's k2 estimator of KL(pi_old || pi), logged as policy/approxkl_avg (Huang et al. 2024).
-    """
-    return 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var[returns - values] / Var[returns] over the response tokens of all ranks: 1 is a perfect critic,
-    0 one that predicts the mean, below 0 one worse than that. Population variances (CleanRL's np.var)."""
-    m, returns, values = mask.double(), returns.double(), values.double()  # float64: the one-pass variance cancels
-    sums = all_reduce_sum(torch.stack([(returns * m).sum(), (returns**2 * m).sum(), ((returns - values) * m).sum(),
-                                       ((returns - values) ** 2 * m).sum(), m.sum()]))
-    s_r, s_r2, s_d, s_d2, n = sums.tolist()
-    var_returns = s_r2 / n - (s_r / n) ** 2
-    return torch.tensor(1.0 - (s_d2 / n - (s_d / n) ** 2) / max(var_returns, 1e-8))
-
-
 def annealed_learning_rate(update: int, num_updates: int, learning_rate: float) -> float:
     """Linear decay to 0 over the setup, update = 1, 2, ...: (1 - (update - 1) / num_updates) * learning_rate (CleanRL;
     Huang et al. 2024)."""
     return (1.0 - (update - 1.0) / num_updates) * learning_rate
-
-
-def gold_wins(golds: list[float], baseline_golds: list[float]) -> float:
-    """Wins of one policy's responses over another's on the same prompts, ties counting 1/2:
-    sum_i [g_i > b_i] + 0.5 * [g_i == b_i]. Divided by the count, it is the win rate."""
-    return sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(golds, baseline_golds))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,21 +510,17 @@ def train_forward(models: Models, args: Args, query_responses, attention_mask, r
 
 
 def old_logprobs_and_values(models: Models, args: Args, query_responses, attention_mask, responses, reuse: bool):
-    """pi_old(y_t) and V_old(x, y<t), the rollout's logprobs and values that PPO's ratio and value clipping
-    compare against: no-grad forwards in chunks of local_rollout_forward_batch_size, logits / temperature as
-    in sampling (Huang et al. 2024). -> ((B, T) logprobs, (B, T) values or None without a critic, the reused
-    forward or None)
-
-    `reuse`, with one micro-batch per update: PPO's first forward (epoch 1, before any optimizer step) runs the
-    same weights on the same sequences, so it computes exactly these numbers. It then runs here, once, with
-    gradients, and the first micro-batch of the update takes its logits and values instead of a forward of its
-    own (equal up to float rounding; two forwards fewer per update).
+    """pi_old(y_t) and V_old(x, y<t), which PPO's ratio and value clipping compare against: no-grad forwards in
+    chunks, logits / temperature as in sampling (Huang et al. 2024). -> ((B, T) logprobs, (B, T) values, the
+    reused forward or None). `reuse`, with one micro-batch per update: PPO's first forward (epoch 1, before any
+    optimizer step) runs the same weights on the same sequences, so it runs here instead, once, with gradients,
+    and the update's first micro-batch takes its logits and values (equal up to float rounding; two forwards fewer).
     """
     T = responses.shape[1]
     if reuse:
         with torch.enable_grad():
             logits, values = train_forward(models, args, query_responses, attention_mask, T)
-        return logprobs_from_logits(logits, responses), values.detach() if values is not None else None, (logits, values)
+        return logprobs_from_logits(logits, responses), values.detach(), (logits, values)
     chunks = [slice(i, i + args.local_rollout_forward_batch_size)
               for i in range(0, len(responses), args.local_rollout_forward_batch_size)]
     logprobs, values = [], []
@@ -579,7 +546,6 @@ def reference_logprobs(models: Models, args: Args, query_responses, attention_ma
                                       responses.shape[1], args.temperature)
             ref_logprobs.append(logprobs_from_logits(logits, responses[c]))
     return torch.cat(ref_logprobs)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,21 +588,13 @@ def rm_scores(reward_model, query_responses, attention_mask, response_mask, cont
               tokenizer, rm_retokenize, has_eos, batch_size: int) -> torch.Tensor:
     """The RM's score at the last real token of prompt + response (the EOS), in chunks. -> (B,)
 
-    If the RM has its own tokenizer (rm_retokenize = (its tokenizer, its end token)), the text is decoded and
-    re-tokenised for it. Decoding drops the special tokens, the policy's EOS or end-of-turn among them, so
-    where the policy's response ended the RM's own end token goes back on: its EOS, or for chat its template's
-    end-of-turn token, where train_rm.py read its rewards. Otherwise the policy's tokens go in as they are.
+    If the RM has its own tokenizer (rm_retokenize = (its tokenizer, its end token)), it reads the decoded text,
+    re-tokenised, with its own end token where the policy's response ended (common.retokenized), as train_rm.py
+    read its rewards. Otherwise the policy's tokens go in as they are.
     """
     if rm_retokenize is not None:
-        rm_tokenizer, rm_end_id = rm_retokenize
-        texts = tokenizer.batch_decode(query_responses.masked_fill(attention_mask == 0, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-        ids = [x + [rm_end_id] * int(e) for x, e in zip(rm_tokenizer(texts)["input_ids"], has_eos.tolist())]
-        width = max(len(x) for x in ids)
-        query_responses = torch.tensor([x + [rm_tokenizer.pad_token_id] * (width - len(x)) for x in ids],
-                                       device=response_mask.device)
-        attention_mask = (torch.arange(width, device=response_mask.device)[None] <
-                          torch.tensor([len(x) for x in ids], device=response_mask.device)[:, None]).long()
+        query_responses, attention_mask = retokenized(query_responses, attention_mask, has_eos, tokenizer,
+                                                      *rm_retokenize)
         last = attention_mask.sum(1) - 1
     else:
         last = context_length + response_mask.long().sum(1) - 1  # (B,) index of the EOS (Huang et al. 2024)
@@ -664,37 +622,6 @@ def reward_scores(reward: Reward, tokenizer, query_responses, attention_mask, re
         return members[0], None
     member_scores = torch.stack(members)  # (M, B)
     return ensemble_scores(member_scores, reward.ensemble, reward.uwo_coef), member_scores
-
-
-def prompt_batches(prompt_ids: list[list[int]], batch_size: int, skip: int, generator: torch.Generator):
-    """Batches of this rank's prompts, forever: epochs over its shard, reshuffled each time, the last partial
-    batch dropped. The first `skip` batches are drawn but not given: on resume, the checkpoint's data position."""
-    drawn = 0
-    while True:
-        order = torch.randperm(len(prompt_ids), generator=generator).tolist()
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            drawn += 1
-            if drawn > skip:
-                yield [prompt_ids[j] for j in order[i:i + batch_size]]
-
-
-def place_critic(models: Models, args: Args, where, device: torch.device) -> None:
-    """--offload_critic: the critic's weights and AdamW state leave the GPU while the policy generates. Under
-    FSDP2 these are the rank's shards; Module.to keeps the parameter objects (FSDP2 swaps DTensors in place), so
-    the optimizer still holds them. On a CPU setup `where` is where they are already, and nothing moves."""
-    if models.critic is None or not args.offload_critic:
-        return
-    models.critic.to(where)
-    for p in models.critic.parameters():
-        for key, value in models.optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                models.optimizer.state[p][key] = value.to(where)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the GPU, for honest phase timings; nothing to wait for on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @dataclass
@@ -874,6 +801,43 @@ def main(args: Args) -> dict:
 # checks, the prompts, the models, resume and checkpoints, logging, evaluation and the final report, the
 # presets and the command line.
 # ----------------------------------------------------------------------------------------------
+def prompt_batches(prompt_ids: list[list[int]], batch_size: int, skip: int, generator: torch.Generator):
+    """Batches of this rank's prompts, forever: epochs over its shard, reshuffled each time, the last partial
+    batch dropped. The first `skip` batches are drawn but not given: on resume, the checkpoint's data position."""
+    drawn = 0
+    while True:
+        order = torch.randperm(len(prompt_ids), generator=generator).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            drawn += 1
+            if drawn > skip:
+                yield [prompt_ids[j] for j in order[i:i + batch_size]]
+
+
+def place_critic(models: Models, args: Args, where, device: torch.device) -> None:
+    """--offload_critic: the critic's weights and AdamW state leave the GPU while the policy generates. Under
+    FSDP2 these are the rank's shards; Module.to keeps the parameter objects (FSDP2 swaps DTensors in place), so
+    the optimizer still holds them. On a CPU setup `where` is where they are already, and nothing moves."""
+    if models.critic is None or not args.offload_critic:
+        return
+    models.critic.to(where)
+    for p in models.critic.parameters():
+        for key, value in models.optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value):
+                models.optimizer.state[p][key] = value.to(where)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU, for honest phase timings; nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gold_wins(golds: list[float], baseline_golds: list[float]) -> float:
+    """Wins of one policy's responses over another's on the same prompts, ties counting 1/2:
+    sum_i [g_i > b_i] + 0.5 * [g_i == b_i]. Divided by the count, it is the win rate."""
+    return sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(golds, baseline_golds))
+
+
 @dataclass
 class Setup:
     """What main() sets up once: processes, sizes, paths and the prompts (set_up)."""
@@ -918,7 +882,8 @@ def check_args(args: Args) -> None:
                           "reward_clip"),
                 non_negative=("kl_coef", "eval_temperature", "vf_coef", "weight_decay", "max_grad_norm", "eval_every",
                               "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r",
-                              "lora_alpha", "max_dropped_fraction", "entropy_coef", "critic_warmup_updates", "uwo_coef"))
+                              "lora_alpha", "max_dropped_fraction", "entropy_coef", "critic_warmup_updates",
+                              "uwo_coef"))
     for name in ("gamma", "lam"):
         if not 0 <= getattr(args, name) <= 1:
             raise SystemExit(f"--{name} {getattr(args, name)}: must be in [0, 1]")
@@ -1040,8 +1005,8 @@ def build_models(args: Args, setup: Setup) -> Models:
 
         fully_shard(value_head)
     # the trained models as one module, so that DCP names every parameter the optimizer holds (checkpoints)
-    trainables = nn.ModuleDict({name: m for name, m in (("policy", policy), ("critic", critic), ("value_head", value_head))
-                                if m is not None})
+    trainables = nn.ModuleDict({name: m for name, m in (("policy", policy), ("critic", critic),
+                                                        ("value_head", value_head)) if m is not None})
     params = [p for p in trainables.parameters() if p.requires_grad]  # LoRA: the adapters only
     # one AdamW over policy and critic (their parameters are disjoint), eps 1e-5 (Huang et al. 2024);
     # the fused kernel: one pass over all parameters (on CPU several times faster than the default foreach)
@@ -1077,7 +1042,8 @@ def load_reward(args: Args, setup: Setup) -> tuple[Reward, object, bool]:
         rm_classifier = load_frozen(load_reward_model, path, rm_tokenizer, args.dtype, args.frozen_dtype)
         if not hasattr(rm_classifier.config, "reward_mean"):
             print0(f"warning: '{path}' has no reward_mean/reward_std in its config: scores are used raw")
-        mean, std = (float(getattr(rm_classifier.config, key, default)) for key, default in (("reward_mean", 0.0), ("reward_std", 1.0)))
+        mean, std = (float(getattr(rm_classifier.config, key, default))
+                     for key, default in (("reward_mean", 0.0), ("reward_std", 1.0)))
         models.append(ScalarModel(rm_classifier, mean, std).eval().requires_grad_(False))
     return Reward(models, None, None, args.ensemble, args.uwo_coef), rm_tokenizer, same_tokenizer
 
@@ -1103,13 +1069,15 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
 
         # on resume, drop the events a killed run logged after its last checkpoint
         writer = SummaryWriter(setup.log_dir, purge_step=resumed["update"] * args.batch_size + 1 if resumed else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    print0(f"PPO: {setup.num_updates} updates of {args.batch_size} episodes ({setup.dist.world_size} process(es), per rank: "
-           f"{args.num_minibatches} minibatch(es) x {setup.gradient_accumulation_steps} micro-batch(es) of "
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    print0(f"PPO: {setup.num_updates} updates of {args.batch_size} episodes ({setup.dist.world_size} process(es), "
+           f"per rank: {args.num_minibatches} minibatch(es) x {setup.gradient_accumulation_steps} micro-batch(es) of "
            f"{setup.micro_batch_size}); TensorBoard: {setup.log_dir}")
     if resumed:
-        return Progress(resumed["update"], resumed["kl_coef"], resumed["history"], resumed["timings"], resumed["sft_metrics"],
-                        resumed["sft_golds"], resumed["eval_metrics"], resumed["eval_golds"]), writer
+        return Progress(resumed["update"], resumed["kl_coef"], resumed["history"], resumed["timings"],
+                        resumed["sft_metrics"], resumed["sft_golds"], resumed["eval_metrics"],
+                        resumed["eval_golds"]), writer
     progress = Progress(0, args.kl_coef, [], [], None, None, None, None)
     run_eval(0, args, setup, models, progress, writer)
     progress.sft_metrics, progress.sft_golds = progress.eval_metrics, progress.eval_golds
@@ -1139,8 +1107,8 @@ def last_checkpoint(args: Args, setup: Setup) -> str:
 def stop_if_not_finite(scores: torch.Tensor, update: int, args: Args, setup: Setup) -> None:
     """A NaN or inf score stops the run before the PPO step, on every rank (all see the count)."""
     if all_reduce_sum((~torch.isfinite(scores)).sum()).item():
-        raise SystemExit(f"non-finite reward at update {update}: stopped before the PPO step; last good "
-                         f"checkpoint: {last_checkpoint(args, setup)}. Check the reward model (and its reward_mean/reward_std)")
+        raise SystemExit(f"non-finite reward at update {update}: stopped before the update; last good checkpoint: "
+                         f"{last_checkpoint(args, setup)}. Check the reward model (and its reward_mean/reward_std)")
 
 
 def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, losses: dict) -> float:
@@ -1154,6 +1122,25 @@ def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, 
         raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {step}, losses {losses}: stopped "
                          f"before the optimizer step; last good checkpoint: {last_checkpoint(args, setup)}")
     return grad_norm
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How far the update moved the policy: 0.5 * mean_t (log pi(y_t) - log pi_old(y_t))^2 over response tokens.
+
+    Schulman's k2 estimator of KL(pi_old || pi), logged as policy/approxkl_avg (Huang et al. 2024).
+    """
+    return 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[returns - values] / Var[returns] over the response tokens of all ranks: 1 is a perfect critic,
+    0 one that predicts the mean, below 0 one worse than that. Population variances (CleanRL's np.var)."""
+    m, returns, values = mask.double(), returns.double(), values.double()  # float64: the one-pass variance cancels
+    sums = all_reduce_sum(torch.stack([(returns * m).sum(), (returns**2 * m).sum(), ((returns - values) * m).sum(),
+                                       ((returns - values) ** 2 * m).sum(), m.sum()]))
+    s_r, s_r2, s_d, s_d2, n = sums.tolist()
+    var_returns = s_r2 / n - (s_r / n) ** 2
+    return torch.tensor(1.0 - (s_d2 / n - (s_d / n) ** 2) / max(var_returns, 1e-8))
 
 
 def mean_of(stats: list[dict]) -> dict:
@@ -1196,7 +1183,8 @@ def write_update(writer, metrics: dict, update: int, args: Args, setup: Setup, q
         if args.sample_every and (update % args.sample_every == 0 or update == 1):
             n_rows = min(args.num_sample_rows, setup.local_batch_size)
             table = list(zip(setup.tokenizer.batch_decode(queries[:n_rows], skip_special_tokens=True),
-                             setup.tokenizer.batch_decode(responses[:n_rows], skip_special_tokens=True), scores[:n_rows].tolist()))
+                             setup.tokenizer.batch_decode(responses[:n_rows], skip_special_tokens=True),
+                             scores[:n_rows].tolist()))
             writer.add_text("samples", markdown_table(table, ["prompt", "response", "score"]), step)
     if setup.dist.is_main and update % max(1, setup.num_updates // 10) == 0:
         tqdm.write(f"update {update}/{setup.num_updates}: score {metrics['objective/scores']:+.3f} "
@@ -1205,13 +1193,15 @@ def write_update(writer, metrics: dict, update: int, args: Args, setup: Setup, q
 
 
 def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
-    """Held-out evaluation (`evaluate`, kept in progress) from its own fixed seed, so that (1) every evaluation, the SFT baseline
-    included, sees the same random numbers, and (2) --eval_every does not change the training run's sampling."""
+    """Held-out evaluation (`evaluate`, kept in progress) from its own fixed seed, so that (1) every evaluation, the
+    SFT baseline included, sees the same random numbers, and (2) --eval_every does not change the training run's
+    sampling."""
     device = setup.dist.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed + 1_000_003 + setup.dist.rank)
-        progress.eval_metrics, progress.eval_golds, rows = evaluate(args, models.policy, models.ref_policy, models.reward, setup.tokenizer,
-                                                                    setup.eval_texts, setup.eval_ids, setup.gold_fn, device, setup.stop_ids)
+        progress.eval_metrics, progress.eval_golds, rows = evaluate(
+            args, models.policy, models.ref_policy, models.reward, setup.tokenizer, setup.eval_texts, setup.eval_ids,
+            setup.gold_fn, device, setup.stop_ids)
     if writer is not None:
         for k, v in progress.eval_metrics.items():
             writer.add_scalar(f"eval/{k}", v, step)
@@ -1220,11 +1210,14 @@ def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Prog
 
 def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup, models: Models,
                  progress: Progress) -> None:
-    """After update `step`: a checkpoint every --checkpoint_every updates, at the end, and when a signal came; then, for a signal, exit."""
-    if args.save and ((args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.num_updates or stop):
+    """After update `step`: a checkpoint every --checkpoint_every updates, at the end, and when a signal came;
+    then, for a signal, exit."""
+    due = (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.num_updates
+    if args.save and (due or stop):
         state = {"update": step, "args": args_json(args), "log_dir": setup.log_dir, "kl_coef": progress.kl_coef,
                  "history": progress.history, "timings": progress.timings, "sft_metrics": progress.sft_metrics,
-                 "sft_golds": progress.sft_golds, "eval_metrics": progress.eval_metrics, "eval_golds": progress.eval_golds}
+                 "sft_golds": progress.sft_golds, "eval_metrics": progress.eval_metrics,
+                 "eval_golds": progress.eval_golds}
         path = save_checkpoint(setup.checkpoint_dir, step, models.trainables, models.optimizer, state, "ppo")
         if stop:
             exit_preempted(path, f"update {step}", signals["signal"])
@@ -1240,7 +1233,8 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
     final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}
     if setup.gold_fn is not None:
         wins = gold_wins(progress.eval_golds, progress.sft_golds)
-        totals = all_reduce_sum(torch.tensor([wins, float(len(progress.sft_golds))], dtype=torch.float64, device=device)).tolist()
+        totals = all_reduce_sum(torch.tensor([wins, float(len(progress.sft_golds))], dtype=torch.float64,
+                                             device=device)).tolist()
         final["gold_win_rate"] = totals[0] / totals[1]
     final["final_kl"] = eval_metrics["kl"]
     final["train_kl"] = progress.history[-1]["objective/kl"]
@@ -1269,7 +1263,8 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
 
 
 @torch.no_grad()
-def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, prompt_ids, gold_fn, device, stop_ids: list[int]):
+def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, prompt_ids, gold_fn, device,
+             stop_ids: list[int]):
     """Held-out evaluation of the current policy: RM score, gold score, KL to the reference, length, EOS.
 
     KL here is exact per position, sum_t KL(pi(.|x,y<t) || pi_ref(.|x,y<t)) at the training temperature,
@@ -1293,8 +1288,10 @@ def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, promp
         with unsharded(policy), unsharded(ref_policy):
             for j in range(0, len(responses), args.local_rollout_forward_batch_size):
                 s = slice(j, j + args.local_rollout_forward_batch_size)
-                logp = policy_forward(policy, query_responses[s], attention_mask[s], T, args.temperature)[0].log_softmax(-1)
-                ref_logp = reference_logits(policy, ref_policy, query_responses[s], attention_mask[s], T, args.temperature).log_softmax(-1)
+                logp = policy_forward(policy, query_responses[s], attention_mask[s], T,
+                                      args.temperature)[0].log_softmax(-1)
+                ref_logp = reference_logits(policy, ref_policy, query_responses[s], attention_mask[s], T,
+                                            args.temperature).log_softmax(-1)
                 kl[s] = ((logp.exp() * (logp - ref_logp)).sum(-1) * response_mask[s]).sum(1)
         completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
         if gold_fn is not None:
@@ -1306,7 +1303,8 @@ def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, promp
         sums[3] += response_mask.sum()
         sums[4] += has_eos.sum()
         if not rows:
-            rows = list(zip(prompts[i:i + args.num_sample_rows], completions, scores.tolist(), golds or [None] * len(completions)))
+            rows = list(zip(prompts[i:i + args.num_sample_rows], completions, scores.tolist(),
+                            golds or [None] * len(completions)))
     count = all_reduce_sum(torch.tensor([float(len(prompt_ids))], device=device, dtype=torch.float64))
     means = (all_reduce_sum(sums) / count).tolist()
     metrics = {"rm_score": means[0], "kl": means[2], "response_length": means[3], "eos_rate": means[4]}
@@ -1316,8 +1314,9 @@ def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, promp
 
 
 # the critic-free family's flags moved to grpo.py with it: a user of the old flags gets one line naming it
-MOVED_TO_GRPO = {flag: f"the critic-free estimators and their loss details are in grpo.py now: python grpo.py {flag} ..."
-                 for flag in ("--advantage_estimator", "--samples_per_prompt", "--cliprange_high", "--loss_aggregation")}
+MOVED_TO_GRPO = {flag: f"the critic-free estimators and their loss details are in grpo.py now: python grpo.py {flag}"
+                 for flag in ("--advantage_estimator", "--samples_per_prompt", "--cliprange_high",
+                              "--loss_aggregation")}
 
 
 def parse_args(argv=None) -> Args:

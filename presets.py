@@ -284,3 +284,10 @@ PPO = {
         ),
     ),
 }
+
+
+# grpo.py: PPO's presets, data and sizes alike, without the critic; each prompt sampled 4 times (a batch of 512
+# episodes is 128 prompts), the KL as GRPO's k3 loss term (grpo.py's defaults)
+GRPO = {name: (about.replace(" PPO ", " GRPO ").replace("Huang et al. 2024", "Huang et al. 2024's settings, GRPO"),
+               {**flags, "samples_per_prompt": 4})
+        for name, (about, flags) in PPO.items()}

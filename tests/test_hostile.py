@@ -23,6 +23,7 @@ import pytest
 from conftest import ROOT, one_thread
 
 import common
+import grpo
 import ppo
 import sft
 import train_rm
@@ -111,6 +112,11 @@ class Ctx:
                      "--output_dir", self.out, "--total_episodes", "64", "--batch_size", "32", "--response_length", "8",
                      "--eval_samples", "16", "--run_name", str(self.tmp / "tb"), *extra]
 
+    def grpo(self, *extra):
+        return grpo, ["--sft_model", self.base, "--reward_model", self.rm, "--dataset", os.path.join(self.toy, "prompts"),
+                      "--output_dir", self.out, "--total_episodes", "64", "--batch_size", "32", "--response_length", "8",
+                      "--eval_samples", "16", "--run_name", str(self.tmp / "tb"), *extra]
+
     def marked_run(self, path, stage, finished=True) -> str:
         os.makedirs(path)
         common.write_marker(path, stage)
@@ -155,15 +161,17 @@ CATALOGUE = {
         "ppo --kl_coef -0.1": (lambda c: c.ppo("--kl_coef", "-0.1"), "--kl_coef -0.1: must be >= 0"),
         "ppo fewer episodes than a batch": (lambda c: c.ppo("--total_episodes", "10"), "less than one batch"),
         "unknown preset": (lambda c: (ppo, ["pythia-7b-tldr", *c.ppo()[1]]), "unknown preset 'pythia-7b-tldr'; the presets are toy, pythia-tldr"),
-        "ppo grpo with one sample per prompt": (lambda c: c.ppo("--advantage_estimator", "grpo"), "pass --samples_per_prompt 2 or more"),
-        "ppo batch not divisible by samples_per_prompt": (lambda c: c.ppo("--advantage_estimator", "rloo", "--samples_per_prompt", "3"), "not divisible by --samples_per_prompt 3"),
+        "grpo with one sample per prompt": (lambda c: c.grpo("--samples_per_prompt", "1"), "pass --samples_per_prompt 2 or more"),
+        "grpo batch not divisible by samples_per_prompt": (lambda c: c.grpo("--advantage_estimator", "rloo", "--samples_per_prompt", "3"), "not divisible by --samples_per_prompt 3"),
         "ppo --dual_clip 1": (lambda c: c.ppo("--dual_clip", "1.0"), "--dual_clip 1.0: must be > 1"),
-        "ppo --cliprange_high 0": (lambda c: c.ppo("--cliprange_high", "0"), "--cliprange_high 0.0: must be > 0"),
-        "ppo critic warm-up without a critic": (lambda c: c.ppo("--advantage_estimator", "reinforce_pp", "--critic_warmup_updates", "2"), "has no critic to warm up"),
+        "grpo --cliprange_high 0": (lambda c: c.grpo("--cliprange_high", "0"), "--cliprange_high 0.0: must be > 0"),
+        "ppo --advantage_estimator, moved to grpo.py": (lambda c: c.ppo("--advantage_estimator", "grpo"), "are in grpo.py now: python grpo.py --advantage_estimator"),
+        "ppo --samples_per_prompt=4, moved to grpo.py": (lambda c: c.ppo("--samples_per_prompt=4"), "are in grpo.py now"),
+        "grpo --reward_fn and --reward_model both": (lambda c: c.grpo("--reward_fn", "toy_task:gold_score"), "give exactly one"),
         "ppo --reward_fn and --reward_model both": (lambda c: c.ppo("--reward_fn", "toy_task:gold_score"), "give exactly one (--reward_fn needs --reward_model None)"),
         "ppo neither --reward_fn nor --reward_model": (lambda c: c.ppo("--reward_model", "None"), "no reward: give --reward_model PATH or --reward_fn"),
         "ppo --reward_fn that cannot be imported": (lambda c: c.ppo("--reward_model", "None", "--reward_fn", "no_such_module_xyz:f", "--critic_init", "sft"), "--reward_fn 'no_such_module_xyz:f' cannot be imported"),
-        "ppo --reward_fn with a critic from the RM": (lambda c: c.ppo("--reward_model", "None", "--reward_fn", "toy_task:gold_score"), "pass --critic_init sft"),
+        "ppo --reward_fn with an explicit critic from the RM": (lambda c: c.ppo("--reward_model", "None", "--reward_fn", "toy_task:gold_score", "--critic_init", "rm"), "pass --critic_init sft"),
     },
     "paths": {
         "--output_dir .": (lambda c: c.sft("--output_dir", "."), "is or contains the current directory"),

@@ -476,43 +476,20 @@ def second_rm(standin_rm, tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("extra, ensemble", [
-    (["--advantage_estimator", "gae"], "mean"),
-    (["--advantage_estimator", "grpo", "--samples_per_prompt", "4", "--no_kl_in_reward", "--kl_loss_estimator", "k3",
-      "--loss_aggregation", "seq_mean_token_mean"], "min"),
-    (["--advantage_estimator", "rloo", "--samples_per_prompt", "4", "--loss_aggregation", "seq_mean_token_sum_norm"], "uwo"),
-    (["--advantage_estimator", "reinforce_pp", "--cliprange_high", "0.28", "--dual_clip", "3", "--entropy_coef", "0.01",
-      "--reward_clip", "1.0"], None),
-], ids=["gae-ensemble_mean", "grpo-ensemble_min", "rloo-ensemble_uwo", "reinforce_pp-loss_details"])
-def test_estimators_and_ensembles_run(toy_dir, standin_rm, second_rm, tmp_path, monkeypatch, extra, ensemble):
-    """Each advantage estimator and each ensemble mode trains two updates to finite numbers. A critic-free
-    estimator builds no critic (no weights, no optimizer state, no value loss logged); GRPO's and RLOO's groups
-    are k copies of one prompt in a row; an ensemble logs its members' disagreement, a single RM does not."""
+def test_ensemble_and_loss_details_run(toy_dir, standin_rm, second_rm, tmp_path, monkeypatch):
+    """An ensemble of two RMs with PPO's optional loss details on (dual clip, entropy bonus, reward clipping) trains
+    two updates to finite numbers, with its critic (a value loss logged) and its members' disagreement logged."""
     monkeypatch.chdir(tmp_path)
-    built, rollouts = [], []
-    real_build, real_scores = ppo.build_models, ppo.reward_scores
+    built = []
+    real_build = ppo.build_models
     monkeypatch.setattr(ppo, "build_models", lambda *a: built.append(real_build(*a)) or built[-1])
-    monkeypatch.setattr(ppo, "reward_scores", lambda reward, tok, qr, *a: (rollouts.append(qr[:, :a[2]]) if len(qr) == 32 else None)
-                        or real_scores(reward, tok, qr, *a))
-    members = [standin_rm, second_rm] if ensemble else [standin_rm]
-    out = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "64", "--no_save", "--eval_samples", "16",
-                             "--gold_reward_fn", "None", "--reward_model", *members, "--ensemble", ensemble or "mean", *extra))
+    out = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "64", "--no_save",
+                             "--eval_samples", "16", "--gold_reward_fn", "None", "--reward_model", standin_rm, second_rm,
+                             "--dual_clip", "3", "--entropy_coef", "0.01", "--reward_clip", "1.0"))
     history = out["history"]
     assert len(history) == 2 and all(math.isfinite(v) for h in history for v in h.values())
-    models = built[0]
-    if "gae" in extra:
-        assert models.critic is not None and "loss/value_avg" in history[0]
-    else:  # no critic: the optimizer holds the policy's parameters only
-        assert models.critic is None and models.value_head is None and set(models.trainables) == {"policy"}
-        assert len(models.optimizer.param_groups[0]["params"]) == len(list(models.policy.parameters()))
-        assert not any(k in history[0] for k in ("loss/value_avg", "val/clipfrac_avg", "val/explained_variance"))
-    k = 4 if "--samples_per_prompt" in extra else 1
-    for queries in rollouts:  # each prompt k times in a row
-        groups = queries.view(32 // k, k, -1)
-        assert (groups == groups[:, :1]).all() and len({tuple(g[0].tolist()) for g in groups}) > 1
-    assert ("objective/ensemble_std" in history[0]) == (ensemble is not None)
-    if ensemble:  # the members' normalisations differ, and so do their scores
-        assert history[0]["objective/ensemble_std"] > 0.01
+    assert built[0].critic is not None and "loss/value_avg" in history[0]
+    assert history[0]["objective/ensemble_std"] > 0.01  # the members' normalisations differ, and so do their scores
 
 
 def test_reward_fn_and_critic_warmup(toy_dir, tmp_path, monkeypatch):
@@ -668,3 +645,50 @@ def test_bad_input_one_line_error(toy_dir, standin_rm, tmp_path, monkeypatch, ex
         ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", *extra))
     assert message in str(exc.value) and "\n" not in str(exc.value)
     assert not (tmp_path / "o").exists()
+
+
+# every flag of ppo.py before the critic-free family moved to grpo.py
+FLAGS_BEFORE_THE_SPLIT = """sft_model reward_model ensemble uwo_coef reward_fn dataset prompt_column prompt_format
+implicit_prompt_marker stop_tokens train_split eval_split max_prompt_length truncate_long_prompts max_dropped_fraction
+output_dir save add_pad_token rm_retokenize run_name seed dtype compile frozen_dtype gradient_checkpointing
+offload_critic lora_r lora_alpha lora_target_modules gold_reward_fn total_episodes batch_size response_length
+temperature missing_eos_penalty reward_clip samples_per_prompt local_rollout_forward_batch_size kl_coef kl_estimator
+kl_in_reward kl_loss_estimator adaptive_kl kl_target kl_horizon whiten_rewards gamma lam whiten_advantages
+advantage_estimator num_ppo_epochs num_minibatches micro_batch_size cliprange cliprange_high dual_clip entropy_coef
+loss_aggregation critic_warmup_updates cliprange_value vf_coef learning_rate anneal_lr adam_eps weight_decay
+max_grad_norm reuse_first_forward critic_init value_head_on_policy eval_every eval_samples eval_batch_size
+eval_temperature sample_every num_sample_rows checkpoint_every checkpoint_dir resume overwrite""".split()
+
+
+def test_flags_kept_or_moved_to_grpo():
+    """ppo.py keeps every flag name it had, but for the critic-free family's, which grpo.py has now; a user of one
+    of those gets one line naming grpo.py, in place of tyro's usage box."""
+    import dataclasses
+
+    import grpo
+
+    ppo_flags = {f.name for f in dataclasses.fields(ppo.Args)}
+    moved = {flag.removeprefix("--") for flag in ppo.MOVED_TO_GRPO}
+    assert ppo_flags | moved == set(FLAGS_BEFORE_THE_SPLIT) and not ppo_flags & moved
+    assert moved <= {f.name for f in dataclasses.fields(grpo.Args)}
+    for flag in ppo.MOVED_TO_GRPO:
+        with pytest.raises(SystemExit, match=f"{flag}: .* in grpo.py now: python grpo.py {flag}"):
+            ppo.parse_args([flag, "1"])
+
+
+def test_reward_fn_alone_replaces_the_rm(capsys):
+    """--reward_fn with --reward_model and --critic_init left at their defaults: the function replaces the RM and the
+    critic starts from the SFT model, said in one line. Either one given explicitly next to it is still an error."""
+    import grpo
+
+    args = ppo.parse_args(["--reward_fn", "toy_task:gold_score"])
+    assert args.reward_model is None and args.critic_init == "sft"
+    assert "replaces the reward model; the critic starts from the SFT model" in capsys.readouterr().out
+    ppo.check_args(args)
+    with pytest.raises(SystemExit, match="pass --critic_init sft"):
+        ppo.check_args(ppo.parse_args(["--reward_fn", "toy_task:gold_score", "--critic_init", "rm"]))
+    with pytest.raises(SystemExit, match="give exactly one"):
+        ppo.check_args(ppo.parse_args(["--reward_fn", "toy_task:gold_score", "--reward_model", "models/rm"]))
+    assert ppo.parse_args(["--value_head_on_policy", "--reward_fn", "toy_task:gold_score"]).critic_init == "rm"
+    assert grpo.parse_args(["--reward_fn", "toy_task:gold_score"]).reward_model is None
+    assert ppo.parse_args([]).reward_model == ["models/rm"]  # no --reward_fn: nothing changes

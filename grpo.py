@@ -1,0 +1,1203 @@
+"""Stage 3 of RLHF without a critic: GRPO, RLOO and REINFORCE++ against the reward model, with a KL leash.
+
+    python grpo.py                              # toy task, GRPO: models/sft + models/rm -> models/grpo
+    python grpo.py --advantage_estimator rloo --kl_in_reward       # RLOO, the KL in the reward as its paper
+    python grpo.py --advantage_estimator reinforce_pp --samples_per_prompt 1 --kl_in_reward   # REINFORCE++
+    torchrun --nproc_per_node=2 grpo.py         # the same with FSDP2, each rank on its own shard of prompts
+    python grpo.py --help                       # every flag
+
+This is ppo.py with the critic replaced by a baseline made of other samples (`diff ppo.py grpo.py` shows exactly
+what changes). PPO learns a value function V(x, y<t), a second model as large as the policy, and takes GAE
+advantages from it. The critic-free estimators need no second trained model:
+
+    GRPO (Shao et al. 2024):          A_i = (R_i - mean_j R_j) / std_j R_j     over the k responses to one prompt
+    RLOO (Ahmadian et al. 2024):      A_i = R_i - mean_{j != i} R_j
+    REINFORCE++ (Hu 2025):            A_t = whiten(sum_{s >= t} r~_s)          over the whole batch
+
+GRPO and RLOO sample each prompt k times (--samples_per_prompt) and compare each response with its group. The
+KL to the SFT policy goes in the loss with the k3 estimator, as GRPO does (L = L_CLIP + beta * KL), or in the
+reward with --kl_in_reward, as RLOO and REINFORCE++ do. The loss details that came with this family are here too:
+the asymmetric clip (Yu et al. 2025, DAPO) and how per-token losses average (Liu et al. 2025, Dr. GRPO). The score
+comes from one RM, an ensemble of RMs (Coste et al. 2023), or a verifier function (--reward_fn).
+
+The file reads top to bottom: arguments, the equations, the models and the rollout's forwards, main(). Below
+main(), under TRY NOT TO MODIFY, the plumbing it calls in one line each: setup, model building, resume and
+checkpoints, logging (TRL's names: objective/*, policy/*, loss/*, val/*, time/*), evaluation.
+
+Implementation details, each marked by a comment where it happens (those of the rollout as in ppo.py):
+- policy and frozen reference both loaded from the SFT checkpoint; frozen RM; no critic; dropout off;
+- prompts left-padded, position ids counted from the first real token; each prompt k times in a row, on one rank;
+- sampling with temperature only (top_k 0, top_p 1); logprobs recomputed with logits / temperature
+  (with one micro-batch per update, by the first training forward itself: same weights, same inputs);
+- a response ends at its first EOS; everything after it is masked out of the RM input, KL and losses;
+- missing-EOS penalty: a fixed score for responses that never end (Huang et al. 2024);
+- the RM score read at the last real token and normalised by the RM's stored mean/std;
+- the KL as a loss term (k3, GRPO) or per token in the reward (k1 or k3, RLOO and REINFORCE++), fixed beta;
+- one advantage per response (GRPO, RLOO), or per token (REINFORCE++), each normalised as its paper does;
+- clipped surrogate with an optional higher upper clip (DAPO); token-mean, sequence-mean or Dr. GRPO's constant
+  normaliser for the loss; 4 epochs over shuffled minibatches with gradient accumulation; AdamW eps 1e-5 with a
+  linearly annealed learning rate; optional grad-norm clipping;
+- FSDP2: every rank samples its own rollouts (a prompt's group never spans two ranks); whitening and logged
+  statistics are all-reduced; each model is all-gathered once per phase, not once per forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+import presets
+from common import (
+    Dist,
+    EvalFlags,
+    MemoryFlags,
+    PromptFlags,
+    ResumeFlags,
+    args_json,
+    call_fn,
+    catch_signals,
+    check_flags,
+    check_model_dir,
+    end_of_turn_tokens,
+    exit_preempted,
+    flags_given,
+    fsdp_wrap,
+    latest_checkpoint,
+    load_causal_lm,
+    load_checkpoint,
+    load_fn,
+    load_frozen,
+    load_prompts,
+    load_reward_model,
+    load_tokenizer,
+    markdown_table,
+    merged_lora,
+    parse_args_with_presets,
+    prepare_output,
+    print0,
+    retokenized,
+    run,
+    same_draws_on_every_rank,
+    save_checkpoint,
+    save_model,
+    seed_everything,
+    shard_frozen,
+    setup_distributed,
+    stop_token_ids,
+    teardown_distributed,
+    unsharded,
+    with_lora,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments: GRPO's own; the prompts', memory's, evaluation's and resume's are inherited from common.py under
+# their plain names (PromptFlags, MemoryFlags, EvalFlags, ResumeFlags; `python grpo.py --help` lists them all)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Args(PromptFlags, MemoryFlags, EvalFlags, ResumeFlags):
+    # models
+    sft_model: str = "models/sft"
+    """the SFT checkpoint: the initial policy and the frozen reference policy"""
+    reward_model: list[str] | None = field(default_factory=lambda: ["models/rm"])
+    """the reward model (a sequence classifier, one label); its config's reward_mean/reward_std normalise every
+    score. Several paths: an ensemble (--ensemble), each normalised with its own statistics. None: --reward_fn"""
+    ensemble: Literal["mean", "min", "uwo"] = "mean"
+    """how an ensemble's normalised scores combine (Coste et al. 2023): their mean; their min (the worst case); uwo,
+    the mean minus --uwo_coef times the members' variance"""
+    uwo_coef: float = 1.0
+    """lambda of --ensemble uwo (uncertainty-weighted optimisation)"""
+    reward_fn: str | None = None
+    """`module:function` f(prompts, completions) -> list[float] to train against instead of an RM (a verifier; needs
+    --reward_model None). toy_task:gold_score is the toy task's perfect RM: the upper bound of a learned one"""
+    output_dir: str = "models/grpo"
+    """where the trained policy, its tokenizer and eval_results.json are saved"""
+    save: bool = True
+    """save the policy at the end, and checkpoints on the way (--no_save for benchmarks: neither)"""
+    add_pad_token: bool = False
+    """add a distinct '[PAD]' token when the SFT tokenizer has none or pads with EOS (not needed after sft.py)"""
+    rm_retokenize: bool = True
+    """score an RM whose tokenizer differs from the policy's on decoded, re-tokenised text; off: the RM must
+    share the policy's vocabulary"""
+    run_name: str | None = None
+    """TensorBoard logs go to runs/{run_name}; default grpo__{seed}__{unix time}"""
+    seed: int = 1
+    """random seed (rank r samples with seed + r)"""
+
+    # rollout
+    total_episodes: int = 6400
+    """episodes (prompt + sampled response) to train on, summed over ranks"""
+    batch_size: int = 64
+    """episodes per update, summed over ranks"""
+    response_length: int = 32
+    """maximum new tokens per response"""
+    temperature: float = 0.7
+    """sampling temperature of rollouts (top_k 0, top_p 1); logprobs use the same temperature (Huang et al. 2024)"""
+    missing_eos_penalty: float | None = -1.0
+    """score given to a response without EOS within response_length (Huang et al. 2024); None: no penalty"""
+    samples_per_prompt: int = 4
+    """k responses sampled per prompt, all on the prompt's rank; batch_size counts responses (>= 2 for grpo, rloo)"""
+    local_rollout_forward_batch_size: int = 64
+    """sequences per no-grad forward (policy, reference, RM) during the rollout, per rank"""
+
+    # reward and KL
+    kl_coef: float = 0.05
+    """beta, the weight of the KL to the reference policy (Huang et al. 2024: 0.05)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token estimator of KL(pi || pi_ref) in the reward and in objective/kl (k1 = log ratio; k3 = r - 1 - log r)"""
+    kl_in_reward: bool = False
+    """False: beta*KL as a loss term (GRPO, Shao et al. 2024); True: -beta*KL per token in the reward (RLOO,
+    REINFORCE++)"""
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """the estimator differentiated in the loss (GRPO: k3, unbiased and never negative)"""
+
+    # advantages
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """the baseline made of other samples: grpo (Shao et al. 2024) and rloo (Ahmadian et al. 2024), both with
+    --samples_per_prompt >= 2, or reinforce_pp (Hu 2025). Each one's KL placement: see its function"""
+
+    # policy update
+    num_ppo_epochs: int = 4
+    """passes over each batch (Huang et al. 2024: 4)"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch; each takes a shuffled 1/num_minibatches of the batch"""
+    micro_batch_size: int | None = None
+    """sequences per forward/backward on one rank, gradients accumulated over a minibatch (None: the minibatch)"""
+    cliprange: float = 0.2
+    """epsilon of the clipped surrogate (its lower side, 1 - eps, and by default its upper side too)"""
+    cliprange_high: float | None = None
+    """the upper side, 1 + eps_high, when it differs from --cliprange (Yu et al. 2025, DAPO: 0.28); None: --cliprange"""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """how per-token losses become one: a mean over all tokens; a mean over sequences of their token means (GRPO);
+    a mean over sequences of token sums / response_length (Liu et al. 2025, Dr. GRPO)"""
+    learning_rate: float = 2e-4
+    """AdamW learning rate"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over the updates"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (Huang et al. 2024)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float | None = None
+    """clip the gradient norm of the policy to this; None: no clipping"""
+    reuse_first_forward: bool = True
+    """with one micro-batch per update, take pi_old from the first training forward (same weights and inputs)"""
+    checkpoint_every: int = 20
+    """updates between checkpoints (policy, optimizer, RNG states, data position); 0: only
+    the final one. SIGTERM (preemption) also writes one, then exits with status 143"""
+
+
+# ----------------------------------------------------------------------------------------------
+# ALGO LOGIC: the equations, one function each. Tensors are (B, T) over response tokens; `mask`
+# (bool or 0/1) keeps the real tokens of each response.
+# ----------------------------------------------------------------------------------------------
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(x * mask) / sum(mask)"""
+    return (x * mask).sum() / mask.sum()
+
+
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str = "token_mean",
+                   max_length: int | None = None) -> torch.Tensor:
+    """How per-token losses l_it of responses i of |y_i| tokens become one number (Liu et al. 2025, Dr. GRPO):
+
+        token_mean:               sum_i sum_t l_it / sum_i |y_i|      every token weighs the same (masked_mean)
+        seq_mean_token_mean:      1/B sum_i (sum_t l_it / |y_i|)      every response weighs the same (GRPO)
+        seq_mean_token_sum_norm:  1/B sum_i (sum_t l_it / L)          a constant L = max_length (Dr. GRPO), which
+                                                                      gives long responses no smaller per-token weight
+    """
+    if aggregation == "token_mean":
+        return masked_mean(per_token, mask)
+    per_sequence = (per_token * mask).sum(1)  # (B,)
+    if aggregation == "seq_mean_token_mean":
+        return (per_sequence / mask.sum(1)).mean()
+    if aggregation == "seq_mean_token_sum_norm":
+        return (per_sequence / max_length).mean()
+    raise ValueError(f"unknown loss aggregation {aggregation}")
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op on one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the kept positions of the whole batch, all ranks together.
+
+    mean and the (Bessel-corrected) variance ignore padded positions, which stay 0. With
+    shift_mean=False the mean is added back (reward whitening scales but does not shift, Huang et al. 2024).
+    """
+    total = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]))
+    mean = total[0] / total[1]
+    sq_dev = all_reduce_sum(((x - mean) ** 2 * mask).sum())
+    var = sq_dev / (total[1] - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimators of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020, "Approximating KL").
+
+    With log r = log pi(y_t) - log pi_ref(y_t):
+        k1 = log r                       unbiased, high variance, can be negative
+        k2 = (log r)^2 / 2               biased; as a loss its gradient is exactly that of KL(pi || pi_ref)
+        k3 = (1/r - 1) + log r           unbiased, lower variance, never negative
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator}")
+
+
+def truncate_after_eos(responses: torch.Tensor, stop_token_ids: int | list[int], pad_token_id: int):
+    """A response ends at its first EOS (or other stop token, e.g. a chat end-of-turn), which it keeps;
+    every token after it becomes padding.
+
+    Returns (responses, response_mask, has_eos): (B, T) tokens, (B, T) True up to and including the
+    first EOS (all True without one), and (B,) whether an EOS was generated at all.
+    """
+    is_eos = torch.isin(responses, torch.tensor(stop_token_ids, device=responses.device).reshape(-1))
+    has_eos = is_eos.any(1)
+    last = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)  # (B,) last real index
+    response_mask = torch.arange(responses.shape[1], device=responses.device)[None, :] <= last[:, None]
+    return responses.masked_fill(~response_mask, pad_token_id), response_mask, has_eos
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """score = penalty if the response has no EOS else score (Huang et al. 2024: -1 for unfinished text)."""
+    if penalty is None:
+        return scores
+    return torch.where(has_eos, scores, torch.full_like(scores, penalty))
+
+
+def kl_penalized_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """r~_t = -beta * kl_t  +  score * [t = last real token]   (Ziegler et al. 2019)
+
+    The sequence-level RM score lands on the final real token (the EOS, or the last token of a response
+    without one); every real token pays the KL penalty; padding after EOS gets nothing.
+    """
+    rewards = -kl_coef * kl * mask
+    last = mask.long().sum(1) - 1  # (B,)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores
+    return rewards
+
+
+def grpo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO's group-relative advantage (Shao et al. 2024, DeepSeekMath, outcome supervision), one per response:
+
+        A_i = (R_i - mean_j R_j) / (std_j R_j + 1e-4)      over the k responses j to the same prompt
+    std with Bessel's correction, eps 1e-4 (TRL's GRPOTrainer); a group whose returns are all equal gets A = 0.
+    KL: GRPO puts it in the loss (k3; the default here); with --kl_in_reward, R_i = score_i - beta * sum_t kl_it.
+    (B,) -> (B,); the rows hold groups of k consecutive responses.
+    """
+    groups = returns.view(-1, group_size)  # (B / k, k)
+    mean, std = groups.mean(1, keepdim=True), groups.std(1, keepdim=True)
+    return ((groups - mean) / (std + 1e-4)).view(-1)
+
+
+def rloo_advantages(returns: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024), one advantage per response:
+
+        A_i = R_i - 1/(k-1) sum_{j != i} R_j               the mean of the prompt's other k - 1 responses
+    KL: in the reward, as the paper: R_i = score_i - beta * sum_t kl_it (--kl_in_reward).
+    (B,) -> (B,); the rows hold groups of k consecutive responses.
+    """
+    groups = returns.view(-1, group_size)  # (B / k, k)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).view(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025): reward-to-go, normalised over the global batch (all ranks) instead of by a critic:
+
+        A_t = whiten( sum_{s >= t} r~_s )                  gamma 1
+    KL: in the reward per token, as the paper: r~_t = score * [t = last] - beta * kl_t (--kl_in_reward).
+    """
+    reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1) * mask  # (B, T); nothing flows back from padding
+    return whiten(reward_to_go, mask)
+
+
+def ensemble_scores(member_scores: torch.Tensor, how: str, uwo_coef: float) -> torch.Tensor:
+    """One score from M reward models' normalised scores r_m (Coste et al. 2023), (M, B) -> (B,):
+
+        mean:  1/M sum_m r_m
+        min:   min_m r_m                                   worst-case optimisation
+        uwo:   1/M sum_m r_m - lambda * 1/M sum_m (r_m - mean)^2    uncertainty-weighted optimisation
+    """
+    mean = member_scores.mean(0)
+    if how == "mean":
+        return mean
+    if how == "min":
+        return member_scores.min(0).values
+    if how == "uwo":
+        return mean - uwo_coef * ((member_scores - mean) ** 2).mean(0)
+    raise ValueError(f"unknown ensemble {how}")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange: float, cliprange_high: float | None = None,
+                aggregation: str = "token_mean", max_length: int | None = None):
+    """PPO's clipped surrogate (Schulman et al. 2017), averaged over real response tokens (aggregate_loss):
+
+        ratio_t = exp(log pi(y_t) - log pi_old(y_t))
+        L_t     = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps_high))     eps_high = eps by default
+    eps_high > eps ("clip-higher", Yu et al. 2025, DAPO) lets a token with A > 0 gain more probability.
+    Returns (loss, clipfrac, ratio); clipfrac is the fraction of tokens where the clipped branch wins.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    upper = 1.0 + (cliprange if cliprange_high is None else cliprange_high)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, upper)
+    per_token = torch.max(unclipped, clipped)
+    loss = aggregate_loss(per_token, mask, aggregation, max_length)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac, ratio
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] = logit[token] - logsumexp(logits); (B, T, V), (B, T) -> (B, T)"""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(logits) - sum_v softmax(logits)_v * logits_v; (B, T, V) -> (B, T)"""
+    return logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+def annealed_learning_rate(update: int, num_updates: int, learning_rate: float) -> float:
+    """Linear decay to 0 over the setup, update = 1, 2, ...: (1 - (update - 1) / num_updates) * learning_rate (CleanRL;
+    Huang et al. 2024)."""
+    return (1.0 - (update - 1.0) / num_updates) * learning_rate
+
+
+# ----------------------------------------------------------------------------------------------
+# Models: the policy (a causal LM) and the RM (a scalar model: backbone + linear head per token);
+# the forwards of the rollout and of training
+# ----------------------------------------------------------------------------------------------
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from the first real token, so left padding never shifts a sequence. TRL and OpenRLHF
+    pass them; Huang et al. 2024's released code passes none, which a rotary model such as Pythia barely feels
+    but a model with learned absolute positions (GPT-2) does (tests/test_math.py)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def policy_forward(policy, query_responses, attention_mask, response_length: int, temperature: float):
+    """Logits / temperature at the positions that predict the response tokens.
+
+    The last token predicts nothing, so it is not fed; `logits_to_keep` computes the LM head only for
+    the response positions. Returns (B, T, V) logits, T = response_length.
+    """
+    input_ids, attention_mask = query_responses[:, :-1], attention_mask[:, :-1]
+    out = policy(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+        logits_to_keep=response_length, use_cache=False,
+    )
+    # logits divided by the sampling temperature, so that training logprobs match the rollout's (Huang et al. 2024)
+    return out.logits / temperature
+
+
+class ScalarModel(nn.Module):
+    """backbone -> final hidden state -> linear head, at every position: (B, S) -> (B, S).
+
+    Wraps a sequence classifier (the RM) and keeps its per-token outputs, instead of the classifier's single
+    pooled one. Its output is normalised, (head - mean) / std, with the RM's stored statistics.
+    """
+
+    def __init__(self, seq_classifier, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.backbone = getattr(seq_classifier, seq_classifier.base_model_prefix)
+        self.head = getattr(seq_classifier, "score", None)
+        if self.head is None:
+            raise SystemExit(f"{type(seq_classifier).__name__} has no `score` head: use a decoder-only reward model")
+        self._no_split_modules = seq_classifier._no_split_modules  # for common.fsdp_wrap
+        self.mean, self.std = mean, std
+
+    def forward(self, input_ids, attention_mask):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from(attention_mask), use_cache=False)
+        return (self.head(out.last_hidden_state).squeeze(-1) - self.mean) / self.std
+
+
+def reference_logits(policy, ref_policy, query_responses, attention_mask, response_length: int, temperature: float):
+    """The frozen reference's logits / temperature (B, T, V), in float32 whatever its dtype. With LoRA there is
+    no reference model: the policy's weights with the adapter switched off are the SFT weights."""
+    model = policy if ref_policy is None else ref_policy
+    with policy.disable_adapter() if ref_policy is None else contextlib.nullcontext():
+        return policy_forward(model, query_responses, attention_mask, response_length, temperature).float()
+
+
+@dataclass
+class Reward:
+    """What scores a response: one frozen RM, an ensemble of them, or a verifier function (--reward_fn)."""
+    models: list  # frozen ScalarModels, each normalised with its own stored mean/std; empty with --reward_fn
+    fn: object  # --reward_fn: f(prompts, completions) -> list[float], or None
+    retokenize: tuple | None  # (RM tokenizer, its end token) when a single RM reads another vocabulary
+    ensemble: str = "mean"
+    uwo_coef: float = 1.0
+
+
+@dataclass
+class Models:
+    """The three models of GRPO and what trains them (built by build_models, in the appendix)."""
+    policy: nn.Module  # trained; with --lora_r, its adapters only
+    ref_policy: nn.Module | None  # frozen SFT policy; None with --lora_r (the policy with its adapter off)
+    reward: Reward  # the frozen RM(s), or --reward_fn
+    trainables: nn.ModuleDict  # the policy: what the optimizer and the checkpoints hold
+    optimizer: torch.optim.Optimizer
+    policy_train: nn.Module  # the policy, or its torch.compile wrapper (--compile)
+
+
+def train_forward(models: Models, args: Args, query_responses, attention_mask, response_length: int):
+    """The training forward: (B, T, V) logits / temperature of the policy."""
+    if args.gradient_checkpointing:  # HF recomputes only in training mode (dropout is off either way)
+        models.trainables.train()
+    return policy_forward(models.policy_train, query_responses, attention_mask, response_length, args.temperature)
+
+
+def old_logprobs(models: Models, args: Args, query_responses, attention_mask, responses, reuse: bool):
+    """pi_old(y_t), which the ratio compares against: no-grad forwards in chunks, logits / temperature as in
+    sampling (Huang et al. 2024). -> ((B, T) logprobs, the reused forward or None). `reuse`, with one micro-batch
+    per update: the first training forward (epoch 1, before any optimizer step) runs the same weights on the same
+    sequences, so it runs here instead, once, with gradients, and the update's first micro-batch takes its logits
+    (equal up to float rounding; one forward fewer).
+    """
+    T = responses.shape[1]
+    if reuse:
+        with torch.enable_grad():
+            logits = train_forward(models, args, query_responses, attention_mask, T)
+        return logprobs_from_logits(logits, responses), logits
+    logprobs = []
+    with unsharded(models.policy):
+        for i in range(0, len(responses), args.local_rollout_forward_batch_size):
+            c = slice(i, i + args.local_rollout_forward_batch_size)
+            logits = policy_forward(models.policy, query_responses[c], attention_mask[c], T, args.temperature)
+            logprobs.append(logprobs_from_logits(logits, responses[c]))
+    return torch.cat(logprobs), None
+
+
+def reference_logprobs(models: Models, args: Args, query_responses, attention_mask, responses) -> torch.Tensor:
+    """log pi_ref(y_t): the frozen reference at the same temperature (Huang et al. 2024), in chunks. -> (B, T)"""
+    ref_logprobs = []
+    with unsharded(models.ref_policy):
+        for i in range(0, len(responses), args.local_rollout_forward_batch_size):
+            c = slice(i, i + args.local_rollout_forward_batch_size)
+            logits = reference_logits(models.policy, models.ref_policy, query_responses[c], attention_mask[c],
+                                      responses.shape[1], args.temperature)
+            ref_logprobs.append(logprobs_from_logits(logits, responses[c]))
+    return torch.cat(ref_logprobs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout helpers
+# ----------------------------------------------------------------------------------------------
+def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding, so every prompt ends where the response starts (Huang et al. 2024). -> (B, P) ids, mask"""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def generation_config(tokenizer, max_new_tokens: int, temperature: float, stop_token_ids: list[int]):
+    """Sampling from the full distribution: top_k 0, top_p 1, only the temperature (Huang et al. 2024), which
+    policy_forward models. A field left None here is filled from the model's generation_config, which holds only
+    the token ids (common.token_ids_only), then from the library defaults: neutral but for top_k 50."""
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+        top_k=0 if sample else None, top_p=1.0 if sample else None,
+        eos_token_id=stop_token_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+
+
+def generate(policy, queries, query_mask, config) -> torch.Tensor:
+    """Sample responses for left-padded queries (B, P) -> (B, T<=max_new_tokens); generation stops when all ended."""
+    policy.eval()  # with gradient checkpointing, training mode would switch off the KV cache
+    with unsharded(policy):  # FSDP2: one all-gather for the whole generation, not one per token
+        out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
+    return out[:, queries.shape[1]:]
+
+
+def rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length: int,
+              tokenizer, rm_retokenize, has_eos, batch_size: int) -> torch.Tensor:
+    """The RM's score at the last real token of prompt + response (the EOS), in chunks. -> (B,)
+
+    If the RM has its own tokenizer (rm_retokenize = (its tokenizer, its end token)), it reads the decoded text,
+    re-tokenised, with its own end token where the policy's response ended (common.retokenized), as train_rm.py
+    read its rewards. Otherwise the policy's tokens go in as they are.
+    """
+    if rm_retokenize is not None:
+        query_responses, attention_mask = retokenized(query_responses, attention_mask, has_eos, tokenizer,
+                                                      *rm_retokenize)
+        last = attention_mask.sum(1) - 1
+    else:
+        last = context_length + response_mask.long().sum(1) - 1  # (B,) index of the EOS (Huang et al. 2024)
+    scores = []
+    with unsharded(reward_model):
+        for i in range(0, query_responses.shape[0], batch_size):
+            s = slice(i, i + batch_size)
+            per_token = reward_model(query_responses[s], attention_mask[s])  # (b, S)
+            scores.append(per_token.gather(1, last[s, None]).squeeze(1).float())
+    return torch.cat(scores)
+
+
+def reward_scores(reward: Reward, tokenizer, query_responses, attention_mask, response_mask, context_length: int,
+                  has_eos, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scores of a batch of responses -> ((B,) scores, (M, B) an ensemble's member scores or None):
+    --reward_fn's on the decoded prompts and responses; else each RM's (rm_scores), an ensemble's combined
+    (ensemble_scores)."""
+    if reward.fn is not None:
+        prompts = tokenizer.batch_decode(query_responses[:, :context_length], skip_special_tokens=True)
+        completions = tokenizer.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
+        return torch.tensor(call_fn(reward.fn, prompts, completions, "--reward_fn"), device=response_mask.device), None
+    members = [rm_scores(rm, query_responses, attention_mask, response_mask, context_length, tokenizer,
+                         reward.retokenize, has_eos, batch_size) for rm in reward.models]
+    if len(members) == 1:
+        return members[0], None
+    member_scores = torch.stack(members)  # (M, B)
+    return ensemble_scores(member_scores, reward.ensemble, reward.uwo_coef), member_scores
+
+
+@dataclass
+class Rollout:
+    """One update's episodes on this rank, B of them with T response tokens: what the epochs train on."""
+    query_responses: torch.Tensor  # (B, P + T) left-padded prompts, then the responses
+    attention_mask: torch.Tensor  # (B, P + T) what the policy attended to
+    responses: torch.Tensor  # (B, T) padding after each response's EOS
+    response_mask: torch.Tensor  # (B, T) True up to and including the EOS
+    logprobs: torch.Tensor  # (B, T) log pi_old(y_t)
+    ref_logprobs: torch.Tensor  # (B, T) log pi_ref(y_t)
+    advantages: torch.Tensor  # (B, T)
+
+
+def micro_batch_backward(models: Models, args: Args, rollout: Rollout, idx: torch.Tensor, kl_coef: float,
+                         accumulation_steps: int, first_forward=None) -> dict:
+    """The loss on the micro-batch `idx` of the rollout, its backward (the gradients add up over a minibatch's
+    micro-batches), and its statistics under TRL's names:
+
+        L = L_CLIP  (+ beta * KL, GRPO's default; with --kl_in_reward the KL is in the advantages instead)
+    first_forward: the rollout's own forward of every sequence on the same weights (old_logprobs), taken instead
+    of a new one.
+    """
+    T = rollout.responses.shape[1]
+    if first_forward is None:
+        logits = train_forward(models, args, rollout.query_responses[idx], rollout.attention_mask[idx], T)
+    else:
+        logits = first_forward[idx]
+    micro_mask = rollout.response_mask[idx]
+    old_logprobs = rollout.logprobs[idx]
+    new_logprobs = logprobs_from_logits(logits, rollout.responses[idx])
+    pg_loss, pg_clipfrac, ratio = policy_loss(new_logprobs, old_logprobs, rollout.advantages[idx], micro_mask,
+                                              args.cliprange, args.cliprange_high, args.loss_aggregation,
+                                              args.response_length)
+    loss = pg_loss
+    if not args.kl_in_reward:  # the KL as a loss term, beta * KL(pi || pi_ref) (GRPO: k3)
+        kl_loss = aggregate_loss(kl_estimate(new_logprobs, rollout.ref_logprobs[idx], args.kl_loss_estimator),
+                                 micro_mask, args.loss_aggregation, args.response_length)
+        loss = loss + kl_coef * kl_loss
+    (loss / accumulation_steps).backward()
+    with torch.no_grad():  # each logged value next to its name (TRL's PPO names)
+        return {"loss/policy_avg": pg_loss, "policy/clipfrac_avg": pg_clipfrac,
+                "policy/approxkl_avg": approx_kl(new_logprobs, old_logprobs, micro_mask),
+                "policy/entropy_avg": masked_mean(entropy_from_logits(logits), micro_mask),
+                "val/ratio": masked_mean(ratio, micro_mask),
+                "val/ratio_var": masked_mean((ratio - masked_mean(ratio, micro_mask)) ** 2, micro_mask),
+                **({} if args.kl_in_reward else {"loss/kl_avg": kl_loss})}
+
+
+# ----------------------------------------------------------------------------------------------
+# main: one update after another
+# ----------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    # TRY NOT TO MODIFY: checks, processes, sizes, output dirs, prompts; the three models; resume; logging
+    start_time = time.time()
+    setup = set_up(args)
+    models = build_models(args, setup)
+    progress, writer = start_or_resume(args, setup, models)  # progress.kl_coef is beta
+    device = setup.dist.device
+    pad_token_id = setup.tokenizer.pad_token_id
+    group_size = args.samples_per_prompt
+    batches = prompt_batches(setup.train_ids, setup.local_batch_size // group_size, progress.start_update,
+                             torch.Generator().manual_seed(args.seed + setup.dist.rank))
+    rollout_config = generation_config(setup.tokenizer, args.response_length, args.temperature, setup.stop_ids)
+    reuse = args.reuse_first_forward and args.num_minibatches == 1 and setup.gradient_accumulation_steps == 1
+    signals = catch_signals()
+    for update in tqdm(range(progress.start_update + 1, setup.num_updates + 1), initial=progress.start_update,
+                       total=setup.num_updates, disable=not setup.dist.is_main, desc="grpo"):
+        if args.anneal_lr:  # linear decay to 0 (CleanRL, Huang et al. 2024)
+            models.optimizer.param_groups[0]["lr"] = annealed_learning_rate(update, setup.num_updates,
+                                                                            args.learning_rate)
+        t_start = time.perf_counter()
+
+        # ALGO LOGIC: rollout. Everything here is data, without gradients (Huang et al. 2024), except the
+        # first training forward when it is reused (old_logprobs).
+        with torch.no_grad():
+            # each prompt k times in a row, on this rank: a GRPO / RLOO group never spans two ranks
+            group_prompts = [prompt for prompt in next(batches) for _ in range(group_size)]
+            queries, query_mask = left_pad(group_prompts, pad_token_id, device)  # (B, P), left-padded
+            responses = generate(models.policy, queries, query_mask, rollout_config)  # (B, T)
+            # a response ends at its first EOS; what follows is padding, masked out of everything below
+            responses, response_mask, has_eos = truncate_after_eos(responses, setup.stop_ids, pad_token_id)
+            query_responses = torch.cat([queries, responses], 1)  # (B, P + T)
+            attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)  # what the policy attended to
+            sync(device)
+            t_generated = time.perf_counter()
+            ref_logprobs = reference_logprobs(models, args, query_responses, attention_mask, responses)
+            # the RM score at the last real token, normalised by the RM's stored mean/std; an ensemble's members
+            # combined (Coste et al. 2023); or --reward_fn's score of the text
+            scores, member_scores = reward_scores(models.reward, setup.tokenizer, query_responses, attention_mask,
+                                                  response_mask, queries.shape[1], has_eos,
+                                                  args.local_rollout_forward_batch_size)
+            stop_if_not_finite(scores, update, args, setup)  # before the penalty, which would hide a broken RM's NaN
+            # missing-EOS penalty: a response that never ends gets a fixed low score (Huang et al. 2024)
+            scores = apply_missing_eos_penalty(scores, has_eos, args.missing_eos_penalty)
+            logprobs, first_forward = old_logprobs(models, args, query_responses, attention_mask, responses, reuse)
+
+            # ALGO LOGIC: per-token rewards, advantages, returns
+            kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator) * response_mask  # (B, T)
+            # KL in the loss (GRPO) or, with --kl_in_reward, in the reward (RLOO, REINFORCE++)
+            rewards = kl_penalized_rewards(scores, kl, response_mask, progress.kl_coef if args.kl_in_reward else 0.0)
+            if args.advantage_estimator == "reinforce_pp":  # the global batch is the baseline
+                advantages = reinforce_pp_advantages(rewards, response_mask)
+            else:  # the prompt's other responses are the baseline; one advantage for all of a response's tokens
+                group_advantages = grpo_advantages if args.advantage_estimator == "grpo" else rloo_advantages
+                returns = rewards.sum(1)  # R_i = score_i (- beta * sum_t kl_it with --kl_in_reward)
+                advantages = group_advantages(returns, group_size)[:, None] * response_mask
+            rollout = Rollout(query_responses, attention_mask, responses, response_mask, logprobs, ref_logprobs,
+                              advantages)
+            sync(device)
+            t_scored = time.perf_counter()
+
+        # ALGO LOGIC: epochs over shuffled minibatches, PPO's clipped surrogate; the old logprobs are the rollout's
+        stats = []
+        for epoch in range(args.num_ppo_epochs):
+            order = torch.randperm(setup.local_batch_size, device=device)
+            for minibatch_start in range(0, setup.local_batch_size, setup.minibatch_size):
+                for micro_start in range(minibatch_start, minibatch_start + setup.minibatch_size,
+                                         setup.micro_batch_size):
+                    idx = order[micro_start:micro_start + setup.micro_batch_size]
+                    stats.append(micro_batch_backward(models, args, rollout, idx, progress.kl_coef,
+                                                      setup.gradient_accumulation_steps, first_forward))
+                    first_forward = None  # used once: by the first micro-batch, on the weights it was computed with
+                # the global norm (clipped only with --max_grad_norm), checked before it can reach the weights
+                clip_grad_norm_or_stop(models, args, setup, update, stats[-1])
+                models.optimizer.step()
+                models.optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        t_end = time.perf_counter()
+
+        # TRY NOT TO MODIFY: logging, one all-reduce per update (the stop signal rides along)
+        with torch.no_grad():
+            non_score_reward = (-progress.kl_coef * kl).sum(1)
+            rollout_stats = {"objective/scores": scores.mean(), "objective/kl": kl.sum(1).mean(),
+                             "objective/entropy": (-logprobs * response_mask).sum(1).mean(),
+                             "objective/non_score_reward": non_score_reward.mean(),
+                             "objective/rlhf_reward": (scores + non_score_reward).mean(),
+                             "val/num_eos_tokens": has_eos.float().mean() * args.batch_size,
+                             "val/response_length": response_mask.float().sum(1).mean()}
+            if member_scores is not None:  # the ensemble's disagreement: the members' std, averaged over responses
+                rollout_stats["objective/ensemble_std"] = member_scores.std(0, unbiased=False).mean()
+        metrics = all_reduce_mean({**rollout_stats, **mean_of(stats), "stop": float(signals["stop"])}, setup.dist)
+        stop = metrics.pop("stop") > 0
+        check_finite(metrics, update, args, setup)
+        metrics.update({"lr": models.optimizer.param_groups[0]["lr"],
+                        "objective/kl_coef": progress.kl_coef, "episode": update * args.batch_size,
+                        **timing_metrics(t_start, t_generated, t_scored, t_end, args.batch_size, progress)})
+        write_update(writer, metrics, update, args, setup, queries, responses, scores, progress)
+
+        # TRY NOT TO MODIFY: evaluation and checkpoints
+        if (args.eval_every and update % args.eval_every == 0) or update == setup.num_updates:
+            run_eval(update * args.batch_size, args, setup, models, progress, writer)
+        save_or_stop(update, stop, signals, args, setup, models, progress)
+
+    return final_report(args, setup, models, progress, writer, start_time)
+
+
+# ----------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: everything below is plumbing that main() calls in one line each: the run's setup and
+# checks, the prompts, the models, resume and checkpoints, logging, evaluation and the final report, the
+# presets and the command line.
+# ----------------------------------------------------------------------------------------------
+def prompt_batches(prompt_ids: list[list[int]], batch_size: int, skip: int, generator: torch.Generator):
+    """Batches of this rank's prompts, forever: epochs over its shard, reshuffled each time, the last partial
+    batch dropped. The first `skip` batches are drawn but not given: on resume, the checkpoint's data position."""
+    drawn = 0
+    while True:
+        order = torch.randperm(len(prompt_ids), generator=generator).tolist()
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            drawn += 1
+            if drawn > skip:
+                yield [prompt_ids[j] for j in order[i:i + batch_size]]
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU, for honest phase timings; nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gold_wins(golds: list[float], baseline_golds: list[float]) -> float:
+    """Wins of one policy's responses over another's on the same prompts, ties counting 1/2:
+    sum_i [g_i > b_i] + 0.5 * [g_i == b_i]. Divided by the count, it is the win rate."""
+    return sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(golds, baseline_golds))
+
+
+@dataclass
+class Setup:
+    """What main() sets up once: processes, sizes, paths and the prompts (set_up)."""
+    dist: Dist  # rank, world size, device
+    local_batch_size: int  # episodes per update on this rank
+    minibatch_size: int  # per rank
+    micro_batch_size: int  # sequences per training forward on this rank
+    gradient_accumulation_steps: int  # micro-batches per minibatch
+    num_updates: int
+    checkpoint_dir: str
+    log_dir: str
+    gold_fn: object  # module:function(prompts, completions) -> scores, or None
+    reward_fn: object  # --reward_fn, the same kind of function, trained against; or None
+    tokenizer: object
+    chat: bool  # the prompts are chat conversations, rendered with the template
+    stop_ids: list[int]  # a response ends at any of these (EOS, a chat template's end-of-turn token)
+    train_ids: list[list[int]]  # this rank's shard of the training prompts
+    eval_texts: list[str]  # this rank's shard of the held-out prompts
+    eval_ids: list[list[int]]
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries beyond the weights: counters, beta, the run's history and the evaluations (the
+    SFT policy's is the baseline of the final win rate)."""
+    start_update: int
+    kl_coef: float  # beta
+    history: list
+    timings: list
+    sft_metrics: dict | None
+    sft_golds: list | None
+    eval_metrics: dict | None  # the last evaluation
+    eval_golds: list | None
+
+
+def check_args(args: Args) -> None:
+    """Every numeric flag in range, before anything loads (None leaves a flag off)."""
+    check_flags(args, at_least_1=("total_episodes", "batch_size", "response_length", "local_rollout_forward_batch_size",
+                                  "num_ppo_epochs", "num_minibatches", "micro_batch_size", "eval_batch_size",
+                                  "max_prompt_length", "samples_per_prompt"),
+                positive=("temperature", "learning_rate", "adam_eps", "cliprange", "cliprange_high"),
+                non_negative=("kl_coef", "eval_temperature", "weight_decay", "max_grad_norm", "eval_every",
+                              "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r",
+                              "lora_alpha", "max_dropped_fraction", "uwo_coef"))
+    check_estimator_and_reward_flags(args)
+
+
+def check_estimator_and_reward_flags(args: Args) -> None:
+    """The flags of the estimator and the reward's source, each in one line."""
+    if args.advantage_estimator in ("grpo", "rloo") and args.samples_per_prompt < 2:
+        raise SystemExit(f"--advantage_estimator {args.advantage_estimator} compares each response with the prompt's "
+                         "other ones: pass --samples_per_prompt 2 or more (e.g. 4)")
+    if (args.reward_fn is None) == (args.reward_model is None):
+        raise SystemExit("--reward_fn and --reward_model: give exactly one (--reward_fn needs --reward_model None)"
+                         if args.reward_fn else "no reward: give --reward_model PATH or --reward_fn module:function")
+    if args.reward_model is not None and len(args.reward_model) != len(set(args.reward_model)):
+        raise SystemExit(f"--reward_model lists a model twice ({' '.join(args.reward_model)}): give distinct members")
+
+
+def set_up(args: Args) -> Setup:
+    """Check every flag, start the processes, derive the sizes, check the models and the output dirs, and read
+    the prompts: everything that can fail, before any model is loaded."""
+    check_args(args)
+    processes = setup_distributed()
+    seed_everything(args.seed, processes.rank)
+    if args.batch_size % processes.world_size:
+        raise SystemExit(f"batch_size {args.batch_size} is not divisible by the {processes.world_size} processes")
+    local_batch_size = args.batch_size // processes.world_size
+    if local_batch_size % args.samples_per_prompt:
+        raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by --samples_per_prompt "
+                         f"{args.samples_per_prompt}: make batch_size a multiple of processes x samples_per_prompt")
+    if local_batch_size % args.num_minibatches:
+        raise SystemExit(f"the per-rank batch {local_batch_size} is not divisible by num_minibatches "
+                         f"{args.num_minibatches}")
+    minibatch_size = local_batch_size // args.num_minibatches  # per rank
+    micro_batch_size = args.micro_batch_size or minibatch_size
+    if minibatch_size % micro_batch_size:
+        raise SystemExit(f"the per-rank minibatch {minibatch_size} is not divisible by micro_batch_size "
+                         f"{micro_batch_size}")
+    num_updates = args.total_episodes // args.batch_size
+    if num_updates < 1:
+        raise SystemExit(f"total_episodes {args.total_episodes} is less than one batch ({args.batch_size})")
+    for flag, needed, module in (("--lora_r", args.lora_r, "peft"),
+                                 ("--frozen_dtype int8", args.frozen_dtype == "int8", "torchao")):
+        if needed and importlib.util.find_spec(module) is None:
+            raise SystemExit(f"{flag} needs {module}: pip install {module} (requirements.txt pins it)")
+    gold_fn, reward_fn = load_fn(args.gold_reward_fn, "--gold_reward_fn"), load_fn(args.reward_fn, "--reward_fn")
+    check_model_dir(args.sft_model, "SFT model")
+    reward_models = {"reward model" + (f" {i + 1}" if i else ""): path
+                     for i, path in enumerate(args.reward_model or [])}
+    for what, path in reward_models.items():
+        check_model_dir(path, what, tokenizer=False, reward_model=True)
+    checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
+    if args.save:
+        prepare_output(args.output_dir, checkpoint_dir, "grpo", {"SFT model": args.sft_model, **reward_models,
+                       "dataset": args.dataset}, args.resume, args.overwrite, args_json(args), processes.world_size)
+    elif args.resume:
+        raise SystemExit("--resume needs checkpoints, and --no_save writes none")
+    log_dir = os.path.join("runs", args.run_name or f"grpo__{args.seed}__{int(time.time())}")
+
+    # each rank takes its own shard of the prompts (and shuffles it with its own generator: prompt_batches)
+    tokenizer = load_tokenizer(args.sft_model, padding_side="left", add_pad_token=args.add_pad_token)
+    prompts, chat = load_prompts(args, tokenizer, args.sft_model)
+    train_ids, (eval_texts, eval_ids) = prompts[args.train_split][1], prompts[args.eval_split]
+    rank, world_size = processes.rank, processes.world_size
+    train_ids = train_ids[rank::world_size]
+    if len(train_ids) < local_batch_size // args.samples_per_prompt:
+        raise SystemExit(f"split '{args.train_split}' has {len(train_ids) * world_size} prompts, fewer than one batch")
+    return Setup(processes, local_batch_size, minibatch_size, micro_batch_size, minibatch_size // micro_batch_size,
+                 num_updates, checkpoint_dir, log_dir, gold_fn, reward_fn, tokenizer, chat,
+                 stop_token_ids(args, tokenizer, chat), train_ids, eval_texts[:args.eval_samples][rank::world_size],
+                 eval_ids[:args.eval_samples][rank::world_size])
+
+
+def build_models(args: Args, setup: Setup) -> Models:
+    """The policy and the frozen reference both start from the SFT checkpoint; the frozen RM(s) score; no critic:
+    no weights, no optimizer state, no forward. Dropout is off in all three (common.disable_dropout). Under torchrun
+    all are FSDP2-sharded, and each phase all-gathers a model once (`unsharded`) rather than per forward."""
+    device, tokenizer = setup.dist.device, setup.tokenizer
+    policy = load_causal_lm(args.sft_model, tokenizer, args.dtype)
+    ref_policy = None  # with LoRA, the reference is the policy with its adapter off
+    if not args.lora_r:
+        ref_policy = load_frozen(load_causal_lm, args.sft_model, tokenizer, args.dtype, args.frozen_dtype)
+    reward, rm_tokenizer, same_tokenizer = load_reward(args, setup)
+    if args.lora_r:  # Hu et al. 2021: train a low-rank update B A of each target weight, the base frozen
+        with same_draws_on_every_rank(args.seed, setup.dist):
+            policy = with_lora(policy, args)
+    if args.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) too
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # FSDP2's root is the module every call goes through: with LoRA the HF model inside peft's wrapper, since
+    # generate() bypasses the wrapper's forward (a block would otherwise initialise as a root of its own)
+    fsdp_wrap(policy.get_base_model() if args.lora_r else policy, device)
+    ref_policy = shard_frozen(ref_policy, args.frozen_dtype, device)
+    reward.models = [shard_frozen(m, args.frozen_dtype, device) for m in reward.models]
+    # the trained model in a ModuleDict, as ppo.py's, so that DCP names every parameter the optimizer holds
+    trainables = nn.ModuleDict({"policy": policy})
+    params = [p for p in trainables.parameters() if p.requires_grad]  # LoRA: the adapters only
+    # AdamW, eps 1e-5 (Huang et al. 2024);
+    # the fused kernel: one pass over all parameters (on CPU several times faster than the default foreach)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    # re-tokenising for an RM with its own vocabulary: where a response ended, it ends in the RM's own end token
+    rm_end_id = ((end_of_turn_tokens(rm_tokenizer) if setup.chat else []) or [rm_tokenizer.eos_token_id])[0]
+    reward.retokenize = None if same_tokenizer else (rm_tokenizer, rm_end_id)
+    return Models(policy, ref_policy, reward, trainables, optimizer, policy)
+
+
+def load_reward(args: Args, setup: Setup) -> tuple[Reward, object, bool]:
+    """The frozen RM (or each member of an ensemble) as a ScalarModel normalised with the statistics train_rm.py
+    stored in its config (TRL #1783), not yet sharded; or --reward_fn. -> (Reward, the RM's tokenizer, whether it
+    is the policy's). An ensemble's members must share the policy's vocabulary."""
+    tokenizer = setup.tokenizer
+    if args.reward_fn is not None:
+        return Reward([], setup.reward_fn, None, args.ensemble, args.uwo_coef), tokenizer, True
+    models, rm_tokenizer, same_tokenizer = [], tokenizer, True
+    for path in args.reward_model:
+        rm_has_tokenizer = not os.path.isdir(path) or any(
+            os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+        rm_tokenizer = tokenizer  # an RM dir without a tokenizer shares the policy's
+        if rm_has_tokenizer:
+            rm_tokenizer = load_tokenizer(path, padding_side="right", add_pad_token=args.add_pad_token)
+        same_tokenizer = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+        if not same_tokenizer and len(args.reward_model) > 1:
+            raise SystemExit(f"ensemble member '{path}' has another vocabulary than the policy ('{args.sft_model}'): "
+                             "train every member from this SFT model (train_rm.py --seed N)")
+        if not same_tokenizer and not args.rm_retokenize:
+            raise SystemExit(f"the vocabulary of reward model '{path}' differs from the policy's ('{args.sft_model}'); "
+                             "pass --rm_retokenize to score decoded text, or train the RM from this SFT model")
+        rm_classifier = load_frozen(load_reward_model, path, rm_tokenizer, args.dtype, args.frozen_dtype)
+        if not hasattr(rm_classifier.config, "reward_mean"):
+            print0(f"warning: '{path}' has no reward_mean/reward_std in its config: scores are used raw")
+        mean, std = (float(getattr(rm_classifier.config, key, default))
+                     for key, default in (("reward_mean", 0.0), ("reward_std", 1.0)))
+        models.append(ScalarModel(rm_classifier, mean, std).eval().requires_grad_(False))
+    return Reward(models, None, None, args.ensemble, args.uwo_coef), rm_tokenizer, same_tokenizer
+
+
+def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress, object]:
+    """--resume: weights, optimizer, counters, beta and RNG states as they were after the checkpoint's
+    update; otherwise the SFT policy's evaluation, the baseline of the final win rate. Then the TensorBoard
+    writer (rank 0), and torch.compile (--compile)."""
+    resumed = None
+    if args.resume:
+        latest = latest_checkpoint(setup.checkpoint_dir)
+        resumed = load_checkpoint(latest, models.trainables, models.optimizer)
+        setup.log_dir = resumed["log_dir"]
+        print0(f"resumed from {latest} (update {resumed['update']} of {setup.num_updates})")
+    if args.compile:
+        models.policy_train = torch.compile(models.policy)
+    writer = None
+    if setup.dist.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # on resume, drop the events a killed run logged after its last checkpoint
+        writer = SummaryWriter(setup.log_dir, purge_step=resumed["update"] * args.batch_size + 1 if resumed else None)
+        writer.add_text("hyperparameters",
+                        "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    print0(f"GRPO ({args.advantage_estimator}): {setup.num_updates} updates of {args.batch_size} episodes ({setup.dist.world_size} process(es), "
+           f"per rank: {args.num_minibatches} minibatch(es) x {setup.gradient_accumulation_steps} micro-batch(es) of "
+           f"{setup.micro_batch_size}); TensorBoard: {setup.log_dir}")
+    if resumed:
+        return Progress(resumed["update"], resumed["kl_coef"], resumed["history"], resumed["timings"],
+                        resumed["sft_metrics"], resumed["sft_golds"], resumed["eval_metrics"],
+                        resumed["eval_golds"]), writer
+    progress = Progress(0, args.kl_coef, [], [], None, None, None, None)
+    run_eval(0, args, setup, models, progress, writer)
+    progress.sft_metrics, progress.sft_golds = progress.eval_metrics, progress.eval_golds
+    return progress, writer
+
+
+def last_checkpoint(args: Args, setup: Setup) -> str:
+    return (latest_checkpoint(setup.checkpoint_dir) if args.save else None) or "none"
+
+
+def stop_if_not_finite(scores: torch.Tensor, update: int, args: Args, setup: Setup) -> None:
+    """A NaN or inf score stops the run before the update, on every rank (all see the count)."""
+    if all_reduce_sum((~torch.isfinite(scores)).sum()).item():
+        raise SystemExit(f"non-finite reward at update {update}: stopped before the update; last good checkpoint: "
+                         f"{last_checkpoint(args, setup)}. Check the reward model (and its reward_mean/reward_std)")
+
+
+def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, losses: dict) -> float:
+    """The global gradient norm, clipped only with --max_grad_norm; a non-finite one stops the run before the
+    optimizer step can carry it into the weights, naming the last micro-batch's losses (`losses`: its stats)."""
+    params = models.optimizer.param_groups[0]["params"]  # the trained parameters (LoRA: the adapters only)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not math.isfinite(grad_norm):
+        losses = {name: float(v.detach()) for name, v in losses.items() if name.startswith("loss/")}
+        raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {step}, losses {losses}: stopped "
+                         f"before the optimizer step; last good checkpoint: {last_checkpoint(args, setup)}")
+    return grad_norm
+
+
+def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """How far the update moved the policy: 0.5 * mean_t (log pi(y_t) - log pi_old(y_t))^2 over response tokens.
+
+    Schulman's k2 estimator of KL(pi_old || pi), logged as policy/approxkl_avg (Huang et al. 2024).
+    """
+    return 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
+
+
+def mean_of(stats: list[dict]) -> dict:
+    """Each statistic's mean over the update's micro-batches."""
+    return {name: torch.stack([s[name] for s in stats]).mean() for name in stats[0]}
+
+
+def all_reduce_mean(metrics: dict, processes: Dist) -> dict:
+    """Each value's mean over ranks, all of them in one all-reduce -> floats."""
+    local = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=processes.device) for v in metrics.values()])
+    return dict(zip(metrics, all_reduce_sum(local / processes.world_size).tolist()))
+
+
+def check_finite(metrics: dict, update: int, args: Args, setup: Setup) -> None:
+    """A NaN or inf statistic stops the run, naming it and the last good checkpoint."""
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise SystemExit(f"non-finite training statistics at update {update} ({', '.join(bad)}): stopped; "
+                         f"last good checkpoint: {last_checkpoint(args, setup)}")
+
+
+def timing_metrics(t_start: float, t_generated: float, t_scored: float, t_end: float, batch_size: int,
+                   progress: Progress) -> dict:
+    timing = {"time/generate": t_generated - t_start, "time/score": t_scored - t_generated,
+              "time/train": t_end - t_scored, "time/update": t_end - t_start}
+    timing["eps"] = batch_size / timing["time/update"]  # episodes per second
+    progress.timings.append(timing)
+    return timing
+
+
+def write_update(writer, metrics: dict, update: int, args: Args, setup: Setup, queries, responses, scores,
+                 progress: Progress) -> None:
+    """The update's metrics to the history and TensorBoard, a table of samples now and then, a progress line."""
+    progress.history.append(metrics)
+    step = update * args.batch_size
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != "episode":
+                writer.add_scalar(key, value, step)
+        if args.sample_every and (update % args.sample_every == 0 or update == 1):
+            n_rows = min(args.num_sample_rows, setup.local_batch_size)
+            table = list(zip(setup.tokenizer.batch_decode(queries[:n_rows], skip_special_tokens=True),
+                             setup.tokenizer.batch_decode(responses[:n_rows], skip_special_tokens=True),
+                             scores[:n_rows].tolist()))
+            writer.add_text("samples", markdown_table(table, ["prompt", "response", "score"]), step)
+    if setup.dist.is_main and update % max(1, setup.num_updates // 10) == 0:
+        tqdm.write(f"update {update}/{setup.num_updates}: score {metrics['objective/scores']:+.3f} "
+                   f"kl {metrics['objective/kl']:.2f} eos {metrics['val/num_eos_tokens'] / args.batch_size:.2f} "
+                   f"{metrics['eps']:.1f} eps")
+
+
+def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
+    """Held-out evaluation (`evaluate`, kept in progress) from its own fixed seed, so that (1) every evaluation, the
+    SFT baseline included, sees the same random numbers, and (2) --eval_every does not change the training run's
+    sampling."""
+    device = setup.dist.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 1_000_003 + setup.dist.rank)
+        progress.eval_metrics, progress.eval_golds, rows = evaluate(
+            args, models.policy, models.ref_policy, models.reward, setup.tokenizer, setup.eval_texts, setup.eval_ids,
+            setup.gold_fn, device, setup.stop_ids)
+    if writer is not None:
+        for k, v in progress.eval_metrics.items():
+            writer.add_scalar(f"eval/{k}", v, step)
+        writer.add_text("eval/samples", markdown_table(rows, ["prompt", "response", "rm score", "gold"]), step)
+
+
+def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup, models: Models,
+                 progress: Progress) -> None:
+    """After update `step`: a checkpoint every --checkpoint_every updates, at the end, and when a signal came;
+    then, for a signal, exit."""
+    due = (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.num_updates
+    if args.save and (due or stop):
+        state = {"update": step, "args": args_json(args), "log_dir": setup.log_dir, "kl_coef": progress.kl_coef,
+                 "history": progress.history, "timings": progress.timings, "sft_metrics": progress.sft_metrics,
+                 "sft_golds": progress.sft_golds, "eval_metrics": progress.eval_metrics,
+                 "eval_golds": progress.eval_golds}
+        path = save_checkpoint(setup.checkpoint_dir, step, models.trainables, models.optimizer, state, "grpo")
+        if stop:
+            exit_preempted(path, f"update {step}", signals["signal"])
+    elif stop:  # --no_save: nothing to keep
+        raise SystemExit(128 + (signals["signal"] or 15))
+
+
+def final_report(args: Args, setup: Setup, models: Models, progress: Progress, writer, start_time: float) -> dict:
+    """The final evaluation (the last one, of the final policy, on the same prompts as the SFT one), the gold win
+    rate, the saved policy (atomically, with eval_results.json) and the summary table."""
+    device, sft_metrics, eval_metrics = setup.dist.device, progress.sft_metrics, progress.eval_metrics
+    num_eval_prompts = int(all_reduce_sum(torch.tensor([len(setup.eval_ids)], device=device)).item())
+    # under "ppo", as ppo.py writes it (the policy trained with PPO's clipped surrogate): one reader serves both
+    final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}
+    if setup.gold_fn is not None:
+        wins = gold_wins(progress.eval_golds, progress.sft_golds)
+        totals = all_reduce_sum(torch.tensor([wins, float(len(progress.sft_golds))], dtype=torch.float64,
+                                             device=device)).tolist()
+        final["gold_win_rate"] = totals[0] / totals[1]
+    final["final_kl"] = eval_metrics["kl"]
+    final["train_kl"] = progress.history[-1]["objective/kl"]
+    final["episodes"] = setup.num_updates * args.batch_size
+    final["wall_time_s"] = time.time() - start_time
+    if args.save:
+        policy, state_dict = models.policy, None
+        if args.lora_r:  # a plain HF model: the adapter folded into the weights, W + alpha / r * B A
+            policy, state_dict = merged_lora(models.policy, args, args.sft_model, setup.tokenizer)
+        save_model(policy, setup.tokenizer, args.output_dir, "grpo", results={**final, "args": asdict(args)},
+                   state_dict=state_dict)
+    if writer is not None:
+        for k, v in final.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"final/{k}", v, setup.num_updates * args.batch_size)
+        writer.close()
+    print0(f"\n{'held-out (' + str(final['num_eval_prompts']) + ' prompts)':<28}{'SFT':>10}{'GRPO':>10}")
+    for name in ["rm_score", "gold_score", "kl", "response_length", "eos_rate"]:
+        if name in sft_metrics:
+            print0(f"{name:<28}{sft_metrics[name]:>10.3f}{eval_metrics[name]:>10.3f}")
+    win = f"gold win rate of GRPO vs SFT {final['gold_win_rate']:.3f} | " if "gold_win_rate" in final else ""
+    print0(f"{win}final KL to reference {final['final_kl']:.3f} nats | {final['wall_time_s']:.0f} s"
+           + (f" | saved {args.output_dir}" if args.save else ""))
+    teardown_distributed()
+    return {**final, "history": progress.history, "timings": progress.timings}
+
+
+@torch.no_grad()
+def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, prompt_ids, gold_fn, device,
+             stop_ids: list[int]):
+    """Held-out evaluation of the current policy: RM score, gold score, KL to the reference, length, EOS.
+
+    KL here is exact per position, sum_t KL(pi(.|x,y<t) || pi_ref(.|x,y<t)) at the training temperature,
+    summed over the sampled response: it needs no estimator and is exactly 0 for the SFT policy.
+    Returns (global means, this rank's per-prompt gold scores or None, sample rows).
+    """
+    config = generation_config(tokenizer, args.response_length, args.eval_temperature, stop_ids)
+    sums = torch.zeros(5, device=device, dtype=torch.float64)  # rm, gold, kl, length, eos
+    golds, rows = [], []
+    for i in range(0, len(prompt_ids), args.eval_batch_size):
+        queries, query_mask = left_pad(prompt_ids[i:i + args.eval_batch_size], tokenizer.pad_token_id, device)
+        P = queries.shape[1]
+        responses, response_mask, has_eos = truncate_after_eos(
+            generate(policy, queries, query_mask, config), stop_ids, tokenizer.pad_token_id)
+        T = responses.shape[1]
+        query_responses = torch.cat([queries, responses], 1)
+        attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+        scores = reward_scores(reward, tokenizer, query_responses, attention_mask, response_mask, P, has_eos,
+                               args.local_rollout_forward_batch_size)[0]
+        kl = torch.zeros(len(responses), device=device)
+        with unsharded(policy), unsharded(ref_policy):
+            for j in range(0, len(responses), args.local_rollout_forward_batch_size):
+                s = slice(j, j + args.local_rollout_forward_batch_size)
+                logp = policy_forward(policy, query_responses[s], attention_mask[s], T,
+                                      args.temperature)[0].log_softmax(-1)
+                ref_logp = reference_logits(policy, ref_policy, query_responses[s], attention_mask[s], T,
+                                            args.temperature).log_softmax(-1)
+                kl[s] = ((logp.exp() * (logp - ref_logp)).sum(-1) * response_mask[s]).sum(1)
+        completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        if gold_fn is not None:
+            gold = call_fn(gold_fn, prompts[i:i + args.eval_batch_size], completions, "--gold_reward_fn")
+            golds += gold
+            sums[1] += sum(gold)
+        sums[0] += scores.sum()
+        sums[2] += kl.sum()
+        sums[3] += response_mask.sum()
+        sums[4] += has_eos.sum()
+        if not rows:
+            rows = list(zip(prompts[i:i + args.num_sample_rows], completions, scores.tolist(),
+                            golds or [None] * len(completions)))
+    count = all_reduce_sum(torch.tensor([float(len(prompt_ids))], device=device, dtype=torch.float64))
+    means = (all_reduce_sum(sums) / count).tolist()
+    metrics = {"rm_score": means[0], "kl": means[2], "response_length": means[3], "eos_rate": means[4]}
+    if gold_fn is not None:
+        metrics["gold_score"] = means[1]
+    return metrics, (golds if gold_fn is not None else None), rows
+
+
+def parse_args(argv=None) -> Args:
+    """Args from the command line: a preset's name (presets.py; none: the toy task), then flags over it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args_with_presets(Args, presets.GRPO, argv)
+    return reward_fn_instead_of_rm(args, flags_given(argv))
+
+
+def reward_fn_instead_of_rm(args: Args, given: set[str]) -> Args:
+    """--reward_fn alone means "train against this function instead of the RM": the RM makes way when the user
+    left --reward_model at its default. One given next to --reward_fn stays an error
+    (check_estimator_and_reward_flags)."""
+    if args.reward_fn is None:
+        return args
+    changes = {}
+    if "--reward_model" not in given:
+        changes["reward_model"] = None
+    if changes.get("reward_model", args.reward_model) is None:
+        print0(f"--reward_fn {args.reward_fn} replaces the reward model")
+    return dataclasses.replace(args, **changes)
+
+
+if __name__ == "__main__":
+    run(main, parse_args)

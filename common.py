@@ -23,8 +23,9 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal, NoReturn
 
 import numpy as np
@@ -1088,6 +1089,152 @@ def markdown_table(rows, header) -> str:
     for row in rows:
         lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c).replace("|", "\\|") for c in row) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The RL stages' bookkeeping (ppo.py, grpo.py): stops on non-finite numbers, logging, checkpoints, the final report.
+# `args`, `setup`, `models` and `progress` are the stage's own Args, Setup, Models and Progress.
+# ----------------------------------------------------------------------------------------------
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op on one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def gold_wins(golds: list[float], baseline_golds: list[float]) -> float:
+    """Wins of one policy's responses over another's on the same prompts, ties counting 1/2:
+    sum_i [g_i > b_i] + 0.5 * [g_i == b_i]. Divided by the count, it is the win rate."""
+    return sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(golds, baseline_golds))
+
+
+def last_checkpoint(args, setup) -> str:
+    return (latest_checkpoint(setup.checkpoint_dir) if args.save else None) or "none"
+
+
+def stop_if_not_finite(scores: torch.Tensor, update: int, args, setup) -> None:
+    """A NaN or inf score stops the run before the update, on every rank (all see the count)."""
+    if all_reduce_sum((~torch.isfinite(scores)).sum()).item():
+        raise SystemExit(f"non-finite reward at update {update}: stopped before the update; last good checkpoint: "
+                         f"{last_checkpoint(args, setup)}. Check the reward model (and its reward_mean/reward_std)")
+
+
+def clip_grad_norm_or_stop(models, args, setup, step: int, losses: dict) -> float:
+    """The global gradient norm, clipped only with --max_grad_norm; a non-finite one stops the run before the
+    optimizer step can carry it into the weights, naming the last micro-batch's losses (`losses`: its stats)."""
+    params = models.optimizer.param_groups[0]["params"]  # the trained parameters (LoRA: the adapters only)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not math.isfinite(grad_norm):
+        losses = {name: float(v.detach()) for name, v in losses.items() if name.startswith("loss/")}
+        raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {step}, losses {losses}: stopped "
+                         f"before the optimizer step; last good checkpoint: {last_checkpoint(args, setup)}")
+    return grad_norm
+
+
+def mean_of(stats: list[dict]) -> dict:
+    """Each statistic's mean over the update's micro-batches."""
+    return {name: torch.stack([s[name] for s in stats]).mean() for name in stats[0]}
+
+
+def all_reduce_mean(metrics: dict, processes: Dist) -> dict:
+    """Each value's mean over ranks, all of them in one all-reduce -> floats."""
+    local = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=processes.device) for v in metrics.values()])
+    return dict(zip(metrics, all_reduce_sum(local / processes.world_size).tolist()))
+
+
+def check_finite(metrics: dict, update: int, args, setup) -> None:
+    """A NaN or inf statistic stops the run, naming it and the last good checkpoint."""
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        raise SystemExit(f"non-finite training statistics at update {update} ({', '.join(bad)}): stopped; "
+                         f"last good checkpoint: {last_checkpoint(args, setup)}")
+
+
+def timing_metrics(t_start: float, t_generated: float, t_scored: float, t_end: float, batch_size: int,
+                   progress) -> dict:
+    timing = {"time/generate": t_generated - t_start, "time/score": t_scored - t_generated,
+              "time/train": t_end - t_scored, "time/update": t_end - t_start}
+    timing["eps"] = batch_size / timing["time/update"]  # episodes per second
+    progress.timings.append(timing)
+    return timing
+
+
+def write_update(writer, metrics: dict, update: int, args, setup, queries, responses, scores,
+                 progress) -> None:
+    """The update's metrics to the history and TensorBoard, a table of samples now and then, a progress line."""
+    progress.history.append(metrics)
+    step = update * args.batch_size
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != "episode":
+                writer.add_scalar(key, value, step)
+        if args.sample_every and (update % args.sample_every == 0 or update == 1):
+            n_rows = min(args.num_sample_rows, setup.local_batch_size)
+            table = list(zip(setup.tokenizer.batch_decode(queries[:n_rows], skip_special_tokens=True),
+                             setup.tokenizer.batch_decode(responses[:n_rows], skip_special_tokens=True),
+                             scores[:n_rows].tolist()))
+            writer.add_text("samples", markdown_table(table, ["prompt", "response", "score"]), step)
+    if setup.dist.is_main and update % max(1, setup.num_updates // 10) == 0:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"update {update}/{setup.num_updates}: score {metrics['objective/scores']:+.3f} "
+                   f"kl {metrics['objective/kl']:.2f} eos {metrics['val/num_eos_tokens'] / args.batch_size:.2f} "
+                   f"{metrics['eps']:.1f} eps")
+
+
+def save_or_stop(step: int, stop: float, signals: dict, args, setup, models, progress, method: str) -> None:
+    """After update `step`: a checkpoint every --checkpoint_every updates, at the end, and when a signal came;
+    then, for a signal, exit."""
+    due = (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.num_updates
+    if args.save and (due or stop):
+        state = {"update": step, "args": args_json(args), "log_dir": setup.log_dir, "kl_coef": progress.kl_coef,
+                 "history": progress.history, "timings": progress.timings, "sft_metrics": progress.sft_metrics,
+                 "sft_golds": progress.sft_golds, "eval_metrics": progress.eval_metrics,
+                 "eval_golds": progress.eval_golds}
+        path = save_checkpoint(setup.checkpoint_dir, step, models.trainables, models.optimizer, state, method)
+        if stop:
+            exit_preempted(path, f"update {step}", signals["signal"])
+    elif stop:  # --no_save: nothing to keep
+        raise SystemExit(128 + (signals["signal"] or 15))
+
+
+def final_report(args, setup, models, progress, writer, start_time: float, method: str) -> dict:
+    """The final evaluation (the last one, of the final policy, on the same prompts as the SFT one), the gold win
+    rate, the saved policy (atomically, with eval_results.json) and the summary table."""
+    device, sft_metrics, eval_metrics = setup.dist.device, progress.sft_metrics, progress.eval_metrics
+    num_eval_prompts = int(all_reduce_sum(torch.tensor([len(setup.eval_ids)], device=device)).item())
+    final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}  # grpo.py's trained policy too
+    if setup.gold_fn is not None:
+        wins = gold_wins(progress.eval_golds, progress.sft_golds)
+        totals = all_reduce_sum(torch.tensor([wins, float(len(progress.sft_golds))], dtype=torch.float64,
+                                             device=device)).tolist()
+        final["gold_win_rate"] = totals[0] / totals[1]
+    final["final_kl"] = eval_metrics["kl"]
+    final["train_kl"] = progress.history[-1]["objective/kl"]
+    final["episodes"] = setup.num_updates * args.batch_size
+    final["wall_time_s"] = time.time() - start_time
+    if args.save:
+        policy, state_dict = models.policy, None
+        if args.lora_r:  # a plain HF model: the adapter folded into the weights, W + alpha / r * B A
+            policy, state_dict = merged_lora(models.policy, args, args.sft_model, setup.tokenizer)
+        save_model(policy, setup.tokenizer, args.output_dir, method, results={**final, "args": asdict(args)},
+                   state_dict=state_dict)
+    if writer is not None:
+        for k, v in final.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"final/{k}", v, setup.num_updates * args.batch_size)
+        writer.close()
+    print0(f"\n{'held-out (' + str(final['num_eval_prompts']) + ' prompts)':<28}{'SFT':>10}{method.upper():>10}")
+    for name in ["rm_score", "gold_score", "kl", "response_length", "eos_rate"]:
+        if name in sft_metrics:
+            print0(f"{name:<28}{sft_metrics[name]:>10.3f}{eval_metrics[name]:>10.3f}")
+    win = (f"gold win rate of {method.upper()} vs SFT {final['gold_win_rate']:.3f} | "
+           if "gold_win_rate" in final else "")
+    print0(f"{win}final KL to reference {final['final_kl']:.3f} nats | {final['wall_time_s']:.0f} s"
+           + (f" | saved {args.output_dir}" if args.save else ""))
+    teardown_distributed()
+    return {**final, "history": progress.history, "timings": progress.timings}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-import math
 import os
 import sys
 import time
@@ -59,47 +58,16 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import presets
-from common import (
-    Dist,
-    EvalFlags,
-    MemoryFlags,
-    PromptFlags,
-    ResumeFlags,
-    args_json,
-    call_fn,
-    catch_signals,
-    check_flags,
-    check_model_dir,
-    end_of_turn_tokens,
-    exit_preempted,
-    flags_given,
-    fsdp_wrap,
-    latest_checkpoint,
-    load_causal_lm,
-    load_checkpoint,
-    load_fn,
-    load_frozen,
-    load_prompts,
-    load_reward_model,
-    load_tokenizer,
-    markdown_table,
-    merged_lora,
-    parse_args_with_presets,
-    prepare_output,
-    print0,
-    retokenized,
-    run,
-    same_draws_on_every_rank,
-    save_checkpoint,
-    save_model,
-    seed_everything,
-    shard_frozen,
-    setup_distributed,
-    stop_token_ids,
-    teardown_distributed,
-    unsharded,
-    with_lora,
-)
+from common import (Dist, EvalFlags, MemoryFlags, PromptFlags, ResumeFlags, all_reduce_mean, args_json, call_fn,
+                    catch_signals, check_finite, check_flags, check_model_dir, clip_grad_norm_or_stop,
+                    end_of_turn_tokens, final_report, flags_given, fsdp_wrap, latest_checkpoint, load_causal_lm,
+                    load_checkpoint, load_fn, load_frozen, load_prompts, load_reward_model, load_tokenizer,
+                    markdown_table, mean_of, parse_args_with_presets, prepare_output, print0, retokenized, run,
+                    same_draws_on_every_rank, save_or_stop, seed_everything, setup_distributed, shard_frozen,
+                    stop_if_not_finite, stop_token_ids, timing_metrics, unsharded, with_lora, write_update)
+
+
+METHOD = "grpo"  # the name of this script's runs: output markers, checkpoints, logs, the summary table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,8 +385,9 @@ def policy_forward(policy, query_responses, attention_mask, response_length: int
 class ScalarModel(nn.Module):
     """backbone -> final hidden state -> linear head, at every position: (B, S) -> (B, S).
 
-    Wraps a sequence classifier (the RM) and keeps its per-token outputs, instead of the classifier's single
-    pooled one. Its output is normalised, (head - mean) / std, with the RM's stored statistics.
+    Wraps a sequence classifier (the RM, or in ppo.py the critic made from it) but keeps the per-token outputs the
+    critic needs, instead of the classifier's single pooled one. Its output is normalised, (head - mean) / std,
+    with the RM's stored statistics, so the critic starts on the score's scale.
     """
 
     def __init__(self, seq_classifier, mean: float = 0.0, std: float = 1.0):
@@ -646,7 +615,7 @@ def main(args: Args) -> dict:
     reuse = args.reuse_first_forward and args.num_minibatches == 1 and setup.gradient_accumulation_steps == 1
     signals = catch_signals()
     for update in tqdm(range(progress.start_update + 1, setup.num_updates + 1), initial=progress.start_update,
-                       total=setup.num_updates, disable=not setup.dist.is_main, desc="grpo"):
+                       total=setup.num_updates, disable=not setup.dist.is_main, desc=METHOD):
         if args.anneal_lr:  # linear decay to 0 (CleanRL, Huang et al. 2024)
             models.optimizer.param_groups[0]["lr"] = annealed_learning_rate(update, setup.num_updates,
                                                                             args.learning_rate)
@@ -731,9 +700,9 @@ def main(args: Args) -> dict:
         # TRY NOT TO MODIFY: evaluation and checkpoints
         if (args.eval_every and update % args.eval_every == 0) or update == setup.num_updates:
             run_eval(update * args.batch_size, args, setup, models, progress, writer)
-        save_or_stop(update, stop, signals, args, setup, models, progress)
+        save_or_stop(update, stop, signals, args, setup, models, progress, METHOD)
 
-    return final_report(args, setup, models, progress, writer, start_time)
+    return final_report(args, setup, models, progress, writer, start_time, METHOD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -757,12 +726,6 @@ def sync(device: torch.device) -> None:
     """Wait for the GPU, for honest phase timings; nothing to wait for on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def gold_wins(golds: list[float], baseline_golds: list[float]) -> float:
-    """Wins of one policy's responses over another's on the same prompts, ties counting 1/2:
-    sum_i [g_i > b_i] + 0.5 * [g_i == b_i]. Divided by the count, it is the win rate."""
-    return sum(1.0 if g > b else 0.5 if g == b else 0.0 for g, b in zip(golds, baseline_golds))
 
 
 @dataclass
@@ -859,11 +822,11 @@ def set_up(args: Args) -> Setup:
         check_model_dir(path, what, tokenizer=False, reward_model=True)
     checkpoint_dir = args.checkpoint_dir or args.output_dir.rstrip("/") + "_checkpoints"
     if args.save:
-        prepare_output(args.output_dir, checkpoint_dir, "grpo", {"SFT model": args.sft_model, **reward_models,
+        prepare_output(args.output_dir, checkpoint_dir, METHOD, {"SFT model": args.sft_model, **reward_models,
                        "dataset": args.dataset}, args.resume, args.overwrite, args_json(args), processes.world_size)
     elif args.resume:
         raise SystemExit("--resume needs checkpoints, and --no_save writes none")
-    log_dir = os.path.join("runs", args.run_name or f"grpo__{args.seed}__{int(time.time())}")
+    log_dir = os.path.join("runs", args.run_name or f"{METHOD}__{args.seed}__{int(time.time())}")
 
     # each rank takes its own shard of the prompts (and shuffles it with its own generator: prompt_batches)
     tokenizer = load_tokenizer(args.sft_model, padding_side="left", add_pad_token=args.add_pad_token)
@@ -962,9 +925,9 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
         writer = SummaryWriter(setup.log_dir, purge_step=resumed["update"] * args.batch_size + 1 if resumed else None)
         writer.add_text("hyperparameters",
                         "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    print0(f"GRPO ({args.advantage_estimator}): {setup.num_updates} updates of {args.batch_size} episodes ({setup.dist.world_size} process(es), "
-           f"per rank: {args.num_minibatches} minibatch(es) x {setup.gradient_accumulation_steps} micro-batch(es) of "
-           f"{setup.micro_batch_size}); TensorBoard: {setup.log_dir}")
+    print0(f"{METHOD.upper()}: {setup.num_updates} updates of {args.batch_size} episodes "
+           f"({setup.dist.world_size} process(es), per rank: {args.num_minibatches} minibatch(es) x "
+           f"{setup.gradient_accumulation_steps} micro-batch(es) of {setup.micro_batch_size}); TensorBoard: {setup.log_dir}")
     if resumed:
         return Progress(resumed["update"], resumed["kl_coef"], resumed["history"], resumed["timings"],
                         resumed["sft_metrics"], resumed["sft_golds"], resumed["eval_metrics"],
@@ -975,85 +938,12 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
     return progress, writer
 
 
-def last_checkpoint(args: Args, setup: Setup) -> str:
-    return (latest_checkpoint(setup.checkpoint_dir) if args.save else None) or "none"
-
-
-def stop_if_not_finite(scores: torch.Tensor, update: int, args: Args, setup: Setup) -> None:
-    """A NaN or inf score stops the run before the update, on every rank (all see the count)."""
-    if all_reduce_sum((~torch.isfinite(scores)).sum()).item():
-        raise SystemExit(f"non-finite reward at update {update}: stopped before the update; last good checkpoint: "
-                         f"{last_checkpoint(args, setup)}. Check the reward model (and its reward_mean/reward_std)")
-
-
-def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, losses: dict) -> float:
-    """The global gradient norm, clipped only with --max_grad_norm; a non-finite one stops the run before the
-    optimizer step can carry it into the weights, naming the last micro-batch's losses (`losses`: its stats)."""
-    params = models.optimizer.param_groups[0]["params"]  # the trained parameters (LoRA: the adapters only)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    if not math.isfinite(grad_norm):
-        losses = {name: float(v.detach()) for name, v in losses.items() if name.startswith("loss/")}
-        raise SystemExit(f"non-finite gradient norm ({grad_norm}) at update {step}, losses {losses}: stopped "
-                         f"before the optimizer step; last good checkpoint: {last_checkpoint(args, setup)}")
-    return grad_norm
-
-
 def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """How far the update moved the policy: 0.5 * mean_t (log pi(y_t) - log pi_old(y_t))^2 over response tokens.
 
     Schulman's k2 estimator of KL(pi_old || pi), logged as policy/approxkl_avg (Huang et al. 2024).
     """
     return 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
-
-
-def mean_of(stats: list[dict]) -> dict:
-    """Each statistic's mean over the update's micro-batches."""
-    return {name: torch.stack([s[name] for s in stats]).mean() for name in stats[0]}
-
-
-def all_reduce_mean(metrics: dict, processes: Dist) -> dict:
-    """Each value's mean over ranks, all of them in one all-reduce -> floats."""
-    local = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=processes.device) for v in metrics.values()])
-    return dict(zip(metrics, all_reduce_sum(local / processes.world_size).tolist()))
-
-
-def check_finite(metrics: dict, update: int, args: Args, setup: Setup) -> None:
-    """A NaN or inf statistic stops the run, naming it and the last good checkpoint."""
-    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
-    if bad:
-        raise SystemExit(f"non-finite training statistics at update {update} ({', '.join(bad)}): stopped; "
-                         f"last good checkpoint: {last_checkpoint(args, setup)}")
-
-
-def timing_metrics(t_start: float, t_generated: float, t_scored: float, t_end: float, batch_size: int,
-                   progress: Progress) -> dict:
-    timing = {"time/generate": t_generated - t_start, "time/score": t_scored - t_generated,
-              "time/train": t_end - t_scored, "time/update": t_end - t_start}
-    timing["eps"] = batch_size / timing["time/update"]  # episodes per second
-    progress.timings.append(timing)
-    return timing
-
-
-def write_update(writer, metrics: dict, update: int, args: Args, setup: Setup, queries, responses, scores,
-                 progress: Progress) -> None:
-    """The update's metrics to the history and TensorBoard, a table of samples now and then, a progress line."""
-    progress.history.append(metrics)
-    step = update * args.batch_size
-    if writer is not None:
-        for key, value in metrics.items():
-            if key != "episode":
-                writer.add_scalar(key, value, step)
-        if args.sample_every and (update % args.sample_every == 0 or update == 1):
-            n_rows = min(args.num_sample_rows, setup.local_batch_size)
-            table = list(zip(setup.tokenizer.batch_decode(queries[:n_rows], skip_special_tokens=True),
-                             setup.tokenizer.batch_decode(responses[:n_rows], skip_special_tokens=True),
-                             scores[:n_rows].tolist()))
-            writer.add_text("samples", markdown_table(table, ["prompt", "response", "score"]), step)
-    if setup.dist.is_main and update % max(1, setup.num_updates // 10) == 0:
-        tqdm.write(f"update {update}/{setup.num_updates}: score {metrics['objective/scores']:+.3f} "
-                   f"kl {metrics['objective/kl']:.2f} eos {metrics['val/num_eos_tokens'] / args.batch_size:.2f} "
-                   f"{metrics['eps']:.1f} eps")
 
 
 def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
@@ -1070,61 +960,6 @@ def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Prog
         for k, v in progress.eval_metrics.items():
             writer.add_scalar(f"eval/{k}", v, step)
         writer.add_text("eval/samples", markdown_table(rows, ["prompt", "response", "rm score", "gold"]), step)
-
-
-def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup, models: Models,
-                 progress: Progress) -> None:
-    """After update `step`: a checkpoint every --checkpoint_every updates, at the end, and when a signal came;
-    then, for a signal, exit."""
-    due = (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.num_updates
-    if args.save and (due or stop):
-        state = {"update": step, "args": args_json(args), "log_dir": setup.log_dir, "kl_coef": progress.kl_coef,
-                 "history": progress.history, "timings": progress.timings, "sft_metrics": progress.sft_metrics,
-                 "sft_golds": progress.sft_golds, "eval_metrics": progress.eval_metrics,
-                 "eval_golds": progress.eval_golds}
-        path = save_checkpoint(setup.checkpoint_dir, step, models.trainables, models.optimizer, state, "grpo")
-        if stop:
-            exit_preempted(path, f"update {step}", signals["signal"])
-    elif stop:  # --no_save: nothing to keep
-        raise SystemExit(128 + (signals["signal"] or 15))
-
-
-def final_report(args: Args, setup: Setup, models: Models, progress: Progress, writer, start_time: float) -> dict:
-    """The final evaluation (the last one, of the final policy, on the same prompts as the SFT one), the gold win
-    rate, the saved policy (atomically, with eval_results.json) and the summary table."""
-    device, sft_metrics, eval_metrics = setup.dist.device, progress.sft_metrics, progress.eval_metrics
-    num_eval_prompts = int(all_reduce_sum(torch.tensor([len(setup.eval_ids)], device=device)).item())
-    # under "ppo", as ppo.py writes it (the policy trained with PPO's clipped surrogate): one reader serves both
-    final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}
-    if setup.gold_fn is not None:
-        wins = gold_wins(progress.eval_golds, progress.sft_golds)
-        totals = all_reduce_sum(torch.tensor([wins, float(len(progress.sft_golds))], dtype=torch.float64,
-                                             device=device)).tolist()
-        final["gold_win_rate"] = totals[0] / totals[1]
-    final["final_kl"] = eval_metrics["kl"]
-    final["train_kl"] = progress.history[-1]["objective/kl"]
-    final["episodes"] = setup.num_updates * args.batch_size
-    final["wall_time_s"] = time.time() - start_time
-    if args.save:
-        policy, state_dict = models.policy, None
-        if args.lora_r:  # a plain HF model: the adapter folded into the weights, W + alpha / r * B A
-            policy, state_dict = merged_lora(models.policy, args, args.sft_model, setup.tokenizer)
-        save_model(policy, setup.tokenizer, args.output_dir, "grpo", results={**final, "args": asdict(args)},
-                   state_dict=state_dict)
-    if writer is not None:
-        for k, v in final.items():
-            if isinstance(v, float):
-                writer.add_scalar(f"final/{k}", v, setup.num_updates * args.batch_size)
-        writer.close()
-    print0(f"\n{'held-out (' + str(final['num_eval_prompts']) + ' prompts)':<28}{'SFT':>10}{'GRPO':>10}")
-    for name in ["rm_score", "gold_score", "kl", "response_length", "eos_rate"]:
-        if name in sft_metrics:
-            print0(f"{name:<28}{sft_metrics[name]:>10.3f}{eval_metrics[name]:>10.3f}")
-    win = f"gold win rate of GRPO vs SFT {final['gold_win_rate']:.3f} | " if "gold_win_rate" in final else ""
-    print0(f"{win}final KL to reference {final['final_kl']:.3f} nats | {final['wall_time_s']:.0f} s"
-           + (f" | saved {args.output_dir}" if args.save else ""))
-    teardown_distributed()
-    return {**final, "history": progress.history, "timings": progress.timings}
 
 
 @torch.no_grad()

@@ -227,7 +227,7 @@ def test_nan_reward_stops_at_its_update_and_keeps_the_last_checkpoint(toy_dir, s
         ppo.main(ppo.parse_args(flags + ["--checkpoint_every", "1", "--eval_every", "0", "--gold_reward_fn", "None"]))
     message = str(info.value)
     kept = str(tmp_path / "ppo_checkpoints" / "step_2")
-    assert message == (f"non-finite reward at update 3: stopped before the PPO step; last good checkpoint: {kept}. "
+    assert message == (f"non-finite reward at update 3: stopped before the update; last good checkpoint: {kept}. "
                        "Check the reward model (and its reward_mean/reward_std)")
     assert common.checkpoints(str(tmp_path / "ppo_checkpoints")) == [kept]
     assert not out.exists()

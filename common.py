@@ -160,7 +160,7 @@ def load_dataset(name_or_path: str, what: str = "dataset"):
     if problem:  # datasets reads such bytes without complaint, and fails only when the column is used
         raise SystemExit(f"cannot load {what} '{name_or_path}': {problem}")
     try:
-        # config_id names the cache dir: datasets' own key misses edits and same-named dirs (issue 14)
+        # config_id names the cache dir: datasets' own key misses edits and same-named dirs
         cache_key = {"config_id": local_files_key(name_or_path)} if os.path.isdir(name_or_path) else {}
         splits = datasets.load_dataset(name_or_path, **cache_key)
     except Exception as e:  # offline, unknown hub name, unreadable files
@@ -1119,7 +1119,7 @@ def stop_if_not_finite(scores: torch.Tensor, update: int, args, setup) -> None:
                          f"{last_checkpoint(args, setup)}. Check the reward model (and its reward_mean/reward_std)")
 
 
-def clip_grad_norm_or_stop(models, args, setup, step: int, losses: dict) -> float:
+def rl_clip_grad_norm_or_stop(models, args, setup, step: int, losses: dict) -> float:
     """The global gradient norm, clipped only with --max_grad_norm; a non-finite one stops the run before the
     optimizer step can carry it into the weights, naming the last micro-batch's losses (`losses`: its stats)."""
     params = models.optimizer.param_groups[0]["params"]  # the trained parameters (LoRA: the adapters only)
@@ -1183,7 +1183,7 @@ def write_update(writer, metrics: dict, update: int, args, setup, queries, respo
                    f"{metrics['eps']:.1f} eps")
 
 
-def save_or_stop(step: int, stop: float, signals: dict, args, setup, models, progress, method: str) -> None:
+def rl_save_or_stop(step: int, stop: float, signals: dict, args, setup, models, progress, method: str) -> None:
     """After update `step`: a checkpoint every --checkpoint_every updates, at the end, and when a signal came;
     then, for a signal, exit."""
     due = (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.num_updates
@@ -1199,7 +1199,7 @@ def save_or_stop(step: int, stop: float, signals: dict, args, setup, models, pro
         raise SystemExit(128 + (signals["signal"] or 15))
 
 
-def final_report(args, setup, models, progress, writer, start_time: float, method: str) -> dict:
+def rl_final_report(args, setup, models, progress, writer, start_time: float, method: str) -> dict:
     """The final evaluation (the last one, of the final policy, on the same prompts as the SFT one), the gold win
     rate, the saved policy (atomically, with eval_results.json) and the summary table."""
     device, sft_metrics, eval_metrics = setup.dist.device, progress.sft_metrics, progress.eval_metrics

@@ -65,12 +65,12 @@ from tqdm.auto import tqdm
 
 import presets
 from common import (Dist, EvalFlags, MemoryFlags, PromptFlags, ResumeFlags, all_reduce_mean, args_json, call_fn,
-                    catch_signals, check_finite, check_flags, check_model_dir, clip_grad_norm_or_stop,
-                    end_of_turn_tokens, final_report, flags_given, fsdp_wrap, latest_checkpoint, load_causal_lm,
-                    load_checkpoint, load_fn, load_frozen, load_prompts, load_reward_model, load_tokenizer,
-                    markdown_table, mean_of, parse_args_with_presets, prepare_output, print0, retokenized, run,
-                    same_draws_on_every_rank, save_or_stop, seed_everything, setup_distributed, shard_frozen,
-                    stop_if_not_finite, stop_token_ids, timing_metrics, unsharded, with_lora, write_update)
+                    catch_signals, check_finite, check_flags, check_model_dir, end_of_turn_tokens, flags_given,
+                    fsdp_wrap, latest_checkpoint, load_causal_lm, load_checkpoint, load_fn, load_frozen, load_prompts,
+                    load_reward_model, load_tokenizer, markdown_table, mean_of, parse_args_with_presets, prepare_output,
+                    print0, retokenized, rl_clip_grad_norm_or_stop, rl_final_report, rl_save_or_stop, run,
+                    same_draws_on_every_rank, seed_everything, setup_distributed, shard_frozen, stop_if_not_finite,
+                    stop_token_ids, timing_metrics, unsharded, with_lora, write_update)
 
 
 METHOD = "ppo"  # the name of this script's runs: output markers, checkpoints, logs, the summary table
@@ -715,7 +715,7 @@ def main(args: Args) -> dict:
         # ALGO LOGIC: PPO epochs over shuffled minibatches; the old logprobs and values are the rollout's. During
         # the critic warm-up only the value loss trains; the policy moves from update critic_warmup_updates + 1 on
         stats, policy_moves = [], update > args.critic_warmup_updates
-        for epoch in range(args.num_ppo_epochs):
+        for _epoch in range(args.num_ppo_epochs):
             order = torch.randperm(setup.local_batch_size, device=device)
             for minibatch_start in range(0, setup.local_batch_size, setup.minibatch_size):
                 for micro_start in range(minibatch_start, minibatch_start + setup.minibatch_size,
@@ -725,7 +725,7 @@ def main(args: Args) -> dict:
                                                       setup.gradient_accumulation_steps, first_forward))
                     first_forward = None  # used once: by the first micro-batch, on the weights it was computed with
                 # the global norm (clipped only with --max_grad_norm), checked before it can reach the weights
-                clip_grad_norm_or_stop(models, args, setup, update, stats[-1])
+                rl_clip_grad_norm_or_stop(models, args, setup, update, stats[-1])
                 models.optimizer.step()
                 models.optimizer.zero_grad(set_to_none=True)
         sync(device)
@@ -760,9 +760,9 @@ def main(args: Args) -> dict:
         # TRY NOT TO MODIFY: evaluation and checkpoints
         if (args.eval_every and update % args.eval_every == 0) or update == setup.num_updates:
             run_eval(update * args.batch_size, args, setup, models, progress, writer)
-        save_or_stop(update, stop, signals, args, setup, models, progress, METHOD)
+        rl_save_or_stop(update, stop, signals, args, setup, models, progress, METHOD)
 
-    return final_report(args, setup, models, progress, writer, start_time, METHOD)
+    return rl_final_report(args, setup, models, progress, writer, start_time, METHOD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1036,7 +1036,8 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
                         "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     print0(f"{METHOD.upper()}: {setup.num_updates} updates of {args.batch_size} episodes "
            f"({setup.dist.world_size} process(es), per rank: {args.num_minibatches} minibatch(es) x "
-           f"{setup.gradient_accumulation_steps} micro-batch(es) of {setup.micro_batch_size}); TensorBoard: {setup.log_dir}")
+           f"{setup.gradient_accumulation_steps} micro-batch(es) of {setup.micro_batch_size}); "
+           f"TensorBoard: {setup.log_dir}")
     if resumed:
         return Progress(resumed["update"], resumed["kl_coef"], resumed["history"], resumed["timings"],
                         resumed["sft_metrics"], resumed["sft_golds"], resumed["eval_metrics"],

@@ -1,6 +1,6 @@
 """Speed benchmark of ppo.py's update loop against its floor (and, optionally, TRL's PPOTrainer).
 
-Config (issue 4): GPT-NeoX 4 layers x 256 hidden, random init, the toy tokenizer; batch 64, prompts of
+Config: GPT-NeoX 4 layers x 256 hidden, random init, the toy tokenizer; batch 64, prompts of
 16 tokens, responses of 32; 4 PPO epochs, 1 minibatch; fp32; 2 CPU threads.
 
 The floor is the sum of the raw parts of one update, each timed alone in this same run on the same

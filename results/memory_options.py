@@ -75,7 +75,7 @@ def build_models(workdir: str) -> tuple[str, str, int]:
 
 
 def tensor_bytes(t) -> int:
-    """Bytes a tensor holds; a torchao int8 weight (ppo.quantize_int8) counts its inner tensors, the int8 data
+    """Bytes a tensor holds; a torchao int8 weight (common.quantize_int8) counts its inner tensors, the int8 data
     and the per-row scales."""
     names = getattr(t, "tensor_data_names", None)
     if names:
@@ -94,6 +94,7 @@ def static_bytes(sft: str, rm: str, flags: list[str]) -> dict[str, int]:
     import torch
 
     import ppo
+    import common
     from common import load_causal_lm, load_reward_model, load_tokenizer
 
     args = ppo.parse_args(["--sft_model", sft, "--reward_model", rm, *flags])
@@ -118,8 +119,8 @@ def static_bytes(sft: str, rm: str, flags: list[str]) -> dict[str, int]:
         out[f"{name} gradients"] = sum(p.grad.numel() * p.grad.element_size() for p in trained)
         out[f"{name} optimizer"] = sum(v.numel() * v.element_size() for v in state)
     out["reference"] = 0 if args.lora_r else frozen_bytes(
-        ppo.load_frozen(load_causal_lm, sft, tokenizer, args.dtype, args.frozen_dtype))
-    rm_model = ppo.load_frozen(load_reward_model, rm, tokenizer, args.dtype, args.frozen_dtype)
+        common.load_frozen(load_causal_lm, sft, tokenizer, args.dtype, args.frozen_dtype))
+    rm_model = common.load_frozen(load_reward_model, rm, tokenizer, args.dtype, args.frozen_dtype)
     out["reward model"] = frozen_bytes(rm_model)
     return out
 

@@ -354,7 +354,7 @@ def frozen(model, args: ppo.Args):
     """A frozen model in --frozen_dtype, as ppo.load_frozen makes it (its dtype chosen at new_model): int8 weights
     with --frozen_dtype int8, by ppo.quantize_int8 (torchao's weight-only int8, which quantises fake tensors too)."""
     if args.frozen_dtype == "int8":
-        model = ppo.quantize_int8(model)
+        model = common.quantize_int8(model)
     return model.eval().requires_grad_(False)
 
 
@@ -381,33 +381,31 @@ def shard_frozen(model, args: ppo.Args, mesh):
 
 
 def build_models(make_config, args: ppo.Args, mesh, mode) -> ppo.Models:
-    """Policy and reference from the SFT model, RM and critic from the RM (here: the same config; no critic for a
-    critic-free --advantage_estimator), LoRA and gradient checkpointing as ppo.build_models applies them, every model
-    sharded over `mesh` (None, one process: none is), one fused AdamW over what trains. `mode`: the FakeTensorMode the tensors are made under (a null context
-    for real ones)."""
+    """Policy and reference from the SFT model, RM and critic from the RM (here: the same config), LoRA and gradient
+    checkpointing as ppo.build_models applies them, every model sharded over `mesh` (None, one process: none is),
+    one fused AdamW over what trains. `mode`: the FakeTensorMode the tensors are made under (a null context for
+    real ones)."""
     if args.value_head_on_policy or args.reward_fn is not None or len(args.reward_model) > 1:
-        raise SystemExit("the plan covers a separate critic (or none) and one reward model")
-    with_critic = args.advantage_estimator == "gae"
+        raise SystemExit("the plan covers a separate critic and one reward model")
     policy = new_model("causal", make_config(), args.dtype)
     # with LoRA there is no reference: it is the policy with its adapter off
     ref_policy = None if args.lora_r else new_model("causal", make_config(), frozen_dtype(args))
     rm_classifier = new_model("classifier", make_config(), frozen_dtype(args))
-    critic_classifier = new_model("classifier", make_config(), args.dtype) if with_critic else None
+    critic_classifier = new_model("classifier", make_config(), args.dtype)
     if args.lora_r:
-        policy = ppo.with_lora(policy, args)
+        policy = common.with_lora(policy, args)
     if args.gradient_checkpointing:
         for m in (policy, critic_classifier):
-            if m is not None:
-                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     with mode:
         policy = materialize(policy)
-        critic = ppo.ScalarModel(materialize(critic_classifier)) if with_critic else None
+        critic = ppo.ScalarModel(materialize(critic_classifier))
         ref_policy = frozen(materialize(ref_policy), args) if ref_policy is not None else None
         reward_model = ppo.ScalarModel(frozen(materialize(rm_classifier), args)).eval().requires_grad_(False)
         shard(policy.get_base_model() if args.lora_r else policy, mesh)  # LoRA: FSDP2's root is the HF model inside peft's
-        critic = shard(critic, mesh) if critic is not None else None
+        critic = shard(critic, mesh)
         ref_policy, reward_model = shard_frozen(ref_policy, args, mesh), shard_frozen(reward_model, args, mesh)
-        trainables = nn.ModuleDict({name: m for name, m in (("policy", policy), ("critic", critic)) if m is not None})
+        trainables = nn.ModuleDict({"policy": policy, "critic": critic})
         params = [p for p in trainables.parameters() if p.requires_grad]  # LoRA: the adapters only
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=args.adam_eps, weight_decay=args.weight_decay,
                                       fused=True)
@@ -470,7 +468,7 @@ def generate_phase(models: ppo.Models, args: ppo.Args, sizes: Sizes, tracker: Pe
     vocab, (B, P, T) = policy.config.vocab_size, (sizes.local, sizes.prompt, sizes.response)
     ids, mask = sequences(B, P + T, vocab)
     cache = TrackedCache(tracker, policy.config)
-    with torch.no_grad(), ppo.unsharded(policy):
+    with torch.no_grad(), common.unsharded(policy):
         out = policy(input_ids=ids[:, :P], attention_mask=mask[:, :P], position_ids=ppo.position_ids_from(mask[:, :P]),
                      past_key_values=cache, use_cache=True, logits_to_keep=1)  # the prefill
         torch.softmax(out.logits[:, -1].float() / args.temperature, -1)  # (B, V)
@@ -497,31 +495,14 @@ def score_phase(models: ppo.Models, args: ppo.Args, sizes: Sizes, tracker: PeakO
 
 
 def train_phase(models: ppo.Models, args: ppo.Args, sizes: Sizes, tracker: PeakOnly | None) -> None:
-    """ppo.main's PPO step on the last micro-batch of a minibatch (after the critic warm-up), then the optimizer step."""
+    """ppo.main's PPO step on the last micro-batch of a minibatch (after the critic warm-up): ppo.micro_batch_backward
+    itself, the forward, loss, backward and logged statistics of ppo.py, then the optimizer step."""
     query_responses, mask = sequences(sizes.micro, sizes.prompt + sizes.response, models.policy.config.vocab_size)
     responses = query_responses[:, sizes.prompt:]
-    T = sizes.response
-    response_mask = torch.ones_like(responses, dtype=torch.bool)
-    old_logprobs, old_values, advantages, returns, ref_logprobs = (torch.zeros(sizes.micro, T) for _ in range(5))
-    logits, values = ppo.train_forward(models, args, query_responses, mask, T)
-    new_logprobs = ppo.logprobs_from_logits(logits, responses)
-    how = {"aggregation": args.loss_aggregation, "max_length": args.response_length}  # how per-token losses average
-    pg_loss, _, ratio = ppo.policy_loss(new_logprobs, old_logprobs, advantages, response_mask, args.cliprange,
-                                        cliprange_high=args.cliprange_high, dual_clip=args.dual_clip, **how)
-    loss = pg_loss  # L = L_CLIP
-    if values is not None:  # ... + c_v * L_critic
-        vf_loss, _ = ppo.value_loss(values, old_values, returns, response_mask, args.cliprange_value, **how)
-        loss = loss + args.vf_coef * vf_loss
-    if not args.kl_in_reward:  # ... + beta * KL(pi || pi_ref)
-        kl = ppo.kl_estimate(new_logprobs, ref_logprobs, args.kl_loss_estimator)
-        loss = loss + args.kl_coef * ppo.aggregate_loss(kl, response_mask, **how)
-    if args.entropy_coef:  # ... - c_H * H
-        loss = loss - args.entropy_coef * ppo.aggregate_loss(ppo.entropy_from_logits(logits), response_mask, **how)
-    (loss / sizes.accumulation).backward()
-    with torch.no_grad():  # the statistics ppo.main logs for each micro-batch
-        ppo.approx_kl(new_logprobs, old_logprobs, response_mask)
-        ppo.masked_mean(ppo.entropy_from_logits(logits), response_mask)
-        ppo.masked_mean((ratio - ppo.masked_mean(ratio, response_mask)) ** 2, response_mask)
+    zeros = [torch.zeros(sizes.micro, sizes.response) for _ in range(5)]
+    rollout = ppo.Rollout(query_responses, mask, responses, torch.ones_like(responses, dtype=torch.bool), *zeros)
+    ppo.micro_batch_backward(models, args, rollout, torch.arange(sizes.micro), args.kl_coef, policy_moves=True,
+                             accumulation_steps=sizes.accumulation)
     optimizer_step(models, args)
 
 

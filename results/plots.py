@@ -31,7 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(os.path.dirname(HERE), "runs", "sweeps")
 FIGS = os.path.join(HERE, "figures")
 sys.path.insert(0, HERE)
-from sweep import ABLATIONS, ENSEMBLE_BETAS, ENSEMBLE_SIZES, ESTIMATORS, GAO_PAIRS, GOLD_REWARD, LOSS_DETAILS  # noqa: E402
+from sweep import (ABLATIONS, ENSEMBLE_BETAS, ENSEMBLE_SIZES, ESTIMATORS, GAO_PAIRS, GOLD_REWARD,  # noqa: E402
+                   GRPO_LOSS_DETAILS, LOSS_DETAILS)
 
 
 def save(fig, name: str) -> str:
@@ -130,7 +131,7 @@ def estimators_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
     """Equal episodes: the final evaluation. Equal wall time: each run's gold score at its last evaluation within
     the time of updates the fastest run took for all of its episodes."""
     budget = min(training_seconds(log)[-1][1] for seeds in runs.values() for log in seeds.values())
-    rows = ["| estimator | flags | seeds | gold score | gold win rate vs SFT | KL (nats) | episodes / s | "
+    rows = ["| estimator | script and flags | seeds | gold score | gold win rate vs SFT | KL (nats) | episodes / s | "
             f"gold score after {budget:.0f} s of updates | peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for name in [n for n in ESTIMATORS if n in runs]:
@@ -144,7 +145,7 @@ def estimators_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
         if memory:
             f["peak_rss_gib"] = memory["peak_rss_gib"]
             rss = f"{memory['peak_rss_gib']:.3f}"
-        rows.append(f"| {name} | `{' '.join(ESTIMATORS[name]) or '(default)'}` | {len(f['gold'])} | {pm(f['gold'])} "
+        rows.append(f"| {name} | `{' '.join(ESTIMATORS[name])}` | {len(f['gold'])} | {pm(f['gold'])} "
                     f"| {pm(f['win'])} | {pm(f['kl'], 2)} | {pm(f['eps'], 0)} | {pm(f['gold_equal_time'])} | {rss} |")
     return "\n".join(rows), summary
 
@@ -525,6 +526,15 @@ def main() -> None:
                 "|---|---|---|---|---|---|---|",
                 f"| **default** (estimators/gae) | | {len(gae['gold'])} | {pm(gae['gold'])} | | {pm(gae['win'])} | {pm(gae['kl'], 2)} |"]
         blocks["loss_details"] = "\n".join(rows + flag_rows(loss_details, LOSS_DETAILS, gae, "loss_details", summary))
+    grpo_details = runs_of("grpo_loss_details")
+    if grpo_details and "grpo" in estimators:  # grpo.py's default flags: the estimators group's grpo runs
+        grpo = finals(estimators["grpo"])
+        rows = ["| variant | flag | seeds | gold score | Δ gold vs grpo.py's default | gold win rate vs SFT | KL (nats) |",
+                "|---|---|---|---|---|---|---|",
+                f"| **default** (estimators/grpo) | | {len(grpo['gold'])} | {pm(grpo['gold'])} | | {pm(grpo['win'])} "
+                f"| {pm(grpo['kl'], 2)} |"]
+        blocks["grpo_loss_details"] = "\n".join(rows + flag_rows(grpo_details, GRPO_LOSS_DETAILS, grpo,
+                                                                  "grpo_loss_details", summary))
     gold_reward = runs_of("gold_reward")
     if gold_reward:
         rows = ["| reward, β | flags | seeds | gold score | gold win rate vs SFT | KL (nats) |", "|---|---|---|---|---|---|"]

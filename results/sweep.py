@@ -1,12 +1,13 @@
-"""Runs every experiment behind results/README.md: the beta sweep, the ablations and the RM-size study; and
-(issue 17) the advantage estimators, the loss details, PPO against the gold scorer, and RM ensembles.
+"""Runs every experiment behind results/README.md: the beta sweep, the ablations and the RM-size study; the advantage
+estimators (ppo.py's GAE against grpo.py's GRPO, RLOO and REINFORCE++), the loss details, PPO against the gold
+scorer, and RM ensembles.
 
     python results/sweep.py                        # all groups, 2 runs at a time with 1 thread each
     python results/sweep.py --groups beta --jobs 1 --threads 2
     python results/plots.py                        # then: tables and figures from the TensorBoard logs
 
 Prerequisite: the default pipeline (`python pipeline.py`), whose models/sft and models/rm every PPO run
-starts from. Each run is a plain `python ppo.py ...` (or `train_rm.py`) command; its TensorBoard log goes
+starts from. Each run is a plain `python ppo.py ...` (or `grpo.py`, `train_rm.py`) command; its TensorBoard log goes
 to runs/sweeps/<group>/<name>_s<seed> and its output dir to sweeps/<group>/<name>_s<seed>. A run whose
 eval_results.json already exists is skipped, and a run interrupted after a checkpoint continues from it
 (--resume), so an interrupted sweep resumes where it stopped.
@@ -44,22 +45,27 @@ ABLATIONS = {
     "ppo_epochs_1": ["--num_ppo_epochs", "1"],
 }
 RM_PAIRS = (3000, 10000, 30000)  # "all" (240000) is the default RM
-# the estimators at the default episodes; the group methods sample each prompt 4 times (batch: 16 prompts x 4).
-# GRPO as Shao et al. 2024: the KL as a k3 loss term; RLOO and REINFORCE++ keep it in the reward, as their papers
+# the estimators at the default episodes: GAE is ppo.py, the critic-free ones grpo.py, whose group methods sample each
+# prompt 4 times (batch: 16 prompts x 4). GRPO as Shao et al. 2024: the KL as a k3 loss term (grpo.py's defaults);
+# RLOO and REINFORCE++ keep it in the reward, as their papers. Each flag list starts with its script.
 ESTIMATORS = {
-    "gae": [],
-    "grpo": ["--advantage_estimator", "grpo", "--samples_per_prompt", "4", "--no_kl_in_reward", "--kl_loss_estimator", "k3"],
-    "rloo": ["--advantage_estimator", "rloo", "--samples_per_prompt", "4"],
-    "reinforce_pp": ["--advantage_estimator", "reinforce_pp"],
+    "gae": ["ppo.py"],
+    "grpo": ["grpo.py", "--advantage_estimator", "grpo", "--samples_per_prompt", "4"],
+    "rloo": ["grpo.py", "--advantage_estimator", "rloo", "--samples_per_prompt", "4", "--kl_in_reward"],
+    "reinforce_pp": ["grpo.py", "--advantage_estimator", "reinforce_pp", "--samples_per_prompt", "1", "--kl_in_reward"],
 }
-# one loss detail each on top of the default (token_mean aggregation is the default: the beta group's beta0.05 rows)
+# one loss detail each on top of ppo.py's default (the estimators group's gae runs have the default flags)
 LOSS_DETAILS = {
-    "cliprange_high0.28": ["--cliprange_high", "0.28"],
     "dual_clip3": ["--dual_clip", "3"],
     "entropy0.01": ["--entropy_coef", "0.01"],
+    "critic_warmup5": ["--critic_warmup_updates", "5"],
+}
+# the loss details that came with the critic-free family, on top of grpo.py's default (the estimators group's grpo
+# runs). Before the split they ran on ppo.py, with its critic (commit 787c9cb; results/README.md says so)
+GRPO_LOSS_DETAILS = {
+    "cliprange_high0.28": ["--cliprange_high", "0.28"],
     "seq_mean_token_mean": ["--loss_aggregation", "seq_mean_token_mean"],
     "seq_mean_token_sum_norm": ["--loss_aggregation", "seq_mean_token_sum_norm"],
-    "critic_warmup5": ["--critic_warmup_updates", "5"],
 }
 # PPO against the gold scorer itself (the perfect RM) vs the learned RM; the critic starts from SFT in all four,
 # since a reward function has no weights to copy
@@ -83,7 +89,8 @@ MEMORY_EPISODES = 1280
 # the beta, estimator, gold-reward and ensemble runs evaluate every 20 updates for curves (over episodes and wall time),
 # the gao runs every 5; the others at the end
 EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"], "rm_size": ["--eval_every", "0"],
-              "estimators": ["--eval_every", "20"], "loss_details": ["--eval_every", "0"], "gold_reward": ["--eval_every", "20"],
+              "estimators": ["--eval_every", "20"], "loss_details": ["--eval_every", "0"],
+              "grpo_loss_details": ["--eval_every", "0"], "gold_reward": ["--eval_every", "20"],
               "ensembles": ["--eval_every", "20"], "gao": ["--eval_every", "5"],
               "estimators_memory": ["--eval_every", "0"], "ensembles_cost": ["--eval_every", "0"]}
 
@@ -92,7 +99,7 @@ EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"]
 class Args:
     groups: list[str] = field(default_factory=lambda: ["beta", "ablations", "rm_size"])
     """which experiment groups to run: beta, ablations, rm_size, estimators, estimators_memory, loss_details,
-    gold_reward, gao, ensembles, ensembles_cost"""
+    grpo_loss_details, gold_reward, gao, ensembles, ensembles_cost"""
     jobs: int = 2
     """runs at a time"""
     threads: int = 1
@@ -105,9 +112,12 @@ class Args:
     """print the commands only"""
 
 
-def ppo_run(args: Args, group: str, name: str, seed: int, flags: list[str]) -> tuple[str, list[str]]:
+def ppo_run(args: Args, group: str, name: str, seed: int, flags: list[str], script: str = "ppo.py"):
+    """(output dir, command) of one run of ppo.py, or of grpo.py; flags may start with the script's name."""
+    if flags and flags[0].endswith(".py"):
+        script, flags = flags[0], flags[1:]
     out = f"{args.out_dir}/{group}/{name}_s{seed}"
-    return out, [sys.executable, "ppo.py", "--output_dir", out, "--run_name", f"sweeps/{group}/{name}_s{seed}",
+    return out, [sys.executable, script, "--output_dir", out, "--run_name", f"sweeps/{group}/{name}_s{seed}",
                  "--seed", str(seed), *EVAL_EVERY[group], *flags]
 
 
@@ -126,7 +136,8 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
     if "rm_size" in args.groups:
         stages.append([ppo_run(args, "rm_size", f"pairs{n}", s, ["--reward_model", f"{args.out_dir}/rm_size/rm_{n}"])
                        for n in RM_PAIRS for s in args.rm_size_seeds])
-    for group, runs in (("estimators", ESTIMATORS), ("loss_details", LOSS_DETAILS), ("gold_reward", GOLD_REWARD)):
+    for group, runs in (("estimators", ESTIMATORS), ("loss_details", LOSS_DETAILS), ("gold_reward", GOLD_REWARD),
+                        ("grpo_loss_details", {n: ["grpo.py", *f] for n, f in GRPO_LOSS_DETAILS.items()})):
         if group in args.groups:
             stages.append([ppo_run(args, group, n, s, f) for n, f in runs.items() for s in args.seeds])
     if "estimators_memory" in args.groups:  # peak RSS is per process: runs side by side do not change it

@@ -1,4 +1,4 @@
-"""The over-optimisation analysis (issue 17): best-of-n's expected score from a pool of samples
+"""The over-optimisation analysis: best-of-n's expected score from a pool of samples
 (results/best_of_n.py) and the least-squares fits of Gao et al. 2022's forms (results/plots.py)."""
 
 import itertools

@@ -1,5 +1,5 @@
 """Every sampling call samples from plain softmax(logits / T), the distribution ppo.policy_forward's logprobs
-model, whatever the model's generation_config.json says (issue 14, point 1).
+model, whatever the model's generation_config.json says.
 
 transformers 5.x fills every field a generate() call leaves unset from model.generation_config, so a shipped
 repetition_penalty (Qwen2.5-Instruct), top_k, min_new_tokens, ... would reshape PPO's rollouts while the ratio
@@ -26,7 +26,7 @@ import sft
 import toy_task
 import train_rm
 
-# the sampling fields of Qwen2.5-0.5B-Instruct's generation_config.json (issue 14)
+# the sampling fields of Qwen2.5-0.5B-Instruct's generation_config.json
 QWEN = {"do_sample": True, "repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.8, "top_k": 20}
 # GenerationConfig field -> a value that is not neutral (transformers 5.23: GenerationMixin._get_logits_processor,
 # GenerationConfig.get_generation_mode, _get_stopping_criteria, generate)

@@ -1,4 +1,4 @@
-"""A local dataset dir always loads its current files (issue 14, point 3).
+"""A local dataset dir always loads its current files.
 
 datasets 5.2 caches a dir with a README `configs:` block under the dir's name and that block only: a second
 dir of the same name got the first one's rows, and edited files were not seen. Without the block it keys by

@@ -1,4 +1,4 @@
-"""The math the other tests leave open (issue 15): each function against hand-computed values or an
+"""The math the other tests leave open: each function against hand-computed values or an
 independent computation. In-process, tiny models, one torch thread; the whole file runs in seconds."""
 
 import json

@@ -1,4 +1,4 @@
-"""Real data and real tokenizers (issue 14): the hh-rlhf preset on real HH-RLHF rows with the real Pythia
+"""Real data and real tokenizers: the hh-rlhf preset on real HH-RLHF rows with the real Pythia
 tokenizer, the one policy for rows that cannot be used, prompts cut to length behind their BOS or chat
 header (the RM's normalisation prompts too), and the RM's end token when PPO re-tokenises for it.
 

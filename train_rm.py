@@ -263,13 +263,14 @@ def learning_rate_at(step: int, total_steps: int, args: Args) -> float:
     """The learning rate after `step` completed steps: linear warm-up, then decay to 0 (Huang et al. 2024: cosine).
 
     lr(s) = lr * (s + 1) / warmup                  for s < warmup
-    lr(s) = lr * 0.5 * (1 + cos(pi * p))           cosine,   p = (s - warmup) / max(1, total_steps - warmup)
+    lr(s) = lr * 0.5 * (1 + cos(pi * p))           cosine,   p = min(1, (s - warmup) / max(1, total_steps - warmup))
     lr(s) = lr * (1 - p)                           linear
     lr(s) = lr                                     constant
     """
     if step < args.warmup_steps:
         return args.learning_rate * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    # capped at 1: a step past total_steps keeps the last rate (0 for cosine and linear), as sft.py's schedule does
+    progress = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
     if args.lr_schedule == "cosine":
         return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
     if args.lr_schedule == "linear":

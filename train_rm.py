@@ -16,8 +16,9 @@ the statistics are stored in the saved config; see "THE NORMALISATION CONTRACT" 
 
 The file reads top to bottom: `Args`; the equations (ALGO LOGIC: one small function each); the model and data
 helpers they use; `main()`, the method itself; then, under TRY NOT TO MODIFY, the plumbing that main() calls in
-one line each (checks, data loading, model building, resume and checkpoints, logging, evaluation, the report)
-and the presets.
+one line each (checks, model building, resume and checkpoints, logging, evaluation, the report) and the command
+line. Reading the preference data (prompt/chosen/rejected columns, whole dialogues, chat messages) into token ids
+is common.py's (load_preference_split, which a DPO script calls the same way), as are the presets' (presets.py).
 
 Implementation details, each marked by a comment where it happens:
 - `pad_token_id` in the model config, a pad token distinct from EOS (common.load_reward_model);
@@ -34,10 +35,7 @@ Implementation details, each marked by a comment where it happens:
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -54,19 +52,20 @@ from common import (
     args_json,
     catch_signals,
     check_flags,
-    check_messages,
     check_model_dir,
-    check_texts,
-    check_unknown_tokens,
-    drop_unusable,
+    check_same_tokenizer,
     end_of_turn_tokens,
     exit_preempted,
     fit_prompts,
     fsdp_wrap,
+    group_by_length,
     latest_checkpoint,
+    load_bayes_ceiling,
     load_causal_lm,
     load_checkpoint,
     load_dataset,
+    load_normalisation_prompts,
+    load_preference_split,
     load_reward_model,
     load_tokenizer,
     prepare_output,
@@ -79,6 +78,7 @@ from common import (
     seed_everything,
     setup_distributed,
     teardown_distributed,
+    tensorboard_writer,
 )
 
 
@@ -360,31 +360,13 @@ def pairs_by_prompt(prompts: list[str]) -> list[list[int]]:
     return list(by_prompt.values())
 
 
-def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
-                    batches_per_group: int = 50) -> list[int]:
-    """Reorder a shuffled index list so that each batch holds pairs of similar length (as sft.py does).
-
-    Cut `order` into groups of batches_per_group batches, sort each group by length, cut it into batches
-    and shuffle the batches. Batches stay random but pad far less: a batch costs as much as its longest pair.
-    """
-    chunk = batch_size * batches_per_group
-    batches = []
-    for start in range(0, len(order), chunk):
-        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])
-        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
-    full = [b for b in batches if len(b) == batch_size]  # the ragged tail batches go last, to be dropped
-    ragged = [b for b in batches if len(b) < batch_size]
-    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-    return [i for b in shuffled + ragged for i in b]
-
-
 def pair_batches(prompt_groups: list[list[int]], pairs: dict, steps_per_epoch: int, args: Args):
     """Global batches of args.batch_size pair indices, epoch after epoch (a generator).
 
     Each epoch: the prompt groups in a random order, each group's pairs next to each other; with
-    --group_by_length, batches of similar length (group_by_length); the last partial batch dropped, so that every
-    rank gets an equal share. Every rank draws the same order (one generator seeded with args.seed), so a resumed
-    run finds its place by replaying the batches before its checkpoint.
+    --group_by_length, batches of similar length (common.group_by_length); the last partial batch dropped, so that
+    every rank gets an equal share. Every rank draws the same order (one generator seeded with args.seed), so a
+    resumed run finds its place by replaying the batches before its checkpoint.
     """
     lengths = [0] * len(pairs["chosen_ids"])  # a group's longest sequence, for all its pairs: sorting keeps it whole
     for group in prompt_groups:
@@ -534,8 +516,8 @@ def main(args: Args) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: everything below is plumbing that main() calls in one line each: the run's setup and
-# checks, data loading, model building, resume and checkpoints, logging, evaluation and the final report, the
-# presets and the command line.
+# checks (the data: common.load_preference_split), model building, resume and checkpoints, logging, evaluation
+# and the final report, the command line.
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
@@ -553,7 +535,7 @@ class Setup:
     bayes_ceiling: float | None
     tokenizer: object  # the RM's, padding on the right
     policy_tokenizer: object  # the SFT policy's, padding on the left (None without --normalize)
-    train: dict  # load_split's: chosen_ids, rejected_ids, prompt, margin
+    train: dict  # load_preference_split's: chosen_ids, rejected_ids, prompt, margin
     val: dict | None
     normalisation_ids: list[list[int]] | None  # the normalisation prompts, as the policy's token ids
     stop_ids: list[int]  # a normalisation response ends at any of these (EOS, a chat template's end-of-turn)
@@ -590,42 +572,6 @@ def check_args(args: Args) -> None:
                               "max_dropped_fraction"))
 
 
-def check_same_tokenizer(policy_tokenizer, rm_tokenizer, policy_path: str, rm_path: str) -> None:
-    """The policy's token ids go straight into the RM (here and in ppo.py): same vocabulary, same pad/EOS ids.
-
-    Comparing the full token -> id maps (not just the size) catches a different tokenizer of equal size;
-    pad and EOS must agree because the RM finds the last real token by pad_token_id and reads its reward at
-    the EOS. Only checked when it matters: when normalisation samples from a policy.
-    """
-    same = (policy_tokenizer.get_vocab() == rm_tokenizer.get_vocab()
-            and policy_tokenizer.pad_token_id == rm_tokenizer.pad_token_id
-            and policy_tokenizer.eos_token_id == rm_tokenizer.eos_token_id)
-    if not same:
-        raise SystemExit(f"tokenizer of the SFT policy '{policy_path}' differs from the reward model's "
-                         f"('{rm_path}'): the policy's token ids would be fed to the RM; start the RM from the "
-                         "SFT checkpoint or pass --sft_model_for_normalisation with the same tokenizer")
-
-
-def load_bayes_ceiling(args: Args) -> float | None:
-    """The best accuracy any RM can reach on the data (the toy task writes it), to compare with: from
-    --bayes_ceiling_file, else {dataset}/bayes_ceiling.json if it exists, else None."""
-    ceiling_file = args.bayes_ceiling_file
-    if ceiling_file is None and os.path.isfile(os.path.join(args.dataset, "bayes_ceiling.json")):
-        ceiling_file = os.path.join(args.dataset, "bayes_ceiling.json")
-    if ceiling_file is not None and not os.path.isfile(ceiling_file):
-        raise SystemExit(f"--bayes_ceiling_file '{ceiling_file}' does not exist")
-    bayes_ceiling = None
-    if ceiling_file is not None:
-        try:
-            with open(ceiling_file) as f:
-                bayes_ceiling = json.load(f).get("bayes_accuracy")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            bayes_ceiling = None
-        if not isinstance(bayes_ceiling, float):
-            raise SystemExit(f"'{ceiling_file}' has no number \"bayes_accuracy\"; pass --bayes_ceiling_file None")
-    return bayes_ceiling
-
-
 def set_up(args: Args) -> Setup:
     """Check every flag, start the processes, derive the sizes, check the models and the output dirs, read and
     tokenize the pairs and the normalisation prompts: everything that can fail, before any model is loaded."""
@@ -645,7 +591,7 @@ def set_up(args: Args) -> Setup:
     inputs = {"model": args.model_name_or_path, "SFT model": sft_path, "dataset": args.dataset,
               "prompt dataset": args.prompt_dataset, "Bayes ceiling file": args.bayes_ceiling_file}
     prepare_output(args.output_dir, checkpoint_dir, "rm", inputs, args.resume, args.overwrite, args_json(args), d.world_size)
-    bayes_ceiling = load_bayes_ceiling(args)
+    bayes_ceiling = load_bayes_ceiling(args.bayes_ceiling_file, args.dataset)
 
     tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", add_pad_token=args.add_pad_token)
     policy_tokenizer = None
@@ -653,8 +599,8 @@ def set_up(args: Args) -> Setup:
         policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)  # for generation
         check_same_tokenizer(policy_tokenizer, tokenizer, sft_path, args.model_name_or_path)
     dataset = load_dataset(args.dataset)
-    train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs, args.bootstrap)
-    val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
+    train = load_preference_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs, args.bootstrap)
+    val = load_preference_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
     # the normalisation prompts are read now, so that a bad --prompt_dataset fails before training, not after it
     chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
     normalisation_ids = None
@@ -676,172 +622,6 @@ def set_up(args: Args) -> Setup:
     run_name = args.run_name or f"rm__{args.seed}__{int(time.time())}"
     return Setup(d, pairs_per_rank, micro_batch_size, gradient_accumulation_steps, steps_per_epoch, total_steps, sft_path,
                  checkpoint_dir, run_name, bayes_ceiling, tokenizer, policy_tokenizer, train, val, normalisation_ids, stop_ids)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: every format becomes (prompt, chosen completion, rejected completion) texts, then token ids
-# ----------------------------------------------------------------------------------------------
-def split_implicit_prompt_pair(chosen: str, rejected: str, marker: str = "\n\nAssistant:") -> tuple[str, str, str]:
-    """prompt = the longest common prefix of chosen and rejected, cut just after its last `marker`.
-
-    Anthropic HH stores whole dialogues: "\\n\\nHuman: ... \\n\\nAssistant: ...". Returns
-    (prompt, chosen_completion, rejected_completion) with prompt + completion == the original text.
-    Raises ValueError when the shared prefix holds no marker.
-    """
-    common = os.path.commonprefix([chosen, rejected])
-    cut = common.rfind(marker)
-    if cut < 0:
-        raise ValueError(f"chosen and rejected share no {marker!r}: cannot tell where the prompt ends")
-    end = cut + len(marker)
-    return chosen[:end], chosen[end:], rejected[end:]
-
-
-def render_conversation(tokenizer, prompt_messages: list[dict], completion_messages: list[dict]) -> tuple[str, str]:
-    """(prompt text ending in the generation prompt, completion text) from the chat template."""
-    prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt_messages + completion_messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise SystemExit("the chat template renders the prompt differently with and without the completion; "
-                         "use --dataset_format standard with pre-rendered texts")
-    return prompt, full[len(prompt):].rstrip()  # ends at the end-of-turn token, where ppo.py's responses stop
-
-
-def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None, bootstrap: bool = False) -> dict:
-    """Check the columns, convert to prompt/completion texts, tokenize; `bootstrap`: resample the rows with
-    replacement (bagging, Breiman 1996), the same draw on every rank. Returns a dict of lists:
-    chosen_ids / rejected_ids (prompt + completion + EOS, token ids), prompt (texts), margin (floats or None).
-    """
-    if split not in dataset:
-        raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(dataset)}); "
-                         f"pass --{'train' if split == args.train_split else 'eval'}_split NAME")
-    data = dataset[split]
-    needed = {"chosen_column": args.chosen_column, "rejected_column": args.rejected_column}
-    if args.dataset_format == "standard":
-        needed["prompt_column"] = args.prompt_column
-    if args.margin_column is not None:
-        needed["margin_column"] = args.margin_column
-    for flag, column in needed.items():
-        if column not in data.column_names:
-            hint = ""
-            if flag == "prompt_column" and isinstance(data[0][args.chosen_column], str) \
-                    and args.implicit_prompt_marker in data[0][args.chosen_column]:
-                hint = " (whole dialogues in chosen/rejected? use --dataset_format implicit_prompt)"
-            raise SystemExit(f"dataset '{args.dataset}' split '{split}' has no column '{column}' "
-                             f"(it has: {', '.join(data.column_names)}); pass --{flag} NAME{hint}")
-    if max_pairs is not None and max_pairs < len(data):
-        data = data.shuffle(seed=args.seed).select(range(max_pairs))  # a random subset, the same on every rank
-    if bootstrap:  # n rows drawn with replacement from the n rows
-        data = data.select(torch.randint(len(data), (len(data),), generator=torch.Generator().manual_seed(args.seed)).tolist())
-
-    # list(): indexing a datasets Column one row at a time costs ~30 us a row (25 s for 90k pairs)
-    chosen_raw, rejected_raw = list(data[args.chosen_column]), list(data[args.rejected_column])
-    where = f"dataset '{args.dataset}' split '{split}'"
-    margins = None
-    if args.margin_column is not None:
-        margins = list(data[args.margin_column])
-        bad = [i for i, m in enumerate(margins) if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)]
-        if bad:
-            raise SystemExit(f"{where}: row {bad[0]}: column '{args.margin_column}' is {margins[bad[0]]!r}, not a "
-                             f"finite number ({len(bad)} rows); fix or remove them")
-        margins = [float(m) for m in margins]
-    if args.dataset_format == "standard":
-        if isinstance(chosen_raw[0], list):
-            raise SystemExit(f"column '{args.chosen_column}' holds lists of messages, not text; "
-                             "they need --dataset_format conversational")
-        prompts = list(data[args.prompt_column])
-        for column, texts in ((args.prompt_column, prompts), (args.chosen_column, chosen_raw), (args.rejected_column, rejected_raw)):
-            check_texts(texts, column, where)
-        chosen = [args.separator + c for c in chosen_raw]
-        rejected = [args.separator + r for r in rejected_raw]
-    elif args.dataset_format == "implicit_prompt":
-        check_texts(chosen_raw, args.chosen_column, where)
-        check_texts(rejected_raw, args.rejected_column, where)
-        prompts, chosen, rejected = [], [], []
-        for c, r in zip(chosen_raw, rejected_raw):
-            try:
-                p, c, r = split_implicit_prompt_pair(c, r, args.implicit_prompt_marker)
-            except ValueError:
-                p = None  # dropped below
-            prompts.append(p), chosen.append(c), rejected.append(r)
-    else:  # conversational
-        if tokenizer.chat_template is None:
-            raise SystemExit(f"the tokenizer of '{args.model_name_or_path}' has no chat template, "
-                             "which --dataset_format conversational needs")
-        # an explicit prompt of messages; a text prompt (UltraFeedback's) repeats the first turn of chosen
-        explicit_prompt = args.prompt_column in data.column_names and isinstance(data[0][args.prompt_column], list)
-        prompt_raw = list(data[args.prompt_column]) if explicit_prompt else None
-        prompts, chosen, rejected = [], [], []
-        for i, (c, r) in enumerate(zip(chosen_raw, rejected_raw)):
-            for column, messages in ((args.chosen_column, c), (args.rejected_column, r),
-                                     *([(args.prompt_column, prompt_raw[i])] if explicit_prompt else [])):
-                check_messages(messages, f"{where}: row {i}: '{column}'")
-            if explicit_prompt:  # prompt: [user, ...], chosen/rejected: [assistant]
-                prompt_messages = prompt_raw[i]
-            else:  # whole conversations that differ in their last (assistant) message
-                if c[:-1] != r[:-1]:
-                    raise SystemExit(f"row {i} of split '{split}': chosen and rejected differ before their last "
-                                     "message; pass the shared turns in --prompt_column")
-                prompt_messages, c, r = c[:-1], c[-1:], r[-1:]
-            p, c_text = render_conversation(tokenizer, prompt_messages, c)
-            _, r_text = render_conversation(tokenizer, prompt_messages, r)
-            prompts.append(p), chosen.append(c_text), rejected.append(r_text)
-
-    # Drop the pairs that cannot be used or carry no preference (common.drop_unusable: the same policy in
-    # every stage); many of them means wrong columns or format.
-    reasons = ["without the prompt marker" if p is None else "with an empty prompt" if not p.strip() else
-               "with an empty chosen" if not c.strip() else "with an empty rejected" if not r.strip() else
-               "with chosen == rejected" if c == r else None for p, c, r in zip(prompts, chosen, rejected)]
-    keep = drop_unusable(reasons, where, args.max_dropped_fraction)
-
-    # Tokenize prompt + completion, then EOS (Huang et al. 2024: the reward is read at the EOS token).
-    # A text that already ends in EOS (TL;DR's "<|endoftext|>") or in the chat template's end-of-turn
-    # token gets no EOS after it: the reward is read there, where ppo.py's responses end.
-    special = args.dataset_format != "conversational"  # chat templates add their own BOS
-    eos = tokenizer.eos_token_id
-    stops = {eos, *(end_of_turn_tokens(tokenizer) if args.dataset_format == "conversational" else [])}
-
-    def encode(texts):
-        ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
-        return [x if x and x[-1] in stops else x + [eos] for x in ids]
-
-    chosen_texts = [prompts[i] + chosen[i] for i in keep]
-    rejected_texts = [prompts[i] + rejected[i] for i in keep]
-    distinct = list(dict.fromkeys(chosen_texts + rejected_texts))  # a completion ranked with k others: once
-    ids = dict(zip(distinct, encode(distinct)))
-    chosen_ids, rejected_ids = [ids[t] for t in chosen_texts], [ids[t] for t in rejected_texts]
-    check_unknown_tokens(list(ids.values()), tokenizer, where)
-    fits = [j for j in range(len(keep)) if max(len(chosen_ids[j]), len(rejected_ids[j])) <= args.max_length]
-    if not fits:
-        raise SystemExit(f"split '{split}': every pair is longer than --max_length {args.max_length} tokens")
-    if len(fits) < len(keep):
-        print0(f"{split}: dropped {len(keep) - len(fits)} pairs longer than {args.max_length} tokens")
-    return {
-        "chosen_ids": [chosen_ids[j] for j in fits],
-        "rejected_ids": [rejected_ids[j] for j in fits],
-        "prompt": [prompts[keep[j]] for j in fits],
-        "margin": [margins[keep[j]] for j in fits] if margins is not None else None,
-    }
-
-
-def load_normalisation_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
-    """Normalisation prompts: the prompt dataset if given, else the preference train prompts; deduplicated,
-    shuffled with the seed, the first num_normalisation_prompts."""
-    if args.prompt_dataset is None:
-        prompts = pref_prompts
-    else:
-        data = load_dataset(args.prompt_dataset, "prompt dataset")
-        if args.prompt_dataset_split not in data:
-            raise SystemExit(f"prompt dataset '{args.prompt_dataset}' has no split '{args.prompt_dataset_split}' "
-                             f"(it has: {', '.join(data)}); pass --prompt_dataset_split NAME")
-        data = data[args.prompt_dataset_split]
-        if args.prompt_dataset_column not in data.column_names:
-            raise SystemExit(f"prompt dataset '{args.prompt_dataset}' has no column '{args.prompt_dataset_column}' "
-                             f"(it has: {', '.join(data.column_names)}); pass --prompt_dataset_column NAME")
-        prompts = list(data[args.prompt_dataset_column])
-        check_texts(prompts, args.prompt_dataset_column, f"prompt dataset '{args.prompt_dataset}'")
-    prompts = list(dict.fromkeys(prompts))
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    return [prompts[i] for i in order[: args.num_normalisation_prompts]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -874,12 +654,7 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
         state = load_checkpoint(latest, models.model, models.optimizer)
         progress, resumed = Progress(state["step"], state["run_name"], state["val_metrics"], state["history"]), True
         print0(f"resumed from {latest} (step {progress.start_step} of {setup.total_steps})")
-    writer = None
-    if setup.d.is_main:  # on resume, drop the events a killed run logged after its last checkpoint
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(f"runs/{progress.run_name}", purge_step=progress.start_step + 1 if resumed else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    writer = tensorboard_writer(setup.d.is_main, progress.run_name, asdict(args), progress.start_step if resumed else None)
     return progress, writer
 
 

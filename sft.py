@@ -248,7 +248,8 @@ def train_batches(pairs: list, batch_size: int, steps_per_epoch: int, seed: int,
 
 def cosine_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate of step s: the optimizer's rate times cosine_with_warmup(s)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps))
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +292,8 @@ def main(args: Args) -> dict:
         # over processes and accumulation steps (the gradient-accumulation loss bug fixed in transformers
         # 4.46 came from averaging per micro-batch instead). x world_size undoes FSDP's gradient averaging.
         local_targets = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro_batches)
-        (num_targets,) = all_reduce_sum(torch.tensor([float(local_targets)], dtype=torch.float64, device=device)).tolist()
+        (num_targets,) = all_reduce_sum(
+            torch.tensor([float(local_targets)], dtype=torch.float64, device=device)).tolist()
         step_nll = 0.0
         for j, mb in enumerate(micro_batches):
             if world_size > 1:  # reduce-scatter gradients once per optimizer step, on the last micro-batch
@@ -302,7 +304,8 @@ def main(args: Args) -> dict:
             step_nll += nll.item()
         step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this step
-        totals = torch.tensor([float(v) for v in (step_nll, step_tokens, signals["stop"])], dtype=torch.float64, device=device)
+        totals = torch.tensor([float(v) for v in (step_nll, step_tokens, signals["stop"])], dtype=torch.float64,
+                              device=device)
         step_nll, step_tokens, stop = all_reduce_sum(totals).tolist()
         train_loss = step_nll / num_targets
         # gradient clipping on the global norm (a DTensor under FSDP2); with no clipping, just measure it
@@ -316,8 +319,9 @@ def main(args: Args) -> dict:
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints
         progress.train_loss, progress.tokens_seen = train_loss, progress.tokens_seen + step_tokens
-        write_scalars(writer, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm, "charts/epoch": epoch,
-                               "charts/tokens_per_sec": progress.tokens_seen / (time.time() - train_start)}, step)
+        tokens_per_sec = progress.tokens_seen / (time.time() - train_start)
+        write_scalars(writer, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                               "charts/epoch": epoch, "charts/tokens_per_sec": tokens_per_sec}, step)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{progress.val_loss:.3f}", epoch=epoch)
         if step % args.eval_every == 0 or step == setup.total_steps:
             run_eval(step, args, setup, models, progress, writer)
@@ -421,7 +425,8 @@ def stop_if_diverged(values: dict[str, float], step: int, checkpoint_dir: str) -
     for name, value in values.items():
         if not math.isfinite(value):  # all-reduced values, the same on every rank: all stop together
             raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimizer step; last good "
-                             f"checkpoint: {latest_checkpoint(checkpoint_dir) or 'none'}. Lower --learning_rate or check the data")
+                             f"checkpoint: {latest_checkpoint(checkpoint_dir) or 'none'}. Lower --learning_rate or "
+                             "check the data")
 
 
 # The model
@@ -468,7 +473,8 @@ def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup
                  progress: Progress) -> None:
     """A checkpoint every --checkpoint_every steps, at the end, and when a signal came; then, for a signal, exit."""
     if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.total_steps or stop:
-        state = {"step": step, "args": args_json(args), "run_name": setup.run_name, "scheduler": models.scheduler.state_dict(),
+        state = {"step": step, "args": args_json(args), "run_name": setup.run_name,
+                 "scheduler": models.scheduler.state_dict(),
                  "initial_val_loss": progress.initial_val_loss, "val_loss": progress.val_loss,
                  "train_loss": progress.train_loss, "tokens_seen": progress.tokens_seen}
         path = save_checkpoint(setup.checkpoint_dir, step, models.model, models.optimizer, state, "sft")
@@ -588,8 +594,8 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
         "world_size": world_size,
         "run_name": setup.run_name,
     }
-    write_scalars(writer, {f"eval/{k}": metrics[k] for k in ("eos_rate", "eval_fn_mean", "eval_fn_and_eos")
-                           if metrics[k] is not None}, setup.total_steps)
+    final = {f"eval/{k}": metrics[k] for k in ("eos_rate", "eval_fn_mean", "eval_fn_and_eos") if metrics[k] is not None}
+    write_scalars(writer, final, setup.total_steps)
     if writer is not None:
         writer.add_text("final_samples", samples_markdown(prompts[:16], texts[:16], ended[:16]), setup.total_steps)
 

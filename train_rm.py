@@ -91,7 +91,8 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     dataset: str = "toy_data/prefs"
     """preference dataset: a hub name or a local dir that `datasets.load_dataset` reads"""
     dataset_format: Literal["standard", "implicit_prompt", "conversational"] = "standard"
-    """standard: prompt/chosen/rejected texts; implicit_prompt: whole dialogues sharing a prompt (Anthropic HH); conversational: lists of {role, content} messages, rendered with the chat template"""
+    """standard: prompt/chosen/rejected texts; implicit_prompt: whole dialogues sharing a prompt (Anthropic HH);
+    conversational: lists of {role, content} messages, rendered with the chat template"""
     train_split: str = "train"
     """split to train on"""
     eval_split: str | None = "validation"
@@ -118,8 +119,8 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     num_eval_pairs: int | None = None
     """evaluate on this many pairs (None: all)"""
     bootstrap: bool = False
-    """train on a bootstrap resample of the training pairs: as many pairs, drawn with replacement, seeded by --seed. With
-    different seeds, members of an RM ensemble (ppo.py --reward_model A B C) that differ in data as well as in init"""
+    """train on a bootstrap resample of the training pairs: as many pairs, drawn with replacement, seeded by --seed.
+    With different seeds, members of an RM ensemble (ppo.py --reward_model A B C) that differ in data and in init"""
     bayes_ceiling_file: str | None = None
     """JSON with "bayes_accuracy" to compare with (None: {dataset}/bayes_ceiling.json if it exists)"""
 
@@ -248,7 +249,8 @@ def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
 #   samples of the initial policy (lm-human-preferences' normalize_after: mean 0, std 1); Huang et al. 2024
 #   set only the mean, on the dataset's reference summaries (after Stiennon et al. 2020). HF's score head
 #   has no bias, so the shift cannot live in the weights (a trained head bias was dropped on loading: TRL #1783).
-def reward_normalisation(reward_sum: float, reward_sq_sum: float, count: float, normalize_std: bool) -> tuple[float, float, float]:
+def reward_normalisation(reward_sum: float, reward_sq_sum: float, count: float,
+                         normalize_std: bool) -> tuple[float, float, float]:
     """reward_mean = E[r],  reward_std = sqrt((E[r^2] - E[r]^2) * n / (n - 1)) if normalize_std else 1
 
     over the n SFT-policy samples. Returns (reward_mean, reward_std, raw std). Sums, not lists, so ranks add
@@ -472,7 +474,8 @@ def main(args: Args) -> dict:
             "train/margin": (chosen_sum - rejected_sum) / count,  # mean r_chosen - r_rejected
         }
         log_step(metrics, lr, grad_norm, step, args, setup, writer, bar, t_train)
-        if setup.val is not None and (step % (args.eval_every or setup.steps_per_epoch) == 0 or step == setup.total_steps):
+        eval_every = args.eval_every or setup.steps_per_epoch  # 0: at the end of each epoch
+        if setup.val is not None and (step % eval_every == 0 or step == setup.total_steps):
             run_eval(step, args, setup, models, progress, writer)
         save_or_stop(step, stop, signals, args, setup, models, progress)
     bar.close()
@@ -489,7 +492,8 @@ def main(args: Args) -> dict:
         policy = load_causal_lm(setup.sft_path, setup.policy_tokenizer, args.dtype).to(d.device).eval()
         indices, is_real = shard(len(setup.normalisation_ids), d.rank, d.world_size)  # is_real: False for a repeat
         sums = [0.0, 0.0, 0.0, 0.0]  # this rank's sum r, sum r^2, count, count with EOS
-        for start in tqdm(range(0, len(indices), args.generation_batch_size), desc="normalisation", disable=not d.is_main):
+        for start in tqdm(range(0, len(indices), args.generation_batch_size), desc="normalisation",
+                          disable=not d.is_main):
             idx = indices[start : start + args.generation_batch_size]
             real = torch.tensor(is_real[start : start + args.generation_batch_size], device=d.device)  # (B,)
             queries, query_mask = left_pad([setup.normalisation_ids[i] for i in idx], pad_id, d.device)  # (B, P)
@@ -565,8 +569,8 @@ class Models:
 def check_args(args: Args) -> None:
     """Every numeric flag in range, before anything loads (None leaves a flag off)."""
     check_flags(args, at_least_1=("max_length", "num_train_pairs", "num_eval_pairs", "num_train_epochs", "batch_size",
-                                  "micro_batch_size", "eval_batch_size", "log_every", "num_normalisation_prompts", "max_prompt_length",
-                                  "response_length", "generation_batch_size"),
+                                  "micro_batch_size", "eval_batch_size", "log_every", "num_normalisation_prompts",
+                                  "max_prompt_length", "response_length", "generation_batch_size"),
                 positive=("learning_rate", "adam_eps", "temperature"),
                 non_negative=("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every",
                               "max_dropped_fraction"))
@@ -590,22 +594,25 @@ def set_up(args: Args) -> Setup:
         check_model_dir(sft_path, "SFT model for normalisation")
     inputs = {"model": args.model_name_or_path, "SFT model": sft_path, "dataset": args.dataset,
               "prompt dataset": args.prompt_dataset, "Bayes ceiling file": args.bayes_ceiling_file}
-    prepare_output(args.output_dir, checkpoint_dir, "rm", inputs, args.resume, args.overwrite, args_json(args), d.world_size)
+    prepare_output(args.output_dir, checkpoint_dir, "rm", inputs, args.resume, args.overwrite, args_json(args),
+                   d.world_size)
     bayes_ceiling = load_bayes_ceiling(args.bayes_ceiling_file, args.dataset)
 
     tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", add_pad_token=args.add_pad_token)
     policy_tokenizer = None
-    if args.normalize:  # fail now, not after training
-        policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)  # for generation
+    if args.normalize:  # fail now, not after training; the policy's tokenizer pads on the left, for generation
+        policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)
         check_same_tokenizer(policy_tokenizer, tokenizer, sft_path, args.model_name_or_path)
     dataset = load_dataset(args.dataset)
     train = load_preference_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs, args.bootstrap)
-    val = load_preference_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
+    val = (load_preference_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs)
+           if args.eval_split else None)
     # the normalisation prompts are read now, so that a bad --prompt_dataset fails before training, not after it
     chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
     normalisation_ids = None
     if args.normalize:  # tokenized and cut to length as ppo.py does, so that the SFT samples match its prompts
-        normalisation_ids = policy_tokenizer(load_normalisation_prompts(args, train["prompt"]), add_special_tokens=not chat_rendered)["input_ids"]
+        prompts = load_normalisation_prompts(args, train["prompt"])
+        normalisation_ids = policy_tokenizer(prompts, add_special_tokens=not chat_rendered)["input_ids"]
         normalisation_ids = fit_prompts(normalisation_ids, args.max_prompt_length, args.truncate_long_prompts,
                                         prompt_head(policy_tokenizer, chat_rendered), "normalisation prompts")
     # responses end at EOS or, for chat, at the template's end-of-turn token, as in ppo.py
@@ -620,8 +627,9 @@ def set_up(args: Args) -> Setup:
            f"{total_steps} steps of {args.batch_size} pairs ({d.world_size} processes x {gradient_accumulation_steps} "
            f"x {micro_batch_size})")
     run_name = args.run_name or f"rm__{args.seed}__{int(time.time())}"
-    return Setup(d, pairs_per_rank, micro_batch_size, gradient_accumulation_steps, steps_per_epoch, total_steps, sft_path,
-                 checkpoint_dir, run_name, bayes_ceiling, tokenizer, policy_tokenizer, train, val, normalisation_ids, stop_ids)
+    return Setup(d, pairs_per_rank, micro_batch_size, gradient_accumulation_steps, steps_per_epoch, total_steps,
+                 sft_path, checkpoint_dir, run_name, bayes_ceiling, tokenizer, policy_tokenizer, train, val,
+                 normalisation_ids, stop_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,7 +662,8 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
         state = load_checkpoint(latest, models.model, models.optimizer)
         progress, resumed = Progress(state["step"], state["run_name"], state["val_metrics"], state["history"]), True
         print0(f"resumed from {latest} (step {progress.start_step} of {setup.total_steps})")
-    writer = tensorboard_writer(setup.d.is_main, progress.run_name, asdict(args), progress.start_step if resumed else None)
+    writer = tensorboard_writer(setup.d.is_main, progress.run_name, asdict(args),
+                                progress.start_step if resumed else None)  # rank 0's
     return progress, writer
 
 
@@ -663,8 +672,8 @@ def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup
     """A checkpoint every --checkpoint_every steps, at the end, and when a signal came (model, optimiser, step and
     RNG states; the data position follows from the step); then, for a signal, exit."""
     if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.total_steps or stop:
-        state = {"step": step, "args": args_json(args), "run_name": progress.run_name, "val_metrics": progress.val_metrics,
-                 "history": progress.history}
+        state = {"step": step, "args": args_json(args), "run_name": progress.run_name,
+                 "val_metrics": progress.val_metrics, "history": progress.history}
         path = save_checkpoint(setup.checkpoint_dir, step, models.model, models.optimizer, state, "rm")
         if stop:
             exit_preempted(path, f"step {step}", signals["signal"])
@@ -684,7 +693,8 @@ def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, 
     for name, value in (*losses.items(), ("gradient norm", grad_norm)):
         if not math.isfinite(value):  # global values, the same on every rank: every rank stops
             raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimiser step; last good "
-                             f"checkpoint: {latest_checkpoint(setup.checkpoint_dir) or 'none'}. Lower --learning_rate or check the data")
+                             f"checkpoint: {latest_checkpoint(setup.checkpoint_dir) or 'none'}. Lower --learning_rate "
+                             "or check the data")
     return grad_norm
 
 
@@ -711,7 +721,8 @@ def preference_accuracy(model, pairs: dict, batch_size: int, pad_id: int, rank: 
     indices, is_real = [indices[k] for k in by_length], [is_real[k] for k in by_length]
     sums = [0.0, 0.0, 0.0]  # correct, loss, count
     for start in range(0, len(indices), batch_size):
-        idx, real = indices[start : start + batch_size], torch.tensor(is_real[start : start + batch_size], device=device)
+        idx = indices[start : start + batch_size]
+        real = torch.tensor(is_real[start : start + batch_size], device=device)  # (B,) False for a repeat
         input_ids, attention_mask, index, margin = pair_batch(pairs, idx, pad_id, device)
         rewards = get_reward(model, input_ids, attention_mask)[index]  # (2B,)
         r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]
@@ -727,11 +738,12 @@ def preference_accuracy(model, pairs: dict, batch_size: int, pad_id: int, rank: 
 def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
     """Validation accuracy and loss (preference_accuracy), kept in progress and logged."""
     d = setup.d
-    progress.val_metrics = preference_accuracy(models.model, setup.val, args.eval_batch_size, setup.tokenizer.pad_token_id, d.rank,
-                                    d.world_size, d.device)
+    progress.val_metrics = preference_accuracy(models.model, setup.val, args.eval_batch_size,
+                                               setup.tokenizer.pad_token_id, d.rank, d.world_size, d.device)
     progress.history.append((step, progress.val_metrics["accuracy"]))
     if d.is_main:
-        tqdm.write(f"step {step}: val accuracy {progress.val_metrics['accuracy']:.4f}, loss {progress.val_metrics['loss']:.4f}")
+        tqdm.write(f"step {step}: val accuracy {progress.val_metrics['accuracy']:.4f}, "
+                   f"loss {progress.val_metrics['loss']:.4f}")
     if writer is not None:
         writer.add_scalar("val/accuracy", progress.val_metrics["accuracy"], step)
         writer.add_scalar("val/loss", progress.val_metrics["loss"], step)
@@ -765,7 +777,9 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
         writer.close()
     print0(f"saved {args.output_dir}: reward_mean {reward_mean:.4f}, reward_std {reward_std:.4f}")
     if val_metrics:
-        ceiling = f" vs Bayes ceiling {bayes_ceiling:.4f} ({results['fraction_of_ceiling']:.1%} of it)" if bayes_ceiling else ""
+        ceiling = ""
+        if bayes_ceiling:
+            ceiling = f" vs Bayes ceiling {bayes_ceiling:.4f} ({results['fraction_of_ceiling']:.1%} of it)"
         print0(f"validation accuracy {val_metrics['accuracy']:.4f}{ceiling}")
     teardown_distributed()
     return results

@@ -1126,7 +1126,7 @@ def prompts_and_completions(ds, args, tokenizer, where: str) -> tuple[list[str],
         prompts, completions = [], []
         texts = list(ds[args.completion_column])
         check_texts(texts, args.completion_column, where)
-        for i, text in enumerate(texts):
+        for text in texts:
             try:
                 prompt, completion = split_implicit_prompt(text, args.implicit_prompt_marker)
             except ValueError:

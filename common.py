@@ -1,7 +1,9 @@
 """Model, tokenizer and dataset loading, FSDP2 setup and FSDP2-aware checkpoints, shared by sft.py,
 train_rm.py and ppo.py; with them, the checks that keep a run from losing anyone's files (output dirs,
 locks, atomic saves) and from failing after training for a reason knowable at the start (flags, model dirs,
-dataset rows), and the entry point that turns the faults no check can foresee into one line.
+dataset rows), and the entry point that turns the faults no check can foresee into one line. At the end: the
+data formats (every dataset's rows -> token ids, for SFT data and for preference pairs), batches of similar
+length, and the TensorBoard writer.
 
 Nothing else lives here: each stage's algorithm is written out in its own script.
 """
@@ -26,7 +28,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Literal, NoReturn
+from typing import Callable, Literal, NoReturn
 
 import numpy as np
 import torch
@@ -1461,3 +1463,422 @@ def args_json(args) -> dict:
     from dataclasses import asdict
 
     return json.loads(json.dumps(asdict(args), default=str))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data formats: every dataset becomes texts, then token ids. SFT data (sft.py): (prompt, completion) rows.
+# Preference data (train_rm.py; dpo.py reads the same): (prompt, chosen, rejected) rows. Each loader reads the
+# flags it needs from `args`, the stage's Args (a DPO script's Args holds the same data flags, by the same names).
+# ----------------------------------------------------------------------------------------------
+def render_conversation(tokenizer, prompt_messages: list[dict], completion_messages: list[dict]) -> tuple[str, str]:
+    """(prompt text ending in the generation prompt, completion text) from the chat template.
+
+    prompt = the chat template applied to prompt_messages, ending with the assistant marker
+    (add_generation_prompt=True); completion = the rest of the rendered conversation: the completion turns, with
+    the template's end-of-turn token, if it has one (<|im_end|>, <|eot_id|>), so that SFT teaches the model to end
+    its turn the way the template does, and the RM reads its reward there; ppo.py stops at that token.
+    Raises ValueError; the caller names the row.
+    """
+    prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt_messages + completion_messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without the last turn")
+    return prompt, full[len(prompt):].rstrip()  # the newline after an end-of-turn token is not the model's to learn
+
+
+def split_implicit_prompt(text: str, marker: str) -> tuple[str, str]:
+    """A whole dialogue -> (prompt up to and including the last `marker`, the final reply)."""
+    cut = text.rfind(marker)
+    if cut < 0:
+        raise ValueError(f"no {marker!r} in the text: cannot tell where the prompt ends")
+    return text[: cut + len(marker)], text[cut + len(marker):]
+
+
+def split_implicit_prompt_pair(chosen: str, rejected: str, marker: str = "\n\nAssistant:") -> tuple[str, str, str]:
+    """prompt = the longest common prefix of chosen and rejected, cut just after its last `marker`.
+
+    Anthropic HH stores whole dialogues: "\\n\\nHuman: ... \\n\\nAssistant: ...". Returns
+    (prompt, chosen_completion, rejected_completion) with prompt + completion == the original text.
+    Raises ValueError when the shared prefix holds no marker.
+    """
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(marker)
+    if cut < 0:
+        raise ValueError(f"chosen and rejected share no {marker!r}: cannot tell where the prompt ends")
+    end = cut + len(marker)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+# SFT data: (prompt, completion) text -> token ids
+def load_sft_pairs(args, tokenizer) -> tuple[dict, bool]:
+    """{split: (prompt texts, [(prompt_ids, completion_ids), ...])} for the train and eval splits, the unusable
+    rows dropped; and whether the (last read) split is conversational. `args`: sft.Args."""
+    data = {}
+    for split, ds in load_sft_splits(args).items():
+        where = f"dataset '{args.dataset}' split '{split}'"
+        prompts, completions, conversational = prompts_and_completions(ds, args, tokenizer, where)
+        keep = usable_rows(prompts, completions, args, where)
+        prompts, completions = [prompts[i] for i in keep], [completions[i] for i in keep]
+        data[split] = (prompts, tokenize_pairs(prompts, completions, tokenizer, args, conversational, where))
+    return data, conversational
+
+
+def load_sft_splits(args) -> dict:
+    """The train and eval splits of a hub dataset or a local directory, or a one-line error."""
+    splits = load_dataset(args.dataset)
+    for split in (args.train_split, args.eval_split):
+        if split not in splits:
+            raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(splits)}); "
+                             "set --train_split / --eval_split")
+    return {split: splits[split] for split in (args.train_split, args.eval_split)}
+
+
+def render_sft_row(tokenizer, prompt_messages: list[dict], completion_messages: list[dict], where: str):
+    """render_conversation for a row of SFT data, whose last message must be the assistant's: the turn the model
+    learns. A problem stops the run, naming the row (`where`)."""
+    try:
+        if not completion_messages or completion_messages[-1].get("role") != "assistant":
+            raise ValueError("the last message must have role 'assistant'")
+        return render_conversation(tokenizer, prompt_messages, completion_messages)
+    except ValueError as e:
+        raise SystemExit(f"{where}: {e}") from None
+
+
+def prompts_and_completions(ds, args, tokenizer, where: str) -> tuple[list[str], list[str], bool]:
+    """Read the standard (prompt/completion columns), conversational (messages) or implicit_prompt (whole
+    dialogues) format.
+
+    Returns (prompts, completions, conversational).
+    """
+    columns = ds.column_names
+    if args.dataset_format == "implicit_prompt":
+        if args.completion_column not in columns:
+            raise SystemExit(f"{where} has no column '{args.completion_column}' (it has: {', '.join(columns)}); "
+                             "set --completion_column to the whole-dialogue column")
+        prompts, completions = [], []
+        texts = list(ds[args.completion_column])
+        check_texts(texts, args.completion_column, where)
+        for text in texts:
+            try:
+                prompt, completion = split_implicit_prompt(text, args.implicit_prompt_marker)
+            except ValueError:
+                prompt, completion = None, text  # no marker: a row that cannot be used (see usable_rows)
+            prompts.append(prompt)
+            completions.append(completion)
+        return prompts, completions, False
+    conversational = args.dataset_format == "conversational" or (
+        args.dataset_format == "auto" and args.prompt_column not in columns and args.messages_column in columns)
+    if conversational:
+        if args.messages_column not in columns:
+            raise SystemExit(f"{where} has no column '{args.messages_column}' (it has: {', '.join(columns)}); "
+                             "set --messages_column")
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"{where} is conversational ('{args.messages_column}') but the tokenizer of "
+                             f"'{args.model_name_or_path}' has no chat template; set tokenizer.chat_template")
+        prompts, completions = [], []
+        for i, messages in enumerate(ds[args.messages_column]):
+            check_messages(messages, f"{where}: row {i}")
+            # the last turn is the completion, the turns before it the prompt
+            prompt, completion = render_sft_row(tokenizer, messages[:-1], messages[-1:], f"{where}: row {i}")
+            prompts.append(prompt)
+            completions.append(completion)
+        return prompts, completions, True
+    for column, flag in ((args.prompt_column, "prompt_column"), (args.completion_column, "completion_column")):
+        if column not in columns:
+            raise SystemExit(f"{where} has no column '{column}' (it has: {', '.join(columns)}); set --{flag}, "
+                             f"or give a '{args.messages_column}' column for the conversational format")
+    prompts, completions = list(ds[args.prompt_column]), list(ds[args.completion_column])
+    if prompts and isinstance(prompts[0], list):  # TRL's conversational prompt/completion: lists of messages
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"{where} holds messages but the tokenizer of '{args.model_name_or_path}' has no chat "
+                             "template; set tokenizer.chat_template")
+        rendered = []
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            check_messages(prompt, f"{where}: row {i}: '{args.prompt_column}'")
+            check_messages(completion, f"{where}: row {i}: '{args.completion_column}'")
+            rendered.append(render_sft_row(tokenizer, list(prompt), list(completion), f"{where}: row {i}"))
+        return [p for p, _ in rendered], [c for _, c in rendered], True
+    check_texts(prompts, args.prompt_column, where)
+    check_texts(completions, args.completion_column, where)
+    return prompts, completions, False
+
+
+def usable_rows(prompts: list[str | None], completions: list[str], args, where: str) -> list[int]:
+    """The rows to train on: one without a prompt (no --implicit_prompt_marker in it), with an empty prompt or
+    with an empty completion is dropped and counted (drop_unusable, the same policy in every stage)."""
+    reasons = ["without the prompt marker" if p is None else "with an empty prompt" if not p.strip() else
+               "with an empty completion" if not c.strip() else None for p, c in zip(prompts, completions)]
+    return drop_unusable(reasons, where, args.max_dropped_fraction)
+
+
+def tokenize_pairs(prompts, completions, tokenizer, args, conversational: bool, where: str):
+    """Text -> (prompt_ids, completion_ids) per row; EOS appended to each completion; lengths checked."""
+    # A rendered chat prompt already holds the template's special tokens (a BOS, if any): add none twice.
+    prompt_ids = tokenizer(prompts, add_special_tokens=not conversational)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    check_unknown_tokens(prompt_ids + completion_ids, tokenizer, where)
+    # EOS after every completion: the model must learn to stop. The EOS trick of Huang et al. 2024
+    # (PPO penalises completions without EOS) relies on it. A completion that already ends in EOS
+    # (TL;DR's " {summary}<|endoftext|>") or in the chat template's end-of-turn token gets no EOS after it.
+    stops = {tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if conversational else [])}
+    completion_ids = [ids if ids and ids[-1] in stops else ids + [tokenizer.eos_token_id] for ids in completion_ids]
+
+    # a long prompt keeps its end, the text the completion continues, behind its BOS or chat header
+    n = len(prompt_ids)
+    prompt_ids = fit_prompts(prompt_ids, args.max_prompt_length, args.truncate_long_prompts,
+                             prompt_head(tokenizer, conversational), where)
+
+    m = args.max_completion_length
+    too_long = [i for i, ids in enumerate(completion_ids) if len(ids) > m]
+    if too_long:
+        # Cut completions lose their EOS on purpose: EOS means "the text is finished". Keeping it after a
+        # cut would teach the model to stop mid-sentence.
+        print0(f"warning: {where}: {len(too_long)} of {n} completions are longer than max_completion_length={m} "
+               "tokens (EOS included); cutting them, without EOS")
+        completion_ids = [ids[:m] for ids in completion_ids]
+    return list(zip(prompt_ids, completion_ids))
+
+
+# Preference data: (prompt, chosen, rejected) text -> token ids
+def load_preference_split(args, dataset, split: str, tokenizer, max_pairs: int | None, bootstrap: bool = False) -> dict:
+    """Check the columns, convert to prompt/completion texts, tokenize; `bootstrap`: resample the rows with
+    replacement (bagging, Breiman 1996), the same draw on every rank. Returns a dict of lists:
+    chosen_ids / rejected_ids (prompt + completion + EOS, token ids), prompt (texts), margin (floats or None).
+
+    `dataset`: load_dataset(args.dataset). `args`: train_rm.Args, or any Args with its data flags (dataset,
+    dataset_format, train_split, prompt_column, chosen_column, rejected_column, margin_column, separator,
+    implicit_prompt_marker, max_length, max_dropped_fraction), seed and model_name_or_path.
+    """
+    if split not in dataset:
+        raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(dataset)}); "
+                         f"pass --{'train' if split == args.train_split else 'eval'}_split NAME")
+    data = dataset[split]
+    needed = {"chosen_column": args.chosen_column, "rejected_column": args.rejected_column}
+    if args.dataset_format == "standard":
+        needed["prompt_column"] = args.prompt_column
+    if args.margin_column is not None:
+        needed["margin_column"] = args.margin_column
+    for flag, column in needed.items():
+        if column not in data.column_names:
+            hint = ""
+            if flag == "prompt_column" and isinstance(data[0][args.chosen_column], str) \
+                    and args.implicit_prompt_marker in data[0][args.chosen_column]:
+                hint = " (whole dialogues in chosen/rejected? use --dataset_format implicit_prompt)"
+            raise SystemExit(f"dataset '{args.dataset}' split '{split}' has no column '{column}' "
+                             f"(it has: {', '.join(data.column_names)}); pass --{flag} NAME{hint}")
+    if max_pairs is not None and max_pairs < len(data):
+        data = data.shuffle(seed=args.seed).select(range(max_pairs))  # a random subset, the same on every rank
+    if bootstrap:  # n rows drawn with replacement from the n rows
+        draw = torch.randint(len(data), (len(data),), generator=torch.Generator().manual_seed(args.seed))
+        data = data.select(draw.tolist())
+
+    # list(): indexing a datasets Column one row at a time costs ~30 us a row (25 s for 90k pairs)
+    chosen_raw, rejected_raw = list(data[args.chosen_column]), list(data[args.rejected_column])
+    where = f"dataset '{args.dataset}' split '{split}'"
+    margins = None
+    if args.margin_column is not None:
+        margins = list(data[args.margin_column])
+        bad = [i for i, m in enumerate(margins)
+               if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)]
+        if bad:
+            raise SystemExit(f"{where}: row {bad[0]}: column '{args.margin_column}' is {margins[bad[0]]!r}, not a "
+                             f"finite number ({len(bad)} rows); fix or remove them")
+        margins = [float(m) for m in margins]
+    if args.dataset_format == "standard":
+        if isinstance(chosen_raw[0], list):
+            raise SystemExit(f"column '{args.chosen_column}' holds lists of messages, not text; "
+                             "they need --dataset_format conversational")
+        prompts = list(data[args.prompt_column])
+        for column, texts in ((args.prompt_column, prompts), (args.chosen_column, chosen_raw),
+                              (args.rejected_column, rejected_raw)):
+            check_texts(texts, column, where)
+        chosen = [args.separator + c for c in chosen_raw]
+        rejected = [args.separator + r for r in rejected_raw]
+    elif args.dataset_format == "implicit_prompt":
+        check_texts(chosen_raw, args.chosen_column, where)
+        check_texts(rejected_raw, args.rejected_column, where)
+        prompts, chosen, rejected = [], [], []
+        for c, r in zip(chosen_raw, rejected_raw):
+            try:
+                p, c, r = split_implicit_prompt_pair(c, r, args.implicit_prompt_marker)
+            except ValueError:
+                p = None  # dropped below
+            prompts.append(p), chosen.append(c), rejected.append(r)
+    else:  # conversational
+        if tokenizer.chat_template is None:
+            raise SystemExit(f"the tokenizer of '{args.model_name_or_path}' has no chat template, "
+                             "which --dataset_format conversational needs")
+        # an explicit prompt of messages; a text prompt (UltraFeedback's) repeats the first turn of chosen
+        explicit_prompt = args.prompt_column in data.column_names and isinstance(data[0][args.prompt_column], list)
+        prompt_raw = list(data[args.prompt_column]) if explicit_prompt else None
+        prompts, chosen, rejected = [], [], []
+        for i, (c, r) in enumerate(zip(chosen_raw, rejected_raw)):
+            for column, messages in ((args.chosen_column, c), (args.rejected_column, r),
+                                     *([(args.prompt_column, prompt_raw[i])] if explicit_prompt else [])):
+                check_messages(messages, f"{where}: row {i}: '{column}'")
+            if explicit_prompt:  # prompt: [user, ...], chosen/rejected: [assistant]
+                prompt_messages = prompt_raw[i]
+            else:  # whole conversations that differ in their last (assistant) message
+                if c[:-1] != r[:-1]:
+                    raise SystemExit(f"row {i} of split '{split}': chosen and rejected differ before their last "
+                                     "message; pass the shared turns in --prompt_column")
+                prompt_messages, c, r = c[:-1], c[-1:], r[-1:]
+            try:
+                p, c_text = render_conversation(tokenizer, prompt_messages, c)
+                _, r_text = render_conversation(tokenizer, prompt_messages, r)
+            except ValueError as e:
+                raise SystemExit(f"{where}: row {i}: {e}; use --dataset_format standard with pre-rendered "
+                                 "texts") from None
+            prompts.append(p), chosen.append(c_text), rejected.append(r_text)
+
+    # Drop the pairs that cannot be used or carry no preference (drop_unusable: the same policy in
+    # every stage); many of them means wrong columns or format.
+    reasons = ["without the prompt marker" if p is None else "with an empty prompt" if not p.strip() else
+               "with an empty chosen" if not c.strip() else "with an empty rejected" if not r.strip() else
+               "with chosen == rejected" if c == r else None for p, c, r in zip(prompts, chosen, rejected)]
+    keep = drop_unusable(reasons, where, args.max_dropped_fraction)
+
+    # Tokenize prompt + completion, then EOS (Huang et al. 2024: the reward is read at the EOS token).
+    # A text that already ends in EOS (TL;DR's "<|endoftext|>") or in the chat template's end-of-turn
+    # token gets no EOS after it: the reward is read there, where ppo.py's responses end.
+    special = args.dataset_format != "conversational"  # chat templates add their own BOS
+    eos = tokenizer.eos_token_id
+    stops = {eos, *(end_of_turn_tokens(tokenizer) if args.dataset_format == "conversational" else [])}
+
+    def encode(texts):
+        ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+        return [x if x and x[-1] in stops else x + [eos] for x in ids]
+
+    chosen_texts = [prompts[i] + chosen[i] for i in keep]
+    rejected_texts = [prompts[i] + rejected[i] for i in keep]
+    distinct = list(dict.fromkeys(chosen_texts + rejected_texts))  # a completion ranked with k others: once
+    ids = dict(zip(distinct, encode(distinct)))
+    chosen_ids, rejected_ids = [ids[t] for t in chosen_texts], [ids[t] for t in rejected_texts]
+    check_unknown_tokens(list(ids.values()), tokenizer, where)
+    fits = [j for j in range(len(keep)) if max(len(chosen_ids[j]), len(rejected_ids[j])) <= args.max_length]
+    if not fits:
+        raise SystemExit(f"split '{split}': every pair is longer than --max_length {args.max_length} tokens")
+    if len(fits) < len(keep):
+        print0(f"{split}: dropped {len(keep) - len(fits)} pairs longer than {args.max_length} tokens")
+    return {
+        "chosen_ids": [chosen_ids[j] for j in fits],
+        "rejected_ids": [rejected_ids[j] for j in fits],
+        "prompt": [prompts[keep[j]] for j in fits],
+        "margin": [margins[keep[j]] for j in fits] if margins is not None else None,
+    }
+
+
+def load_normalisation_prompts(args, pref_prompts: list[str]) -> list[str]:
+    """The prompts train_rm.py normalises its reward on: the prompt dataset if given, else the preference train
+    prompts; deduplicated, shuffled with the seed, the first num_normalisation_prompts. `args`: train_rm.Args."""
+    if args.prompt_dataset is None:
+        prompts = pref_prompts
+    else:
+        data = load_dataset(args.prompt_dataset, "prompt dataset")
+        if args.prompt_dataset_split not in data:
+            raise SystemExit(f"prompt dataset '{args.prompt_dataset}' has no split '{args.prompt_dataset_split}' "
+                             f"(it has: {', '.join(data)}); pass --prompt_dataset_split NAME")
+        data = data[args.prompt_dataset_split]
+        if args.prompt_dataset_column not in data.column_names:
+            raise SystemExit(f"prompt dataset '{args.prompt_dataset}' has no column '{args.prompt_dataset_column}' "
+                             f"(it has: {', '.join(data.column_names)}); pass --prompt_dataset_column NAME")
+        prompts = list(data[args.prompt_dataset_column])
+        check_texts(prompts, args.prompt_dataset_column, f"prompt dataset '{args.prompt_dataset}'")
+    prompts = list(dict.fromkeys(prompts))
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    return [prompts[i] for i in order[: args.num_normalisation_prompts]]
+
+
+def load_bayes_ceiling(ceiling_file: str | None, dataset: str) -> float | None:
+    """The best accuracy any RM can reach on the data (the toy task writes it), to compare with: from
+    --bayes_ceiling_file, else {dataset}/bayes_ceiling.json if it exists, else None."""
+    if ceiling_file is None and os.path.isfile(os.path.join(dataset, "bayes_ceiling.json")):
+        ceiling_file = os.path.join(dataset, "bayes_ceiling.json")
+    if ceiling_file is not None and not os.path.isfile(ceiling_file):
+        raise SystemExit(f"--bayes_ceiling_file '{ceiling_file}' does not exist")
+    bayes_ceiling = None
+    if ceiling_file is not None:
+        try:
+            with open(ceiling_file) as f:
+                bayes_ceiling = json.load(f).get("bayes_accuracy")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            bayes_ceiling = None
+        if not isinstance(bayes_ceiling, float):
+            raise SystemExit(f"'{ceiling_file}' has no number \"bayes_accuracy\"; pass --bayes_ceiling_file None")
+    return bayes_ceiling
+
+
+def check_same_tokenizer(policy_tokenizer, rm_tokenizer, policy_path: str, rm_path: str) -> None:
+    """The policy's token ids go straight into the RM (train_rm.py's normalisation, ppo.py): same vocabulary, same
+    pad/EOS ids.
+
+    Comparing the full token -> id maps (not just the size) catches a different tokenizer of equal size;
+    pad and EOS must agree because the RM finds the last real token by pad_token_id and reads its reward at
+    the EOS. Only checked when it matters: when normalisation samples from a policy.
+    """
+    same = (policy_tokenizer.get_vocab() == rm_tokenizer.get_vocab()
+            and policy_tokenizer.pad_token_id == rm_tokenizer.pad_token_id
+            and policy_tokenizer.eos_token_id == rm_tokenizer.eos_token_id)
+    if not same:
+        raise SystemExit(f"tokenizer of the SFT policy '{policy_path}' differs from the reward model's "
+                         f"('{rm_path}'): the policy's token ids would be fed to the RM; start the RM from the "
+                         "SFT checkpoint or pass --sft_model_for_normalisation with the same tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches of similar length (sft.py, train_rm.py --group_by_length)
+# ----------------------------------------------------------------------------------------------
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
+                    batches_per_group: int = 50) -> list[int]:
+    """Reorder a shuffled index list so that each batch holds sequences (or pairs) of similar length.
+
+    Cut `order` into groups of batches_per_group batches, sort each group by length, cut it into
+    batches and shuffle the batches. Batches stay random, but pad far less: a batch costs as much
+    as its longest sequence. HF Trainer's group_by_length (LengthGroupedSampler) sorts groups of up
+    to 50 batches the same way, but keeps the batches in sorted order, longest first, unshuffled.
+    """
+    chunk = batch_size * batches_per_group
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]  # the ragged tail batches go last, to be dropped
+    ragged = [b for b in batches if len(b) < batch_size]
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    return [i for b in shuffled + ragged for i in b]
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging and evaluation: the TensorBoard writer, and an evaluation function named on the command line
+# ----------------------------------------------------------------------------------------------
+def tensorboard_writer(is_main: bool, run_name: str, hyperparameters: dict, resumed_step: int | None = None):
+    """Rank 0's TensorBoard writer for runs/{run_name}, the hyperparameters first, as a markdown table (as
+    CleanRL); None on the other ranks. On resume, the events a killed run logged after its last checkpoint (at
+    `resumed_step`) are dropped."""
+    if not is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed_step + 1 if resumed_step is not None else None)
+    table = "\n".join(f"|{key}|{value}|" for key, value in hyperparameters.items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return writer
+
+
+def write_scalars(writer, metrics: dict, step: int) -> None:
+    """Scalars to TensorBoard; only rank 0 has a writer."""
+    if writer is not None:
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+
+
+def load_eval_fn(spec: str | None) -> Callable | None:
+    """`module:function` -> the function, imported by name (e.g. toy_task:is_grammatical)."""
+    if spec is None:
+        return None
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError, ValueError):
+        raise SystemExit(f"--eval_fn '{spec}' cannot be imported; give it as module:function") from None
+    return fn

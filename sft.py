@@ -18,15 +18,14 @@ with eval_results.json beside them. TensorBoard logs go to runs/{run_name}.
 
 The file reads top to bottom: the arguments, the equations (the loss, the targets, the learning-rate
 schedule), the batching helpers, then main(), whose loop is the training. Below main(), under TRY NOT TO
-MODIFY, is the plumbing it calls in one line each: checks and setup, data loading, model building, resume
-and checkpoints, logging, evaluation and the final report, the presets and the command line.
+MODIFY, is the plumbing it calls in one line each: checks and setup, model building, resume and checkpoints,
+logging, evaluation and the final report, the command line. Reading the data formats (prompt/completion columns,
+chat messages, whole dialogues) into token ids is common.py's (load_sft_pairs), as are the presets' (presets.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal
@@ -43,30 +42,28 @@ from common import (
     args_json,
     catch_signals,
     check_flags,
-    check_messages,
     check_model_dir,
-    check_texts,
-    check_unknown_tokens,
-    drop_unusable,
     end_of_turn_tokens,
     exit_preempted,
-    fit_prompts,
     fsdp_wrap,
+    group_by_length,
     latest_checkpoint,
     load_causal_lm,
     load_checkpoint,
-    load_dataset,
+    load_eval_fn,
+    load_sft_pairs,
     load_tokenizer,
     prepare_output,
     parse_args_with_presets,
     print0,
-    prompt_head,
     run,
     save_checkpoint,
     save_model,
     seed_everything,
     setup_distributed,
     teardown_distributed,
+    tensorboard_writer,
+    write_scalars,
 )
 
 IGNORE_INDEX = -100  # label of a position that is not a target (F.cross_entropy's default ignore_index)
@@ -231,32 +228,12 @@ def collate(pairs, pad_token_id: int, train_on_prompt: bool) -> dict[str, torch.
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
-                    batches_per_group: int = 50) -> list[int]:
-    """Reorder a shuffled index list so that each batch holds sequences of similar length.
-
-    Cut `order` into groups of batches_per_group batches, sort each group by length, cut it into
-    batches and shuffle the batches. Batches stay random, but pad far less: a batch costs as much
-    as its longest sequence. HF Trainer's group_by_length (LengthGroupedSampler) sorts groups of up
-    to 50 batches the same way, but keeps the batches in sorted order, longest first, unshuffled.
-    """
-    chunk = batch_size * batches_per_group
-    batches = []
-    for start in range(0, len(order), chunk):
-        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])
-        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
-    full = [b for b in batches if len(b) == batch_size]  # the ragged tail batches go last, to be dropped
-    ragged = [b for b in batches if len(b) < batch_size]
-    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-    return [i for b in shuffled + ragged for i in b]
-
-
 def train_batches(pairs: list, batch_size: int, steps_per_epoch: int, seed: int, by_length: bool):
     """Global batches of train pair indices, reshuffled each epoch: yields (epoch, indices).
 
     Every rank draws the same permutation (a generator seeded with `seed`, not seed + rank) and
     takes its own slice of each batch, so the ranks together cover each batch exactly once.
-    The last incomplete batch of an epoch is dropped; `by_length`: group_by_length.
+    The last incomplete batch of an epoch is dropped; `by_length`: common.group_by_length.
     """
     generator = torch.Generator().manual_seed(seed)
     epoch = 0
@@ -271,7 +248,8 @@ def train_batches(pairs: list, batch_size: int, steps_per_epoch: int, seed: int,
 
 def cosine_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate of step s: the optimizer's rate times cosine_with_warmup(s)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps))
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -314,7 +292,8 @@ def main(args: Args) -> dict:
         # over processes and accumulation steps (the gradient-accumulation loss bug fixed in transformers
         # 4.46 came from averaging per micro-batch instead). x world_size undoes FSDP's gradient averaging.
         local_targets = sum((mb["labels"][:, 1:] != IGNORE_INDEX).sum() for mb in micro_batches)
-        (num_targets,) = all_reduce_sum(torch.tensor([float(local_targets)], dtype=torch.float64, device=device)).tolist()
+        (num_targets,) = all_reduce_sum(
+            torch.tensor([float(local_targets)], dtype=torch.float64, device=device)).tolist()
         step_nll = 0.0
         for j, mb in enumerate(micro_batches):
             if world_size > 1:  # reduce-scatter gradients once per optimizer step, on the last micro-batch
@@ -325,7 +304,8 @@ def main(args: Args) -> dict:
             step_nll += nll.item()
         step_tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         # the SIGTERM flag rides along: if any rank was signalled, every rank checkpoints at this step
-        totals = torch.tensor([float(v) for v in (step_nll, step_tokens, signals["stop"])], dtype=torch.float64, device=device)
+        totals = torch.tensor([float(v) for v in (step_nll, step_tokens, signals["stop"])], dtype=torch.float64,
+                              device=device)
         step_nll, step_tokens, stop = all_reduce_sum(totals).tolist()
         train_loss = step_nll / num_targets
         # gradient clipping on the global norm (a DTensor under FSDP2); with no clipping, just measure it
@@ -339,8 +319,9 @@ def main(args: Args) -> dict:
 
         # TRY NOT TO MODIFY: logging, evaluation and checkpoints
         progress.train_loss, progress.tokens_seen = train_loss, progress.tokens_seen + step_tokens
-        log(writer, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm, "charts/epoch": epoch,
-                     "charts/tokens_per_sec": progress.tokens_seen / (time.time() - train_start)}, step)
+        tokens_per_sec = progress.tokens_seen / (time.time() - train_start)
+        write_scalars(writer, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                               "charts/epoch": epoch, "charts/tokens_per_sec": tokens_per_sec}, step)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{progress.val_loss:.3f}", epoch=epoch)
         if step % args.eval_every == 0 or step == setup.total_steps:
             run_eval(step, args, setup, models, progress, writer)
@@ -352,8 +333,8 @@ def main(args: Args) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: everything below is plumbing that main() calls in one line each: the run's setup and
-# checks, the data, the model, resume and checkpoints, logging, evaluation and the final report, the
-# presets and the command line.
+# checks (the data: common.load_sft_pairs), the model, resume and checkpoints, logging, evaluation and the
+# final report, the command line.
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
@@ -412,7 +393,7 @@ def set_up(args: Args) -> Setup:
     seed_everything(args.seed, d.rank)
 
     tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", add_pad_token=args.add_pad_token)
-    data, conversational = load_pairs(args, tokenizer)
+    data, conversational = load_sft_pairs(args, tokenizer)
     train_pairs = data[args.train_split][1]
     eval_prompts, eval_pairs = (rows[: args.num_eval_pairs] for rows in data[args.eval_split])
     # samples end at EOS, or at the chat template's end-of-turn token when the data is conversational
@@ -438,174 +419,14 @@ def check_args(args: Args) -> None:
                               "max_grad_norm", "checkpoint_every"))
 
 
-def load_eval_fn(spec: str | None) -> Callable | None:
-    """`module:function` -> the function, imported by name (e.g. toy_task:is_grammatical)."""
-    if spec is None:
-        return None
-    module_name, _, fn_name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError, ValueError):
-        raise SystemExit(f"--eval_fn '{spec}' cannot be imported; give it as module:function") from None
-    return fn
-
-
 def stop_if_diverged(values: dict[str, float], step: int, checkpoint_dir: str) -> None:
     """A non-finite training loss or gradient norm stops the run before the optimizer step can carry it into
     the weights, naming the last good checkpoint."""
     for name, value in values.items():
         if not math.isfinite(value):  # all-reduced values, the same on every rank: all stop together
             raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimizer step; last good "
-                             f"checkpoint: {latest_checkpoint(checkpoint_dir) or 'none'}. Lower --learning_rate or check the data")
-
-
-# Data: (prompt, completion) text -> token ids
-def load_pairs(args: Args, tokenizer) -> tuple[dict, bool]:
-    """{split: (prompt texts, [(prompt_ids, completion_ids), ...])} for the train and eval splits, the unusable
-    rows dropped; and whether the (last read) split is conversational."""
-    data = {}
-    for split, ds in load_splits(args).items():
-        where = f"dataset '{args.dataset}' split '{split}'"
-        prompts, completions, conversational = prompts_and_completions(ds, args, tokenizer, where)
-        keep = usable_rows(prompts, completions, args, where)
-        prompts, completions = [prompts[i] for i in keep], [completions[i] for i in keep]
-        data[split] = (prompts, tokenize_pairs(prompts, completions, tokenizer, args, conversational, where))
-    return data, conversational
-
-
-def load_splits(args: Args) -> dict:
-    """The train and eval splits of a hub dataset or a local directory, or a one-line error."""
-    splits = load_dataset(args.dataset)
-    for split in (args.train_split, args.eval_split):
-        if split not in splits:
-            raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(splits)}); "
-                             "set --train_split / --eval_split")
-    return {split: splits[split] for split in (args.train_split, args.eval_split)}
-
-
-def render_conversation(tokenizer, prompt_messages: list[dict], completion_messages: list[dict]) -> tuple[str, str]:
-    """(prompt text ending in the generation prompt, completion text) from the chat template.
-
-    prompt = the chat template applied to prompt_messages, ending with the assistant marker
-    (add_generation_prompt=True); completion = the rest of the rendered conversation: the completion turns, the
-    last one the assistant's, with the template's end-of-turn token, if it has one (<|im_end|>, <|eot_id|>), so
-    the model learns to end its turn the way the template does; ppo.py stops at that token.
-    Raises ValueError; the caller names the row.
-    """
-    if not completion_messages or completion_messages[-1].get("role") != "assistant":
-        raise ValueError("the last message must have role 'assistant'")
-    prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt_messages + completion_messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise ValueError("the chat template renders the prompt differently with and without the last turn")
-    return prompt, full[len(prompt):].rstrip()  # the newline after an end-of-turn token is not the model's to learn
-
-
-def split_implicit_prompt(text: str, marker: str) -> tuple[str, str]:
-    """A whole dialogue -> (prompt up to and including the last `marker`, the final reply)."""
-    cut = text.rfind(marker)
-    if cut < 0:
-        raise ValueError(f"no {marker!r} in the text: cannot tell where the prompt ends")
-    return text[: cut + len(marker)], text[cut + len(marker):]
-
-
-def prompts_and_completions(ds, args: Args, tokenizer, where: str) -> tuple[list[str], list[str], bool]:
-    """Read the standard (prompt/completion columns) or conversational (messages) format.
-
-    Returns (prompts, completions, conversational).
-    """
-    columns = ds.column_names
-    if args.dataset_format == "implicit_prompt":
-        if args.completion_column not in columns:
-            raise SystemExit(f"{where} has no column '{args.completion_column}' (it has: {', '.join(columns)}); "
-                             "set --completion_column to the whole-dialogue column")
-        prompts, completions = [], []
-        texts = list(ds[args.completion_column])
-        check_texts(texts, args.completion_column, where)
-        for i, text in enumerate(texts):
-            try:
-                prompt, completion = split_implicit_prompt(text, args.implicit_prompt_marker)
-            except ValueError:
-                prompt, completion = None, text  # no marker: a row that cannot be used (see usable_rows)
-            prompts.append(prompt)
-            completions.append(completion)
-        return prompts, completions, False
-    conversational = args.dataset_format == "conversational" or (
-        args.dataset_format == "auto" and args.prompt_column not in columns and args.messages_column in columns)
-    if conversational:
-        if args.messages_column not in columns:
-            raise SystemExit(f"{where} has no column '{args.messages_column}' (it has: {', '.join(columns)}); "
-                             "set --messages_column")
-        if tokenizer.chat_template is None:
-            raise SystemExit(f"{where} is conversational ('{args.messages_column}') but the tokenizer of "
-                             f"'{args.model_name_or_path}' has no chat template; set tokenizer.chat_template")
-        prompts, completions = [], []
-        for i, messages in enumerate(ds[args.messages_column]):
-            check_messages(messages, f"{where}: row {i}")
-            try:  # the last turn is the completion, the turns before it the prompt
-                prompt, completion = render_conversation(tokenizer, messages[:-1], messages[-1:])
-            except ValueError as e:
-                raise SystemExit(f"{where}: row {i}: {e}") from None
-            prompts.append(prompt)
-            completions.append(completion)
-        return prompts, completions, True
-    for column, flag in ((args.prompt_column, "prompt_column"), (args.completion_column, "completion_column")):
-        if column not in columns:
-            raise SystemExit(f"{where} has no column '{column}' (it has: {', '.join(columns)}); set --{flag}, "
-                             f"or give a '{args.messages_column}' column for the conversational format")
-    prompts, completions = list(ds[args.prompt_column]), list(ds[args.completion_column])
-    if prompts and isinstance(prompts[0], list):  # TRL's conversational prompt/completion: lists of messages
-        if tokenizer.chat_template is None:
-            raise SystemExit(f"{where} holds messages but the tokenizer of '{args.model_name_or_path}' has no chat "
-                             "template; set tokenizer.chat_template")
-        rendered = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            check_messages(prompt, f"{where}: row {i}: '{args.prompt_column}'")
-            check_messages(completion, f"{where}: row {i}: '{args.completion_column}'")
-            try:
-                rendered.append(render_conversation(tokenizer, list(prompt), list(completion)))
-            except ValueError as e:
-                raise SystemExit(f"{where}: row {i}: {e}") from None
-        return [p for p, _ in rendered], [c for _, c in rendered], True
-    check_texts(prompts, args.prompt_column, where)
-    check_texts(completions, args.completion_column, where)
-    return prompts, completions, False
-
-
-def usable_rows(prompts: list[str | None], completions: list[str], args: Args, where: str) -> list[int]:
-    """The rows to train on: one without a prompt (no --implicit_prompt_marker in it), with an empty prompt or
-    with an empty completion is dropped and counted (common.drop_unusable, the same policy in every stage)."""
-    reasons = ["without the prompt marker" if p is None else "with an empty prompt" if not p.strip() else
-               "with an empty completion" if not c.strip() else None for p, c in zip(prompts, completions)]
-    return drop_unusable(reasons, where, args.max_dropped_fraction)
-
-
-def tokenize_pairs(prompts, completions, tokenizer, args: Args, conversational: bool, where: str):
-    """Text -> (prompt_ids, completion_ids) per row; EOS appended to each completion; lengths checked."""
-    # A rendered chat prompt already holds the template's special tokens (a BOS, if any): add none twice.
-    prompt_ids = tokenizer(prompts, add_special_tokens=not conversational)["input_ids"]
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    check_unknown_tokens(prompt_ids + completion_ids, tokenizer, where)
-    # EOS after every completion: the model must learn to stop. The EOS trick of Huang et al. 2024
-    # (PPO penalises completions without EOS) relies on it. A completion that already ends in EOS
-    # (TL;DR's " {summary}<|endoftext|>") or in the chat template's end-of-turn token gets no EOS after it.
-    stops = {tokenizer.eos_token_id, *(end_of_turn_tokens(tokenizer) if conversational else [])}
-    completion_ids = [ids if ids and ids[-1] in stops else ids + [tokenizer.eos_token_id] for ids in completion_ids]
-
-    # a long prompt keeps its end, the text the completion continues, behind its BOS or chat header
-    n = len(prompt_ids)
-    prompt_ids = fit_prompts(prompt_ids, args.max_prompt_length, args.truncate_long_prompts,
-                             prompt_head(tokenizer, conversational), where)
-
-    m = args.max_completion_length
-    too_long = [i for i, ids in enumerate(completion_ids) if len(ids) > m]
-    if too_long:
-        # Cut completions lose their EOS on purpose: EOS means "the text is finished". Keeping it after a
-        # cut would teach the model to stop mid-sentence.
-        print0(f"warning: {where}: {len(too_long)} of {n} completions are longer than max_completion_length={m} "
-               "tokens (EOS included); cutting them, without EOS")
-        completion_ids = [ids[:m] for ids in completion_ids]
-    return list(zip(prompt_ids, completion_ids))
+                             f"checkpoint: {latest_checkpoint(checkpoint_dir) or 'none'}. Lower --learning_rate or "
+                             "check the data")
 
 
 # The model
@@ -636,14 +457,8 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
         models.scheduler.load_state_dict(resumed["scheduler"])
         setup.run_name = resumed["run_name"]
         print0(f"resumed from {latest} (step {resumed['step']} of {setup.total_steps})")
-    writer = None
-    if setup.d.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        # on resume, drop the events a killed run logged after its last checkpoint
-        writer = SummaryWriter(f"runs/{setup.run_name}", purge_step=resumed["step"] + 1 if resumed else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(
-            f"|{key}|{value}|" for key, value in {**asdict(args), "world_size": setup.d.world_size}.items()))
+    writer = tensorboard_writer(setup.d.is_main, setup.run_name, {**asdict(args), "world_size": setup.d.world_size},
+                                resumed["step"] if resumed else None)  # rank 0's
     if resumed:
         return Progress(resumed["step"], resumed["initial_val_loss"], resumed["val_loss"], resumed["train_loss"],
                         resumed["tokens_seen"]), writer
@@ -658,7 +473,8 @@ def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup
                  progress: Progress) -> None:
     """A checkpoint every --checkpoint_every steps, at the end, and when a signal came; then, for a signal, exit."""
     if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.total_steps or stop:
-        state = {"step": step, "args": args_json(args), "run_name": setup.run_name, "scheduler": models.scheduler.state_dict(),
+        state = {"step": step, "args": args_json(args), "run_name": setup.run_name,
+                 "scheduler": models.scheduler.state_dict(),
                  "initial_val_loss": progress.initial_val_loss, "val_loss": progress.val_loss,
                  "train_loss": progress.train_loss, "tokens_seen": progress.tokens_seen}
         path = save_checkpoint(setup.checkpoint_dir, step, models.model, models.optimizer, state, "sft")
@@ -667,17 +483,10 @@ def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup
 
 
 # Logging, evaluation and the final report (every process calls them: under FSDP2 each forward is collective)
-def log(writer, metrics: dict, step: int) -> None:
-    """Scalars to TensorBoard; only rank 0 has a writer."""
-    if writer is not None:
-        for key, value in metrics.items():
-            writer.add_scalar(key, value, step)
-
-
 def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
     """Validation loss (kept in progress), plus a few sample generations written to TensorBoard."""
     progress.val_loss = validation_loss(models.model, setup.eval_pairs, args, setup.tokenizer.pad_token_id, setup.d)
-    log(writer, {"val/loss": progress.val_loss}, step)
+    write_scalars(writer, {"val/loss": progress.val_loss}, step)
     k = args.num_logged_samples
     if k > 0:  # every rank samples the same prompts (generation is collective under FSDP2)
         texts, ended = sample_completions(models.model, setup.tokenizer, [p for p, _ in setup.eval_pairs[:k]], args,
@@ -714,15 +523,14 @@ def validation_loss(model, pairs, args: Args, pad_token_id: int, ddist) -> float
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts for batched generation, so that every row's next token goes in the same column.
-    -> (B, P) input_ids, attention_mask on `device`"""
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    """Left padding, so every prompt ends where the response starts (Huang et al. 2024). -> (B, P) ids, mask"""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
-        input_ids[i, length - len(s):] = torch.tensor(s)
-        attention_mask[i, length - len(s):] = 1
-    return input_ids.to(device), attention_mask.to(device)
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -786,8 +594,8 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
         "world_size": world_size,
         "run_name": setup.run_name,
     }
-    log(writer, {f"eval/{k}": metrics[k] for k in ("eos_rate", "eval_fn_mean", "eval_fn_and_eos") if metrics[k] is not None},
-        setup.total_steps)
+    final = {f"eval/{k}": metrics[k] for k in ("eos_rate", "eval_fn_mean", "eval_fn_and_eos") if metrics[k] is not None}
+    write_scalars(writer, final, setup.total_steps)
     if writer is not None:
         writer.add_text("final_samples", samples_markdown(prompts[:16], texts[:16], ended[:16]), setup.total_steps)
 

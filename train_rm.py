@@ -16,8 +16,9 @@ the statistics are stored in the saved config; see "THE NORMALISATION CONTRACT" 
 
 The file reads top to bottom: `Args`; the equations (ALGO LOGIC: one small function each); the model and data
 helpers they use; `main()`, the method itself; then, under TRY NOT TO MODIFY, the plumbing that main() calls in
-one line each (checks, data loading, model building, resume and checkpoints, logging, evaluation, the report)
-and the presets.
+one line each (checks, model building, resume and checkpoints, logging, evaluation, the report) and the command
+line. Reading the preference data (prompt/chosen/rejected columns, whole dialogues, chat messages) into token ids
+is common.py's (load_preference_split, which a DPO script calls the same way), as are the presets' (presets.py).
 
 Implementation details, each marked by a comment where it happens:
 - `pad_token_id` in the model config, a pad token distinct from EOS (common.load_reward_model);
@@ -34,10 +35,7 @@ Implementation details, each marked by a comment where it happens:
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -54,19 +52,20 @@ from common import (
     args_json,
     catch_signals,
     check_flags,
-    check_messages,
     check_model_dir,
-    check_texts,
-    check_unknown_tokens,
-    drop_unusable,
+    check_same_tokenizer,
     end_of_turn_tokens,
     exit_preempted,
     fit_prompts,
     fsdp_wrap,
+    group_by_length,
     latest_checkpoint,
+    load_bayes_ceiling,
     load_causal_lm,
     load_checkpoint,
     load_dataset,
+    load_normalisation_prompts,
+    load_preference_split,
     load_reward_model,
     load_tokenizer,
     prepare_output,
@@ -79,6 +78,7 @@ from common import (
     seed_everything,
     setup_distributed,
     teardown_distributed,
+    tensorboard_writer,
 )
 
 
@@ -91,7 +91,8 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     dataset: str = "toy_data/prefs"
     """preference dataset: a hub name or a local dir that `datasets.load_dataset` reads"""
     dataset_format: Literal["standard", "implicit_prompt", "conversational"] = "standard"
-    """standard: prompt/chosen/rejected texts; implicit_prompt: whole dialogues sharing a prompt (Anthropic HH); conversational: lists of {role, content} messages, rendered with the chat template"""
+    """standard: prompt/chosen/rejected texts; implicit_prompt: whole dialogues sharing a prompt (Anthropic HH);
+    conversational: lists of {role, content} messages, rendered with the chat template"""
     train_split: str = "train"
     """split to train on"""
     eval_split: str | None = "validation"
@@ -118,8 +119,8 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     num_eval_pairs: int | None = None
     """evaluate on this many pairs (None: all)"""
     bootstrap: bool = False
-    """train on a bootstrap resample of the training pairs: as many pairs, drawn with replacement, seeded by --seed. With
-    different seeds, members of an RM ensemble (ppo.py --reward_model A B C) that differ in data as well as in init"""
+    """train on a bootstrap resample of the training pairs: as many pairs, drawn with replacement, seeded by --seed.
+    With different seeds, members of an RM ensemble (ppo.py --reward_model A B C) that differ in data and in init"""
     bayes_ceiling_file: str | None = None
     """JSON with "bayes_accuracy" to compare with (None: {dataset}/bayes_ceiling.json if it exists)"""
 
@@ -248,7 +249,8 @@ def get_reward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
 #   samples of the initial policy (lm-human-preferences' normalize_after: mean 0, std 1); Huang et al. 2024
 #   set only the mean, on the dataset's reference summaries (after Stiennon et al. 2020). HF's score head
 #   has no bias, so the shift cannot live in the weights (a trained head bias was dropped on loading: TRL #1783).
-def reward_normalisation(reward_sum: float, reward_sq_sum: float, count: float, normalize_std: bool) -> tuple[float, float, float]:
+def reward_normalisation(reward_sum: float, reward_sq_sum: float, count: float,
+                         normalize_std: bool) -> tuple[float, float, float]:
     """reward_mean = E[r],  reward_std = sqrt((E[r^2] - E[r]^2) * n / (n - 1)) if normalize_std else 1
 
     over the n SFT-policy samples. Returns (reward_mean, reward_std, raw std). Sums, not lists, so ranks add
@@ -263,13 +265,14 @@ def learning_rate_at(step: int, total_steps: int, args: Args) -> float:
     """The learning rate after `step` completed steps: linear warm-up, then decay to 0 (Huang et al. 2024: cosine).
 
     lr(s) = lr * (s + 1) / warmup                  for s < warmup
-    lr(s) = lr * 0.5 * (1 + cos(pi * p))           cosine,   p = (s - warmup) / max(1, total_steps - warmup)
+    lr(s) = lr * 0.5 * (1 + cos(pi * p))           cosine,   p = min(1, (s - warmup) / max(1, total_steps - warmup))
     lr(s) = lr * (1 - p)                           linear
     lr(s) = lr                                     constant
     """
     if step < args.warmup_steps:
         return args.learning_rate * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    # capped at 1: a step past total_steps keeps the last rate (0 for cosine and linear), as sft.py's schedule does
+    progress = min(1.0, (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps))
     if args.lr_schedule == "cosine":
         return args.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
     if args.lr_schedule == "linear":
@@ -359,31 +362,13 @@ def pairs_by_prompt(prompts: list[str]) -> list[list[int]]:
     return list(by_prompt.values())
 
 
-def group_by_length(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator,
-                    batches_per_group: int = 50) -> list[int]:
-    """Reorder a shuffled index list so that each batch holds pairs of similar length (as sft.py does).
-
-    Cut `order` into groups of batches_per_group batches, sort each group by length, cut it into batches
-    and shuffle the batches. Batches stay random but pad far less: a batch costs as much as its longest pair.
-    """
-    chunk = batch_size * batches_per_group
-    batches = []
-    for start in range(0, len(order), chunk):
-        group = sorted(order[start : start + chunk], key=lambda i: lengths[i])
-        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
-    full = [b for b in batches if len(b) == batch_size]  # the ragged tail batches go last, to be dropped
-    ragged = [b for b in batches if len(b) < batch_size]
-    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-    return [i for b in shuffled + ragged for i in b]
-
-
 def pair_batches(prompt_groups: list[list[int]], pairs: dict, steps_per_epoch: int, args: Args):
     """Global batches of args.batch_size pair indices, epoch after epoch (a generator).
 
     Each epoch: the prompt groups in a random order, each group's pairs next to each other; with
-    --group_by_length, batches of similar length (group_by_length); the last partial batch dropped, so that every
-    rank gets an equal share. Every rank draws the same order (one generator seeded with args.seed), so a resumed
-    run finds its place by replaying the batches before its checkpoint.
+    --group_by_length, batches of similar length (common.group_by_length); the last partial batch dropped, so that
+    every rank gets an equal share. Every rank draws the same order (one generator seeded with args.seed), so a
+    resumed run finds its place by replaying the batches before its checkpoint.
     """
     lengths = [0] * len(pairs["chosen_ids"])  # a group's longest sequence, for all its pairs: sorting keeps it whole
     for group in prompt_groups:
@@ -489,7 +474,8 @@ def main(args: Args) -> dict:
             "train/margin": (chosen_sum - rejected_sum) / count,  # mean r_chosen - r_rejected
         }
         log_step(metrics, lr, grad_norm, step, args, setup, writer, bar, t_train)
-        if setup.val is not None and (step % (args.eval_every or setup.steps_per_epoch) == 0 or step == setup.total_steps):
+        eval_every = args.eval_every or setup.steps_per_epoch  # 0: at the end of each epoch
+        if setup.val is not None and (step % eval_every == 0 or step == setup.total_steps):
             run_eval(step, args, setup, models, progress, writer)
         save_or_stop(step, stop, signals, args, setup, models, progress)
     bar.close()
@@ -506,7 +492,8 @@ def main(args: Args) -> dict:
         policy = load_causal_lm(setup.sft_path, setup.policy_tokenizer, args.dtype).to(d.device).eval()
         indices, is_real = shard(len(setup.normalisation_ids), d.rank, d.world_size)  # is_real: False for a repeat
         sums = [0.0, 0.0, 0.0, 0.0]  # this rank's sum r, sum r^2, count, count with EOS
-        for start in tqdm(range(0, len(indices), args.generation_batch_size), desc="normalisation", disable=not d.is_main):
+        for start in tqdm(range(0, len(indices), args.generation_batch_size), desc="normalisation",
+                          disable=not d.is_main):
             idx = indices[start : start + args.generation_batch_size]
             real = torch.tensor(is_real[start : start + args.generation_batch_size], device=d.device)  # (B,)
             queries, query_mask = left_pad([setup.normalisation_ids[i] for i in idx], pad_id, d.device)  # (B, P)
@@ -533,8 +520,8 @@ def main(args: Args) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: everything below is plumbing that main() calls in one line each: the run's setup and
-# checks, data loading, model building, resume and checkpoints, logging, evaluation and the final report, the
-# presets and the command line.
+# checks (the data: common.load_preference_split), model building, resume and checkpoints, logging, evaluation
+# and the final report, the command line.
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
@@ -552,7 +539,7 @@ class Setup:
     bayes_ceiling: float | None
     tokenizer: object  # the RM's, padding on the right
     policy_tokenizer: object  # the SFT policy's, padding on the left (None without --normalize)
-    train: dict  # load_split's: chosen_ids, rejected_ids, prompt, margin
+    train: dict  # load_preference_split's: chosen_ids, rejected_ids, prompt, margin
     val: dict | None
     normalisation_ids: list[list[int]] | None  # the normalisation prompts, as the policy's token ids
     stop_ids: list[int]  # a normalisation response ends at any of these (EOS, a chat template's end-of-turn)
@@ -582,47 +569,11 @@ class Models:
 def check_args(args: Args) -> None:
     """Every numeric flag in range, before anything loads (None leaves a flag off)."""
     check_flags(args, at_least_1=("max_length", "num_train_pairs", "num_eval_pairs", "num_train_epochs", "batch_size",
-                                  "micro_batch_size", "eval_batch_size", "log_every", "num_normalisation_prompts", "max_prompt_length",
-                                  "response_length", "generation_batch_size"),
+                                  "micro_batch_size", "eval_batch_size", "log_every", "num_normalisation_prompts",
+                                  "max_prompt_length", "response_length", "generation_batch_size"),
                 positive=("learning_rate", "adam_eps", "temperature"),
                 non_negative=("weight_decay", "warmup_steps", "max_grad_norm", "eval_every", "checkpoint_every",
                               "max_dropped_fraction"))
-
-
-def check_same_tokenizer(policy_tokenizer, rm_tokenizer, policy_path: str, rm_path: str) -> None:
-    """The policy's token ids go straight into the RM (here and in ppo.py): same vocabulary, same pad/EOS ids.
-
-    Comparing the full token -> id maps (not just the size) catches a different tokenizer of equal size;
-    pad and EOS must agree because the RM finds the last real token by pad_token_id and reads its reward at
-    the EOS. Only checked when it matters: when normalisation samples from a policy.
-    """
-    same = (policy_tokenizer.get_vocab() == rm_tokenizer.get_vocab()
-            and policy_tokenizer.pad_token_id == rm_tokenizer.pad_token_id
-            and policy_tokenizer.eos_token_id == rm_tokenizer.eos_token_id)
-    if not same:
-        raise SystemExit(f"tokenizer of the SFT policy '{policy_path}' differs from the reward model's "
-                         f"('{rm_path}'): the policy's token ids would be fed to the RM; start the RM from the "
-                         "SFT checkpoint or pass --sft_model_for_normalisation with the same tokenizer")
-
-
-def load_bayes_ceiling(args: Args) -> float | None:
-    """The best accuracy any RM can reach on the data (the toy task writes it), to compare with: from
-    --bayes_ceiling_file, else {dataset}/bayes_ceiling.json if it exists, else None."""
-    ceiling_file = args.bayes_ceiling_file
-    if ceiling_file is None and os.path.isfile(os.path.join(args.dataset, "bayes_ceiling.json")):
-        ceiling_file = os.path.join(args.dataset, "bayes_ceiling.json")
-    if ceiling_file is not None and not os.path.isfile(ceiling_file):
-        raise SystemExit(f"--bayes_ceiling_file '{ceiling_file}' does not exist")
-    bayes_ceiling = None
-    if ceiling_file is not None:
-        try:
-            with open(ceiling_file) as f:
-                bayes_ceiling = json.load(f).get("bayes_accuracy")
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            bayes_ceiling = None
-        if not isinstance(bayes_ceiling, float):
-            raise SystemExit(f"'{ceiling_file}' has no number \"bayes_accuracy\"; pass --bayes_ceiling_file None")
-    return bayes_ceiling
 
 
 def set_up(args: Args) -> Setup:
@@ -643,22 +594,25 @@ def set_up(args: Args) -> Setup:
         check_model_dir(sft_path, "SFT model for normalisation")
     inputs = {"model": args.model_name_or_path, "SFT model": sft_path, "dataset": args.dataset,
               "prompt dataset": args.prompt_dataset, "Bayes ceiling file": args.bayes_ceiling_file}
-    prepare_output(args.output_dir, checkpoint_dir, "rm", inputs, args.resume, args.overwrite, args_json(args), d.world_size)
-    bayes_ceiling = load_bayes_ceiling(args)
+    prepare_output(args.output_dir, checkpoint_dir, "rm", inputs, args.resume, args.overwrite, args_json(args),
+                   d.world_size)
+    bayes_ceiling = load_bayes_ceiling(args.bayes_ceiling_file, args.dataset)
 
     tokenizer = load_tokenizer(args.model_name_or_path, padding_side="right", add_pad_token=args.add_pad_token)
     policy_tokenizer = None
-    if args.normalize:  # fail now, not after training
-        policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)  # for generation
+    if args.normalize:  # fail now, not after training; the policy's tokenizer pads on the left, for generation
+        policy_tokenizer = load_tokenizer(sft_path, padding_side="left", add_pad_token=args.add_pad_token)
         check_same_tokenizer(policy_tokenizer, tokenizer, sft_path, args.model_name_or_path)
     dataset = load_dataset(args.dataset)
-    train = load_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs, args.bootstrap)
-    val = load_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs) if args.eval_split else None
+    train = load_preference_split(args, dataset, args.train_split, tokenizer, args.num_train_pairs, args.bootstrap)
+    val = (load_preference_split(args, dataset, args.eval_split, tokenizer, args.num_eval_pairs)
+           if args.eval_split else None)
     # the normalisation prompts are read now, so that a bad --prompt_dataset fails before training, not after it
     chat_rendered = args.prompt_dataset is None and args.dataset_format == "conversational"  # has its BOS
     normalisation_ids = None
     if args.normalize:  # tokenized and cut to length as ppo.py does, so that the SFT samples match its prompts
-        normalisation_ids = policy_tokenizer(load_normalisation_prompts(args, train["prompt"]), add_special_tokens=not chat_rendered)["input_ids"]
+        prompts = load_normalisation_prompts(args, train["prompt"])
+        normalisation_ids = policy_tokenizer(prompts, add_special_tokens=not chat_rendered)["input_ids"]
         normalisation_ids = fit_prompts(normalisation_ids, args.max_prompt_length, args.truncate_long_prompts,
                                         prompt_head(policy_tokenizer, chat_rendered), "normalisation prompts")
     # responses end at EOS or, for chat, at the template's end-of-turn token, as in ppo.py
@@ -673,174 +627,9 @@ def set_up(args: Args) -> Setup:
            f"{total_steps} steps of {args.batch_size} pairs ({d.world_size} processes x {gradient_accumulation_steps} "
            f"x {micro_batch_size})")
     run_name = args.run_name or f"rm__{args.seed}__{int(time.time())}"
-    return Setup(d, pairs_per_rank, micro_batch_size, gradient_accumulation_steps, steps_per_epoch, total_steps, sft_path,
-                 checkpoint_dir, run_name, bayes_ceiling, tokenizer, policy_tokenizer, train, val, normalisation_ids, stop_ids)
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: every format becomes (prompt, chosen completion, rejected completion) texts, then token ids
-# ----------------------------------------------------------------------------------------------
-def split_implicit_prompt_pair(chosen: str, rejected: str, marker: str = "\n\nAssistant:") -> tuple[str, str, str]:
-    """prompt = the longest common prefix of chosen and rejected, cut just after its last `marker`.
-
-    Anthropic HH stores whole dialogues: "\\n\\nHuman: ... \\n\\nAssistant: ...". Returns
-    (prompt, chosen_completion, rejected_completion) with prompt + completion == the original text.
-    Raises ValueError when the shared prefix holds no marker.
-    """
-    common = os.path.commonprefix([chosen, rejected])
-    cut = common.rfind(marker)
-    if cut < 0:
-        raise ValueError(f"chosen and rejected share no {marker!r}: cannot tell where the prompt ends")
-    end = cut + len(marker)
-    return chosen[:end], chosen[end:], rejected[end:]
-
-
-def render_conversation(tokenizer, prompt_messages: list[dict], completion_messages: list[dict]) -> tuple[str, str]:
-    """(prompt text ending in the generation prompt, completion text) from the chat template."""
-    prompt = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt_messages + completion_messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise SystemExit("the chat template renders the prompt differently with and without the completion; "
-                         "use --dataset_format standard with pre-rendered texts")
-    return prompt, full[len(prompt):].rstrip()  # ends at the end-of-turn token, where ppo.py's responses stop
-
-
-def load_split(args: Args, dataset, split: str, tokenizer, max_pairs: int | None, bootstrap: bool = False) -> dict:
-    """Check the columns, convert to prompt/completion texts, tokenize; `bootstrap`: resample the rows with
-    replacement (bagging, Breiman 1996), the same draw on every rank. Returns a dict of lists:
-    chosen_ids / rejected_ids (prompt + completion + EOS, token ids), prompt (texts), margin (floats or None).
-    """
-    if split not in dataset:
-        raise SystemExit(f"dataset '{args.dataset}' has no split '{split}' (it has: {', '.join(dataset)}); "
-                         f"pass --{'train' if split == args.train_split else 'eval'}_split NAME")
-    data = dataset[split]
-    needed = {"chosen_column": args.chosen_column, "rejected_column": args.rejected_column}
-    if args.dataset_format == "standard":
-        needed["prompt_column"] = args.prompt_column
-    if args.margin_column is not None:
-        needed["margin_column"] = args.margin_column
-    for flag, column in needed.items():
-        if column not in data.column_names:
-            hint = ""
-            if flag == "prompt_column" and isinstance(data[0][args.chosen_column], str) \
-                    and args.implicit_prompt_marker in data[0][args.chosen_column]:
-                hint = " (whole dialogues in chosen/rejected? use --dataset_format implicit_prompt)"
-            raise SystemExit(f"dataset '{args.dataset}' split '{split}' has no column '{column}' "
-                             f"(it has: {', '.join(data.column_names)}); pass --{flag} NAME{hint}")
-    if max_pairs is not None and max_pairs < len(data):
-        data = data.shuffle(seed=args.seed).select(range(max_pairs))  # a random subset, the same on every rank
-    if bootstrap:  # n rows drawn with replacement from the n rows
-        data = data.select(torch.randint(len(data), (len(data),), generator=torch.Generator().manual_seed(args.seed)).tolist())
-
-    # list(): indexing a datasets Column one row at a time costs ~30 us a row (25 s for 90k pairs)
-    chosen_raw, rejected_raw = list(data[args.chosen_column]), list(data[args.rejected_column])
-    where = f"dataset '{args.dataset}' split '{split}'"
-    margins = None
-    if args.margin_column is not None:
-        margins = list(data[args.margin_column])
-        bad = [i for i, m in enumerate(margins) if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m)]
-        if bad:
-            raise SystemExit(f"{where}: row {bad[0]}: column '{args.margin_column}' is {margins[bad[0]]!r}, not a "
-                             f"finite number ({len(bad)} rows); fix or remove them")
-        margins = [float(m) for m in margins]
-    if args.dataset_format == "standard":
-        if isinstance(chosen_raw[0], list):
-            raise SystemExit(f"column '{args.chosen_column}' holds lists of messages, not text; "
-                             "they need --dataset_format conversational")
-        prompts = list(data[args.prompt_column])
-        for column, texts in ((args.prompt_column, prompts), (args.chosen_column, chosen_raw), (args.rejected_column, rejected_raw)):
-            check_texts(texts, column, where)
-        chosen = [args.separator + c for c in chosen_raw]
-        rejected = [args.separator + r for r in rejected_raw]
-    elif args.dataset_format == "implicit_prompt":
-        check_texts(chosen_raw, args.chosen_column, where)
-        check_texts(rejected_raw, args.rejected_column, where)
-        prompts, chosen, rejected = [], [], []
-        for c, r in zip(chosen_raw, rejected_raw):
-            try:
-                p, c, r = split_implicit_prompt_pair(c, r, args.implicit_prompt_marker)
-            except ValueError:
-                p = None  # dropped below
-            prompts.append(p), chosen.append(c), rejected.append(r)
-    else:  # conversational
-        if tokenizer.chat_template is None:
-            raise SystemExit(f"the tokenizer of '{args.model_name_or_path}' has no chat template, "
-                             "which --dataset_format conversational needs")
-        # an explicit prompt of messages; a text prompt (UltraFeedback's) repeats the first turn of chosen
-        explicit_prompt = args.prompt_column in data.column_names and isinstance(data[0][args.prompt_column], list)
-        prompt_raw = list(data[args.prompt_column]) if explicit_prompt else None
-        prompts, chosen, rejected = [], [], []
-        for i, (c, r) in enumerate(zip(chosen_raw, rejected_raw)):
-            for column, messages in ((args.chosen_column, c), (args.rejected_column, r),
-                                     *([(args.prompt_column, prompt_raw[i])] if explicit_prompt else [])):
-                check_messages(messages, f"{where}: row {i}: '{column}'")
-            if explicit_prompt:  # prompt: [user, ...], chosen/rejected: [assistant]
-                prompt_messages = prompt_raw[i]
-            else:  # whole conversations that differ in their last (assistant) message
-                if c[:-1] != r[:-1]:
-                    raise SystemExit(f"row {i} of split '{split}': chosen and rejected differ before their last "
-                                     "message; pass the shared turns in --prompt_column")
-                prompt_messages, c, r = c[:-1], c[-1:], r[-1:]
-            p, c_text = render_conversation(tokenizer, prompt_messages, c)
-            _, r_text = render_conversation(tokenizer, prompt_messages, r)
-            prompts.append(p), chosen.append(c_text), rejected.append(r_text)
-
-    # Drop the pairs that cannot be used or carry no preference (common.drop_unusable: the same policy in
-    # every stage); many of them means wrong columns or format.
-    reasons = ["without the prompt marker" if p is None else "with an empty prompt" if not p.strip() else
-               "with an empty chosen" if not c.strip() else "with an empty rejected" if not r.strip() else
-               "with chosen == rejected" if c == r else None for p, c, r in zip(prompts, chosen, rejected)]
-    keep = drop_unusable(reasons, where, args.max_dropped_fraction)
-
-    # Tokenize prompt + completion, then EOS (Huang et al. 2024: the reward is read at the EOS token).
-    # A text that already ends in EOS (TL;DR's "<|endoftext|>") or in the chat template's end-of-turn
-    # token gets no EOS after it: the reward is read there, where ppo.py's responses end.
-    special = args.dataset_format != "conversational"  # chat templates add their own BOS
-    eos = tokenizer.eos_token_id
-    stops = {eos, *(end_of_turn_tokens(tokenizer) if args.dataset_format == "conversational" else [])}
-
-    def encode(texts):
-        ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
-        return [x if x and x[-1] in stops else x + [eos] for x in ids]
-
-    chosen_texts = [prompts[i] + chosen[i] for i in keep]
-    rejected_texts = [prompts[i] + rejected[i] for i in keep]
-    distinct = list(dict.fromkeys(chosen_texts + rejected_texts))  # a completion ranked with k others: once
-    ids = dict(zip(distinct, encode(distinct)))
-    chosen_ids, rejected_ids = [ids[t] for t in chosen_texts], [ids[t] for t in rejected_texts]
-    check_unknown_tokens(list(ids.values()), tokenizer, where)
-    fits = [j for j in range(len(keep)) if max(len(chosen_ids[j]), len(rejected_ids[j])) <= args.max_length]
-    if not fits:
-        raise SystemExit(f"split '{split}': every pair is longer than --max_length {args.max_length} tokens")
-    if len(fits) < len(keep):
-        print0(f"{split}: dropped {len(keep) - len(fits)} pairs longer than {args.max_length} tokens")
-    return {
-        "chosen_ids": [chosen_ids[j] for j in fits],
-        "rejected_ids": [rejected_ids[j] for j in fits],
-        "prompt": [prompts[keep[j]] for j in fits],
-        "margin": [margins[keep[j]] for j in fits] if margins is not None else None,
-    }
-
-
-def load_normalisation_prompts(args: Args, pref_prompts: list[str]) -> list[str]:
-    """Normalisation prompts: the prompt dataset if given, else the preference train prompts; deduplicated,
-    shuffled with the seed, the first num_normalisation_prompts."""
-    if args.prompt_dataset is None:
-        prompts = pref_prompts
-    else:
-        data = load_dataset(args.prompt_dataset, "prompt dataset")
-        if args.prompt_dataset_split not in data:
-            raise SystemExit(f"prompt dataset '{args.prompt_dataset}' has no split '{args.prompt_dataset_split}' "
-                             f"(it has: {', '.join(data)}); pass --prompt_dataset_split NAME")
-        data = data[args.prompt_dataset_split]
-        if args.prompt_dataset_column not in data.column_names:
-            raise SystemExit(f"prompt dataset '{args.prompt_dataset}' has no column '{args.prompt_dataset_column}' "
-                             f"(it has: {', '.join(data.column_names)}); pass --prompt_dataset_column NAME")
-        prompts = list(data[args.prompt_dataset_column])
-        check_texts(prompts, args.prompt_dataset_column, f"prompt dataset '{args.prompt_dataset}'")
-    prompts = list(dict.fromkeys(prompts))
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    return [prompts[i] for i in order[: args.num_normalisation_prompts]]
+    return Setup(d, pairs_per_rank, micro_batch_size, gradient_accumulation_steps, steps_per_epoch, total_steps,
+                 sft_path, checkpoint_dir, run_name, bayes_ceiling, tokenizer, policy_tokenizer, train, val,
+                 normalisation_ids, stop_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -873,12 +662,8 @@ def start_or_resume(args: Args, setup: Setup, models: Models) -> tuple[Progress,
         state = load_checkpoint(latest, models.model, models.optimizer)
         progress, resumed = Progress(state["step"], state["run_name"], state["val_metrics"], state["history"]), True
         print0(f"resumed from {latest} (step {progress.start_step} of {setup.total_steps})")
-    writer = None
-    if setup.d.is_main:  # on resume, drop the events a killed run logged after its last checkpoint
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(f"runs/{progress.run_name}", purge_step=progress.start_step + 1 if resumed else None)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    writer = tensorboard_writer(setup.d.is_main, progress.run_name, asdict(args),
+                                progress.start_step if resumed else None)  # rank 0's
     return progress, writer
 
 
@@ -887,8 +672,8 @@ def save_or_stop(step: int, stop: float, signals: dict, args: Args, setup: Setup
     """A checkpoint every --checkpoint_every steps, at the end, and when a signal came (model, optimiser, step and
     RNG states; the data position follows from the step); then, for a signal, exit."""
     if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == setup.total_steps or stop:
-        state = {"step": step, "args": args_json(args), "run_name": progress.run_name, "val_metrics": progress.val_metrics,
-                 "history": progress.history}
+        state = {"step": step, "args": args_json(args), "run_name": progress.run_name,
+                 "val_metrics": progress.val_metrics, "history": progress.history}
         path = save_checkpoint(setup.checkpoint_dir, step, models.model, models.optimizer, state, "rm")
         if stop:
             exit_preempted(path, f"step {step}", signals["signal"])
@@ -908,7 +693,8 @@ def clip_grad_norm_or_stop(models: Models, args: Args, setup: Setup, step: int, 
     for name, value in (*losses.items(), ("gradient norm", grad_norm)):
         if not math.isfinite(value):  # global values, the same on every rank: every rank stops
             raise SystemExit(f"the {name} is {value} at step {step}: stopped before the optimiser step; last good "
-                             f"checkpoint: {latest_checkpoint(setup.checkpoint_dir) or 'none'}. Lower --learning_rate or check the data")
+                             f"checkpoint: {latest_checkpoint(setup.checkpoint_dir) or 'none'}. Lower --learning_rate "
+                             "or check the data")
     return grad_norm
 
 
@@ -935,7 +721,8 @@ def preference_accuracy(model, pairs: dict, batch_size: int, pad_id: int, rank: 
     indices, is_real = [indices[k] for k in by_length], [is_real[k] for k in by_length]
     sums = [0.0, 0.0, 0.0]  # correct, loss, count
     for start in range(0, len(indices), batch_size):
-        idx, real = indices[start : start + batch_size], torch.tensor(is_real[start : start + batch_size], device=device)
+        idx = indices[start : start + batch_size]
+        real = torch.tensor(is_real[start : start + batch_size], device=device)  # (B,) False for a repeat
         input_ids, attention_mask, index, margin = pair_batch(pairs, idx, pad_id, device)
         rewards = get_reward(model, input_ids, attention_mask)[index]  # (2B,)
         r_chosen, r_rejected = rewards[: len(idx)], rewards[len(idx):]
@@ -951,11 +738,12 @@ def preference_accuracy(model, pairs: dict, batch_size: int, pad_id: int, rank: 
 def run_eval(step: int, args: Args, setup: Setup, models: Models, progress: Progress, writer) -> None:
     """Validation accuracy and loss (preference_accuracy), kept in progress and logged."""
     d = setup.d
-    progress.val_metrics = preference_accuracy(models.model, setup.val, args.eval_batch_size, setup.tokenizer.pad_token_id, d.rank,
-                                    d.world_size, d.device)
+    progress.val_metrics = preference_accuracy(models.model, setup.val, args.eval_batch_size,
+                                               setup.tokenizer.pad_token_id, d.rank, d.world_size, d.device)
     progress.history.append((step, progress.val_metrics["accuracy"]))
     if d.is_main:
-        tqdm.write(f"step {step}: val accuracy {progress.val_metrics['accuracy']:.4f}, loss {progress.val_metrics['loss']:.4f}")
+        tqdm.write(f"step {step}: val accuracy {progress.val_metrics['accuracy']:.4f}, "
+                   f"loss {progress.val_metrics['loss']:.4f}")
     if writer is not None:
         writer.add_scalar("val/accuracy", progress.val_metrics["accuracy"], step)
         writer.add_scalar("val/loss", progress.val_metrics["loss"], step)
@@ -989,7 +777,9 @@ def final_report(args: Args, setup: Setup, models: Models, progress: Progress, w
         writer.close()
     print0(f"saved {args.output_dir}: reward_mean {reward_mean:.4f}, reward_std {reward_std:.4f}")
     if val_metrics:
-        ceiling = f" vs Bayes ceiling {bayes_ceiling:.4f} ({results['fraction_of_ceiling']:.1%} of it)" if bayes_ceiling else ""
+        ceiling = ""
+        if bayes_ceiling:
+            ceiling = f" vs Bayes ceiling {bayes_ceiling:.4f} ({results['fraction_of_ceiling']:.1%} of it)"
         print0(f"validation accuracy {val_metrics['accuracy']:.4f}{ceiling}")
     teardown_distributed()
     return results

@@ -274,6 +274,15 @@ def test_train_rm_learning_rate_at_hand_values(schedule, middle):
     assert train_rm.learning_rate_at(0, 110, no_warmup) == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("schedule, end", [("cosine", 0.0), ("linear", 0.0), ("constant", 1e-3)])
+def test_train_rm_learning_rate_at_stays_at_the_end_past_total_steps(schedule, end):
+    """train_rm.learning_rate_at past total_steps keeps the rate of total_steps, as sft.cosine_with_warmup does:
+    0 for cosine and linear decay (progress capped at 1). Uncapped, cosine rose again and linear went negative."""
+    args = train_rm.Args(learning_rate=1e-3, warmup_steps=10, lr_schedule=schedule)
+    for step in (110, 111, 160, 210, 1000):
+        assert train_rm.learning_rate_at(step, 110, args) == pytest.approx(end, abs=1e-15)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reward normalisation and the RM head (train_rm.py)
 # ----------------------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_sft_and_ppo_cut_prompts_behind_the_bos(tmp_path):
     bos = tokenizer.bos_token_id
     prompts = ["the first prompt, which is long enough to be cut " * 2, "short"]
     args = sft.parse_args(["--model_name_or_path", base, "--max_prompt_length", "8", "--truncate_long_prompts"])
-    pairs = sft.tokenize_pairs(prompts, [" yes", " no"], tokenizer, args, False, "x")
+    pairs = common.tokenize_pairs(prompts, [" yes", " no"], tokenizer, args, False, "x")
     assert [p[0] for p, _ in pairs] == [bos, bos] and len(pairs[0][0]) == 8
     import datasets
 

@@ -16,6 +16,7 @@ import torch
 
 from conftest import ROOT, one_thread
 
+import common
 import ppo
 import sft
 import train_rm
@@ -203,9 +204,8 @@ def test_chat_prompts_stop_at_the_end_of_turn_token(tmp_path):
     responses = torch.tensor([[5, im_end, 7, 8], [5, 6, 7, 8]])
     out, mask, ended = ppo.truncate_after_eos(responses, [tokenizer.eos_token_id, im_end], tokenizer.pad_token_id)
     assert ended.tolist() == [True, False] and mask[0].tolist() == [True, True, False, False]
-    # SFT and the RM end a chat completion at the same token, where PPO reads the reward
+    # SFT and the RM end a chat completion at the same token, where PPO reads the reward: both render it with
+    # common.render_conversation
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
-    _, completion = sft.render_conversation(tokenizer, messages[:1], messages[1:])
-    assert completion == "hello there<|im_end|>"
-    _, rm_completion = train_rm.render_conversation(tokenizer, messages[:1], messages[1:])
-    assert rm_completion == completion and sft.end_of_turn_tokens(tokenizer) == [im_end]
+    _, completion = common.render_conversation(tokenizer, messages[:1], messages[1:])
+    assert completion == "hello there<|im_end|>" and sft.end_of_turn_tokens(tokenizer) == [im_end]

@@ -162,17 +162,18 @@ def test_truncate_after_eos():
 # ----------------------------------------------------------------------------------------------
 def test_split_implicit_prompt_pair_on_hh_examples():
     single = ("\n\nHuman: What is a good movie?\n\nAssistant:", " Try a comedy.", " I don't know.")
-    assert train_rm.split_implicit_prompt_pair(single[0] + single[1], single[0] + single[2]) == single
+    assert common.split_implicit_prompt_pair(single[0] + single[1], single[0] + single[2]) == single
     # several turns: the prompt runs up to the *last* shared assistant turn
     history = ("\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Recommend a film."
                "\n\nAssistant:")
     chosen, rejected = " I liked Alien.", " I liked nothing."  # the completions share " I liked "
-    assert train_rm.split_implicit_prompt_pair(history + chosen, history + rejected) == (history, chosen, rejected)
+    assert common.split_implicit_prompt_pair(history + chosen, history + rejected) == (history, chosen, rejected)
     # a completion that is a prefix of the other
-    assert train_rm.split_implicit_prompt_pair(history + " Yes.", history + " Yes. Alien.") == (history, " Yes.", " Yes. Alien.")
+    assert (common.split_implicit_prompt_pair(history + " Yes.", history + " Yes. Alien.")
+            == (history, " Yes.", " Yes. Alien."))
     # no shared assistant turn: no prompt to find
     with pytest.raises(ValueError):
-        train_rm.split_implicit_prompt_pair("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: b")
+        common.split_implicit_prompt_pair("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: c\n\nAssistant: b")
 
 
 def make_args(toy_dir, **kw):
@@ -190,7 +191,7 @@ def test_implicit_prompt_and_conversational_formats(toy_dir):
         {"chosen": "no marker here", "rejected": "another text"},  # no shared prompt: dropped
     ])})
     args = make_args(toy_dir, dataset_format="implicit_prompt", implicit_prompt_marker="<assistant>", max_dropped_fraction=0.5)
-    out = train_rm.load_split(args, hh, "train", tokenizer, None)
+    out = common.load_preference_split(args, hh, "train", tokenizer, None)
     assert out["prompt"] == ["i watched it <assistant>"]
     assert out["chosen_ids"] == [ids("i watched it <assistant> it is good .") + [eos]]
     assert out["rejected_ids"] == [ids("i watched it <assistant> it is bad .") + [eos]]
@@ -200,7 +201,8 @@ def test_implicit_prompt_and_conversational_formats(toy_dir):
     good, bad = [{"role": "assistant", "content": "good ."}], [{"role": "assistant", "content": "bad ."}]
     for rows in ([{"prompt": user, "chosen": good, "rejected": bad}], [{"chosen": user + good, "rejected": user + bad}]):
         conv = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
-        out = train_rm.load_split(make_args(toy_dir, dataset_format="conversational"), conv, "train", tokenizer, None)
+        args = make_args(toy_dir, dataset_format="conversational")
+        out = common.load_preference_split(args, conv, "train", tokenizer, None)
         assert out["prompt"] == ["<user> the plot was <assistant> "]
         assert out["chosen_ids"] == [ids("<user> the plot was <assistant> good .") + [eos]]
         assert out["rejected_ids"] == [ids("<user> the plot was <assistant> bad .") + [eos]]
@@ -208,7 +210,7 @@ def test_implicit_prompt_and_conversational_formats(toy_dir):
     # standard: prompt + separator + completion + EOS, and a text already ending in EOS gets no second one
     std = datasets.DatasetDict({"train": datasets.Dataset.from_list([
         {"prompt": "the plot", "chosen": "was good . <eos>", "rejected": "was bad ."}])})
-    out = train_rm.load_split(make_args(toy_dir), std, "train", tokenizer, None)
+    out = common.load_preference_split(make_args(toy_dir), std, "train", tokenizer, None)
     assert out["chosen_ids"] == [ids("the plot was good .") + [eos]]
     assert out["rejected_ids"] == [ids("the plot was bad .") + [eos]]
 
@@ -219,9 +221,9 @@ def test_bootstrap_resamples_the_pairs_with_replacement(toy_dir):
     tokenizer = load_tokenizer(os.path.join(toy_dir, "base_model"))
     rows = [{"prompt": f"p{i}", "chosen": f"good {i} .", "rejected": f"bad {i} ."} for i in range(40)]
     data = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
-    plain = train_rm.load_split(make_args(toy_dir), data, "train", tokenizer, None)
-    draws = [train_rm.load_split(make_args(toy_dir, seed=seed), data, "train", tokenizer, None, bootstrap=True)["prompt"]
-             for seed in (1, 1, 2)]
+    plain = common.load_preference_split(make_args(toy_dir), data, "train", tokenizer, None)
+    draws = [common.load_preference_split(make_args(toy_dir, seed=seed), data, "train", tokenizer, None,
+                                          bootstrap=True)["prompt"] for seed in (1, 1, 2)]
     assert len(draws[0]) == 40 and set(draws[0]) < set(plain["prompt"])  # some left out ...
     assert len(set(draws[0])) < 40  # ... because some are drawn twice
     assert draws[0] == draws[1] and draws[0] != draws[2]
@@ -251,7 +253,7 @@ def test_normalisation_gives_sft_samples_mean_zero(toy_dir, easy_prefs, trained_
     rm = AutoModelForSequenceClassification.from_pretrained(trained_rm).eval()
     policy = load_causal_lm(sft, tokenizer).eval()
     args = train_rm.parse_args(["--dataset", easy_prefs, *TINY])
-    prompts = train_rm.load_normalisation_prompts(args, datasets.load_dataset(easy_prefs)["train"]["prompt"])
+    prompts = common.load_normalisation_prompts(args, datasets.load_dataset(easy_prefs)["train"]["prompt"])
     torch.manual_seed(1234)
     enc = tokenizer(prompts, padding=True, return_tensors="pt")
     responses = train_rm.sample_responses(policy, enc["input_ids"], enc["attention_mask"], args.response_length,

@@ -69,7 +69,7 @@ def test_cosine_with_warmup():
 def test_group_by_length_keeps_every_index_and_groups_lengths():
     lengths = [(i * 7919) % 40 for i in range(1000)]
     order = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
-    grouped = sft.group_by_length(order, lengths, 10, torch.Generator().manual_seed(0), batches_per_group=20)
+    grouped = common.group_by_length(order, lengths, 10, torch.Generator().manual_seed(0), batches_per_group=20)
     assert sorted(grouped) == list(range(1000))
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in
               (grouped[j : j + 10] for j in range(0, 1000, 10))]
@@ -148,7 +148,7 @@ def test_long_prompts_rejected_by_default_and_truncated_by_flag(toy_dir, in_tmp,
 
     tokenizer = sft.load_tokenizer(os.path.join(toy_dir, "base_model"))
     args = sft.Args(max_prompt_length=3, truncate_long_prompts=True)
-    pairs = sft.tokenize_pairs(["the plot was very", "i"], ["good .", "loved it ."], tokenizer, args, False, "test")
+    pairs = common.tokenize_pairs(["the plot was very", "i"], ["good .", "loved it ."], tokenizer, args, False, "test")
     assert "warning: test: 1 of 2 prompts are longer than max_prompt_length=3" in capsys.readouterr().out
     assert tokenizer.decode(pairs[0][0]) == "plot was very"  # left-truncated: the end of the prompt stays
     assert pairs[0][1] == tokenizer("good .")["input_ids"] + [tokenizer.eos_token_id]
@@ -158,7 +158,7 @@ def test_long_prompts_rejected_by_default_and_truncated_by_flag(toy_dir, in_tmp,
 def test_long_completions_are_cut_without_eos(toy_dir, capsys):
     tokenizer = sft.load_tokenizer(os.path.join(toy_dir, "base_model"))
     args = sft.Args(max_completion_length=3)
-    pairs = sft.tokenize_pairs(["i"], ["loved the plot ."], tokenizer, args, False, "test")
+    pairs = common.tokenize_pairs(["i"], ["loved the plot ."], tokenizer, args, False, "test")
     assert tokenizer.decode(pairs[0][1]) == "loved the plot"  # EOS would claim the text was finished
     assert "1 of 1 completions are longer than max_completion_length=3" in capsys.readouterr().out
 
@@ -247,13 +247,13 @@ def test_conversational_format_through_the_chat_template(toy_dir, in_tmp):
     args = tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "chat"), max_prompt_length=20, eval_fn=None)
 
     tokenizer = sft.load_tokenizer(args.model_name_or_path)
-    ds = sft.load_splits(args)["train"]
-    prompts, completions, conversational = sft.prompts_and_completions(ds, args, tokenizer, "chat")
+    ds = common.load_sft_splits(args)["train"]
+    prompts, completions, conversational = common.prompts_and_completions(ds, args, tokenizer, "chat")
     first = read_rows(toy_dir, "train", 1)[0]
     assert conversational
     assert prompts[0] == f"<user> {first['prompt']} <assistant> "  # ends with the generation prompt
     assert completions[0] == first["completion"]
-    (prompt_ids, completion_ids), = sft.tokenize_pairs(prompts[:1], completions[:1], tokenizer, args, True, "chat")
+    (prompt_ids, completion_ids), = common.tokenize_pairs(prompts[:1], completions[:1], tokenizer, args, True, "chat")
     labels = sft.build_labels(prompt_ids, completion_ids)
     assert tokenizer.convert_ids_to_tokens(prompt_ids)[-1] == "<assistant>"
     assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)  # the template and the user turn are not targets

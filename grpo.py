@@ -990,7 +990,7 @@ def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, promp
             for j in range(0, len(responses), args.local_rollout_forward_batch_size):
                 s = slice(j, j + args.local_rollout_forward_batch_size)
                 logp = policy_forward(policy, query_responses[s], attention_mask[s], T,
-                                      args.temperature)[0].log_softmax(-1)
+                                      args.temperature).log_softmax(-1)
                 ref_logp = reference_logits(policy, ref_policy, query_responses[s], attention_mask[s], T,
                                             args.temperature).log_softmax(-1)
                 kl[s] = ((logp.exp() * (logp - ref_logp)).sum(-1) * response_mask[s]).sum(1)

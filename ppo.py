@@ -628,7 +628,7 @@ def micro_batch_backward(models: Models, args: Args, rollout: Rollout, idx: torc
                                               args.cliprange, args.dual_clip)
     vf_loss, vf_clipfrac = value_loss(values, rollout.values[idx], rollout.returns[idx], micro_mask,
                                       args.cliprange_value)
-    loss = args.vf_coef * vf_loss
+    loss = args.vf_coef * vf_loss  # c_v * L_critic; the policy's terms join it after the critic warm-up
     if policy_moves:
         loss = pg_loss + loss
     if not args.kl_in_reward:  # the KL as a loss term, beta * KL(pi || pi_ref)

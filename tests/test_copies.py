@@ -35,6 +35,7 @@ GRPO_DELTA = {
     "Rollout": "no values, no returns",
     "policy_forward": "no value head on the policy: logits only",
     "reference_logits": "policy_forward returns logits only",
+    "evaluate": "policy_forward returns logits only",
     "train_forward": "no critic forward",
     "policy_loss": "DAPO's asymmetric clip and Dr. GRPO's aggregation, in place of PPO's dual clip",
     "micro_batch_backward": "L = L_CLIP (+ beta * KL): no value loss, no entropy bonus",
@@ -79,9 +80,8 @@ def test_shared_names_have_the_same_text(a, b):
 
 
 def test_grpo_shares_the_rollout_with_ppo():
-    """The parts of ppo.py that GRPO does not change are in grpo.py, word for word: the rollout, the reward, the KL,
-    the evaluation."""
+    """The parts of ppo.py that GRPO does not change are in grpo.py, word for word: the rollout, the reward, the KL."""
     ppo, grpo = definitions("ppo.py"), definitions("grpo.py")
     for name in ("generate", "truncate_after_eos", "reward_scores", "rm_scores", "kl_estimate", "kl_penalized_rewards",
-                 "whiten", "logprobs_from_logits", "reference_logprobs", "evaluate", "ensemble_scores"):
+                 "whiten", "logprobs_from_logits", "reference_logprobs", "ensemble_scores"):
         assert ppo[name] == grpo[name], name

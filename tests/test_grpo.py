@@ -138,6 +138,8 @@ def test_estimators_and_ensembles_run(toy_dir, standin_rm, second_rm, tmp_path, 
                               "--ensemble", ensemble or "mean", *extra))
     history = out["history"]
     assert len(history) == 2 and all(math.isfinite(v) for h in history for v in h.values())
+    # the evaluation's exact KL: 0 for the SFT policy against its own copy, positive after training
+    assert out["sft"]["kl"] == 0.0 and out["ppo"]["kl"] > 0.0
     models = built[0]
     assert set(models.trainables) == {"policy"} and not hasattr(models, "critic")
     assert len(models.optimizer.param_groups[0]["params"]) == len(list(models.policy.parameters()))

@@ -555,21 +555,38 @@ def recover_output(path: str) -> None:
 @contextlib.contextmanager
 def write_errors(path: str, intact: str):
     """A failed write (disk full, permissions) stops the run with one line; our partial `path` is removed."""
+    from safetensors import SafetensorError
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
-    except (OSError, CheckpointException) as e:
-        if isinstance(e, CheckpointException):  # DCP wraps each rank's error: find an OSError in it
-            inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
-            e = next((x for x in inner if isinstance(x, OSError)), None)
-            if e is None:
-                raise
+    except (OSError, CheckpointException, SafetensorError) as error:
+        e = os_error(error, path)
+        if e is None:
+            raise
         if read_marker(path) is not None or path.endswith(".tmp"):
             shutil.rmtree(path, ignore_errors=True)
         problem = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or type(e).__name__
-        raise SystemExit(f"cannot write '{e.filename if isinstance(e.filename, str) else path}': {problem}; {intact}. Free space (or fix the "
-                         "permissions) and run again, with --resume where a checkpoint exists") from None
+        raise SystemExit(f"cannot write '{e.filename if isinstance(e.filename, str) else path}': {problem}; {intact}; the "
+                         f"partial write ({path}) was removed. Free space (or fix the permissions) and run again, with "
+                         "--resume where a checkpoint exists") from None
+
+
+def os_error(error: Exception, path: str) -> OSError | None:
+    """The OSError behind a failed write, or None when it was no I/O error. DCP wraps each rank's error in a
+    CheckpointException; safetensors (the model weights) raises a SafetensorError that carries the OS error in its
+    text only: 'Error while serializing: I/O error: No space left on device (os error 28)'."""
+    import re
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, CheckpointException):
+        inner = [f[0] if isinstance(f, tuple) else f for f in error.failures.values()]
+        return next((x for x in inner if isinstance(x, OSError)), None)
+    code = re.search(r"I/O error: .*\(os error (\d+)\)", str(error))
+    return OSError(int(code[1]), os.strerror(int(code[1]))) if code else None
 
 
 def check_output_path(path: str, flag: str, inputs: dict[str, str]) -> None:

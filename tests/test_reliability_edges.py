@@ -2,13 +2,17 @@
 checkpoint dir, and entropy_from_logits on -inf logits. Each test failed on the code before its fix."""
 
 import math
+import os
 
 import pytest
 import torch
 
 from conftest import one_thread
 
+import common
 import ppo
+
+from test_hostile import Ctx, run_stage, snapshot
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +53,44 @@ def test_entropy_from_logits_is_unchanged_on_ordinary_logits():
     logits = torch.randn(4, 7, 50, generator=g) * 20.0  # float32, some probabilities underflow to 0
     old = logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)  # the formula before the fix
     assert torch.equal(ppo.entropy_from_logits(logits), old)
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk during the final save: safetensors' own error (a Rust I/O error, not an OSError) becomes the same one
+# line as a full disk at a checkpoint, and the previous run stays as it was
+# ----------------------------------------------------------------------------------------------
+def stage_flags(c: Ctx, stage: str, *extra):
+    return {"sft": c.sft, "rm": c.rm_, "ppo": c.ppo}[stage](*extra)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_disk_full_in_safetensors_at_the_final_save(stage, toy_dir, standin_rm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = Ctx(toy_dir, standin_rm, tmp_path)
+    module, argv = stage_flags(c, stage, "--overwrite")
+    module.main(module.parse_args(argv))  # the previous run
+    before = snapshot(c.out)
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        # safetensors 0.8 writes a temp file beside the target and renames it; the disk fills in the middle. The
+        # message is the library's (its format checked on a real failed write: 'File too large (os error 27)')
+        with open(os.path.join(os.path.dirname(filename), ".tmpAbC123"), "wb") as f:
+            f.write(b"half a model")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    code = run_stage(module, argv)
+    assert isinstance(code, str) and "\n" not in code, code
+    assert code.startswith(f"cannot write '{c.out}.tmp': the disk is full; '{c.out}' is unchanged"), code
+    assert f"the partial write ({c.out}.tmp) was removed" in code, code
+    assert snapshot(c.out) == before
+    assert not os.path.exists(c.out + ".tmp")  # the partial save is gone, and the space it took
+
+
+def test_safetensors_errors_that_are_not_io_errors_are_not_hidden(tmp_path):
+    from safetensors import SafetensorError
+
+    with pytest.raises(SafetensorError, match="shared tensors"):
+        with common.write_errors(str(tmp_path / "x.tmp"), "nothing changed"):
+            raise SafetensorError("Some tensors share memory, this will lead to duplicate memory on disk: shared tensors")

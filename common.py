@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import NoReturn
@@ -452,7 +453,8 @@ def save_model(model, tokenizer, output_dir: str, stage: str, results: dict | No
         with write_errors(tmp, f"'{output_dir}' is unchanged"):
             remove_own_dir(tmp)
             os.makedirs(tmp)
-            write_marker(tmp, stage)  # first: from here on the dir is recognisably this project's
+            # first: from here on the dir is recognisably this project's; a finished run's names its last checkpoint
+            write_marker(tmp, stage, **(final_checkpoint(output_dir) if results is not None else {}))
             for key, value in (extra_config or {}).items():
                 setattr(model.config, key, value)
             model.save_pretrained(tmp, state_dict=state_dict)
@@ -479,8 +481,8 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2)
 
 
-def write_marker(path: str, stage: str, kind: str = "run") -> None:
-    write_json(os.path.join(path, MARKER), {"stage": stage, "kind": kind})
+def write_marker(path: str, stage: str, kind: str = "run", **record) -> None:
+    write_json(os.path.join(path, MARKER), {"stage": stage, "kind": kind, **record})
 
 
 def read_marker(path: str) -> dict | None:
@@ -709,10 +711,14 @@ def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dic
                                  "move it away and run again")
         OutputLock(output_dir)
         recover_output(output_dir)
-        if check_own_dir(output_dir, "--output_dir", stage, "run") and not overwrite and not resume \
-                and os.path.isfile(os.path.join(output_dir, "eval_results.json")):
+        finished = check_own_dir(output_dir, "--output_dir", stage, "run") \
+            and os.path.isfile(os.path.join(output_dir, "eval_results.json"))
+        if finished and resume and (message := finished_run(output_dir, checkpoint_dir, stage)):
+            raise SystemExit(message)
+        if finished and not overwrite and not resume:
             raise SystemExit(f"'{output_dir}' holds a finished run; pass --overwrite to replace it, or pick another --output_dir")
         check_own_dir(checkpoint_dir, "--checkpoint_dir", stage, "checkpoints")
+        RUNS[os.path.realpath(output_dir)] = checkpoint_dir
         for leftover in glob.glob(os.path.join(checkpoint_dir, "step_*.tmp")):
             shutil.rmtree(leftover)  # an interrupted checkpoint save, in our own marked dir
         if resume:
@@ -722,6 +728,45 @@ def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dic
                              "or --overwrite to start over")
 
     on_rank0(check)
+
+
+# This process's runs, recorded by prepare_output (rank 0): output dir (real path) -> checkpoint dir. save_model names
+# the last checkpoint in a finished run's marker.
+RUNS: dict[str, str] = {}
+
+
+def read_meta(checkpoint: str | None) -> dict:
+    """A checkpoint's meta.json, or {} (no checkpoint, or unreadable: check_resume names that)."""
+    try:
+        with open(os.path.join(checkpoint, "meta.json")) as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def final_checkpoint(output_dir: str) -> dict:
+    """What the marker of a finished run keeps of the checkpoint it ended at: its step and its id."""
+    checkpoint_dir = RUNS.get(os.path.realpath(output_dir))
+    meta = read_meta(latest_checkpoint(checkpoint_dir)) if checkpoint_dir else {}
+    return {"final_checkpoint": {"step": meta["step"], "id": meta["id"]}} if "id" in meta else {}
+
+
+def finished_run(output_dir: str, checkpoint_dir: str, stage: str) -> str | None:
+    """--resume on a finished run: the line saying so, or None when the latest checkpoint is not the one the run
+    ended at: a newer run's (--overwrite over the finished one, stopped before its final save), which --resume continues.
+
+    A finished run is a result: re-evaluating it would rewrite its eval_results.json with another wall time."""
+    final = read_marker(output_dir).get("final_checkpoint") or {}  # none: saved before this was kept
+    latest = latest_checkpoint(checkpoint_dir)
+    meta = read_meta(latest)
+    if latest and final and meta.get("id") != final.get("id"):
+        return None
+    step = final.get("step", meta.get("step"))
+    unit = "update" if stage in ("ppo", "grpo") else "step"
+    return (f"'{output_dir}' holds a run that finished{f' at {unit} {step}' if step is not None else ''}: --resume has "
+            "nothing to continue and changed no file; pass --overwrite instead of --resume to run it again, or pick "
+            "another --output_dir")
 
 
 def on_rank0(fn) -> None:
@@ -899,7 +944,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, opti
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             write_json(os.path.join(tmp, "meta.json"), {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                                                        "args": state.get("args")})
+                                                        "args": state.get("args"), "id": uuid.uuid4().hex})
     if dist.is_initialized():
         dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)

@@ -94,3 +94,79 @@ def test_safetensors_errors_that_are_not_io_errors_are_not_hidden(tmp_path):
     with pytest.raises(SafetensorError, match="shared tensors"):
         with common.write_errors(str(tmp_path / "x.tmp"), "nothing changed"):
             raise SafetensorError("Some tensors share memory, this will lead to duplicate memory on disk: shared tensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# A finished run is a result: --resume on it says so in one line and changes no file
+# ----------------------------------------------------------------------------------------------
+def files_state(*roots) -> dict[str, tuple[int, bytes]]:
+    """mtime and bytes of every file under the roots."""
+    found = {}
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                with open(path, "rb") as f:
+                    found[path] = (os.stat(path).st_mtime_ns, f.read())
+    return found
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_resume_leaves_a_finished_run_alone(stage, toy_dir, standin_rm, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = Ctx(toy_dir, standin_rm, tmp_path)
+    module, argv = stage_flags(c, stage)
+    module.main(module.parse_args(argv))
+    last = common.latest_checkpoint(c.out + "_checkpoints")
+    assert last and os.path.isfile(os.path.join(c.out, "eval_results.json"))
+    before = files_state(tmp_path)  # the run, its checkpoints, its TensorBoard log, its (in-process: kept) locks
+    code = run_stage(module, argv + ["--resume"])
+    unit = "update" if stage == "ppo" else "step"
+    assert code == (f"'{c.out}' holds a run that finished at {unit} {last.rsplit('_', 1)[1]}: --resume has nothing to "
+                    "continue and changed no file; pass --overwrite instead of --resume to run it again, or pick "
+                    "another --output_dir"), code
+    assert files_state(tmp_path) == before
+
+
+def test_resume_of_a_finished_run_without_its_checkpoints(toy_dir, standin_rm, tmp_path, monkeypatch):
+    """The checkpoints deleted after the run (results/sweep.py does): still a finished run, at the step its marker keeps."""
+    monkeypatch.chdir(tmp_path)
+    c = Ctx(toy_dir, standin_rm, tmp_path)
+    module, argv = c.sft()
+    module.main(module.parse_args(argv))
+    import shutil
+    shutil.rmtree(c.out + "_checkpoints")
+    before = files_state(c.out)
+    code = run_stage(module, argv + ["--resume"])
+    assert code.startswith(f"'{c.out}' holds a run that finished at step 2: --resume has nothing to continue"), code
+    assert files_state(c.out) == before
+
+
+def test_resume_continues_an_overwrite_run_that_stopped_before_its_final_save(toy_dir, standin_rm, tmp_path, monkeypatch):
+    """--overwrite over a finished run, stopped after its first checkpoint: the old run is still in output_dir (the
+    final save is atomic), and --resume continues the new run, not the finished one."""
+    import sft
+
+    monkeypatch.chdir(tmp_path)
+    c = Ctx(toy_dir, standin_rm, tmp_path)
+    module, argv = c.sft("--checkpoint_every", "1")
+    module.main(module.parse_args(argv))
+    finished = files_state(c.out)
+
+    class Stop(Exception):
+        pass
+    real = sft.save_or_stop
+
+    def stop_after_step_1(step, *a):
+        real(step, *a)
+        if step == 1:
+            raise Stop
+    monkeypatch.setattr(sft, "save_or_stop", stop_after_step_1)
+    with pytest.raises(Stop):
+        module.main(module.parse_args(argv + ["--overwrite", "--learning_rate", "1e-3"]))
+    monkeypatch.setattr(sft, "save_or_stop", real)
+    assert files_state(c.out) == finished and common.latest_checkpoint(c.out + "_checkpoints").endswith("step_1")
+    module.main(module.parse_args(argv + ["--resume", "--learning_rate", "1e-3"]))
+    with open(os.path.join(c.out, "eval_results.json")) as f:
+        assert f.read() != finished[os.path.join(c.out, "eval_results.json")][1].decode()
+    assert common.latest_checkpoint(c.out + "_checkpoints").endswith("step_2")

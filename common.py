@@ -710,6 +710,7 @@ def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dic
                 raise SystemExit(f"'{leftover}' is in the way of the atomic save and was not written by this project; "
                                  "move it away and run again")
         OutputLock(output_dir)
+        OutputLock(checkpoint_dir, "--checkpoint_dir")  # runs with other output dirs must not share checkpoints
         recover_output(output_dir)
         finished = check_own_dir(output_dir, "--output_dir", stage, "run") \
             and os.path.isfile(os.path.join(output_dir, "eval_results.json"))
@@ -717,7 +718,10 @@ def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dic
             raise SystemExit(message)
         if finished and not overwrite and not resume:
             raise SystemExit(f"'{output_dir}' holds a finished run; pass --overwrite to replace it, or pick another --output_dir")
-        check_own_dir(checkpoint_dir, "--checkpoint_dir", stage, "checkpoints")
+        owner = (check_own_dir(checkpoint_dir, "--checkpoint_dir", stage, "checkpoints") or {}).get("output_dir")
+        if owner is not None and owner != os.path.realpath(output_dir):
+            raise SystemExit(f"--checkpoint_dir '{checkpoint_dir}' holds the checkpoints of the run in '{owner}', not of "
+                             f"--output_dir '{output_dir}'; pick another --checkpoint_dir")
         RUNS[os.path.realpath(output_dir)] = checkpoint_dir
         for leftover in glob.glob(os.path.join(checkpoint_dir, "step_*.tmp")):
             shutil.rmtree(leftover)  # an interrupted checkpoint save, in our own marked dir
@@ -731,7 +735,7 @@ def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dic
 
 
 # This process's runs, recorded by prepare_output (rank 0): output dir (real path) -> checkpoint dir. save_model names
-# the last checkpoint in a finished run's marker.
+# the last checkpoint in a finished run's marker, and save_checkpoint the output dir in a new checkpoint dir's.
 RUNS: dict[str, str] = {}
 
 
@@ -940,7 +944,8 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, opti
         with write_errors(tmp, intact):
             if not os.path.isdir(checkpoint_dir):
                 os.makedirs(checkpoint_dir)
-                write_marker(checkpoint_dir, stage, "checkpoints")
+                owner = [output_dir for output_dir, c in RUNS.items() if c == checkpoint_dir]
+                write_marker(checkpoint_dir, stage, "checkpoints", **({"output_dir": owner[0]} if owner else {}))
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             write_json(os.path.join(tmp, "meta.json"), {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,

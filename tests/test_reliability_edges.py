@@ -1,8 +1,10 @@
 """Issue 24's edges: a finished run left alone by --resume, a full disk at the final save, two runs sharing one
 checkpoint dir, and entropy_from_logits on -inf logits. Each test failed on the code before its fix."""
 
+import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from conftest import one_thread
 import common
 import ppo
 
-from test_hostile import Ctx, run_stage, snapshot
+from test_hostile import Ctx, long_sft, run_stage, snapshot, wait_for
+from test_reliability import kill_tree, launch
 
 
 @pytest.fixture(autouse=True)
@@ -170,3 +173,42 @@ def test_resume_continues_an_overwrite_run_that_stopped_before_its_final_save(to
     with open(os.path.join(c.out, "eval_results.json")) as f:
         assert f.read() != finished[os.path.join(c.out, "eval_results.json")][1].decode()
     assert common.latest_checkpoint(c.out + "_checkpoints").endswith("step_2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Two runs, one checkpoint dir: the dir is locked as the output dir is, and it belongs to one output dir
+# ----------------------------------------------------------------------------------------------
+def test_a_second_run_into_the_same_checkpoint_dir_is_refused(toy_dir, tmp_path):
+    shared = str(tmp_path / "shared_checkpoints")
+    first = launch("sft.py", long_sft(toy_dir, str(tmp_path / "a")) + ["--checkpoint_dir", shared])
+    try:
+        wait_for(lambda: common.checkpoints(shared), first)  # the first run writes into it
+        # --overwrite, as the second run's user is told to for 'checkpoints of an unfinished run': it would delete the first's
+        second = launch("sft.py", long_sft(toy_dir, str(tmp_path / "b")) + ["--checkpoint_dir", shared, "--max_steps", "2",
+                                                                              "--overwrite"])
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 1 and "Traceback" not in err, err
+        assert f"--checkpoint_dir '{shared}' is in use by process {first.pid}" in err.strip().splitlines()[-1], err
+        assert not os.path.exists(tmp_path / "b")
+        with open(os.path.join(common.latest_checkpoint(shared), "meta.json")) as f:
+            assert json.load(f)["args"]["output_dir"] == str(tmp_path / "a")  # the first run's checkpoints, only
+    finally:
+        kill_tree(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_a_checkpoint_dir_of_another_output_dir_is_refused(toy_dir, standin_rm, tmp_path, monkeypatch):
+    """One after the other: the second run would take the first's checkpoints for its own (or, with --overwrite,
+    delete them)."""
+    monkeypatch.chdir(tmp_path)
+    c = Ctx(toy_dir, standin_rm, tmp_path)
+    shared = str(tmp_path / "shared")
+    module, argv = c.sft("--checkpoint_dir", shared)
+    module.main(module.parse_args(argv))
+    before = files_state(shared)
+    other = str(tmp_path / "other")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        code = run_stage(module, argv + ["--output_dir", other, *extra])
+        assert code == (f"--checkpoint_dir '{shared}' holds the checkpoints of the run in '{c.out}', not of "
+                        f"--output_dir '{other}'; pick another --checkpoint_dir"), code
+    assert files_state(shared) == before and not os.path.exists(other)

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -781,10 +782,13 @@ def on_rank0(fn) -> None:
             fn()
         except SystemExit as e:
             error = e
+            if isinstance(e.code, str):
+                tell_torchrun(e.code)  # before the others learn of it: torchrun's report names rank 0 as the root cause
     if dist.is_initialized():
         failed = torch.tensor([float(error is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(failed)
         if failed.item() and error is None:
+            tell_torchrun(f"rank {get_rank()}: stopped with rank 0, whose one line above this report says why")
             raise SystemExit(1)
     if error is not None:
         raise error
@@ -1066,28 +1070,45 @@ def run(main, parse_args) -> None:
     """A stage's entry point: main(parse_args()), with the faults no check can foresee turned into one line each.
     Bad input is caught earlier, by the checks before the first step, each with its own message."""
     try:
-        main(parse_args())
-    except SystemExit:  # the one-line message goes on a line of its own, not after an open progress bar
+        try:
+            main(parse_args())
+        except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one inside it
+            print("interrupted: stopped at once; the last checkpoint (if any) is intact", file=sys.stderr)
+            raise SystemExit(130) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise SystemExit(f"cannot write '{e.filename}': the disk is full; free space and run again") from None
+        except RuntimeError as e:  # a collective failed: another process of this run died (gloo, nccl)
+            lost = isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "Connection", "NCCL"))
+            if not (lost and dist.is_initialized() and dist.get_world_size() > 1):
+                raise
+            others = [r for r in range(dist.get_world_size()) if r != dist.get_rank()]
+            raise SystemExit(f"rank {dist.get_rank()}: lost contact with rank{'s' if len(others) > 1 else ''} "
+                             f"{', '.join(map(str, others))} of this run ({first_line(e)[:160]}); the process that stopped "
+                             "first printed why above") from None
+    except SystemExit as e:  # the one-line message goes on a line of its own, not after an open progress bar
         from tqdm import tqdm
 
         for bar in list(tqdm._instances):
             bar.close()
+        if isinstance(e.code, str):
+            tell_torchrun(e.code)
         raise
-    except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one inside it
-        print("interrupted: stopped at once; the last checkpoint (if any) is intact", file=sys.stderr)
-        raise SystemExit(130) from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise SystemExit(f"cannot write '{e.filename}': the disk is full; free space and run again") from None
-    except RuntimeError as e:  # a collective failed: another process of this run died (gloo, nccl)
-        lost = isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "Connection", "NCCL"))
-        if not (lost and dist.is_initialized() and dist.get_world_size() > 1):
-            raise
-        others = [r for r in range(dist.get_world_size()) if r != dist.get_rank()]
-        raise SystemExit(f"rank {dist.get_rank()}: lost contact with rank{'s' if len(others) > 1 else ''} "
-                         f"{', '.join(map(str, others))} of this run ({first_line(e)[:160]}); the process that stopped "
-                         "first printed why above") from None
+
+
+def tell_torchrun(message: str) -> None:
+    """Under torchrun, hand our one line to its failure report, which then shows it as this rank's `traceback`
+    instead of a link to its docs. The channel is torch.distributed.elastic's error file (TORCHELASTIC_ERROR_FILE, in
+    the format of its ErrorHandler, without a call stack), written once: the first failure keeps its time, and the
+    report names the earliest as the root cause. torchrun's own traceback still prints below our line."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    try:
+        write_json(path, {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}})
+    except OSError:
+        pass  # the report then shows its link instead: nothing is lost
 
 
 def args_json(args) -> dict:

@@ -212,3 +212,48 @@ def test_a_checkpoint_dir_of_another_output_dir_is_refused(toy_dir, standin_rm, 
         assert code == (f"--checkpoint_dir '{shared}' holds the checkpoints of the run in '{c.out}', not of "
                         f"--output_dir '{other}'; pick another --checkpoint_dir"), code
     assert files_state(shared) == before and not os.path.exists(other)
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun's report: its root cause shows our one line (torch.distributed.elastic's error file), not a link to its docs
+# ----------------------------------------------------------------------------------------------
+def test_our_line_goes_into_torchruns_error_file(tmp_path, monkeypatch):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    error_file = str(tmp_path / "error.json")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", error_file)  # what torchrun gives each worker
+
+    def fails(_):
+        raise SystemExit("--batch_size 33 must be divisible by the 2 processes")
+    with pytest.raises(SystemExit):
+        common.run(fails, lambda: None)
+    with open(error_file) as f:
+        written = f.read()
+    # the agent's own reader and report (torch.distributed.elastic), as torchrun prints it
+    report = ChildFailedError("sft.py", {0: ProcessFailure(local_rank=0, pid=123, exitcode=1, error_file=error_file)}).format_msg()
+    assert "traceback : --batch_size 33 must be divisible by the 2 processes" in report, report
+    assert "To enable traceback" not in report
+    with pytest.raises(SystemExit):  # a later line does not replace the first (the root cause is the earliest)
+        common.run(lambda _: common.on_rank0(lambda: fails(None)), lambda: None)
+    with open(error_file) as f:
+        assert f.read() == written
+
+
+def test_torchrun_report_names_our_line(toy_dir, tmp_path):
+    """A flag refused after the process group starts, on 2 processes: our line, then torchrun's report, whose root
+    cause repeats it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+                           "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
+                           os.path.join(toy_dir, "sft"), "--output_dir", str(tmp_path / "out"), "--batch_size", "33"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    line = "--batch_size 33 must be divisible by the 2 processes x --gradient_accumulation_steps 1"
+    assert proc.returncode == 1
+    assert line in proc.stderr.split("ChildFailedError")[0], proc.stderr  # above the report
+    root_cause = proc.stderr.split("Root Cause")[1]
+    assert f"traceback : {line}" in root_cause, proc.stderr

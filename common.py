@@ -783,13 +783,17 @@ def on_rank0(fn) -> None:
         except SystemExit as e:
             error = e
             if isinstance(e.code, str):
-                tell_torchrun(e.code)  # before the others learn of it: torchrun's report names rank 0 as the root cause
+                tell_torchrun(e.code)  # now: torchrun may stop this rank with SIGTERM once another has exited
     if dist.is_initialized():
         failed = torch.tensor([float(error is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(failed)
-        if failed.item() and error is None:
-            tell_torchrun(f"rank {get_rank()}: stopped with rank 0, whose one line above this report says why")
-            raise SystemExit(1)
+        if failed.item():  # rank 0's line goes to every rank, for torchrun's report of each
+            line = [error.code if error is not None and isinstance(error.code, str) else None]
+            dist.broadcast_object_list(line, src=0)
+            if error is None:
+                if line[0]:
+                    tell_torchrun(line[0])
+                raise SystemExit(1)
     if error is not None:
         raise error
 
@@ -1100,8 +1104,8 @@ def run(main, parse_args) -> None:
 def tell_torchrun(message: str) -> None:
     """Under torchrun, hand our one line to its failure report, which then shows it as this rank's `traceback`
     instead of a link to its docs. The channel is torch.distributed.elastic's error file (TORCHELASTIC_ERROR_FILE, in
-    the format of its ErrorHandler, without a call stack), written once: the first failure keeps its time, and the
-    report names the earliest as the root cause. torchrun's own traceback still prints below our line."""
+    the format of its ErrorHandler, without a call stack), written once: the first line, with its time, stays.
+    torchrun's own traceback still prints, below our line."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path or os.path.exists(path):
         return

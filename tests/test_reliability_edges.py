@@ -240,20 +240,23 @@ def test_our_line_goes_into_torchruns_error_file(tmp_path, monkeypatch):
 
 
 def test_torchrun_report_names_our_line(toy_dir, tmp_path):
-    """A flag refused after the process group starts, on 2 processes: our line, then torchrun's report, whose root
-    cause repeats it."""
+    """A path refused after the process group starts (rank 0 checks it, rank 1 stops with it), on 2 processes: our
+    line, then torchrun's report, whose root cause repeats it whichever rank torchrun saw stop first."""
     import subprocess
     import sys
 
     from conftest import ROOT
 
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
                            "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
-                           os.path.join(toy_dir, "sft"), "--output_dir", str(tmp_path / "out"), "--batch_size", "33"],
+                           os.path.join(toy_dir, "sft"), "--output_dir", str(notes)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    line = "--batch_size 33 must be divisible by the 2 processes x --gradient_accumulation_steps 1"
-    assert proc.returncode == 1
+    line = f"--output_dir '{notes}' is a file, not a dir; pick another --output_dir"
+    assert proc.returncode == 1 and notes.read_text() == "my notes"
     assert line in proc.stderr.split("ChildFailedError")[0], proc.stderr  # above the report
-    root_cause = proc.stderr.split("Root Cause")[1]
+    failures, root_cause = proc.stderr.split("Root Cause")
     assert f"traceback : {line}" in root_cause, proc.stderr
+    assert "To enable traceback" not in failures, proc.stderr  # the other rank's entry too

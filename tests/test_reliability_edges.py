@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import socket
 
 import pytest
 import torch
@@ -178,20 +179,23 @@ def test_resume_continues_an_overwrite_run_that_stopped_before_its_final_save(to
 # ----------------------------------------------------------------------------------------------
 # Two runs, one checkpoint dir: the dir is locked as the output dir is, and it belongs to one output dir
 # ----------------------------------------------------------------------------------------------
-def test_a_second_run_into_the_same_checkpoint_dir_is_refused(toy_dir, tmp_path):
+def test_a_second_run_into_the_same_checkpoint_dir_is_refused(toy_dir, standin_rm, tmp_path, monkeypatch):
+    """A run in another process holds the checkpoint dir; this one (in-process: its start costs nothing) is refused."""
+    monkeypatch.chdir(tmp_path)
     shared = str(tmp_path / "shared_checkpoints")
     first = launch("sft.py", long_sft(toy_dir, str(tmp_path / "a")) + ["--checkpoint_dir", shared])
     try:
-        wait_for(lambda: common.checkpoints(shared), first)  # the first run writes into it
-        # --overwrite, as the second run's user is told to for 'checkpoints of an unfinished run': it would delete the first's
-        second = launch("sft.py", long_sft(toy_dir, str(tmp_path / "b")) + ["--checkpoint_dir", shared, "--max_steps", "2",
-                                                                              "--overwrite"])
-        _, err = second.communicate(timeout=120)
-        assert second.returncode == 1 and "Traceback" not in err, err
-        assert f"--checkpoint_dir '{shared}' is in use by process {first.pid}" in err.strip().splitlines()[-1], err
+        wait_for(lambda: common.checkpoints(shared), first)  # the first run is writing into it
+        # --overwrite, as a user told 'checkpoints of an unfinished run' would pass: it would delete the first's
+        module, argv = Ctx(toy_dir, standin_rm, tmp_path).sft("--output_dir", str(tmp_path / "b"), "--checkpoint_dir",
+                                                              shared, "--overwrite")
+        code = run_stage(module, argv)
+        assert code.startswith(f"--checkpoint_dir '{shared}' is in use by process {first.pid} on {socket.gethostname()} "
+                               "(sft.py "), code
+        assert code.endswith(f"pick another --checkpoint_dir (delete '{shared}.lock' if that run is gone)"), code
         assert not os.path.exists(tmp_path / "b")
         with open(os.path.join(common.latest_checkpoint(shared), "meta.json")) as f:
-            assert json.load(f)["args"]["output_dir"] == str(tmp_path / "a")  # the first run's checkpoints, only
+            assert json.load(f)["args"]["output_dir"] == str(tmp_path / "a")
     finally:
         kill_tree(first.pid, signal.SIGKILL)
         first.wait()

@@ -532,8 +532,9 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = logsumexp(logits) - sum_v softmax(logits)_v * logits_v; (B, T, V) -> (B, T)
 
     A token of probability 0 adds 0 (p log p -> 0), also when its logit is -inf (top-k, masking): 0 * -inf is NaN."""
+    log_normalizer = logits.logsumexp(-1)  # first, as before the fix: autograd then adds the gradients in the same order
     probs = torch.softmax(logits, -1)
-    return logits.logsumexp(-1) - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
+    return log_normalizer - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
 
 
 def approx_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -52,11 +52,20 @@ def test_entropy_from_logits_with_minus_inf_logits_matches_categorical():
 
 
 def test_entropy_from_logits_is_unchanged_on_ordinary_logits():
-    """Bit for bit on finite logits, so that the default pipeline's logged entropy does not move."""
+    """Bit for bit on finite logits, values and gradients (an entropy bonus trains through it), so that no run moves."""
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(4, 7, 50, generator=g) * 20.0  # float32, some probabilities underflow to 0
-    old = logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)  # the formula before the fix
-    assert torch.equal(ppo.entropy_from_logits(logits), old)
+    x = torch.randn(4, 7, 50, generator=g)
+    head = torch.nn.Linear(50, 50)
+    weights = torch.linspace(0.1, 1.0, 7)
+
+    def entropy_and_grads(entropy):
+        head.zero_grad()
+        h = entropy(head(x) * 20.0)  # logits out of a layer, as in training; some probabilities underflow to 0
+        (h * weights).sum().backward()
+        return h.detach(), head.weight.grad.clone()
+    before = entropy_and_grads(lambda logits: logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1))
+    after = entropy_and_grads(ppo.entropy_from_logits)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -564,7 +564,7 @@ def write_errors(path: str, intact: str):
     try:
         yield
     except (OSError, CheckpointException, SafetensorError) as error:
-        e = os_error(error, path)
+        e = os_error(error)
         if e is None:
             raise
         if read_marker(path) is not None or path.endswith(".tmp"):
@@ -575,7 +575,7 @@ def write_errors(path: str, intact: str):
                          "--resume where a checkpoint exists") from None
 
 
-def os_error(error: Exception, path: str) -> OSError | None:
+def os_error(error: Exception) -> OSError | None:
     """The OSError behind a failed write, or None when it was no I/O error. DCP wraps each rank's error in a
     CheckpointException; safetensors (the model weights) raises a SafetensorError that carries the OS error in its
     text only: 'Error while serializing: I/O error: No space left on device (os error 28)'."""

@@ -104,9 +104,8 @@ def test_disk_full_in_safetensors_at_the_final_save(stage, toy_dir, standin_rm, 
 def test_safetensors_errors_that_are_not_io_errors_are_not_hidden(tmp_path):
     from safetensors import SafetensorError
 
-    with pytest.raises(SafetensorError, match="shared tensors"):
-        with common.write_errors(str(tmp_path / "x.tmp"), "nothing changed"):
-            raise SafetensorError("Some tensors share memory, this will lead to duplicate memory on disk: shared tensors")
+    with pytest.raises(SafetensorError, match="shared tensors"), common.write_errors(str(tmp_path / "x.tmp"), "unchanged"):
+        raise SafetensorError("Some tensors share memory, this will lead to duplicate memory on disk: shared tensors")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -346,8 +346,12 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(logits) - sum_v softmax(logits)_v * logits_v; (B, T, V) -> (B, T)"""
-    return logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    """H = logsumexp(logits) - sum_v softmax(logits)_v * logits_v; (B, T, V) -> (B, T)
+
+    A token of probability 0 adds 0 (p log p -> 0), also when its logit is -inf (top-k, masking): 0 * -inf is NaN."""
+    log_normalizer = logits.logsumexp(-1)  # first: autograd then sums the gradients in the plain formula's order
+    probs = torch.softmax(logits, -1)
+    return log_normalizer - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
 
 
 def annealed_learning_rate(update: int, num_updates: int, learning_rate: float) -> float:

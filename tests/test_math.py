@@ -11,6 +11,7 @@ import torch
 
 from conftest import one_thread
 
+import common
 import ppo
 import sft
 import train_rm
@@ -131,12 +132,12 @@ def test_approx_kl_hand_values():
 
 
 def test_gold_wins_counts_ties_as_half():
-    """ppo.gold_wins: wins of golds over the baseline, ties 1/2, against hand counts."""
-    assert ppo.gold_wins([1.0, 2.0, 3.0], [0.0, 2.0, 4.0]) == pytest.approx(1.5)
-    assert ppo.gold_wins([5.0, 5.0], [1.0, 1.0]) == pytest.approx(2.0)
-    assert ppo.gold_wins([0.0, 0.0], [1.0, 0.0]) == pytest.approx(0.5)
-    assert ppo.gold_wins([], []) == 0.0
-    assert isinstance(ppo.gold_wins([1.0], [1.0]), float)
+    """common.gold_wins: wins of golds over the baseline, ties 1/2, against hand counts."""
+    assert common.gold_wins([1.0, 2.0, 3.0], [0.0, 2.0, 4.0]) == pytest.approx(1.5)
+    assert common.gold_wins([5.0, 5.0], [1.0, 1.0]) == pytest.approx(2.0)
+    assert common.gold_wins([0.0, 0.0], [1.0, 0.0]) == pytest.approx(0.5)
+    assert common.gold_wins([], []) == 0.0
+    assert isinstance(common.gold_wins([1.0], [1.0]), float)
 
 
 def test_annealed_learning_rate_hand_values():

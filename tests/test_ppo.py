@@ -533,17 +533,17 @@ def test_resume_inside_the_critic_warmup_is_exact(toy_dir, standin_rm, tmp_path,
         pass
 
     full = run("full")
-    real_save = ppo.save_or_stop
+    real_save = ppo.rl_save_or_stop
 
     def stop_after_the_first(step, *a):
         real_save(step, *a)
         if step == 1:
             raise Stop
 
-    monkeypatch.setattr(ppo, "save_or_stop", stop_after_the_first)
+    monkeypatch.setattr(ppo, "rl_save_or_stop", stop_after_the_first)
     with pytest.raises(Stop):
         run("cut")
-    monkeypatch.setattr(ppo, "save_or_stop", real_save)
+    monkeypatch.setattr(ppo, "rl_save_or_stop", real_save)
     resumed = run("cut", "--resume")
     strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in (full, resumed)]
     assert len(strip[1]) == 3 and strip[0] == strip[1]

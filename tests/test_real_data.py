@@ -126,7 +126,7 @@ def test_sft_and_ppo_cut_prompts_behind_the_bos(tmp_path):
 
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": p} for p in prompts])})
     ppo_args = ppo.parse_args(["--sft_model", base, "--max_prompt_length", "8", "--truncate_long_prompts"])
-    _, ids = ppo.prompts_of_split(ppo_args, splits, "train", tokenizer)
+    _, ids = common.prompts_of_split(ppo_args, splits, "train", tokenizer, base)
     assert [x[0] for x in ids] == [bos, bos] and len(ids[0]) == 8
 
 

@@ -198,9 +198,9 @@ def test_chat_prompts_stop_at_the_end_of_turn_token(tmp_path):
     args = ppo.parse_args(["ultrafeedback"])
     assert ppo.stop_token_ids(args, tokenizer, chat=True) == [tokenizer.eos_token_id, im_end]
     assert ppo.stop_token_ids(args, tokenizer, chat=False) == [tokenizer.eos_token_id]
-    prompt = ppo.render_chat_prompt([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"}], tokenizer)
+    prompt = common.render_chat_prompt([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"}], tokenizer)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # the old reply is dropped
-    assert ppo.render_chat_prompt("hi", tokenizer) == prompt  # a text prompt is one user turn
+    assert common.render_chat_prompt("hi", tokenizer) == prompt  # a text prompt is one user turn
     responses = torch.tensor([[5, im_end, 7, 8], [5, 6, 7, 8]])
     out, mask, ended = ppo.truncate_after_eos(responses, [tokenizer.eos_token_id, im_end], tokenizer.pad_token_id)
     assert ended.tolist() == [True, False] and mask[0].tolist() == [True, True, False, False]

@@ -66,6 +66,19 @@ def test_cosine_with_warmup():
     assert f(0, 0, 10) == 1.0  # no warmup
 
 
+def test_sft_cosine_with_warmup_hand_values():
+    """sft.cosine_with_warmup: (s + 1) / warmup during warmup, then 0.5 * (1 + cos(pi * progress)), against
+    hand values at the warmup's start and end, the middle of the decay and the end."""
+    f = sft.cosine_with_warmup
+    assert f(0, 10, 110) == pytest.approx(0.1)  # warmup start
+    assert f(9, 10, 110) == pytest.approx(1.0)  # warmup end
+    assert f(10, 10, 110) == pytest.approx(1.0)  # decay start: cos 0
+    assert f(35, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))  # a quarter of the decay
+    assert f(60, 10, 110) == pytest.approx(0.5)  # the middle
+    assert f(110, 10, 110) == pytest.approx(0.0, abs=1e-12)  # the end
+    assert f(200, 10, 110) == pytest.approx(0.0, abs=1e-12)  # past the end: stays 0
+
+
 def test_group_by_length_keeps_every_index_and_groups_lengths():
     lengths = [(i * 7919) % 40 for i in range(1000)]
     order = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()

@@ -13,7 +13,10 @@ from conftest import ROOT, run_script_expect_error
 
 PIPELINE = os.path.join(ROOT, "pipeline.py")
 TINY_TOY = "--toy_args=--n_sft 400 --n_prefs 400 --n_prompts 100 --hidden_size 32 --num_layers 1"
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+# one OpenMP thread per stage: the models are 32 wide, and two threads waiting for each other made the stages
+# slower, not faster (the PPO stage took 18 s instead of 11 s on this suite's 2-core machine)
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1"}
 
 
 def run_pipeline(cwd, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -72,11 +72,18 @@ def one_omp_thread():
 
 @pytest.fixture(scope="module")
 def trained_rm(toy_dir, easy_prefs, tmp_path_factory):
-    """One tiny end-to-end run on the easy set (the random base model stands in for the SFT model)."""
-    out = str(tmp_path_factory.mktemp("rm") / "rm")
-    with one_omp_thread():
-        run_script("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
-                   easy_prefs, "--output_dir", out, "--run_name", "test_rm_e2e", "--normalize_std", *TINY)
+    """One tiny end-to-end run on the easy set (the random base model stands in for the SFT model), in-process
+    (train_rm.py's command line runs in test_torchrun_two_processes_matches_one)."""
+    tmp = tmp_path_factory.mktemp("rm")
+    out = str(tmp / "rm")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # TensorBoard logs go to tmp/runs
+    try:
+        train_rm.main(train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
+                                           easy_prefs, "--output_dir", out, "--run_name", "test_rm_e2e",
+                                           "--normalize_std", *TINY]))
+    finally:
+        os.chdir(cwd)
     return out
 
 

@@ -119,36 +119,55 @@ def test_gold_reward_fn_is_called_and_logged(e2e):
     assert [e.step for e in acc.Scalars("eval/gold_score")] == [0, 160, 320]
 
 
-def test_same_seed_same_numbers(toy_dir, standin_rm, tmp_path, monkeypatch):
+SHORT_RUN = ("--no_save", "--eval_samples", "16", "--gold_reward_fn", "None")
+
+
+@pytest.fixture(scope="module")
+def short_runs(toy_dir, standin_rm, tmp_path_factory):
+    """The plain short runs that several tests compare with, run once: 2 updates (64 episodes), and 3 updates
+    (96 episodes) evaluated only at the end; neither saved nor scored by a gold function."""
+    tmp = tmp_path_factory.mktemp("short_runs")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # TensorBoard logs go to tmp/runs
+    try:
+        return {
+            64: ppo.main(tiny_args(toy_dir, standin_rm, tmp / "o64", "--total_episodes", "64", *SHORT_RUN)),
+            96: ppo.main(tiny_args(toy_dir, standin_rm, tmp / "o96", "--total_episodes", "96", *SHORT_RUN,
+                                   "--eval_every", "0")),
+        }
+    finally:
+        os.chdir(cwd)
+
+
+def test_same_seed_same_numbers(toy_dir, standin_rm, short_runs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    runs = [ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / f"o{i}", "--total_episodes", "64", "--no_save",
-                               "--eval_samples", "16", "--gold_reward_fn", "None", "--run_name", f"r{i}"))
-            for i in range(2)]
+    again = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "64", *SHORT_RUN,
+                               "--run_name", "again"))
+    runs = [short_runs[64], again]
     strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in runs]
     assert strip[0] == strip[1]
     assert runs[0]["ppo"] == runs[1]["ppo"]
 
 
-def test_eval_every_changes_no_training_number(toy_dir, standin_rm, tmp_path, monkeypatch):
+def test_eval_every_changes_no_training_number(toy_dir, standin_rm, short_runs, tmp_path, monkeypatch):
     """Evaluation samples from its own forked RNG: evaluating after every update instead of only at the end
     leaves the training run bit-identical (results/sweep.py relies on this for its extra eval points)."""
     monkeypatch.chdir(tmp_path)
-    runs = [ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / f"o{e}", "--total_episodes", "96", "--no_save",
-                               "--eval_samples", "16", "--gold_reward_fn", "None", "--eval_every", e,
-                               "--run_name", f"e{e}"))
-            for e in ("1", "0")]
+    every_update = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "96", *SHORT_RUN,
+                                      "--eval_every", "1", "--run_name", "e1"))
+    runs = [every_update, short_runs[96]]  # the second: --eval_every 0
     strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in runs]
     assert len(strip[0]) == 3 and strip[0] == strip[1]
     assert runs[0]["ppo"] == runs[1]["ppo"] and runs[0]["sft"] == runs[1]["sft"]
 
 
-def test_reusing_the_first_forward_changes_no_number(toy_dir, standin_rm, tmp_path, monkeypatch):
+def test_reusing_the_first_forward_changes_no_number(toy_dir, standin_rm, short_runs, tmp_path, monkeypatch):
     """pi_old and V_old taken from PPO's first forward (one micro-batch per update) equal the separate
     no-grad recompute: the whole run is the same up to float rounding, only the speed differs."""
     monkeypatch.chdir(tmp_path)
-    runs = [ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "96", "--no_save",
-                               "--eval_samples", "16", "--gold_reward_fn", "None",
-                               *flag)) for flag in ([], ["--no_reuse_first_forward"])]
+    recompute = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "96", *SHORT_RUN,
+                                   "--eval_every", "0", "--no_reuse_first_forward"))
+    runs = [short_runs[96], recompute]  # the first reuses it (the default)
     strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in runs]
     for a, b in zip(*strip):
         # the critic's recompute can differ in the last bit, which flips a few value-clipping comparisons
@@ -441,7 +460,7 @@ def test_resume_inside_the_critic_warmup_is_exact(toy_dir, standin_rm, tmp_path,
     assert full["ppo"] == resumed["ppo"]
 
 
-def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkeypatch):
+def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, short_runs, tmp_path, monkeypatch):
     """Gradient checkpointing changes memory, not numbers; bf16 / int8 frozen models change them only by
     rounding; LoRA starts exactly at the reference (B = 0), so the first KL is 0. --offload_critic runs its moves
     (to where the critic already is, on CPU) and must change nothing; what it frees needs a GPU to be seen."""
@@ -453,7 +472,7 @@ def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkey
 
     def strip(out):
         return [{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in out["history"]]
-    base = strip(run())
+    base = strip(short_runs[64])  # run() without flags
     # offloading moves the critic and its AdamW state (nowhere, on CPU: the path runs, nothing may change)
     assert strip(run("--offload_critic")) == base
     for flags in (["--gradient_checkpointing"],):

@@ -72,11 +72,18 @@ def one_omp_thread():
 
 @pytest.fixture(scope="module")
 def trained_rm(toy_dir, easy_prefs, tmp_path_factory):
-    """One tiny end-to-end run on the easy set (the random base model stands in for the SFT model)."""
-    out = str(tmp_path_factory.mktemp("rm") / "rm")
-    with one_omp_thread():
-        run_script("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
-                   easy_prefs, "--output_dir", out, "--run_name", "test_rm_e2e", "--normalize_std", *TINY)
+    """One tiny end-to-end run on the easy set (the random base model stands in for the SFT model), in-process
+    (train_rm.py's command line runs in test_torchrun_two_processes_matches_one)."""
+    tmp = tmp_path_factory.mktemp("rm")
+    out = str(tmp / "rm")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # TensorBoard logs go to tmp/runs
+    try:
+        train_rm.main(train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
+                                           easy_prefs, "--output_dir", out, "--run_name", "test_rm_e2e",
+                                           "--normalize_std", *TINY]))
+    finally:
+        os.chdir(cwd)
     return out
 
 
@@ -93,8 +100,9 @@ def tiny_rm(toy_dir):
 def test_bradley_terry_loss_hand_values():
     zero = torch.zeros(3)
     assert train_rm.bradley_terry_loss(zero, zero).item() == pytest.approx(math.log(2))
-    assert train_rm.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0])).item() == pytest.approx(math.log1p(math.exp(-2)))
-    assert train_rm.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([2.0])).item() == pytest.approx(math.log1p(math.exp(2)))
+    two, nil = torch.tensor([2.0]), torch.tensor([0.0])
+    assert train_rm.bradley_terry_loss(two, nil).item() == pytest.approx(math.log1p(math.exp(-2)))
+    assert train_rm.bradley_terry_loss(nil, two).item() == pytest.approx(math.log1p(math.exp(2)))
     # the gradient raises the chosen reward and lowers the rejected one: dL/dr_c = -1/2, dL/dr_r = +1/2 at a tie
     r_chosen, r_rejected = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
     train_rm.bradley_terry_loss(r_chosen, r_rejected).backward()
@@ -197,7 +205,8 @@ def test_left_and_right_padding_give_the_same_reward(tiny_rm):
         right = train_rm.get_reward(model, *train_rm.right_pad(seqs, tokenizer.pad_token_id))
         left = train_rm.get_reward(model, *train_rm.left_pad(seqs, tokenizer.pad_token_id))
         # PPO's layout: left-padded prompt, then a response with padding after its EOS
-        both, _ = train_rm.left_pad([s + [tokenizer.pad_token_id] * k for k, s in enumerate(seqs)], tokenizer.pad_token_id)
+        both, _ = train_rm.left_pad([s + [tokenizer.pad_token_id] * k for k, s in enumerate(seqs)],
+                                    tokenizer.pad_token_id)
         ppo = train_rm.get_reward(model, both, (both != tokenizer.pad_token_id).long())
     assert alone.std() > 1e-4  # the texts really score differently
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
@@ -207,8 +216,8 @@ def test_left_and_right_padding_give_the_same_reward(tiny_rm):
 
 def test_concatenated_forward_equals_two_forwards(tiny_rm):
     model, tokenizer = tiny_rm
-    pairs = {"chosen_ids": encode(tokenizer, TEXTS), "rejected_ids": encode(tokenizer, ["it is a comedy about love .", "i", "stars ."]),
-             "margin": None}
+    pairs = {"chosen_ids": encode(tokenizer, TEXTS),
+             "rejected_ids": encode(tokenizer, ["it is a comedy about love .", "i", "stars ."]), "margin": None}
     with torch.no_grad():
         input_ids, attention_mask, index, _ = train_rm.pair_batch(pairs, [0, 1, 2], tokenizer.pad_token_id, "cpu")
         assert input_ids.shape[0] == 6 and index.tolist() == [0, 1, 2, 3, 4, 5]  # (2B, T): chosen then rejected
@@ -274,7 +283,8 @@ def test_implicit_prompt_and_conversational_formats(toy_dir):
         {"chosen": "i watched it <assistant> it is good .", "rejected": "i watched it <assistant> it is bad ."},
         {"chosen": "no marker here", "rejected": "another text"},  # no shared prompt: dropped
     ])})
-    args = make_args(toy_dir, dataset_format="implicit_prompt", implicit_prompt_marker="<assistant>", max_dropped_fraction=0.5)
+    args = make_args(toy_dir, dataset_format="implicit_prompt", implicit_prompt_marker="<assistant>",
+                     max_dropped_fraction=0.5)
     out = common.load_preference_split(args, hh, "train", tokenizer, None)
     assert out["prompt"] == ["i watched it <assistant>"]
     assert out["chosen_ids"] == [ids("i watched it <assistant> it is good .") + [eos]]
@@ -283,7 +293,8 @@ def test_implicit_prompt_and_conversational_formats(toy_dir):
     # conversational, both layouts: explicit prompt column, or whole conversations
     user = [{"role": "user", "content": "the plot was"}]
     good, bad = [{"role": "assistant", "content": "good ."}], [{"role": "assistant", "content": "bad ."}]
-    for rows in ([{"prompt": user, "chosen": good, "rejected": bad}], [{"chosen": user + good, "rejected": user + bad}]):
+    for rows in ([{"prompt": user, "chosen": good, "rejected": bad}],
+                 [{"chosen": user + good, "rejected": user + bad}]):
         conv = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
         args = make_args(toy_dir, dataset_format="conversational")
         out = common.load_preference_split(args, conv, "train", tokenizer, None)
@@ -383,8 +394,9 @@ def test_evaluation_changes_no_training_number(toy_dir, easy_prefs, tmp_path, mo
     runs = []
     with one_omp_thread():
         for every in ("1", "0"):
-            args = train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", easy_prefs,
-                                        "--output_dir", str(tmp_path / every), *TINY, "--eval_every", every])
+            args = train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"),
+                                        "--dataset", easy_prefs, "--output_dir", str(tmp_path / every), *TINY,
+                                        "--eval_every", every])
             runs.append(train_rm.main(args))
     assert len(runs[0]["val_accuracy_history"]) == runs[0]["steps"] and len(runs[1]["val_accuracy_history"]) == 1
     for key in ("val_accuracy", "val_loss", "reward_mean"):

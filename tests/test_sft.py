@@ -143,7 +143,8 @@ def test_empty_completion(toy_dir, in_tmp):
     rows[7]["completion"] = "  "
     write_jsonl(str(in_tmp / "data" / "train.jsonl"), rows)
     write_jsonl(str(in_tmp / "data" / "validation.jsonl"), read_rows(toy_dir, "validation", 20))
-    with pytest.raises(SystemExit, match=r"split 'train': 1 of 50 rows \(2.0%\) cannot be used \(1 with an empty completion; first: row 7\)"):
+    with pytest.raises(SystemExit, match=r"split 'train': 1 of 50 rows \(2.0%\) cannot be used "
+                                         r"\(1 with an empty completion; first: row 7\)"):
         sft.main(tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "data")))
 
 
@@ -254,7 +255,8 @@ def test_sft_torchrun_two_processes(toy_dir, in_tmp):
 
 def test_conversational_format_through_the_chat_template(toy_dir, in_tmp):
     for split, n in (("train", 400), ("validation", 40)):
-        rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        rows = [{"messages": [{"role": "user", "content": r["prompt"]},
+                              {"role": "assistant", "content": r["completion"]}]}
                 for r in read_rows(toy_dir, split, n)]
         write_jsonl(str(in_tmp / "chat" / f"{split}.jsonl"), rows)
     args = tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "chat"), max_prompt_length=20, eval_fn=None)

@@ -104,7 +104,8 @@ def test_disk_full_in_safetensors_at_the_final_save(stage, toy_dir, standin_rm, 
 def test_safetensors_errors_that_are_not_io_errors_are_not_hidden(tmp_path):
     from safetensors import SafetensorError
 
-    with pytest.raises(SafetensorError, match="shared tensors"), common.write_errors(str(tmp_path / "x.tmp"), "unchanged"):
+    with (pytest.raises(SafetensorError, match="shared tensors"),
+          common.write_errors(str(tmp_path / "x.tmp"), "unchanged")):
         raise SafetensorError("Some tensors share memory, this will lead to duplicate memory on disk: shared tensors")
 
 
@@ -141,7 +142,8 @@ def test_resume_leaves_a_finished_run_alone(stage, toy_dir, standin_rm, tmp_path
 
 
 def test_resume_of_a_finished_run_without_its_checkpoints(toy_dir, standin_rm, tmp_path, monkeypatch):
-    """The checkpoints deleted after the run (results/sweep.py does): still a finished run, at the step its marker keeps."""
+    """The checkpoints deleted after the run (results/sweep.py does): still a finished run, at the step its marker
+    keeps."""
     monkeypatch.chdir(tmp_path)
     c = Ctx(toy_dir, standin_rm, tmp_path)
     module, argv = c.sft()
@@ -154,7 +156,8 @@ def test_resume_of_a_finished_run_without_its_checkpoints(toy_dir, standin_rm, t
     assert files_state(c.out) == before
 
 
-def test_resume_continues_an_overwrite_run_that_stopped_before_its_final_save(toy_dir, standin_rm, tmp_path, monkeypatch):
+def test_resume_continues_an_overwrite_run_that_stopped_before_its_final_save(toy_dir, standin_rm, tmp_path,
+                                                                              monkeypatch):
     """--overwrite over a finished run, stopped after its first checkpoint: the old run is still in output_dir (the
     final save is atomic), and --resume continues the new run, not the finished one."""
     import sft
@@ -198,8 +201,8 @@ def test_a_second_run_into_the_same_checkpoint_dir_is_refused(toy_dir, standin_r
         module, argv = Ctx(toy_dir, standin_rm, tmp_path).sft("--output_dir", str(tmp_path / "b"), "--checkpoint_dir",
                                                               shared, "--overwrite")
         code = run_stage(module, argv)
-        assert code.startswith(f"--checkpoint_dir '{shared}' is in use by process {first.pid} on {socket.gethostname()} "
-                               "(sft.py "), code
+        assert code.startswith(f"--checkpoint_dir '{shared}' is in use by process {first.pid} "
+                               f"on {socket.gethostname()} (sft.py "), code
         assert code.endswith(f"pick another --checkpoint_dir (delete '{shared}.lock' if that run is gone)"), code
         assert not os.path.exists(tmp_path / "b")
         with open(os.path.join(common.latest_checkpoint(shared), "meta.json")) as f:
@@ -242,7 +245,8 @@ def test_our_line_goes_into_torchruns_error_file(tmp_path, monkeypatch):
     with open(error_file) as f:
         written = f.read()
     # the agent's own reader and report (torch.distributed.elastic), as torchrun prints it
-    report = ChildFailedError("sft.py", {0: ProcessFailure(local_rank=0, pid=123, exitcode=1, error_file=error_file)}).format_msg()
+    report = ChildFailedError("sft.py", {0: ProcessFailure(local_rank=0, pid=123, exitcode=1,
+                                                           error_file=error_file)}).format_msg()
     assert "traceback : --batch_size 33 must be divisible by the 2 processes" in report, report
     assert "To enable traceback" not in report
     with pytest.raises(SystemExit):  # a later line does not replace the first (the root cause is the earliest)
@@ -262,8 +266,8 @@ def test_torchrun_report_names_our_line(toy_dir, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
-                           "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "sft.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
                            os.path.join(toy_dir, "sft"), "--output_dir", str(notes)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     line = f"--output_dir '{notes}' is a file, not a dir; pick another --output_dir"

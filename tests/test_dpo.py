@@ -315,3 +315,19 @@ def test_hh_rlhf_preset_on_real_rows(tmp_path, monkeypatch):
         assert prompt.endswith("\n\nAssistant:") and ids[:start] == tok(prompt)["input_ids"]
     out = dpo.main(args)
     assert out["steps"] == 2 and out["num_eval_prompts"] == 2 and math.isfinite(out["val_loss"])
+
+
+def test_pipeline_summary_gets_a_dpo_column_only_with_dpo():
+    """`python pipeline.py --dpo` adds a DPO column (dpo.py's eval_results.json) to the summary; without it the rows
+    are the three columns they were."""
+    import pipeline
+
+    metrics = {"gold_score": 0.5, "rm_score": 1.0, "kl": 4.0, "response_length": 9.0, "eos_rate": 1.0}
+    rm = {"val_accuracy": 0.75, "bayes_ceiling": 0.78}
+    ppo = {"sft": {**metrics, "kl": 0.0}, "ppo": metrics, "gold_win_rate": 0.9}
+    plain = pipeline.summary_rows(rm, ppo)
+    assert {len(row) for row in plain} == {3} and plain[-1][0].startswith("RM validation accuracy 0.750")
+    with_dpo = pipeline.summary_rows(rm, ppo, {"dpo": {**metrics, "kl": 2.5}, "gold_win_rate": 0.8, "val_accuracy": 0.7})
+    assert [row[:3] for row in with_dpo[:-1]] == plain[:-1] and {len(row) for row in with_dpo} == {4}
+    assert dict((row[0], row[3]) for row in with_dpo)["KL to reference (nats/response)"] == "2.50"
+    assert with_dpo[-1][0].endswith("DPO's implicit reward 0.700")

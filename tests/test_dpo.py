@@ -327,7 +327,8 @@ def test_pipeline_summary_gets_a_dpo_column_only_with_dpo():
     ppo = {"sft": {**metrics, "kl": 0.0}, "ppo": metrics, "gold_win_rate": 0.9}
     plain = pipeline.summary_rows(rm, ppo)
     assert {len(row) for row in plain} == {3} and plain[-1][0].startswith("RM validation accuracy 0.750")
-    with_dpo = pipeline.summary_rows(rm, ppo, {"dpo": {**metrics, "kl": 2.5}, "gold_win_rate": 0.8, "val_accuracy": 0.7})
+    dpo_results = {"dpo": {**metrics, "kl": 2.5}, "gold_win_rate": 0.8, "val_accuracy": 0.7}
+    with_dpo = pipeline.summary_rows(rm, ppo, dpo_results)
     assert [row[:3] for row in with_dpo[:-1]] == plain[:-1] and {len(row) for row in with_dpo} == {4}
     assert dict((row[0], row[3]) for row in with_dpo)["KL to reference (nats/response)"] == "2.50"
     assert with_dpo[-1][0].endswith("DPO's implicit reward 0.700")

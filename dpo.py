@@ -203,11 +203,9 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 
 
 def implicit_reward(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
-    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)). Shapes: (B,)
-
-    The reward under which pi is the optimum of max E[r] - beta KL(pi || pi_ref), up to beta log Z(x), which a pair
-    with one prompt cancels (Rafailov et al. 2023, Eq. 5). DPO is bradley_terry_loss on it (Eq. 7).
-    """
+    """r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)), the reward under which pi is the optimum of max E[r] - beta
+    KL(pi || pi_ref), up to beta log Z(x), which a pair with one prompt cancels (Rafailov et al. 2023, Eq. 5). DPO is
+    bradley_terry_loss on it (Eq. 7). Shapes: (B,)"""
     return beta * (logps - ref_logps)
 
 
@@ -261,12 +259,14 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """log pi(y|x) = sum_t log pi(y_t | x, y<t) over the completion's tokens (completion_mask), the logits divided
     by the temperature. (N, T) -> (N,)
 
-    The last token predicts nothing, so it is not fed; the logits at position t - 1 give token t's probability.
+    The last token predicts nothing, so it is not fed; the logits at position t - 1 give token t's probability, and
+    `logits_to_keep` computes the LM head only from the batch's first completion token on (long prompts: HH, TL;DR).
     """
-    out = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                position_ids=position_ids_from(attention_mask[:, :-1]), use_cache=False)
-    logprobs = logprobs_from_logits(out.logits.float() / temperature, input_ids[:, 1:])  # (N, T - 1)
-    return (logprobs * completion_mask[:, 1:]).sum(1)
+    first = int(completion_mask.int().argmax(1).min())  # the batch's first completion token
+    out = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=False,
+                position_ids=position_ids_from(attention_mask[:, :-1]), logits_to_keep=input_ids.shape[1] - first)
+    logprobs = logprobs_from_logits(out.logits.float() / temperature, input_ids[:, first:])  # (N, T - first)
+    return (logprobs * completion_mask[:, first:]).sum(1)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:

@@ -286,8 +286,6 @@ def completion_mask(pairs: dict, indices: list[int], index: torch.Tensor, attent
     return (positions[None, :] >= start[:, None]) & attention_mask.bool()
 
 
-
-
 @torch.no_grad()
 def precomputed_reference_logprobs(ref_policy, pairs: dict, batch_size: int, pad_id: int, temperature: float, d: Dist):
     """log pi_ref(y|x) of every pair's chosen and rejected, once: (n, 2) on every rank, each rank's shard gathered by
@@ -330,7 +328,7 @@ def main(args: Args) -> dict:
 
     # ALGO LOGIC: the reference's log-probabilities. On the fly by default: one no-grad forward of the frozen SFT
     # policy per step, on the batch the policy reads anyway; exact, and nothing to keep or gather. Precomputed: the
-    # same forwards once, in larger batches; cheaper from the second epoch on (results/README.md measures both)
+    # same forwards once, before training; cheaper from the second epoch on (results/README.md measures both)
     ref_table = None
     if args.precompute_ref_log_probs:
         ref_table = precomputed_reference_logprobs(ref_policy, train, args.eval_batch_size, pad_id, args.temperature, d)

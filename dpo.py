@@ -245,7 +245,7 @@ def learning_rate_at(step: int, total_steps: int, args: Args) -> float:
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from the first real token, so left padding never shifts a sequence. TRL and OpenRLHF
     pass them; Huang et al. 2024's released code passes none, which a rotary model such as Pythia barely feels
-    but a model with learned absolute positions (GPT-2) does (tests/test_math.py)."""
+    but a model with learned absolute positions (GPT-2) does (tests/test_ppo_equations.py)."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 

@@ -66,6 +66,19 @@ def test_cosine_with_warmup():
     assert f(0, 0, 10) == 1.0  # no warmup
 
 
+def test_sft_cosine_with_warmup_hand_values():
+    """sft.cosine_with_warmup: (s + 1) / warmup during warmup, then 0.5 * (1 + cos(pi * progress)), against
+    hand values at the warmup's start and end, the middle of the decay and the end."""
+    f = sft.cosine_with_warmup
+    assert f(0, 10, 110) == pytest.approx(0.1)  # warmup start
+    assert f(9, 10, 110) == pytest.approx(1.0)  # warmup end
+    assert f(10, 10, 110) == pytest.approx(1.0)  # decay start: cos 0
+    assert f(35, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))  # a quarter of the decay
+    assert f(60, 10, 110) == pytest.approx(0.5)  # the middle
+    assert f(110, 10, 110) == pytest.approx(0.0, abs=1e-12)  # the end
+    assert f(200, 10, 110) == pytest.approx(0.0, abs=1e-12)  # past the end: stays 0
+
+
 def test_group_by_length_keeps_every_index_and_groups_lengths():
     lengths = [(i * 7919) % 40 for i in range(1000)]
     order = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
@@ -130,7 +143,8 @@ def test_empty_completion(toy_dir, in_tmp):
     rows[7]["completion"] = "  "
     write_jsonl(str(in_tmp / "data" / "train.jsonl"), rows)
     write_jsonl(str(in_tmp / "data" / "validation.jsonl"), read_rows(toy_dir, "validation", 20))
-    with pytest.raises(SystemExit, match=r"split 'train': 1 of 50 rows \(2.0%\) cannot be used \(1 with an empty completion; first: row 7\)"):
+    with pytest.raises(SystemExit, match=r"split 'train': 1 of 50 rows \(2.0%\) cannot be used "
+                                         r"\(1 with an empty completion; first: row 7\)"):
         sft.main(tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "data")))
 
 
@@ -241,7 +255,8 @@ def test_sft_torchrun_two_processes(toy_dir, in_tmp):
 
 def test_conversational_format_through_the_chat_template(toy_dir, in_tmp):
     for split, n in (("train", 400), ("validation", 40)):
-        rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        rows = [{"messages": [{"role": "user", "content": r["prompt"]},
+                              {"role": "assistant", "content": r["completion"]}]}
                 for r in read_rows(toy_dir, split, n)]
         write_jsonl(str(in_tmp / "chat" / f"{split}.jsonl"), rows)
     args = tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "chat"), max_prompt_length=20, eval_fn=None)

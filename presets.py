@@ -334,8 +334,8 @@ DPO = {
     "hh-rlhf": (
         "Pythia-1B DPO on Anthropic HH-RLHF, Rafailov et al. 2023's settings (GPU)",
         # Rafailov et al. 2023, Appendix B: beta 0.1, batch 64, learning rate 1e-6 warmed up linearly over 150 steps
-        # (they use RMSprop; AdamW here, as the other stages), for their dialogue task on Anthropic HH. The prompt is the
-        # shared prefix up to the last "\n\nAssistant:"; evaluation on the test dialogues' prompts, as ppo.py's preset.
+        # (they use RMSprop; AdamW here, as the other stages), for their dialogue task on Anthropic HH. The prompt is
+        # the shared prefix up to the last "\n\nAssistant:"; evaluation on the test dialogues' prompts, as ppo.py's.
         dict(
             model_name_or_path="models/sft",
             dataset="Anthropic/hh-rlhf",

@@ -509,8 +509,8 @@ def dpo_section(runs: dict[str, dict[int, dict]], summary: dict) -> tuple[str, d
                     f"| {gold[i]:.3f} ± {se[i]:.3f} (n = {bon['n'][i]}) | {bon['kl'][i]:.2f} | "
                     + " | ".join("-" if math.isnan(g) else f"{g:.3f}" for g in matched) + " |")
     blocks += ["", "The methods on the gold scorer, all on the same 512 held-out prompts (± over seeds 1-3; "
-               "best-of-n: ± the standard error over prompts at its best n; gold at a KL a method never reached is '-'; between "
-               "two points the gold is interpolated linearly in KL, per seed):", "", *rows]
+               "best-of-n: ± the standard error over prompts at its best n; gold at a KL a method never reached is "
+               "'-'; between two points the gold is interpolated linearly in KL, per seed):", "", *rows]
 
     # gold along several epochs, for a small and a large β
     over = {b: runs[f"epochs{DPO_EPOCHS}_beta{b:g}"] for b in DPO_OVEROPT_BETAS

@@ -184,18 +184,20 @@ def test_the_first_step_starts_at_the_reference_and_the_run_learns(e2e):
     assert set(res["history"][-1]) >= {"eval/rewards/margins", "eval/gold_score", "eval/kl", "eval/rm_score"}
 
 
-def test_zero_learning_rate_moves_nothing(toy_dir, standin_rm, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss_type, start_loss", [("sigmoid", math.log(2)), ("ipo", 1 / (4 * 0.1**2))])
+def test_zero_learning_rate_moves_nothing(loss_type, start_loss, toy_dir, standin_rm, tmp_path, monkeypatch):
     """With a learning rate of 0 the policy stays the reference: the saved weights are the SFT weights, every
-    implicit reward is 0 (DPO's loss log 2), and the final evaluation is the SFT one, KL 0."""
+    implicit reward is 0 (DPO's loss log 2, IPO's 1/(4 beta^2)), and the final evaluation is the SFT one, KL 0."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dpo, "learning_rate_at", lambda step, total, args: 0.0)
-    out = dpo.main(dpo.parse_args(tiny_flags(toy_dir, standin_rm, tmp_path / "zero", "--num_train_pairs", "128")))
+    out = dpo.main(dpo.parse_args(tiny_flags(toy_dir, standin_rm, tmp_path / "zero", "--num_train_pairs", "128",
+                                             "--loss_type", loss_type)))
     base = load_file(os.path.join(toy_dir, "base_model", "model.safetensors"))
     saved = weights(tmp_path / "zero")
     assert all(torch.equal(saved[k], base[k]) for k in base)
     val = out["history"][-1]
     assert val["eval/rewards/chosen"] == val["eval/rewards/rejected"] == val["eval/rewards/accuracies"] == 0.0
-    assert val["eval/loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert val["eval/loss"] == pytest.approx(start_loss, rel=1e-6)
     assert out["dpo"] == out["sft"] and out["final_kl"] == 0.0 and out["gold_win_rate"] == 0.5
 
 

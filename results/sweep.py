@@ -123,6 +123,9 @@ class Args:
     out_dir: str = "sweeps"
     dry_run: bool = False
     """print the commands only"""
+    dpo_parts: list[str] = field(default_factory=lambda: ["frontier", "data", "cost", "epochs"])
+    """the parts of the dpo group to run, in this order: frontier (the beta sweep), data (the RM-size study's pairs),
+    cost (beside ppo.py's), epochs (over-optimisation along DPO_EPOCHS epochs)"""
 
 
 def ppo_run(args: Args, group: str, name: str, seed: int, flags: list[str], script: str = "ppo.py"):
@@ -181,15 +184,18 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
     if "dpo" in args.groups:
         def dpo(name: str, seed: int, flags: list[str]):
             return ppo_run(args, "dpo", name, seed, ["dpo.py", *flags])
-        stages.append([dpo(f"beta{b:g}", s, [*DPO_EVAL, "--beta", str(b)]) for b in DPO_BETAS for s in args.seeds])
-        stages.append([dpo(f"pairs{n}", s, [*DPO_EVAL, "--dataset", f"{args.out_dir}/dpo/prefs_{n}"])
-                       for n in RM_PAIRS for s in args.seeds])
-        stages.append([ppo_run(args, "dpo", "cost_ppo", 1, ["ppo.py", "--eval_every", "0"]),
-                       dpo("cost_dpo", 1, ["--eval_every", "0"]),
-                       dpo("cost_dpo_precompute", 1, ["--eval_every", "0", "--precompute_ref_log_probs"])])
-        stages.append([dpo(f"epochs{DPO_EPOCHS}_beta{b:g}", s, [*DPO_EVAL, "--beta", str(b), "--num_train_epochs",
+        parts = {
+            "frontier": [dpo(f"beta{b:g}", s, [*DPO_EVAL, "--beta", str(b)]) for b in DPO_BETAS for s in args.seeds],
+            "data": [dpo(f"pairs{n}", s, [*DPO_EVAL, "--dataset", f"{args.out_dir}/dpo/prefs_{n}"])
+                     for n in RM_PAIRS for s in args.seeds],
+            "cost": [ppo_run(args, "dpo", "cost_ppo", 1, ["ppo.py", "--eval_every", "0"]),
+                     dpo("cost_dpo", 1, ["--eval_every", "0"]),
+                     dpo("cost_dpo_precompute", 1, ["--eval_every", "0", "--precompute_ref_log_probs"])],
+            "epochs": [dpo(f"epochs{DPO_EPOCHS}_beta{b:g}", s, [*DPO_EVAL, "--beta", str(b), "--num_train_epochs",
                                                                  str(DPO_EPOCHS), "--precompute_ref_log_probs"])
-                       for b in DPO_OVEROPT_BETAS for s in args.seeds])
+                       for b in DPO_OVEROPT_BETAS for s in args.seeds],
+        }
+        stages += [parts[p] for p in args.dpo_parts]
     return stages
 
 

@@ -10,7 +10,7 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("ppo.py", "grpo.py", "train_rm.py", "sft.py", "common.py")
+SCRIPTS = ("ppo.py", "grpo.py", "train_rm.py", "sft.py", "common.py", "dpo.py")
 
 # what each stage defines for itself under the shared names of the stage shape (Args ... main ... parse_args)
 STAGE_SHAPE = {
@@ -48,8 +48,18 @@ GRPO_DELTA = {
     "parse_args": "grpo.py's own presets; no moved flags",
     "reward_fn_instead_of_rm": "no critic to start from the SFT model",
 }
+# the method's delta: what dpo.py changes of train_rm.py, by design (its batching it imports from train_rm.py)
+DPO_DELTA = {
+    **STAGE_SHAPE,
+    "log_step": "TRL's DPO names (rewards/*, logps/*, loss) in place of the RM's train/*",
+    "preference_accuracy": "the implicit reward beta log pi/pi_ref of the policy and its reference, not a scalar head",
+}
 EXCEPTIONS = {
     ("ppo.py", "grpo.py"): GRPO_DELTA,
+    ("train_rm.py", "dpo.py"): DPO_DELTA,
+    ("ppo.py", "dpo.py"): STAGE_SHAPE,
+    ("grpo.py", "dpo.py"): STAGE_SHAPE,
+    ("sft.py", "dpo.py"): STAGE_SHAPE,
     ("ppo.py", "train_rm.py"): STAGE_SHAPE,
     ("ppo.py", "sft.py"): STAGE_SHAPE,
     ("grpo.py", "train_rm.py"): STAGE_SHAPE,
@@ -90,3 +100,16 @@ def test_grpo_shares_the_rollout_with_ppo():
     for name in ("generate", "truncate_after_eos", "reward_scores", "rm_scores", "kl_estimate", "kl_penalized_rewards",
                  "whiten", "logprobs_from_logits", "reference_logprobs", "ensemble_scores"):
         assert ppo[name] == grpo[name], name
+
+
+def test_dpo_shares_the_rms_loss_and_loads_its_batching():
+    """dpo.py is train_rm.py's Bradley-Terry loss on another reward: the loss, the schedule and the position ids are
+    train_rm.py's text, and the batches are train_rm.py's own functions (the same batches by construction)."""
+    import dpo
+    import train_rm
+
+    rm, ours = definitions("train_rm.py"), definitions("dpo.py")
+    for name in ("bradley_terry_loss", "learning_rate_at", "position_ids_from", "all_reduce_sum"):
+        assert rm[name] == ours[name], name
+    for name in ("pair_batch", "pair_batches", "pairs_by_prompt", "shard", "clip_grad_norm_or_stop"):
+        assert getattr(dpo, name) is getattr(train_rm, name), name

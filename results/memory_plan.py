@@ -1049,10 +1049,10 @@ def phase_peaks_from(prof) -> dict[str, int]:
     return peaks
 
 
-def validation() -> list[dict]:
-    """Planned and measured peak of each phase, for each of VALIDATE_CASES."""
+def validation(cases=VALIDATE_CASES) -> list[dict]:
+    """Planned and measured peak of each phase, for each case (script, ranks, label, flags)."""
     rows = []
-    for name, ranks, label, flags in VALIDATE_CASES:
+    for name, ranks, label, flags in cases:
         script = SCRIPTS[name]
         args = validate_args(script, flags)
         planned = plan_runs(script, validate_configs(), [args], ranks, offload=False)[0]["phases"]

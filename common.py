@@ -26,6 +26,7 @@ import socket
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal, NoReturn
@@ -542,7 +543,8 @@ def save_model(model, tokenizer, output_dir: str, stage: str, results: dict | No
         with write_errors(tmp, f"'{output_dir}' is unchanged"):
             remove_own_dir(tmp)
             os.makedirs(tmp)
-            write_marker(tmp, stage)  # first: from here on the dir is recognisably this project's
+            # first: from here on the dir is recognisably this project's; a finished run's names its last checkpoint
+            write_marker(tmp, stage, **(final_checkpoint(output_dir) if results is not None else {}))
             for key, value in (extra_config or {}).items():
                 setattr(model.config, key, value)
             model.save_pretrained(tmp, state_dict=state_dict)
@@ -569,8 +571,8 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2)
 
 
-def write_marker(path: str, stage: str, kind: str = "run") -> None:
-    write_json(os.path.join(path, MARKER), {"stage": stage, "kind": kind})
+def write_marker(path: str, stage: str, kind: str = "run", **record) -> None:
+    write_json(os.path.join(path, MARKER), {"stage": stage, "kind": kind, **record})
 
 
 def read_marker(path: str) -> dict | None:
@@ -645,21 +647,38 @@ def recover_output(path: str) -> None:
 @contextlib.contextmanager
 def write_errors(path: str, intact: str):
     """A failed write (disk full, permissions) stops the run with one line; our partial `path` is removed."""
+    from safetensors import SafetensorError
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         yield
-    except (OSError, CheckpointException) as e:
-        if isinstance(e, CheckpointException):  # DCP wraps each rank's error: find an OSError in it
-            inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
-            e = next((x for x in inner if isinstance(x, OSError)), None)
-            if e is None:
-                raise
+    except (OSError, CheckpointException, SafetensorError) as error:
+        e = os_error(error)
+        if e is None:
+            raise
         if read_marker(path) is not None or path.endswith(".tmp"):
             shutil.rmtree(path, ignore_errors=True)
         problem = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or type(e).__name__
-        raise SystemExit(f"cannot write '{e.filename if isinstance(e.filename, str) else path}': {problem}; {intact}. Free space (or fix the "
-                         "permissions) and run again, with --resume where a checkpoint exists") from None
+        raise SystemExit(f"cannot write '{e.filename if isinstance(e.filename, str) else path}': {problem}; {intact}; the "
+                         f"partial write ({path}) was removed. Free space (or fix the permissions) and run again, with "
+                         "--resume where a checkpoint exists") from None
+
+
+def os_error(error: Exception) -> OSError | None:
+    """The OSError behind a failed write, or None when it was no I/O error. DCP wraps each rank's error in a
+    CheckpointException; safetensors (the model weights) raises a SafetensorError that carries the OS error in its
+    text only: 'Error while serializing: I/O error: No space left on device (os error 28)'."""
+    import re
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, CheckpointException):
+        inner = [f[0] if isinstance(f, tuple) else f for f in error.failures.values()]
+        return next((x for x in inner if isinstance(x, OSError)), None)
+    code = re.search(r"I/O error: .*\(os error (\d+)\)", str(error))
+    return OSError(int(code[1]), os.strerror(int(code[1]))) if code else None
 
 
 def check_output_path(path: str, flag: str, inputs: dict[str, str]) -> None:
@@ -781,11 +800,19 @@ def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dic
                 raise SystemExit(f"'{leftover}' is in the way of the atomic save and was not written by this project; "
                                  "move it away and run again")
         OutputLock(output_dir)
+        OutputLock(checkpoint_dir, "--checkpoint_dir")  # runs with other output dirs must not share checkpoints
         recover_output(output_dir)
-        if check_own_dir(output_dir, "--output_dir", stage, "run") and not overwrite and not resume \
-                and os.path.isfile(os.path.join(output_dir, "eval_results.json")):
+        finished = check_own_dir(output_dir, "--output_dir", stage, "run") \
+            and os.path.isfile(os.path.join(output_dir, "eval_results.json"))
+        if finished and resume and (message := finished_run(output_dir, checkpoint_dir, stage)):
+            raise SystemExit(message)
+        if finished and not overwrite and not resume:
             raise SystemExit(f"'{output_dir}' holds a finished run; pass --overwrite to replace it, or pick another --output_dir")
-        check_own_dir(checkpoint_dir, "--checkpoint_dir", stage, "checkpoints")
+        owner = (check_own_dir(checkpoint_dir, "--checkpoint_dir", stage, "checkpoints") or {}).get("output_dir")
+        if owner is not None and owner != os.path.realpath(output_dir):
+            raise SystemExit(f"--checkpoint_dir '{checkpoint_dir}' holds the checkpoints of the run in '{owner}', not of "
+                             f"--output_dir '{output_dir}'; pick another --checkpoint_dir")
+        RUNS[os.path.realpath(output_dir)] = checkpoint_dir
         for leftover in glob.glob(os.path.join(checkpoint_dir, "step_*.tmp")):
             shutil.rmtree(leftover)  # an interrupted checkpoint save, in our own marked dir
         if resume:
@@ -797,6 +824,45 @@ def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dic
     on_rank0(check)
 
 
+# This process's runs, recorded by prepare_output (rank 0): output dir (real path) -> checkpoint dir. save_model names
+# the last checkpoint in a finished run's marker, and save_checkpoint the output dir in a new checkpoint dir's.
+RUNS: dict[str, str] = {}
+
+
+def read_meta(checkpoint: str | None) -> dict:
+    """A checkpoint's meta.json, or {} (no checkpoint, or unreadable: check_resume names that)."""
+    try:
+        with open(os.path.join(checkpoint, "meta.json")) as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else {}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def final_checkpoint(output_dir: str) -> dict:
+    """What the marker of a finished run keeps of the checkpoint it ended at: its step and its id."""
+    checkpoint_dir = RUNS.get(os.path.realpath(output_dir))
+    meta = read_meta(latest_checkpoint(checkpoint_dir)) if checkpoint_dir else {}
+    return {"final_checkpoint": {"step": meta["step"], "id": meta["id"]}} if "id" in meta else {}
+
+
+def finished_run(output_dir: str, checkpoint_dir: str, stage: str) -> str | None:
+    """--resume on a finished run: the line saying so, or None when the latest checkpoint is not the one the run
+    ended at: a newer run's (--overwrite over the finished one, stopped before its final save), which --resume continues.
+
+    A finished run is a result: re-evaluating it would rewrite its eval_results.json with another wall time."""
+    final = read_marker(output_dir).get("final_checkpoint") or {}  # none: saved before this was kept
+    latest = latest_checkpoint(checkpoint_dir)
+    meta = read_meta(latest)
+    if latest and final and meta.get("id") != final.get("id"):
+        return None
+    step = final.get("step", meta.get("step"))
+    unit = "update" if stage in ("ppo", "grpo") else "step"
+    return (f"'{output_dir}' holds a run that finished{f' at {unit} {step}' if step is not None else ''}: --resume has "
+            "nothing to continue and changed no file; pass --overwrite instead of --resume to run it again, or pick "
+            "another --output_dir")
+
+
 def on_rank0(fn) -> None:
     """Run a check on rank 0 only; if it fails, every rank stops (the others quietly: rank 0 said why)."""
     error = None
@@ -805,11 +871,18 @@ def on_rank0(fn) -> None:
             fn()
         except SystemExit as e:
             error = e
+            if isinstance(e.code, str):
+                tell_torchrun(e.code)  # now: torchrun may stop this rank with SIGTERM once another has exited
     if dist.is_initialized():
         failed = torch.tensor([float(error is not None)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(failed)
-        if failed.item() and error is None:
-            raise SystemExit(1)
+        if failed.item():  # rank 0's line goes to every rank, for torchrun's report of each
+            line = [error.code if error is not None and isinstance(error.code, str) else None]
+            dist.broadcast_object_list(line, src=0)
+            if error is None:
+                if line[0]:
+                    tell_torchrun(line[0])
+                raise SystemExit(1)
     if error is not None:
         raise error
 
@@ -1338,11 +1411,12 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, opti
         with write_errors(tmp, intact):
             if not os.path.isdir(checkpoint_dir):
                 os.makedirs(checkpoint_dir)
-                write_marker(checkpoint_dir, stage, "checkpoints")
+                owner = [output_dir for output_dir, c in RUNS.items() if c == checkpoint_dir]
+                write_marker(checkpoint_dir, stage, "checkpoints", **({"output_dir": owner[0]} if owner else {}))
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             write_json(os.path.join(tmp, "meta.json"), {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                                                        "args": state.get("args")})
+                                                        "args": state.get("args"), "id": uuid.uuid4().hex})
     if dist.is_initialized():
         dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -1464,31 +1538,48 @@ def run(main, parse_args) -> None:
     """A stage's entry point: main(parse_args()), with the faults no check can foresee turned into one line each.
     Bad input is caught earlier, by the checks before the first step, each with its own message."""
     try:
-        args = parse_args()
-        if getattr(args, "plan_memory", False):  # the planned GPU memory of these flags, instead of the run
-            return plan_memory(main, args)
-        main(args)
-    except SystemExit:  # the one-line message goes on a line of its own, not after an open progress bar
+        try:
+            args = parse_args()
+            if getattr(args, "plan_memory", False):  # the planned GPU memory of these flags, instead of the run
+                return plan_memory(main, args)
+            main(args)
+        except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one inside it
+            print("interrupted: stopped at once; the last checkpoint (if any) is intact", file=sys.stderr)
+            raise SystemExit(130) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise SystemExit(f"cannot write '{e.filename}': the disk is full; free space and run again") from None
+        except RuntimeError as e:  # a collective failed: another process of this run died (gloo, nccl)
+            lost = isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "Connection", "NCCL"))
+            if not (lost and dist.is_initialized() and dist.get_world_size() > 1):
+                raise
+            others = [r for r in range(dist.get_world_size()) if r != dist.get_rank()]
+            raise SystemExit(f"rank {dist.get_rank()}: lost contact with rank{'s' if len(others) > 1 else ''} "
+                             f"{', '.join(map(str, others))} of this run ({first_line(e)[:160]}); the process that stopped "
+                             "first printed why above") from None
+    except SystemExit as e:  # the one-line message goes on a line of its own, not after an open progress bar
         from tqdm import tqdm
 
         for bar in list(tqdm._instances):
             bar.close()
+        if isinstance(e.code, str):
+            tell_torchrun(e.code)
         raise
-    except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one inside it
-        print("interrupted: stopped at once; the last checkpoint (if any) is intact", file=sys.stderr)
-        raise SystemExit(130) from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise SystemExit(f"cannot write '{e.filename}': the disk is full; free space and run again") from None
-    except RuntimeError as e:  # a collective failed: another process of this run died (gloo, nccl)
-        lost = isinstance(e, dist.DistError) or any(s in str(e) for s in ("gloo", "Connection", "NCCL"))
-        if not (lost and dist.is_initialized() and dist.get_world_size() > 1):
-            raise
-        others = [r for r in range(dist.get_world_size()) if r != dist.get_rank()]
-        raise SystemExit(f"rank {dist.get_rank()}: lost contact with rank{'s' if len(others) > 1 else ''} "
-                         f"{', '.join(map(str, others))} of this run ({first_line(e)[:160]}); the process that stopped "
-                         "first printed why above") from None
+
+
+def tell_torchrun(message: str) -> None:
+    """Under torchrun, hand our one line to its failure report, which then shows it as this rank's `traceback`
+    instead of a link to its docs. The channel is torch.distributed.elastic's error file (TORCHELASTIC_ERROR_FILE, in
+    the format of its ErrorHandler, without a call stack), written once: the first line, with its time, stays.
+    torchrun's own traceback still prints, below our line."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    try:
+        write_json(path, {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}})
+    except OSError:
+        pass  # the report then shows its link instead: nothing is lost
 
 
 def plan_memory(main, args) -> None:

@@ -1,8 +1,8 @@
 """Stage 3 of RLHF without a critic: GRPO, RLOO and REINFORCE++ against the reward model, with a KL leash.
 
     python grpo.py                              # toy task, GRPO: models/sft + models/rm -> models/grpo
-    python grpo.py --advantage_estimator rloo --kl_in_reward       # RLOO, the KL in the reward as its paper
-    python grpo.py --advantage_estimator reinforce_pp --samples_per_prompt 1 --kl_in_reward   # REINFORCE++
+    python grpo.py --advantage_estimator rloo   # RLOO as its paper runs it: k = 4, the KL in the reward
+    python grpo.py --advantage_estimator reinforce_pp   # REINFORCE++: k = 1, the KL in the reward per token
     torchrun --nproc_per_node=2 grpo.py         # the same with FSDP2, each rank on its own shard of prompts
     python grpo.py --help                       # every flag
 
@@ -346,8 +346,12 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(logits) - sum_v softmax(logits)_v * logits_v; (B, T, V) -> (B, T)"""
-    return logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    """H = logsumexp(logits) - sum_v softmax(logits)_v * logits_v; (B, T, V) -> (B, T)
+
+    A token of probability 0 adds 0 (p log p -> 0), also when its logit is -inf (top-k, masking): 0 * -inf is NaN."""
+    log_normalizer = logits.logsumexp(-1)  # first: autograd then sums the gradients in the plain formula's order
+    probs = torch.softmax(logits, -1)
+    return log_normalizer - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
 
 
 def annealed_learning_rate(update: int, num_updates: int, learning_rate: float) -> float:
@@ -363,7 +367,7 @@ def annealed_learning_rate(update: int, num_updates: int, learning_rate: float) 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from the first real token, so left padding never shifts a sequence. TRL and OpenRLHF
     pass them; Huang et al. 2024's released code passes none, which a rotary model such as Pythia barely feels
-    but a model with learned absolute positions (GPT-2) does (tests/test_math.py)."""
+    but a model with learned absolute positions (GPT-2) does (tests/test_ppo_equations.py)."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
@@ -996,7 +1000,7 @@ def evaluate(args, policy, ref_policy, reward: Reward, tokenizer, prompts, promp
             for j in range(0, len(responses), args.local_rollout_forward_batch_size):
                 s = slice(j, j + args.local_rollout_forward_batch_size)
                 logp = policy_forward(policy, query_responses[s], attention_mask[s], T,
-                                      args.temperature)[0].log_softmax(-1)
+                                      args.temperature).log_softmax(-1)
                 ref_logp = reference_logits(policy, ref_policy, query_responses[s], attention_mask[s], T,
                                             args.temperature).log_softmax(-1)
                 kl[s] = ((logp.exp() * (logp - ref_logp)).sum(-1) * response_mask[s]).sum(1)
@@ -1024,7 +1028,27 @@ def parse_args(argv=None) -> Args:
     """Args from the command line: a preset's name (presets.py; none: the toy task), then flags over it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args_with_presets(Args, presets.GRPO, argv)
-    return reward_fn_instead_of_rm(args, flags_given(argv))
+    given = flags_given(argv)
+    return reward_fn_instead_of_rm(estimator_as_published(args, given), given)
+
+
+# each estimator as its paper runs it: k samples per prompt, and where the KL goes
+AS_PUBLISHED = {"grpo": {"samples_per_prompt": 4, "kl_in_reward": False},  # Shao et al. 2024: the KL in the loss
+                "rloo": {"samples_per_prompt": 4, "kl_in_reward": True},  # Ahmadian et al. 2024: in the reward
+                "reinforce_pp": {"samples_per_prompt": 1, "kl_in_reward": True}}  # Hu 2025: in the reward, per token
+
+
+def estimator_as_published(args: Args, given: set[str]) -> Args:
+    """--advantage_estimator alone means "this estimator as its paper runs it": --samples_per_prompt and the KL's
+    place follow it where the user gave neither (one line says so); a flag the user gave is kept."""
+    flag_of = {"samples_per_prompt": "--samples_per_prompt", "kl_in_reward": "--kl_in_reward"}
+    changes = {name: value for name, value in AS_PUBLISHED[args.advantage_estimator].items()
+               if flag_of[name] not in given and (name != "kl_in_reward" or "--no_kl_in_reward" not in given)
+               and getattr(args, name) != value}
+    if changes:
+        print0(f"--advantage_estimator {args.advantage_estimator}, as published: "
+               + ", ".join(f"--{name} {value}" for name, value in changes.items()))
+    return dataclasses.replace(args, **changes)
 
 
 def reward_fn_instead_of_rm(args: Args, given: set[str]) -> Args:

@@ -3,6 +3,7 @@
     python pipeline.py                    # ~3 minutes on 2 CPU cores; writes toy_data/ and models/
     python pipeline.py --nproc 2          # every stage under torchrun --nproc_per_node=2 (FSDP2, gloo)
     python pipeline.py --ppo_args="--kl_coef 0.1 --seed 2"   # extra flags for one stage
+    python pipeline.py --dpo              # also dpo.py after the RM, and a DPO column in the summary
 
 Each stage runs as its own process with exactly the command a user would type (`python sft.py ...`), so
 this file only sequences them and reads back their `eval_results.json`. The table it prints compares the
@@ -49,6 +50,11 @@ class Args:
     rm_args: str = ""
     ppo_args: str = ""
     """extra flags for one stage, e.g. --ppo_args='--kl_coef 0.1'"""
+    dpo: bool = False
+    """also run dpo.py after the RM: the SFT model trained on the RM's preference pairs, evaluated as PPO is (the same
+    held-out prompts, scored by the same RM); the summary gets a DPO column"""
+    dpo_args: str = ""
+    """extra flags for dpo.py, e.g. --dpo_args='--beta 0.3'"""
     run_prefix: str = "pipeline"
     """TensorBoard runs are runs/{run_prefix}_{sft,rm,ppo}"""
 
@@ -56,7 +62,8 @@ class Args:
 # ----------------------------------------------------------------------------------------------
 # Checks of the flags, before any stage starts: a one-line error naming the flag and the fix
 # ----------------------------------------------------------------------------------------------
-STAGE_OUTPUT_FLAG = {"toy": "out_dir", "sft": "output_dir", "rm": "output_dir", "ppo": "output_dir"}
+STAGE_OUTPUT_FLAG = {"toy": "out_dir", "sft": "output_dir", "rm": "output_dir", "ppo": "output_dir",
+                     "dpo": "output_dir"}
 
 
 def check_args(args: Args) -> dict[str, list[str]]:
@@ -216,8 +223,9 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def summary_rows(rm: dict, ppo: dict) -> list[tuple[str, str, str]]:
-    """(metric, SFT, PPO) rows of the final table, from the stages' eval_results.json."""
+def summary_rows(rm: dict, ppo: dict, dpo: dict | None = None) -> list[tuple[str, ...]]:
+    """(metric, SFT, PPO) rows of the final table, from the stages' eval_results.json; with `dpo` (dpo.py's, evaluated
+    on the same prompts with the same samples of the SFT policy) a DPO column too."""
     s, p = ppo["sft"], ppo["ppo"]
     rows = [
         ("gold score (toy_task.gold_score)", f"{s['gold_score']:.3f}", f"{p['gold_score']:.3f}"),
@@ -227,19 +235,26 @@ def summary_rows(rm: dict, ppo: dict) -> list[tuple[str, str, str]]:
         ("response length (tokens)", f"{s['response_length']:.1f}", f"{p['response_length']:.1f}"),
         ("EOS rate", f"{s['eos_rate']:.3f}", f"{p['eos_rate']:.3f}"),
     ]
+    if dpo is not None:
+        d = dpo["dpo"]
+        column = [f"{d['gold_score']:.3f}", f"{d['rm_score']:.3f}", f"{dpo['gold_win_rate']:.3f}", f"{d['kl']:.2f}",
+                  f"{d['response_length']:.1f}", f"{d['eos_rate']:.3f}"]
+        rows = [(*row, value) for row, value in zip(rows, column)]
     acc = f"RM validation accuracy {rm['val_accuracy']:.3f}"
     if rm.get("bayes_ceiling"):
         acc += f" (Bayes ceiling {rm['bayes_ceiling']:.3f}: {rm['val_accuracy'] / rm['bayes_ceiling']:.1%})"
-    rows.append((acc, "", ""))
+    if dpo is not None:
+        acc += f"; DPO's implicit reward {dpo['val_accuracy']:.3f}"
+    rows.append((acc, *[""] * (len(rows[0]) - 1)))
     return rows
 
 
-def print_table(rows: list[tuple[str, str, str]], num_prompts: int) -> None:
+def print_table(rows: list[tuple[str, ...]], num_prompts: int) -> None:
     w = max(len(r[0]) for r in rows[:-1])
     print(f"\nHeld-out prompts: {num_prompts}")
-    print(f"{'':{w}}  {'SFT':>8}  {'PPO':>8}")
-    for name, a, b in rows[:-1]:
-        print(f"{name:{w}}  {a:>8}  {b:>8}")
+    print(f"{'':{w}}" + "".join(f"  {name:>8}" for name in ("SFT", "PPO", "DPO")[: len(rows[0]) - 1]))
+    for name, *values in rows[:-1]:
+        print(f"{name:{w}}" + "".join(f"  {v:>8}" for v in values))
     print(rows[-1][0])
 
 
@@ -258,16 +273,24 @@ def main(args: Args) -> dict:
         "--dataset", f"{args.data_dir}/prefs", "--model_name_or_path", sft_dir,
         "--output_dir", rm_dir, "--seed", s, "--overwrite",
         "--run_name", f"{p}_rm", *extra["rm"]], args.nproc, running)
+    if args.dpo:  # the SFT model on the RM's preference pairs; evaluated by the RM on PPO's held-out prompts
+        times["dpo"] = run_stage("DPO", "dpo.py", [
+            "--model_name_or_path", sft_dir, "--reward_model", rm_dir, "--dataset", f"{args.data_dir}/prefs",
+            "--prompt_dataset", f"{args.data_dir}/prompts", "--output_dir", os.path.join(args.models_dir, "dpo"),
+            "--seed", s, "--overwrite", "--run_name", f"{p}_dpo", *extra["dpo"]], args.nproc, running)
     times["ppo"] = run_stage("PPO", "ppo.py", [
         "--sft_model", sft_dir, "--reward_model", rm_dir, "--dataset", f"{args.data_dir}/prompts",
         "--output_dir", ppo_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_ppo", *extra["ppo"]], args.nproc, running)
 
     rm, ppo = read_json(f"{rm_dir}/eval_results.json"), read_json(f"{ppo_dir}/eval_results.json")
-    rows = summary_rows(rm, ppo)
+    dpo = read_json(os.path.join(args.models_dir, "dpo", "eval_results.json")) if args.dpo else None
+    rows = summary_rows(rm, ppo, dpo)
     print_table(rows, ppo["num_eval_prompts"])
     total = sum(times.values())
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s")
     summary = {"rows": rows, "wall_time_s": times, "total_wall_time_s": total, "rm": rm, "ppo": {k: ppo[k] for k in ("sft", "ppo", "gold_win_rate", "num_eval_prompts")}}
+    if dpo is not None:
+        summary["dpo"] = {k: dpo[k] for k in ("sft", "dpo", "gold_win_rate", "num_eval_prompts", "val_accuracy")}
     with open(os.path.join(args.models_dir, "pipeline_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

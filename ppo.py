@@ -372,8 +372,12 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(logits) - sum_v softmax(logits)_v * logits_v; (B, T, V) -> (B, T)"""
-    return logits.logsumexp(-1) - (torch.softmax(logits, -1) * logits).sum(-1)
+    """H = logsumexp(logits) - sum_v softmax(logits)_v * logits_v; (B, T, V) -> (B, T)
+
+    A token of probability 0 adds 0 (p log p -> 0), also when its logit is -inf (top-k, masking): 0 * -inf is NaN."""
+    log_normalizer = logits.logsumexp(-1)  # first: autograd then sums the gradients in the plain formula's order
+    probs = torch.softmax(logits, -1)
+    return log_normalizer - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
 
 
 def annealed_learning_rate(update: int, num_updates: int, learning_rate: float) -> float:
@@ -389,7 +393,7 @@ def annealed_learning_rate(update: int, num_updates: int, learning_rate: float) 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from the first real token, so left padding never shifts a sequence. TRL and OpenRLHF
     pass them; Huang et al. 2024's released code passes none, which a rotary model such as Pythia barely feels
-    but a model with learned absolute positions (GPT-2) does (tests/test_math.py)."""
+    but a model with learned absolute positions (GPT-2) does (tests/test_ppo_equations.py)."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
@@ -632,7 +636,7 @@ def micro_batch_backward(models: Models, args: Args, rollout: Rollout, idx: torc
                                               args.cliprange, args.dual_clip)
     vf_loss, vf_clipfrac = value_loss(values, rollout.values[idx], rollout.returns[idx], micro_mask,
                                       args.cliprange_value)
-    loss = args.vf_coef * vf_loss
+    loss = args.vf_coef * vf_loss  # c_v * L_critic; the policy's terms join it after the critic warm-up
     if policy_moves:
         loss = pg_loss + loss
     if not args.kl_in_reward:  # the KL as a loss term, beta * KL(pi || pi_ref)

@@ -308,3 +308,111 @@ REWARD_MODEL["pythia-tldr-6.9b"] = ("Pythia-6.9B RM on TL;DR preferences, Huang 
 GRPO = {name: (about.replace(" PPO ", " GRPO ").replace("Huang et al. 2024", "Huang et al. 2024's settings, GRPO"),
                {**flags, "samples_per_prompt": 4})
         for name, (about, flags) in PPO.items()}
+
+
+# dpo.py: the preference data of train_rm.py's presets, the held-out prompts and sampling of ppo.py's, the optimiser of
+# each recipe's published DPO run. The policy's log-probabilities use the raw logits (temperature 1), as those runs did
+DPO = {
+    "pythia-tldr": (
+        "Pythia-1B DPO on TL;DR preferences, Huang et al. 2024 (GPU)",
+        # Huang et al. 2024, summarize_from_feedback_details/dpo.py and sbatches/dpo.sbatch: beta 0.05, AdamW lr 3e-6
+        # eps 1e-5 (torch's weight decay 0.01), cosine with no warm-up, 1 epoch of the 92,832 pairs, batch 64 (8 GPUs x
+        # 8 accumulation x 1), log-probabilities of the raw logits, the reference on the fly. Evaluation as ppo.py's
+        # pythia-tldr preset: 256 validation queries, 53 tokens at temperature 0.01.
+        dict(
+            model_name_or_path="models/sft",
+            dataset="vwxyzjn/summarize_from_feedback_oai_preprocessing_1706381144",
+            prompt_column="query",
+            separator="",
+            max_length=640,
+            beta=0.05,
+            temperature=1.0,
+            learning_rate=3e-6,
+            weight_decay=0.01,
+            lr_schedule="cosine",
+            num_train_epochs=1,
+            batch_size=64,
+            micro_batch_size=8,
+            eval_batch_size=16,
+            eval_every=500,
+            group_by_length=False,  # plain shuffled batches, as theirs
+            group_by_prompt=False,
+            prompt_dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+            prompt_dataset_column="query",
+            max_prompt_length=512,
+            truncate_long_prompts=True,
+            response_length=53,
+            eval_temperature=0.01,
+            eval_samples=256,
+            generation_batch_size=32,
+            gold_reward_fn=None,
+        ),
+    ),
+    "hh-rlhf": (
+        "Pythia-1B DPO on Anthropic HH-RLHF, Rafailov et al. 2023's settings (GPU)",
+        # Rafailov et al. 2023, Appendix B: beta 0.1, batch 64, learning rate 1e-6 warmed up linearly over 150 steps
+        # (they use RMSprop; AdamW here, as the other stages), for their dialogue task on Anthropic HH. The prompt is
+        # the shared prefix up to the last "\n\nAssistant:"; evaluation on the test dialogues' prompts, as ppo.py's.
+        dict(
+            model_name_or_path="models/sft",
+            dataset="Anthropic/hh-rlhf",
+            dataset_format="implicit_prompt",
+            eval_split="test",
+            max_length=768,
+            beta=0.1,
+            temperature=1.0,
+            learning_rate=1e-6,
+            warmup_steps=150,
+            lr_schedule="constant",
+            num_train_epochs=1,
+            batch_size=64,
+            micro_batch_size=8,
+            eval_batch_size=16,
+            eval_every=500,
+            group_by_length=False,
+            num_eval_pairs=2048,
+            prompt_dataset="Anthropic/hh-rlhf",
+            prompt_dataset_column="chosen",
+            prompt_dataset_split="test",
+            max_prompt_length=512,
+            truncate_long_prompts=True,
+            response_length=128,
+            eval_samples=256,
+            generation_batch_size=32,
+            gold_reward_fn=None,
+        ),
+    ),
+    "ultrafeedback": (
+        "Qwen2.5-0.5B DPO on UltraFeedback binarized, Zephyr's recipe, chat template (GPU)",
+        # alignment-handbook recipes/zephyr-7b-beta/dpo/config_full.yaml: beta 0.01, lr 5e-7, cosine with 10% warm-up
+        # (48 of the 477 steps), 1 epoch, 8 pairs per device x 2 accumulation on 8 GPUs = 128 pairs, max_length 1024.
+        # Zephyr truncates longer pairs; here they are dropped (train_rm.py's rule). Evaluation as ppo.py's preset.
+        dict(
+            model_name_or_path="models/sft",
+            dataset="HuggingFaceH4/ultrafeedback_binarized",
+            dataset_format="conversational",
+            train_split="train_prefs",
+            eval_split="test_prefs",
+            max_length=1024,
+            beta=0.01,
+            temperature=1.0,
+            learning_rate=5e-7,
+            warmup_steps=48,
+            lr_schedule="cosine",
+            num_train_epochs=1,
+            batch_size=128,
+            micro_batch_size=4,
+            eval_batch_size=8,
+            eval_every=100,
+            group_by_length=False,
+            prompt_dataset="HuggingFaceH4/ultrafeedback_binarized",
+            prompt_dataset_split="test_gen",
+            max_prompt_length=1024,
+            truncate_long_prompts=True,
+            response_length=256,
+            eval_samples=256,
+            generation_batch_size=16,
+            gold_reward_fn=None,
+        ),
+    ),
+}

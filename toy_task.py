@@ -8,7 +8,8 @@ fluent, non-repetitive sentences that end properly.
 `python toy_task.py` writes, deterministically from `--seed`, into `--out_dir` (default toy_data/):
 
     sft/{train,validation}.jsonl       prompt, completion            -> sft.py
-    prefs/{train,validation}.jsonl     prompt, chosen, rejected      -> train_rm.py  (4 ranked completions a prompt: 6 pairs)
+    prefs/{train,validation}.jsonl     prompt, chosen, rejected      -> train_rm.py
+                                       (4 ranked completions a prompt: 6 pairs)
     prefs/bayes_ceiling.json           the best accuracy any RM can reach on the validation labels
     prompts/{train,validation}.jsonl   prompt                        -> ppo.py
     base_model/                        a word-level HF tokenizer + a tiny random GPT-NeoX (Pythia-style)
@@ -46,7 +47,9 @@ NEGATIVE = (
     "bad awful terrible boring dull weak poor messy bland silly stupid clumsy lazy tedious "
     "forgettable annoying painful shallow lifeless pointless"
 ).split()
-NEUTRAL = "long short loud quiet simple dark strange unusual familiar modern old different complex serious light".split()
+NEUTRAL = (
+    "long short loud quiet simple dark strange unusual familiar modern old different complex serious light"
+).split()
 ADJ_POLARITY = {**{w: 1.0 for w in POSITIVE}, **{w: -1.0 for w in NEGATIVE}, **{w: 0.0 for w in NEUTRAL}}
 INTENSIFIERS = {
     "very": 1.5, "really": 1.5, "truly": 1.5, "extremely": 2.0, "incredibly": 2.0, "quite": 1.2,
@@ -479,7 +482,8 @@ def rank_pairs(rng: random.Random, group: dict, temperature: float) -> list[tupl
 
 def build(args: Args) -> None:
     # the stages' rules for an output dir (common.py): only a marked toy_data dir is replaced, atomically
-    from common import OutputLock, check_output_path, check_own_dir, recover_output, remove_own_dir, replace_dir, write_marker
+    from common import (OutputLock, check_output_path, check_own_dir, recover_output, remove_own_dir, replace_dir,
+                        write_marker)
 
     check_output_path(args.out_dir, "--out_dir", {})
     OutputLock(args.out_dir, "--out_dir")
@@ -530,7 +534,8 @@ def build(args: Args) -> None:
                 json.dump(ceiling, f, indent=2)
 
     for split, n in (("train", args.n_prompts), ("validation", 512)):
-        _write_jsonl(os.path.join(tmp, "prompts", f"{split}.jsonl"), [{"prompt": make_review(rng)[0]} for _ in range(n)])
+        _write_jsonl(os.path.join(tmp, "prompts", f"{split}.jsonl"),
+                     [{"prompt": make_review(rng)[0]} for _ in range(n)])
 
     save_base_model(os.path.join(tmp, "base_model"), args.hidden_size, args.num_layers, args.seed)
     replace_dir(tmp, args.out_dir)

@@ -224,7 +224,7 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from the first real token, so left padding never shifts a sequence. TRL and OpenRLHF
     pass them; Huang et al. 2024's released code passes none, which a rotary model such as Pythia barely feels
-    but a model with learned absolute positions (GPT-2) does (tests/test_math.py)."""
+    but a model with learned absolute positions (GPT-2) does (tests/test_ppo_equations.py)."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 

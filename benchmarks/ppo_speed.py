@@ -121,7 +121,8 @@ def time_floor(args: Args, paths: dict[str, str]) -> dict[str, float]:
     ref = AutoModelForCausalLM.from_pretrained(paths["sft"]).eval()
     rm = AutoModelForSequenceClassification.from_pretrained(paths["rm"]).eval()
     critic = AutoModelForSequenceClassification.from_pretrained(paths["rm"])
-    prompts = [json.loads(line)["prompt"] for line in open(os.path.join(paths["prompts"], "train.jsonl"))][: args.batch_size]
+    prompts = [json.loads(line)["prompt"]
+               for line in open(os.path.join(paths["prompts"], "train.jsonl"))][: args.batch_size]
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     generation = dict(max_new_tokens=args.response_length, do_sample=True,
                       temperature=0.7, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
@@ -131,9 +132,11 @@ def time_floor(args: Args, paths: dict[str, str]) -> dict[str, float]:
     parts = {}
     with torch.no_grad():
         parts["generate"] = median_time(lambda: policy.generate(**enc, **generation), args.floor_repeats)
-        parts["forward_ref"] = median_time(lambda: ref(input_ids=query_response, attention_mask=mask), args.floor_repeats)
+        parts["forward_ref"] = median_time(lambda: ref(input_ids=query_response, attention_mask=mask),
+                                           args.floor_repeats)
         parts["forward_rm"] = median_time(lambda: rm(input_ids=query_response, attention_mask=mask), args.floor_repeats)
-        parts["forward_critic"] = median_time(lambda: critic(input_ids=query_response, attention_mask=mask), args.floor_repeats)
+        parts["forward_critic"] = median_time(lambda: critic(input_ids=query_response, attention_mask=mask),
+                                              args.floor_repeats)
 
     def train_steps(model, loss_fn):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6, eps=1e-5)
@@ -163,7 +166,8 @@ def time_ppo(args: Args, paths: dict[str, str], workdir: str) -> dict:
         "--output_dir", os.path.join(workdir, "ppo_out"), "--run_name", "bench",
         "--batch_size", str(args.batch_size), "--num_minibatches", "1",
         "--num_ppo_epochs", str(args.num_ppo_epochs), "--response_length", str(args.response_length),
-        "--total_episodes", str(args.batch_size * args.updates), "--local_rollout_forward_batch_size", str(args.batch_size),
+        "--total_episodes", str(args.batch_size * args.updates),
+        "--local_rollout_forward_batch_size", str(args.batch_size),
         "--eval_every", "0", "--sample_every", "0", "--no_save",
         *(["--compile"] if args.compile else []),
     ])
@@ -235,7 +239,8 @@ def main(args: Args) -> dict:
     print(f"ppo.py / floor = {results['ppo_over_floor']:.3f}")
     if "trl" in results:
         results["ppo_over_trl"] = results["ppo"]["eps"] / results["trl"]["eps"]
-        print(f"TRL 1.12 PPOTrainer: {results['trl']['eps']:.2f} episodes/s; ppo.py / TRL = {results['ppo_over_trl']:.3f}")
+        print(f"TRL 1.12 PPOTrainer: {results['trl']['eps']:.2f} episodes/s; "
+              f"ppo.py / TRL = {results['ppo_over_trl']:.3f}")
     if args.out_json:
         with open(args.out_json, "w") as f:
             json.dump(results, f, indent=2)

@@ -54,12 +54,15 @@ class Args:
 
 
 def best_of_n_weights(n_max: int, n: int) -> torch.Tensor:
-    """P(the i-th lowest of n_max samples is the best of a random n-subset), i = 1..n_max -> (n_max,); sums to 1."""
-    return torch.tensor([math.comb(i - 1, n - 1) / math.comb(n_max, n) for i in range(1, n_max + 1)], dtype=torch.float64)
+    """P(the i-th lowest of n_max samples is the best of a random n-subset), i = 1..n_max -> (n_max,);
+    sums to 1."""
+    return torch.tensor([math.comb(i - 1, n - 1) / math.comb(n_max, n) for i in range(1, n_max + 1)],
+                        dtype=torch.float64)
 
 
 def best_of_n_per_prompt(proxy: torch.Tensor, gold: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expected (gold, proxy) score of the proxy's best of n per prompt, from (prompts, n_max) samples -> 2 x (prompts,)"""
+    """Expected (gold, proxy) score of the proxy's best of n per prompt, from (prompts, n_max) samples
+    -> 2 x (prompts,)"""
     order = proxy.argsort(dim=1)  # ascending
     w = best_of_n_weights(proxy.shape[1], n)
     return (gold.gather(1, order) * w).sum(1), (proxy.gather(1, order) * w).sum(1)
@@ -138,10 +141,12 @@ def main(a: Args) -> None:
     curves = {name: [best_of_n_per_prompt(proxy, gold, n) for n in ns] for name, proxy in proxies.items()}
     single = curves.get("rm_240000")
     for name, curve in curves.items():
-        out["proxies"][name] = {"gold": [g.mean().item() for g, _ in curve], "proxy": [p.mean().item() for _, p in curve],
+        out["proxies"][name] = {"gold": [g.mean().item() for g, _ in curve],
+                                "proxy": [p.mean().item() for _, p in curve],
                                 "gold_se": [standard_error(g) for g, _ in curve]}
         if single is not None:
-            out["proxies"][name]["minus_rm_240000_se"] = [standard_error(g - s) for (g, _), (s, _) in zip(curve, single)]
+            out["proxies"][name]["minus_rm_240000_se"] = [standard_error(g - s)
+                                                          for (g, _), (s, _) in zip(curve, single)]
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"{len(prompt_ids)} prompts x {a.n_max} samples in {seconds:.0f} s; SFT gold {out['sft_gold']:.3f}")

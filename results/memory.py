@@ -52,8 +52,10 @@ def measure(sft_dir: str, rm_dir: str, dtype: str) -> dict[str, dict[str, int]]:
     out = {
         "policy": trained_bytes(policy, lambda m: m(input_ids=ids).logits.float().logsumexp(-1).mean()),
         "critic": trained_bytes(critic, lambda m: m(input_ids=ids).logits.float().pow(2).mean()),
-        "reference (frozen)": {"params": nbytes(ref.parameters()), "num_params": sum(p.numel() for p in ref.parameters())},
-        "reward model (frozen)": {"params": nbytes(rm.parameters()), "num_params": sum(p.numel() for p in rm.parameters())},
+        "reference (frozen)": {"params": nbytes(ref.parameters()),
+                               "num_params": sum(p.numel() for p in ref.parameters())},
+        "reward model (frozen)": {"params": nbytes(rm.parameters()),
+                                  "num_params": sum(p.numel() for p in rm.parameters())},
     }
     return out
 
@@ -67,7 +69,8 @@ def benchmark_models(workdir: str) -> tuple[str, str]:
 
 
 def table(results: dict) -> str:
-    rows = ["| model | tensor | toy fp32 | toy bf16 | benchmark fp32 | benchmark bf16 | bytes/param fp32 | bytes/param bf16 | 7B, fp32 | 7B, bf16 |",
+    rows = ["| model | tensor | toy fp32 | toy bf16 | benchmark fp32 | benchmark bf16 "
+            "| bytes/param fp32 | bytes/param bf16 | 7B, fp32 | 7B, bf16 |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     totals = {k: 0 for k in ("toy_fp32", "toy_bf16", "bench_fp32", "bench_bf16", "7b_fp32", "7b_bf16")}
     for model in results["toy_fp32"]:
@@ -79,13 +82,16 @@ def table(results: dict) -> str:
                 b = results[cfg][model][tensor]
                 totals[cfg] += b
                 cells.append(f"{b / 2**20:.2f} MiB")
-            per = {p: results[f"bench_{p}"][model][tensor] / results[f"bench_{p}"][model]["num_params"] for p in ("fp32", "bf16")}
+            per = {p: results[f"bench_{p}"][model][tensor] / results[f"bench_{p}"][model]["num_params"]
+                   for p in ("fp32", "bf16")}
             gb = {p: per[p] * 7e9 / 1e9 for p in per}
             totals["7b_fp32"] += gb["fp32"]
             totals["7b_bf16"] += gb["bf16"]
             cells += [f"{per['fp32']:.1f}", f"{per['bf16']:.1f}", f"{gb['fp32']:.0f} GB", f"{gb['bf16']:.0f} GB"]
             rows.append(f"| {model} | {tensor} | " + " | ".join(cells) + " |")
-    rows.append("| **total** | | " + " | ".join(f"{totals[c] / 2**20:.2f} MiB" for c in ("toy_fp32", "toy_bf16", "bench_fp32", "bench_bf16"))
+    rows.append("| **total** | | "
+                + " | ".join(f"{totals[c] / 2**20:.2f} MiB"
+                             for c in ("toy_fp32", "toy_bf16", "bench_fp32", "bench_bf16"))
                 + f" | | | **{totals['7b_fp32']:.0f} GB** | **{totals['7b_bf16']:.0f} GB** |")
     return "\n".join(rows)
 

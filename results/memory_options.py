@@ -132,19 +132,22 @@ def main() -> None:
     statics = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = ppo_speed.build_models(ppo_speed.Args(), tmp)
-        for name, flags in {**OPTIONS, "--dtype bfloat16 --lora_r 16": ["--dtype", "bfloat16", "--lora_r", "16"]}.items():
+        for name, flags in {**OPTIONS,
+                            "--dtype bfloat16 --lora_r 16": ["--dtype", "bfloat16", "--lora_r", "16"]}.items():
             statics[name] = static_bytes(paths["sft"], paths["rm"], flags)
         from transformers import AutoModelForCausalLM
 
         n_bench = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(paths["sft"]).parameters())
-    rows = ["| option | policy | critic | reference | reward model | total | bytes per parameter | 7B, before activations |",
+    rows = ["| option | policy | critic | reference | reward model | total "
+            "| bytes per parameter | 7B, before activations |",
             "|---|---|---|---|---|---|---|---|"]
     for name, b in statics.items():
         policy = sum(v for k, v in b.items() if k.startswith("policy"))
         critic = sum(v for k, v in b.items() if k.startswith("critic"))
         total = sum(b.values())
         cells = [f"{x / 2**20:.1f} MiB" for x in (policy, critic, b["reference"], b["reward model"], total)]
-        rows.append(f"| `{name}` | " + " | ".join(cells) + f" | {total / n_bench:.1f} | {total / n_bench * 7 :.0f} GB |")
+        rows.append(f"| `{name}` | " + " | ".join(cells)
+                    + f" | {total / n_bench:.1f} | {total / n_bench * 7 :.0f} GB |")
     static_table = "\n".join(rows) + f"\n\nBenchmark config: {n_bench / 1e6:.2f}M parameters per model."
     print(static_table)
 
@@ -153,7 +156,8 @@ def main() -> None:
         sft, rm, n_params = build_models(tmp)
         for name, flags in OPTIONS.items():
             cmd = [sys.executable, "-c", RUN, "ppo.py", "--sft_model", sft, "--reward_model", rm,
-                   "--dataset", os.path.join(ROOT, "toy_data", "prompts"), "--total_episodes", "64", "--batch_size", "32",
+                   "--dataset", os.path.join(ROOT, "toy_data", "prompts"),
+                   "--total_episodes", "64", "--batch_size", "32",
                    "--response_length", "32", "--eval_every", "0", "--eval_samples", "32", "--sample_every", "0",
                    "--gold_reward_fn", "None", "--no_save", "--run_name", os.path.join(tmp, "runs", name), *flags]
             env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"}
@@ -167,7 +171,8 @@ def main() -> None:
     rows = ["| option | peak RSS (GiB) | saved vs default (GiB) |", "|---|---|---|"]
     for name, rss in results.items():
         rows.append(f"| `{name}` | {rss / 2**30:.2f} | {(base - rss) / 2**30:+.2f} |")
-    body = "\n".join(rows) + f"\n\nModel size: {n_params / 1e6:.1f}M parameters per model (policy, reference, critic, RM)."
+    body = ("\n".join(rows)
+            + f"\n\nModel size: {n_params / 1e6:.1f}M parameters per model (policy, reference, critic, RM).")
     with open(os.path.join(HERE, "memory_options.json"), "w") as f:
         json.dump({"static_bytes_benchmark": statics, "params_per_model_benchmark": n_bench,
                    "peak_rss_bytes": results, "params_per_model": n_params}, f, indent=1)

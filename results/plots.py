@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(os.path.dirname(HERE), "runs", "sweeps")
 FIGS = os.path.join(HERE, "figures")
 sys.path.insert(0, HERE)
-from sweep import (ABLATIONS, ENSEMBLE_BETAS, ENSEMBLE_SIZES, ESTIMATORS, GAO_PAIRS, GOLD_REWARD,  # noqa: E402
-                   GRPO_LOSS_DETAILS, LOSS_DETAILS)
+from sweep import (ABLATIONS, DPO_BETAS, DPO_EPOCHS, DPO_OVEROPT_BETAS, ENSEMBLE_BETAS, ENSEMBLE_SIZES,  # noqa: E402
+                   ESTIMATORS, GAO_PAIRS, GOLD_REWARD, GRPO_LOSS_DETAILS, LOSS_DETAILS, RM_PAIRS)
 
 
 def save(fig, name: str) -> str:
@@ -429,6 +429,237 @@ def last_samples(log: dict, n: int = 4) -> str:
     return "\n".join(lines[:2 + n])
 
 
+# ----------------------------------------------------------------------------------------------
+# DPO (dpo.py) against PPO's β sweep and best-of-n on the gold scorer (results/sweep.py --groups dpo)
+# ----------------------------------------------------------------------------------------------
+MATCHED_KL = (2.0, 5.0, 10.0)
+
+
+def gold_at_kl(points: list[tuple[float, float]], kl: float) -> float:
+    """The gold score at `kl` on the line through (KL, gold) points sorted by KL; nan outside their range (a method
+    that never reached that KL, or started beyond it, has no value there: nothing is extrapolated)."""
+    points = sorted(points)
+    if not points or not points[0][0] <= kl <= points[-1][0]:
+        return math.nan
+    return float(np.interp(kl, [k for k, _ in points], [g for _, g in points]))
+
+
+def pm_nan(xs: list[float], digits: int = 3) -> str:
+    """pm over the seeds that have a value; '-' when none has, and the count when only some have."""
+    have = [x for x in xs if not math.isnan(x)]
+    if not have:
+        return "-"
+    return pm(have, digits) + (f" ({len(have)} of {len(xs)} seeds)" if len(have) < len(xs) else "")
+
+
+def frontier_points(finals_by_beta: dict[str, dict[str, list[float]]]) -> list[list[tuple[float, float]]]:
+    """Each seed's (KL, gold) final points over the β values: one frontier per seed (seeds in order 1, 2, 3)."""
+    seeds = min(len(f["gold"]) for f in finals_by_beta.values())
+    return [[(f["kl"][s], f["gold"][s]) for f in finals_by_beta.values()] for s in range(seeds)]
+
+
+def evaluations(log: dict, tag: str) -> dict[int, float]:
+    return dict(log["scalars"][tag])
+
+
+def dpo_section(runs: dict[str, dict[int, dict]], summary: dict) -> tuple[str, dict]:
+    """The dpo block: the β table, the methods compared on the gold scorer (best gold and gold at matched KL), gold
+    along several epochs, the cost beside ppo.py's, and DPO against PPO with the RM-size study's pairs."""
+    out, known = {}, {**last_summary(), **summary}
+    f_beta = {}
+    rows = ["| β | seeds | gold score | RM score | KL (nats) | gold win rate vs SFT | response length "
+            "| implicit reward's val accuracy | best gold on the way | its KL | its step |", "|---" * 11 + "|"]
+    for b in [b for b in DPO_BETAS if f"beta{b:g}" in runs]:
+        seeds = runs[f"beta{b:g}"]
+        f = finals(seeds)
+        f["val_accuracy"] = [final(log, "eval/rewards/accuracies") for _, log in sorted(seeds.items())]
+        points = [peak_and_end(log) for _, log in sorted(seeds.items())]
+        f.update({k: [p[k] for p in points] for k in ("peak", "peak_kl", "peak_episodes")})
+        out[f"dpo/beta{b:g}"] = f_beta[f"beta{b:g}"] = f
+        rows.append(f"| {b:g} | {len(f['gold'])} | {pm(f['gold'])} | {pm(f['rm'])} | {pm(f['kl'], 2)} | {pm(f['win'])} "
+                    f"| {pm(f['length'], 1)} | {pm(f['val_accuracy'])} | {pm(f['peak'])} | {pm(f['peak_kl'], 2)} "
+                    f"| {pm(f['peak_episodes'], 0)} |")
+    blocks = ["Final evaluation of each β (1 epoch, `dpo.py --beta β`, seeds 1-3), and its best evaluation on the "
+              "way (every 375 steps):", "", *rows]
+
+    # the methods on the gold scorer: the best gold each reaches, and the gold at matched KL
+    ppo_beta = {k.removeprefix("beta/"): v for k, v in known.items() if k.startswith("beta/beta") and k != "beta/beta0"}
+    bon_path = os.path.join(HERE, "best_of_n.json")
+    bon = json.load(open(bon_path)) if os.path.exists(bon_path) else None
+    head = "| method | points | best gold | its KL | " + " | ".join(f"gold at KL {k:g}" for k in MATCHED_KL) + " |"
+    rows = [head, "|---" * (4 + len(MATCHED_KL)) + "|"]
+    for label, by_beta in (("DPO, final points of the β sweep", f_beta),
+                           ("PPO (models/rm), final points of its β sweep (β > 0)", ppo_beta)):
+        if not by_beta:
+            continue
+        best = max(by_beta, key=lambda n: statistics.mean(by_beta[n]["gold"]))
+        curves = frontier_points(by_beta)
+        matched = [[gold_at_kl(c, k) for c in curves] for k in MATCHED_KL]
+        out[f"dpo_vs/{label.split(',')[0]}"] = {"best": best, "matched_kl": dict(zip(MATCHED_KL, matched))}
+        betas = ", ".join(n.removeprefix("beta") for n in by_beta)
+        rows.append(f"| {label} | {betas} (β) | {pm(by_beta[best]['gold'])} (β = {best.removeprefix('beta')}) "
+                    f"| {pm(by_beta[best]['kl'], 2)} | " + " | ".join(pm_nan(m) for m in matched) + " |")
+    if bon:
+        gold, se = bon["proxies"]["rm_240000"]["gold"], bon["proxies"]["rm_240000"]["gold_se"]
+        i = gold.index(max(gold))
+        curve = list(zip(bon["kl"], gold))
+        matched = [gold_at_kl(curve, k) for k in MATCHED_KL]
+        out["dpo_vs/best-of-n"] = {"best": gold[i], "kl": bon["kl"][i], "matched_kl": matched}
+        rows.append(f"| best-of-n on the SFT policy (models/rm), n = 1-{bon['n'][-1]} | {len(gold)} (n) "
+                    f"| {gold[i]:.3f} ± {se[i]:.3f} (n = {bon['n'][i]}) | {bon['kl'][i]:.2f} | "
+                    + " | ".join("-" if math.isnan(g) else f"{g:.3f}" for g in matched) + " |")
+    blocks += ["", "The methods on the gold scorer, all on the same 512 held-out prompts (± over seeds 1-3; "
+               "best-of-n: ± the standard error over prompts at its best n; gold at a KL a method never reached is "
+               "'-'; between two points the gold is interpolated linearly in KL, per seed):", "", *rows]
+
+    # gold along several epochs, for a small and a large β
+    over = {b: runs[f"epochs{DPO_EPOCHS}_beta{b:g}"] for b in DPO_OVEROPT_BETAS
+            if f"epochs{DPO_EPOCHS}_beta{b:g}" in runs}
+    if over:
+        rows = ["| β | seeds | step | epochs | gold score | RM score | KL (nats) | implicit reward's val accuracy |",
+                "|---|---|---|---|---|---|---|---|"]
+        for b, seeds in over.items():
+            logs = [log for _, log in sorted(seeds.items())]
+            steps = sorted(set.intersection(*(set(evaluations(log, "eval/gold_score")) for log in logs)))
+            per_epoch = steps[-1] // DPO_EPOCHS
+            for step in [s for s in steps if s % per_epoch == 0]:
+                cell = {t: [evaluations(log, t)[step] for log in logs]
+                        for t in ("eval/gold_score", "eval/rm_score", "eval/kl")}
+                acc = [evaluations(log, "eval/rewards/accuracies").get(step, math.nan) for log in logs]
+                rows.append(f"| {b:g} | {len(logs)} | {step} | {step / per_epoch:g} | {pm(cell['eval/gold_score'])} "
+                            f"| {pm(cell['eval/rm_score'])} | {pm(cell['eval/kl'], 2)} | {pm_nan(acc)} |")
+            points = [peak_and_end(log) for log in logs]
+            out[f"dpo/epochs{DPO_EPOCHS}_beta{b:g}"] = {k: [p[k] for p in points] for k in points[0]}
+            rows.append(f"| {b:g} | best on the way | {pm([p['peak_episodes'] for p in points], 0)} | | "
+                        f"{pm([p['peak'] for p in points])} | | {pm([p['peak_kl'] for p in points], 2)} | |")
+        blocks += ["", f"Gold, RM score and KL along {DPO_EPOCHS} epochs (`--num_train_epochs {DPO_EPOCHS}`, the "
+                   "reference precomputed; evaluated every 375 steps, shown at the end of each epoch; the cosine "
+                   "schedule spans the 3 epochs):", "", *rows]
+        plot_dpo_overopt(over)
+
+    # cost, one run at a time on the same machine
+    cost = [(name, runs[name][1]) for name in ("cost_ppo", "cost_dpo", "cost_dpo_precompute") if name in runs]
+    if cost:
+        rows = ["| run | command | wall time (s) | CPU time (s) | peak RSS (GiB) | gold score | KL (nats) |",
+                "|---|---|---|---|---|---|---|"]
+        commands = {"cost_ppo": "ppo.py --eval_every 0", "cost_dpo": "dpo.py --eval_every 0",
+                    "cost_dpo_precompute": "dpo.py --eval_every 0 --precompute_ref_log_probs"}
+        for name, log in cost:
+            used = resources(os.path.join("sweeps", "dpo", f"{name}_s1")) or {}
+            out[f"dpo/{name}"] = {**used, "gold": final(log, "eval/gold_score"), "kl": final(log, "eval/kl")}
+            cpu = f"{used['cpu_seconds']:.0f}" if "cpu_seconds" in used else "-"
+            rows.append(f"| {name} | `{commands[name]}` (seed 1) | {used.get('wall_seconds', math.nan):.0f} | {cpu} | "
+                        f"{used.get('peak_rss_gib', math.nan):.3f} | {final(log, 'eval/gold_score'):.3f} "
+                        f"| {final(log, 'eval/kl'):.2f} |")
+        blocks += ["", "What each costs to its final model, evaluation before and after training included, one run at "
+                   "a time (`--jobs 1 --threads 1`; `sweeps/dpo/<run>_s1.resources.json`):", "", *rows]
+
+    # the RM-size study's pairs
+    data = {n: runs[f"pairs{n}"] for n in RM_PAIRS if f"pairs{n}" in runs}
+    if data and f_beta.get("beta0.1"):
+        ppo_rows = {r["pairs"]: r for r in known.get("rm_size", [])}
+        rows = ["| pairs | DPO seeds | DPO gold score | DPO KL (nats) | DPO gold win rate | implicit reward's val "
+                "accuracy | RM val accuracy (train_rm.py, same pairs) | PPO gold score (that RM) | PPO KL (nats) |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for n, seeds in [*data.items(), (240000, runs["beta0.1"])]:
+            f = finals(seeds)
+            f["val_accuracy"] = [final(log, "eval/rewards/accuracies") for _, log in sorted(seeds.items())]
+            out[f"dpo/pairs{n}"] = f
+            r = ppo_rows.get(n)
+            ppo_cells = (f"{r['val_accuracy']:.3f} | {r['ppo_gold'][0]:.3f} ± {r['ppo_gold'][1]:.3f} | "
+                         f"{r['ppo_kl'][0]:.2f} ± {r['ppo_kl'][1]:.2f}") if r else "- | - | -"
+            rows.append(f"| {n} | {len(f['gold'])} | {pm(f['gold'])} | {pm(f['kl'], 2)} | {pm(f['win'])} "
+                        f"| {pm(f['val_accuracy'])} | {ppo_cells} |")
+        blocks += ["", "DPO from the RM-size study's pairs (`--dataset sweeps/dpo/prefs_N`: the exact pairs "
+                   "`train_rm.py --num_train_pairs N` trained on; 240000: the β = 0.1 runs above), beside PPO against "
+                   "the RM trained on the same pairs (section 4; PPO's ± over its seeds 1-3):", "", *rows]
+    plot_dpo_frontier(runs, f_beta, ppo_beta, bon, known)
+    return "\n".join(blocks), out
+
+
+def plot_dpo_frontier(runs: dict, f_beta: dict, ppo_beta: dict, bon: dict | None, known: dict) -> str:
+    """Gold and RM score vs √KL: DPO's β curves (every 375 steps, mean over seeds) and final points, PPO's β sweep
+    final points, best-of-n on the SFT policy, and the main RM's Gao et al. fits, from the SFT start."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 6))
+    for i, name in enumerate(f_beta):
+        _, kl, _ = curve(runs[name], "eval/kl")
+        for ax, tag in zip(axes, ("eval/gold_score", "eval/rm_score")):
+            _, y, _ = curve(runs[name], tag)
+            ax.plot([math.sqrt(max(k, 0.0)) for k in kl], y, "o-", ms=3, color=f"C{i}",
+                    label=f"DPO β = {name.removeprefix('beta')} (every 375 steps)")
+    for ax, key in zip(axes, ("gold", "rm")):
+        for label, by_beta, style in (("PPO, final (β sweep)", ppo_beta, "k^"), ("DPO, final", f_beta, "ks")):
+            if by_beta:
+                ax.errorbar([math.sqrt(statistics.mean(v["kl"])) for v in by_beta.values()],
+                            [statistics.mean(v[key]) for v in by_beta.values()],
+                            yerr=[mean_std(v[key])[1] for v in by_beta.values()], fmt=style, ms=6, capsize=3,
+                            mfc="none" if "DPO" in label else None, label=label + " (mean ± std, 3 seeds)")
+    start = statistics.mean(evaluations(log, "eval/gold_score")[0] for seeds in runs.values() for log in seeds.values())
+    if bon:
+        d = [math.sqrt(k) for k in bon["kl"]]
+        axes[0].plot(d, bon["proxies"]["rm_240000"]["gold"], "k:", marker=".", label="best-of-n (n = 1-256), gold")
+        axes[1].plot(d, bon["proxies"]["rm_240000"]["proxy"], "k:", marker=".", label="best-of-n, RM score")
+    fits = known.get("gao_fit/rm_240000", {})
+    for form, style, what, d_max in (("rl", "k--", "PPO at β = 0", math.sqrt(RL_FIT_MAX_KL)),
+                                     ("bon", "k-.", "best-of-n", math.sqrt(bon["kl"][-1]) if bon else 2.0)):
+        if form in fits:
+            grid = np.linspace(1e-3, d_max, 200)
+            axes[0].plot(grid, start + gao_curve(fits[form], form, grid), style, lw=0.8,
+                         label=f"Gao fit, {what}: α {fits[form]['alpha']:.2f}, β {fits[form]['beta']:.2f}")
+    axes[0].set_title("gold score (held-out) vs √KL")
+    axes[1].set_title("RM score (models/rm, held-out) vs √KL")
+    for ax in axes:
+        ax.set_xlabel("√KL(π ‖ π_SFT)  (nats^½, per response)")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    fig.suptitle("DPO against PPO and best-of-n: the same 512 prompts, T = 0.7, exact KL (Gao et al. 2022 axes)",
+                 fontsize=10)
+    return save(fig, "dpo_frontier.png")
+
+
+def plot_dpo_overopt(over: dict[float, dict[int, dict]]) -> str:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for i, (b, seeds) in enumerate(over.items()):
+        for ax, (tag, title) in zip(axes, (("eval/gold_score", "gold score"), ("eval/rm_score", "RM score (models/rm)"),
+                                           ("eval/kl", "KL to SFT (nats)"))):
+            x, m, s = curve(seeds, tag)
+            ax.plot(x, m, "o-", ms=3, color=f"C{i}", label=f"β = {b:g}")
+            ax.fill_between(x, [a - c for a, c in zip(m, s)], [a + c for a, c in zip(m, s)], color=f"C{i}", alpha=0.2)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("DPO steps (1875 = 1 epoch)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"DPO along {DPO_EPOCHS} epochs, mean ± std over {len(next(iter(over.values())))} seeds", fontsize=10)
+    return save(fig, "dpo_overoptimisation.png")
+
+
+def write_blocks(blocks: dict[str, str], summary: dict) -> None:
+    """Rewrite the README's generated blocks and merge the summary into sweep_summary.json (the groups whose logs are
+    not here keep their last summary)."""
+    readme_path = os.path.join(HERE, "README.md")
+    text = open(readme_path).read()
+    for name, body in blocks.items():
+        text = replace_block(text, name, body)
+    with open(readme_path, "w") as f:
+        f.write(text)
+    if "resources" in summary:
+        summary["resources"] = {**last_summary().get("resources", {}), **summary["resources"]}
+    with open(SUMMARY, "w") as f:
+        json.dump({**last_summary(), **summary}, f, indent=1)
+
+
+def main_dpo() -> None:
+    """`python results/plots.py dpo`: the dpo block and its figures alone, on a machine that has only the dpo group's
+    logs (the other blocks, whose logs are elsewhere, stay as they are)."""
+    os.makedirs(FIGS, exist_ok=True)
+    runs = runs_of("dpo")
+    if not runs:
+        raise SystemExit(f"no finished runs in {RUNS}/dpo; run results/sweep.py --groups dpo first")
+    body, summary = dpo_section(runs, {})
+    found = {path.removesuffix(".resources.json"): json.load(open(path))
+             for path in glob.glob(os.path.join("sweeps", "dpo", "*.resources.json"))}
+    write_blocks({"dpo": body}, {**summary, "resources": found})
+    print(f"wrote {FIGS}/dpo_*.png, results/sweep_summary.json and the block dpo of results/README.md")
+
+
 def replace_block(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)", re.S)
     if not pattern.search(text):
@@ -561,6 +792,10 @@ def main() -> None:
     if beta:  # after the fits, which it draws when there are any
         main_rm = drawn.get("rm_240000") if gao or bon else None  # (label, its fits)
         plot_frontier(beta, main_rm[1] if main_rm else None)
+    dpo = runs_of("dpo")
+    if dpo:
+        blocks["dpo"], dpo_summary = dpo_section(dpo, summary)
+        summary.update(dpo_summary)
     found = {path.removesuffix(".resources.json"): json.load(open(path))
              for path in glob.glob(os.path.join("sweeps", "**", "*.resources.json"), recursive=True)}
     if found:
@@ -582,4 +817,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_dpo() if sys.argv[1:] == ["dpo"] else main()

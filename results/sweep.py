@@ -1,6 +1,6 @@
 """Runs every experiment behind results/README.md: the beta sweep, the ablations and the RM-size study; the advantage
 estimators (ppo.py's GAE against grpo.py's GRPO, RLOO and REINFORCE++), the loss details, PPO against the gold
-scorer, and RM ensembles.
+scorer, RM ensembles, and DPO (dpo.py) against all of them.
 
     python results/sweep.py                        # all groups, 2 runs at a time with 1 thread each
     python results/sweep.py --groups beta --jobs 1 --threads 2
@@ -92,14 +92,27 @@ EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"]
               "estimators": ["--eval_every", "20"], "loss_details": ["--eval_every", "0"],
               "grpo_loss_details": ["--eval_every", "0"], "gold_reward": ["--eval_every", "20"],
               "ensembles": ["--eval_every", "20"], "gao": ["--eval_every", "5"],
-              "estimators_memory": ["--eval_every", "0"], "ensembles_cost": ["--eval_every", "0"]}
+              "estimators_memory": ["--eval_every", "0"], "ensembles_cost": ["--eval_every", "0"],
+              "dpo": []}  # each dpo run names its own (DPO_EVAL)
+# DPO (dpo.py, issue 26): the SFT model trained on the RM's own preference pairs, in the RM's batches (seed s orders
+# them as train_rm.py --seed s does), evaluated on PPO's held-out prompts as PPO is. Four parts, in order of priority:
+# the beta frontier (1 epoch, evaluated every 375 steps: 5 points a run; 4096 validation pairs for the implicit
+# reward's accuracy); the RM-size study's pairs: the exact subsets train_rm.py --num_train_pairs n trained on (seed 1),
+# written out as dataset dirs (pref_subsets), so that every seed of DPO trains on those pairs; the cost of ppo.py's and
+# dpo.py's defaults (seed 1, evaluated before and after training, one run at a time), with the reference on the fly
+# and precomputed; over-optimisation along DPO_EPOCHS epochs for a small and a large beta (the reference precomputed
+# once: the same numbers up to rounding, cheaper from the second epoch)
+DPO_BETAS = (0.01, 0.03, 0.1, 0.3, 1.0)  # 0.1 is dpo.py's default (Rafailov et al. 2023)
+DPO_EVAL = ["--eval_every", "375", "--num_eval_pairs", "4096"]
+DPO_EPOCHS = 3
+DPO_OVEROPT_BETAS = (0.03, 0.3)
 
 
 @dataclass
 class Args:
     groups: list[str] = field(default_factory=lambda: ["beta", "ablations", "rm_size"])
     """which experiment groups to run: beta, ablations, rm_size, estimators, estimators_memory, loss_details,
-    grpo_loss_details, gold_reward, gao, ensembles, ensembles_cost"""
+    grpo_loss_details, gold_reward, gao, ensembles, ensembles_cost, dpo"""
     jobs: int = 2
     """runs at a time"""
     threads: int = 1
@@ -110,6 +123,9 @@ class Args:
     out_dir: str = "sweeps"
     dry_run: bool = False
     """print the commands only"""
+    dpo_parts: list[str] = field(default_factory=lambda: ["frontier", "data", "cost", "epochs"])
+    """the parts of the dpo group to run, in this order: frontier (the beta sweep), data (the RM-size study's pairs),
+    cost (beside ppo.py's), epochs (over-optimisation along DPO_EPOCHS epochs)"""
 
 
 def ppo_run(args: Args, group: str, name: str, seed: int, flags: list[str], script: str = "ppo.py"):
@@ -165,7 +181,38 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
         stages.append([ppo_run(args, "ensembles_cost", name, 1, ["--total_episodes", str(MEMORY_EPISODES),
                                                                  "--reward_model", *paths])
                        for name, paths in (("single", ["models/rm"]), ("mean3", members[:3]), ("mean5", members))])
+    if "dpo" in args.groups:
+        def dpo(name: str, seed: int, flags: list[str]):
+            return ppo_run(args, "dpo", name, seed, ["dpo.py", *flags])
+        parts = {
+            "frontier": [dpo(f"beta{b:g}", s, [*DPO_EVAL, "--beta", str(b)]) for b in DPO_BETAS for s in args.seeds],
+            "data": [dpo(f"pairs{n}", s, [*DPO_EVAL, "--dataset", f"{args.out_dir}/dpo/prefs_{n}"])
+                     for n in RM_PAIRS for s in args.seeds],
+            "cost": [ppo_run(args, "dpo", "cost_ppo", 1, ["ppo.py", "--eval_every", "0"]),
+                     dpo("cost_dpo", 1, ["--eval_every", "0"]),
+                     dpo("cost_dpo_precompute", 1, ["--eval_every", "0", "--precompute_ref_log_probs"])],
+            "epochs": [dpo(f"epochs{DPO_EPOCHS}_beta{b:g}", s, [*DPO_EVAL, "--beta", str(b), "--num_train_epochs",
+                                                                 str(DPO_EPOCHS), "--precompute_ref_log_probs"])
+                       for b in DPO_OVEROPT_BETAS for s in args.seeds],
+        }
+        stages += [parts[p] for p in args.dpo_parts]
     return stages
+
+
+def pref_subsets(out_dir: str) -> None:
+    """sweeps/dpo/prefs_{n}: the n training pairs train_rm.py --num_train_pairs n --seed 1 trains on (the RM-size
+    study's RMs; common.load_preference_split draws them with shuffle(seed).select), the validation pairs and the
+    Bayes ceiling beside them, so that dpo.py trains every seed on those exact pairs."""
+    import datasets
+
+    for n in RM_PAIRS:
+        path = f"{out_dir}/dpo/prefs_{n}"
+        if not os.path.exists(f"{path}/train.jsonl"):
+            os.makedirs(path, exist_ok=True)
+            train = datasets.load_dataset("toy_data/prefs")["train"]
+            train.shuffle(seed=1).select(range(n)).to_json(f"{path}/train.jsonl")
+            for name in ("validation.jsonl", "bayes_ceiling.json"):
+                shutil.copy(f"toy_data/prefs/{name}", path)
 
 
 def execute(out: str, cmd: list[str], threads: int) -> tuple[str, float, int]:
@@ -189,7 +236,8 @@ def execute(out: str, cmd: list[str], threads: int) -> tuple[str, float, int]:
     if rc == 0:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model is in `out`
         with open(out + ".resources.json", "w") as f:  # ru_maxrss is in KiB on Linux
-            json.dump({"wall_seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20, "threads": threads}, f)
+            json.dump({"wall_seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 2**20, "threads": threads,
+                       "cpu_seconds": usage.ru_utime + usage.ru_stime}, f)
     return out, seconds, rc
 
 
@@ -198,6 +246,8 @@ def main(args: Args) -> None:
         if not args.dry_run and not os.path.isdir(d):
             raise SystemExit(f"{d} does not exist; run `python pipeline.py` first")
     stages = plan(args)
+    if "dpo" in args.groups and not args.dry_run:
+        pref_subsets(args.out_dir)
     total = sum(len(s) for s in stages)
     done = 0
     for stage in stages:

@@ -23,7 +23,8 @@ def test_best_of_n_is_the_mean_over_every_n_subset(n):
     """The closed form against brute force: for every n-subset of the pool, the gold score of the subset's
     highest-proxy sample, averaged over the subsets and then the prompts."""
     g = torch.Generator().manual_seed(0)
-    proxy, gold = torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, 7, generator=g, dtype=torch.float64)
+    proxy, gold = (torch.randn(4, 7, generator=g, dtype=torch.float64),
+                   torch.randn(4, 7, generator=g, dtype=torch.float64))
     brute_gold, brute_proxy = [], []
     for p in range(4):
         subsets = list(itertools.combinations(range(7), n))

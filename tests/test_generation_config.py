@@ -103,7 +103,8 @@ def recorded(model):
 
     def get_logits_processor(generation_config, **kwargs):
         processors = real_processors(generation_config=generation_config, **kwargs)
-        calls[-1].update(mode=generation_config.get_generation_mode(), processors=[type(p).__name__ for p in processors])
+        calls[-1].update(mode=generation_config.get_generation_mode(),
+                         processors=[type(p).__name__ for p in processors])
         processors.append(ScoreRecorder(calls[-1]["scores"]))
         return processors
 

@@ -67,8 +67,10 @@ def test_aggregate_loss_each_mode_on_a_ragged_mask():
     token_mean is masked_mean itself, bit for bit."""
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     assert grpo.aggregate_loss(per_token, RAGGED_MASK, "token_mean").item() == pytest.approx((1 + 2 + 3 + 4) / 4)
-    assert grpo.aggregate_loss(per_token, RAGGED_MASK, "seq_mean_token_mean").item() == pytest.approx((6 / 3 + 4 / 1) / 2)
-    assert grpo.aggregate_loss(per_token, RAGGED_MASK, "seq_mean_token_sum_norm", 4).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    by_sequence = grpo.aggregate_loss(per_token, RAGGED_MASK, "seq_mean_token_mean").item()
+    assert by_sequence == pytest.approx((6 / 3 + 4 / 1) / 2)
+    dr_grpo = grpo.aggregate_loss(per_token, RAGGED_MASK, "seq_mean_token_sum_norm", 4).item()
+    assert dr_grpo == pytest.approx((6 / 4 + 4 / 4) / 2)
     assert torch.equal(grpo.aggregate_loss(per_token, RAGGED_MASK), grpo.masked_mean(per_token, RAGGED_MASK))
 
 
@@ -118,9 +120,8 @@ def second_rm(standin_rm, tmp_path_factory):
 
 @pytest.mark.parametrize("extra, ensemble", [
     (["--loss_aggregation", "seq_mean_token_mean"], "min"),
-    (["--advantage_estimator", "rloo", "--kl_in_reward", "--loss_aggregation", "seq_mean_token_sum_norm"], "uwo"),
-    (["--advantage_estimator", "reinforce_pp", "--samples_per_prompt", "1", "--kl_in_reward", "--cliprange_high", "0.28"],
-     None),
+    (["--advantage_estimator", "rloo", "--loss_aggregation", "seq_mean_token_sum_norm"], "uwo"),
+    (["--advantage_estimator", "reinforce_pp", "--cliprange_high", "0.28"], None),
 ], ids=["grpo-ensemble_min", "rloo-ensemble_uwo", "reinforce_pp-clip_higher"])
 def test_estimators_and_ensembles_run(toy_dir, standin_rm, second_rm, tmp_path, monkeypatch, extra, ensemble):
     """Each advantage estimator and each ensemble mode trains two updates to finite numbers. No critic is built (the
@@ -138,11 +139,13 @@ def test_estimators_and_ensembles_run(toy_dir, standin_rm, second_rm, tmp_path, 
                               "--ensemble", ensemble or "mean", *extra))
     history = out["history"]
     assert len(history) == 2 and all(math.isfinite(v) for h in history for v in h.values())
+    # the evaluation's exact KL: 0 for the SFT policy against its own copy, positive after training
+    assert out["sft"]["kl"] == 0.0 and out["ppo"]["kl"] > 0.0
     models = built[0]
     assert set(models.trainables) == {"policy"} and not hasattr(models, "critic")
     assert len(models.optimizer.param_groups[0]["params"]) == len(list(models.policy.parameters()))
     assert not any(k in history[0] for k in ("loss/value_avg", "val/clipfrac_avg", "val/explained_variance"))
-    assert ("loss/kl_avg" in history[0]) == ("--kl_in_reward" not in extra)  # GRPO's default: the KL in the loss
+    assert ("loss/kl_avg" in history[0]) == ("rloo" not in extra and "reinforce_pp" not in extra)  # GRPO: in the loss
     k = 1 if "reinforce_pp" in extra else 4
     for queries in rollouts:  # each prompt k times in a row
         groups = queries.view(32 // k, k, -1)
@@ -150,3 +153,19 @@ def test_estimators_and_ensembles_run(toy_dir, standin_rm, second_rm, tmp_path, 
     assert ("objective/ensemble_std" in history[0]) == (ensemble is not None)
     if ensemble:  # the members' normalisations differ, and so do their scores
         assert history[0]["objective/ensemble_std"] > 0.01
+
+
+def test_estimator_alone_runs_as_published(capsys):
+    """--advantage_estimator alone gives the estimator as its paper runs it: RLOO with k = 4 and the KL in the
+    reward, REINFORCE++ with k = 1 and the KL in the reward, GRPO (the default) with k = 4 and the KL in the loss;
+    one line says what followed. A --samples_per_prompt or KL placement the user gave is kept."""
+    rloo = grpo.parse_args(["--advantage_estimator", "rloo"])
+    assert (rloo.samples_per_prompt, rloo.kl_in_reward) == (4, True)
+    assert "--advantage_estimator rloo, as published: --kl_in_reward True" in capsys.readouterr().out
+    reinforce = grpo.parse_args(["--advantage_estimator", "reinforce_pp"])
+    assert (reinforce.samples_per_prompt, reinforce.kl_in_reward) == (1, True)
+    default = grpo.parse_args([])
+    assert (default.samples_per_prompt, default.kl_in_reward) == (4, False) and capsys.readouterr().out.count(
+        "as published") == 1  # reinforce_pp's line; the default changes nothing and says nothing
+    kept = grpo.parse_args(["--advantage_estimator", "rloo", "--samples_per_prompt", "8", "--no_kl_in_reward"])
+    assert (kept.samples_per_prompt, kept.kl_in_reward) == (8, False)

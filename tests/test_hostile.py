@@ -23,6 +23,7 @@ import pytest
 from conftest import ROOT, one_thread
 
 import common
+import dpo
 import grpo
 import ppo
 import sft
@@ -116,6 +117,13 @@ class Ctx:
         return grpo, ["--sft_model", self.base, "--reward_model", self.rm, "--dataset", os.path.join(self.toy, "prompts"),
                       "--output_dir", self.out, "--total_episodes", "64", "--batch_size", "32", "--response_length", "8",
                       "--eval_samples", "16", "--run_name", str(self.tmp / "tb"), *extra]
+
+    def dpo(self, *extra):
+        return dpo, ["--model_name_or_path", self.base, "--reward_model", self.rm, "--dataset",
+                     os.path.join(self.toy, "prefs"), "--prompt_dataset", os.path.join(self.toy, "prompts"),
+                     "--output_dir", self.out, "--num_train_pairs", "128", "--batch_size", "64", "--num_eval_pairs",
+                     "16", "--eval_samples", "8", "--generation_batch_size", "8", "--response_length", "8",
+                     "--run_name", str(self.tmp / "tb"), *extra]
 
     def marked_run(self, path, stage, finished=True) -> str:
         os.makedirs(path)
@@ -245,6 +253,46 @@ CATALOGUE = {
 }
 
 
+# dpo.py's cases, in the same table
+SAME_PAIR = [{"prompt": "the plot", "chosen": "was good .", "rejected": "was good ."}] * 80
+CATALOGUE["flags"].update({
+    "dpo --beta 0": (lambda c: c.dpo("--beta", "0"), "--beta 0.0: must be > 0"),
+    "dpo --temperature 0": (lambda c: c.dpo("--temperature", "0"), "--temperature 0.0: must be > 0"),
+    "dpo --eval_samples -1": (lambda c: c.dpo("--eval_samples", "-1"), "--eval_samples -1: must be >= 0"),
+    "dpo --loss_type ipo with a margin column": (lambda c: c.dpo("--loss_type", "ipo", "--margin_column", "m"),
+                                                 "IPO has none"),
+    "dpo batch size does not divide": (lambda c: c.dpo("--batch_size", "64", "--micro_batch_size", "48"),
+                                       "must be divisible by"),
+    "dpo fewer pairs than a batch": (lambda c: c.dpo("--num_train_pairs", "32"), "fewer than one --batch_size 64"),
+})
+CATALOGUE["paths"].update({
+    "dpo --output_dir inside its SFT model": (lambda c: c.dpo("--output_dir", os.path.join(c.base, "dpo")),
+                                              "lies inside the model"),
+    "dpo --prompt_dataset that does not exist": (lambda c: c.dpo("--prompt_dataset", str(c.tmp / "nope")),
+                                                 "--prompt_dataset path"),
+    "dpo --output_dir holds an RM's run": (lambda c: c.marked_run(c.out, "rm") and c.dpo("--overwrite"),
+                                           "holds the run of rm, not of dpo"),
+})
+CATALOGUE["models"].update({
+    "dpo --reward_model is a causal LM (the SFT model)": (lambda c: c.dpo("--reward_model", c.base),
+                                                          "not a reward model"),
+    "dpo model without weights": (lambda c: c.dpo("--model_name_or_path", copy_model(
+        c.base, c.tmp / "m", remove=["model.safetensors"])), "has no weights"),
+})
+CATALOGUE["data rows"].update({
+    "dpo missing column": (lambda c: c.dpo("--rejected_column", "worse"), "has no column 'worse'"),
+    "dpo chosen == rejected in every row": (lambda c: c.dpo("--dataset", bad_rows(c, "d", SAME_PAIR)),
+                                            "80 with chosen == rejected"),
+    "dpo held-out prompt longer than the limit": (lambda c: c.dpo("--max_prompt_length", "2"),
+                                                  "longer than max_prompt_length"),
+})
+CATALOGUE["checkpoints"].update({
+    "dpo --resume without checkpoints": (lambda c: c.dpo("--resume"), "--resume: no checkpoint in"),
+    "dpo --resume with another beta": (lambda c: unfinished_dpo(c) and c.dpo("--checkpoint_every", "1", "--resume",
+                                                                             "--beta", "0.2"),
+                                       "--resume: the checkpoint was made with --beta 0.1, not 0.2"),
+})
+
 def notes_in(path) -> None:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "notes.txt"), "w") as f:
@@ -338,6 +386,13 @@ def unfinished_ppo(c) -> bool:
     shutil.rmtree(c.out)
     return True
 
+
+
+def unfinished_dpo(c) -> bool:
+    module, argv = c.dpo("--checkpoint_every", "1")
+    module.main(module.parse_args(argv))
+    shutil.rmtree(c.out)
+    return True
 
 def truncate_shard(checkpoint: str) -> None:
     shard = [f for f in os.listdir(checkpoint) if f.endswith(".distcp")][0]

@@ -13,12 +13,16 @@ from conftest import ROOT, run_script_expect_error
 
 PIPELINE = os.path.join(ROOT, "pipeline.py")
 TINY_TOY = "--toy_args=--n_sft 400 --n_prefs 400 --n_prompts 100 --hidden_size 32 --num_layers 1"
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+# one OpenMP thread per stage: the models are 32 wide, and two threads waiting for each other made the stages
+# slower, not faster (the PPO stage took 18 s instead of 11 s on this suite's 2-core machine)
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1"}
 
 
 def run_pipeline(cwd, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python /abs/path/pipeline.py ...` run from `cwd`, as a user elsewhere would."""
-    return subprocess.run([sys.executable, PIPELINE, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, PIPELINE, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_pipeline_runs_every_stage_and_prints_the_summary(tmp_path):
@@ -42,13 +46,15 @@ def test_pipeline_runs_every_stage_and_prints_the_summary(tmp_path):
     assert rows["gold win rate vs SFT"][1] == f"{ppo['gold_win_rate']:.3f}"
     assert rows["KL to reference (nats/response)"] == ("0.00", f"{ppo['ppo']['kl']:.2f}")
     assert rows["EOS rate"] == (f"{ppo['sft']['eos_rate']:.3f}", f"{ppo['ppo']['eos_rate']:.3f}")
-    assert f"RM validation accuracy {rm['val_accuracy']:.3f} (Bayes ceiling {rm['bayes_ceiling']:.3f}" in summary["rows"][-1][0]
+    rm_row = f"RM validation accuracy {rm['val_accuracy']:.3f} (Bayes ceiling {rm['bayes_ceiling']:.3f}"
+    assert rm_row in summary["rows"][-1][0]
     assert set(summary["wall_time_s"]) == {"toy_task", "sft", "rm", "ppo"}
     assert "gold win rate vs SFT" in proc.stdout and "Bayes ceiling" in proc.stdout
 
 
 def test_pipeline_stops_at_a_failing_stage(tmp_path):
-    last_line = run_script_expect_error("pipeline.py", "--data_dir", str(tmp_path / "toy"), "--models_dir", str(tmp_path / "m"),
+    last_line = run_script_expect_error("pipeline.py", "--data_dir", str(tmp_path / "toy"),
+                                        "--models_dir", str(tmp_path / "m"),
                                         "--toy_args=--no_such_flag 1")
     assert "the toy task stage failed" in last_line
     assert not (tmp_path / "m").exists()
@@ -72,7 +78,9 @@ def alive(pid: int) -> bool:
 
 def sft_checkpoints(models) -> list[str]:
     path = models / "sft_checkpoints"
-    return sorted(d for d in os.listdir(path) if d.startswith("step_") and not d.endswith(".tmp")) if path.is_dir() else []
+    if not path.is_dir():
+        return []
+    return sorted(d for d in os.listdir(path) if d.startswith("step_") and not d.endswith(".tmp"))
 
 
 @pytest.mark.parametrize("sig, status", [
@@ -91,7 +99,8 @@ def test_a_signal_to_the_pipeline_checkpoints_the_running_stage(sig, status, tmp
     try:
         deadline = time.time() + 120
         while not sft_checkpoints(models):  # SFT's first step is done: it is in its training loop
-            assert proc.poll() is None, f"pipeline.py ended ({proc.returncode}):\n{(tmp_path / 'err.txt').read_text()[-3000:]}"
+            assert proc.poll() is None, (f"pipeline.py ended ({proc.returncode}):\n"
+                                         f"{(tmp_path / 'err.txt').read_text()[-3000:]}")
             assert time.time() < deadline, "SFT wrote no checkpoint in time"
             time.sleep(0.02)
         (stage,) = children(proc.pid)  # the SFT process
@@ -118,7 +127,8 @@ BAD_FLAGS = {
     "no processes": (["--nproc", "0"], "pipeline: --nproc 0: a stage needs at least one process; pass --nproc 1"),
     "negative processes": (["--nproc", "-2"], "pipeline: --nproc -2: a stage needs at least one process"),
     "unclosed quote": (["--sft_args=--seed '2"], "pipeline: --sft_args: No closing quotation"),
-    "a stage's output dir": (["--ppo_args=--output-dir elsewhere"], "--ppo_args sets --output_dir, which pipeline.py sets itself"),
+    "a stage's output dir": (["--ppo_args=--output-dir elsewhere"],
+                             "--ppo_args sets --output_dir, which pipeline.py sets itself"),
     "data dir holds other files": (["--data_dir", "mine"], "--data_dir 'mine' holds files that are not toy_task.py's"),
     "models inside the data dir": (["--data_dir", "toy", "--models_dir", "toy/models"], "overlap"),
 }
@@ -133,4 +143,5 @@ def test_bad_flags_stop_before_any_stage(case, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and message in lines[0], proc.stderr
     assert "===" not in proc.stdout  # no stage started
-    assert sorted(os.listdir(tmp_path)) == ["mine"] and (tmp_path / "mine" / "notes.txt").read_text() == "not the toy task"
+    assert sorted(os.listdir(tmp_path)) == ["mine"]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not the toy task"

@@ -23,11 +23,13 @@ from test_real_path import tiny_model_dir
 REAL = os.path.join(os.path.dirname(ROOT), "shared", "real")
 needs_real = pytest.mark.skipif(not os.path.isdir(REAL), reason=f"{REAL} (real tokenizers and HH-RLHF rows) is absent")
 # Qwen2.5's template, cut down: a default system turn when the conversation has none
-QWEN_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}"
-                 "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+QWEN_TEMPLATE = ("{% if messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+                 "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 # Llama 3's: <|begin_of_text|> in front, <|eot_id|> after each turn
-LLAMA3_TEMPLATE = ("{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+LLAMA3_TEMPLATE = ("{{ '<|begin_of_text|>' }}{% for m in messages %}"
+                   "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
                    " + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
                    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 
@@ -44,8 +46,8 @@ def chat_tokenizer(style: str):
     from transformers import PreTrainedTokenizerFast
 
     specials = {"qwen": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                           "<|finetune_right_pad_id|>"]}[style]
+                "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                           "<|eot_id|>", "<|finetune_right_pad_id|>"]}[style]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -54,10 +56,11 @@ def chat_tokenizer(style: str):
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if style == "llama3":  # Llama 3's tokenizer puts <|begin_of_text|> before every text
         tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                                           special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+                                                           special_tokens=[("<|begin_of_text|>",
+                                                                            tok.token_to_id("<|begin_of_text|>"))])
         # the base model's EOS, which is not the chat template's end-of-turn token <|eot_id|>
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                                            pad_token="<|finetune_right_pad_id|>")
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
+                                            eos_token="<|end_of_text|>", pad_token="<|finetune_right_pad_id|>")
         tokenizer.chat_template = LLAMA3_TEMPLATE
     else:
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -71,9 +74,10 @@ def chat_tokenizer(style: str):
 def test_drop_unusable_counts_and_stops_above_the_fraction(capsys):
     reasons = [None] * 197 + ["with an empty completion"] * 2 + ["with an empty prompt"]
     assert common.drop_unusable(reasons, "split 'train'", 0.02) == list(range(197))
-    assert "split 'train': dropped 3 of 200 rows that cannot be used (2 with an empty completion, 1 with an empty prompt; " \
-           "first: row 197)" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"3 of 200 rows \(1.5%\) cannot be used .* more than --max_dropped_fraction 0.01"):
+    assert "split 'train': dropped 3 of 200 rows that cannot be used (2 with an empty completion, " \
+           "1 with an empty prompt; first: row 197)" in capsys.readouterr().out
+    with pytest.raises(SystemExit,
+                       match=r"3 of 200 rows \(1.5%\) cannot be used .* more than --max_dropped_fraction 0.01"):
         common.drop_unusable(reasons, "split 'train'", 0.01)
     assert common.drop_unusable([None, None], "x", 0.0) == [0, 1]
 
@@ -126,7 +130,7 @@ def test_sft_and_ppo_cut_prompts_behind_the_bos(tmp_path):
 
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": p} for p in prompts])})
     ppo_args = ppo.parse_args(["--sft_model", base, "--max_prompt_length", "8", "--truncate_long_prompts"])
-    _, ids = ppo.prompts_of_split(ppo_args, splits, "train", tokenizer)
+    _, ids = common.prompts_of_split(ppo_args, splits, "train", tokenizer, base)
     assert [x[0] for x in ids] == [bos, bos] and len(ids[0]) == 8
 
 
@@ -136,12 +140,14 @@ def test_rm_normalisation_prompts_follow_ppo_length_rule(toy_dir, tmp_path, monk
     argv = ["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", os.path.join(toy_dir, "prefs"),
             "--output_dir", str(tmp_path / "rm"), "--num_train_pairs", "128", "--batch_size", "64",
             "--num_normalisation_prompts", "8", "--max_prompt_length", "3"]
-    with pytest.raises(SystemExit, match=r"normalisation prompts: [1-8] of 8 prompts are longer than max_prompt_length=3"):
+    with pytest.raises(SystemExit,
+                       match=r"normalisation prompts: [1-8] of 8 prompts are longer than max_prompt_length=3"):
         train_rm.main(train_rm.parse_args(argv))
     assert not os.path.exists(str(tmp_path / "rm_checkpoints"))  # stopped before the first step
     for preset in ("pythia-tldr", "hh-rlhf", "ultrafeedback"):
         rm, policy = train_rm.parse_args([preset]), ppo.parse_args([preset])
-        assert (rm.max_prompt_length, rm.truncate_long_prompts) == (policy.max_prompt_length, policy.truncate_long_prompts)
+        assert ((rm.max_prompt_length, rm.truncate_long_prompts)
+                == (policy.max_prompt_length, policy.truncate_long_prompts))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,14 +162,16 @@ class TokenIdAsScore(torch.nn.Module):
 
 def test_retokenised_rm_reads_its_reward_at_its_end_of_turn_token():
     policy_tok, rm_tok = chat_tokenizer("qwen"), chat_tokenizer("llama3")
-    text = policy_tok.apply_chat_template([{"role": "user", "content": "the plot"}], tokenize=False, add_generation_prompt=True)
+    text = policy_tok.apply_chat_template([{"role": "user", "content": "the plot"}], tokenize=False,
+                                          add_generation_prompt=True)
     query = policy_tok(text, add_special_tokens=False)["input_ids"]
     im_end = policy_tok.convert_tokens_to_ids("<|im_end|>")
     responses = [policy_tok(" was good", add_special_tokens=False)["input_ids"] + [im_end],  # ended at <|im_end|>
                  policy_tok(" was bad and", add_special_tokens=False)["input_ids"]]  # cut at the length limit
     width = max(len(r) for r in responses)
     padded = torch.tensor([r + [policy_tok.pad_token_id] * (width - len(r)) for r in responses])
-    responses, response_mask, has_eos = ppo.truncate_after_eos(padded, [policy_tok.eos_token_id, im_end], policy_tok.pad_token_id)
+    responses, response_mask, has_eos = ppo.truncate_after_eos(padded, [policy_tok.eos_token_id, im_end],
+                                                               policy_tok.pad_token_id)
     query_responses = torch.cat([torch.tensor([query] * 2), responses], 1)
     attention_mask = torch.cat([torch.ones(2, len(query), dtype=torch.long), response_mask.long()], 1)
     eot = rm_tok.convert_tokens_to_ids("<|eot_id|>")
@@ -183,8 +191,8 @@ def tiny_pythia(path: str) -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(REAL, "tokenizers", "pythia"))
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, max_position_embeddings=2048,
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64, max_position_embeddings=2048,
                                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -199,24 +207,29 @@ def test_hh_rlhf_preset_runs_every_stage_on_real_rows(tmp_path, monkeypatch, cap
     sft_out, rm_out = str(tmp_path / "sft"), str(tmp_path / "rm")
     sft.main(sft.parse_args(["hh-rlhf", "--model_name_or_path", base, "--dataset", data, "--output_dir", sft_out,
                              "--max_steps", "1", "--batch_size", "4", "--gradient_accumulation_steps", "1",
-                             "--eval_batch_size", "4", "--num_eval_pairs", "8", "--num_eval_samples", "4", "--max_new_tokens", "4"]))
+                             "--eval_batch_size", "4", "--num_eval_pairs", "8", "--num_eval_samples", "4",
+                             "--max_new_tokens", "4"]))
     printed = capsys.readouterr().out
     # the 4 dialogues of the 2,000 whose final chosen reply is empty are dropped, with their count
-    assert "split 'train': dropped 4 of 2000 rows that cannot be used (4 with an empty completion; first: row 86)" in printed
+    assert ("split 'train': dropped 4 of 2000 rows that cannot be used (4 with an empty completion; first: row 86)"
+            in printed)
     results = train_rm.main(train_rm.parse_args([
-        "hh-rlhf", "--model_name_or_path", sft_out, "--dataset", data, "--output_dir", rm_out, "--num_train_pairs", "16",
-        "--num_eval_pairs", "8", "--batch_size", "8", "--micro_batch_size", "8", "--eval_batch_size", "8",
-        "--num_normalisation_prompts", "4", "--generation_batch_size", "4", "--response_length", "4"]))
+        "hh-rlhf", "--model_name_or_path", sft_out, "--dataset", data, "--output_dir", rm_out,
+        "--num_train_pairs", "16", "--num_eval_pairs", "8", "--batch_size", "8", "--micro_batch_size", "8",
+        "--eval_batch_size", "8", "--num_normalisation_prompts", "4", "--generation_batch_size", "4",
+        "--response_length", "4"]))
     assert results["normalisation"]["num_samples"] == 4
     printed = capsys.readouterr().out
     assert "normalisation prompts" not in printed or "keeping their last tokens" in printed
     out = ppo.main(ppo.parse_args([
-        "hh-rlhf", "--sft_model", sft_out, "--reward_model", rm_out, "--dataset", data, "--output_dir", str(tmp_path / "ppo"),
-        "--total_episodes", "4", "--batch_size", "4", "--micro_batch_size", "4", "--local_rollout_forward_batch_size", "4",
-        "--response_length", "4", "--eval_samples", "4", "--eval_batch_size", "4"]))
+        "hh-rlhf", "--sft_model", sft_out, "--reward_model", rm_out, "--dataset", data,
+        "--output_dir", str(tmp_path / "ppo"), "--total_episodes", "4", "--batch_size", "4",
+        "--micro_batch_size", "4", "--local_rollout_forward_batch_size", "4", "--response_length", "4",
+        "--eval_samples", "4", "--eval_batch_size", "4"]))
     assert out["episodes"] == 4 and out["num_eval_prompts"] == 4
     # 23 real HH prompts are over the preset's 512 tokens: cut, and none longer (Pythia adds no BOS)
-    assert "split 'train' of '" + data + "': 23 of 2000 prompts are longer than max_prompt_length=512" in capsys.readouterr().out
+    assert ("split 'train' of '" + data + "': 23 of 2000 prompts are longer than max_prompt_length=512"
+            in capsys.readouterr().out)
     with open(os.path.join(tmp_path / "ppo", "eval_results.json")) as f:
         assert json.load(f)["episodes"] == 4
 

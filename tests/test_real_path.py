@@ -28,7 +28,8 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['con
 FAMILIES = {
     "gpt_neox": (["<|endoftext|>"], None, "<|endoftext|>", None, None),  # Pythia: no pad token
     "llama": (["<unk>", "<s>", "</s>"], None, "</s>", "<s>", None),  # no pad; BOS in front of every text
-    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|endoftext|>", "<|endoftext|>", None, CHATML),  # pads with EOS
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|endoftext|>", "<|endoftext|>", None,
+              CHATML),  # pads with EOS
     "gpt2": (["<|endoftext|>"], None, "<|endoftext|>", None, None),
 }
 
@@ -61,7 +62,8 @@ def tiny_model_dir(family: str, path: str) -> str:
     tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     kwargs = {"eos_token": eos, "bos_token": bos or eos}
     if pad is not None:
         kwargs["pad_token"] = pad
@@ -77,11 +79,12 @@ def tiny_model_dir(family: str, path: str) -> str:
         model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                  intermediate_size=64, max_position_embeddings=2048, **ids))
     elif family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                             intermediate_size=64, max_position_embeddings=2048, **ids))
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=1, intermediate_size=64, max_position_embeddings=2048,
+                                             **ids))
     elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                             intermediate_size=64, max_position_embeddings=2048,
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=1, intermediate_size=64, max_position_embeddings=2048,
                                              pad_token_id=tok.token_to_id(pad), **ids))
     else:
         model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=2048, **ids))
@@ -98,7 +101,8 @@ DATA = {  # preset -> (SFT data, preference data, prompt data)
 }
 
 
-def run_chain(tmp_path, base: str, preset: str, sft_flags: list[str], rm_flags: list[str], ppo_flags: list[str]) -> dict:
+def run_chain(tmp_path, base: str, preset: str, sft_flags: list[str], rm_flags: list[str],
+              ppo_flags: list[str]) -> dict:
     """SFT, RM and PPO for one step each, with `preset` and the data flags given; checks between stages."""
     # SFT: the preset's columns, formats and lengths; a tiny model and batch, one step
     sft_out = str(tmp_path / "sft")
@@ -120,8 +124,9 @@ def run_chain(tmp_path, base: str, preset: str, sft_flags: list[str], rm_flags: 
     rm_out = str(tmp_path / "rm")
     rm_args = train_rm.parse_args([preset, "--model_name_or_path", sft_out, "--output_dir", rm_out, *rm_flags,
                                    "--batch_size", "4", "--micro_batch_size", "4", "--eval_batch_size", "4",
-                                   "--num_train_pairs", "4", "--num_train_epochs", "1", "--num_normalisation_prompts", "4",
-                                   "--generation_batch_size", "4", "--response_length", "8", "--checkpoint_every", "0"])
+                                   "--num_train_pairs", "4", "--num_train_epochs", "1",
+                                   "--num_normalisation_prompts", "4", "--generation_batch_size", "4",
+                                   "--response_length", "8", "--checkpoint_every", "0"])
     rm_results = train_rm.main(rm_args)
     assert rm_results["steps"] == 1 and 0.0 <= rm_results["val_accuracy"] <= 1.0
     from common import load_reward_model
@@ -171,8 +176,10 @@ def test_trl_formats_work_by_name_with_column_flags(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in open(os.path.join(FIXTURES, "ultrafeedback", "train_prefs.jsonl"))]
     for split, part in (("train", rows[:5]), ("test", rows[5:])):
         # conversational prompt/completion (SFT), prompt/chosen/rejected (RM) and prompt-only (PPO), renamed
-        write = lambda d, rs: (os.makedirs(tmp_path / d, exist_ok=True),
-                               open(tmp_path / d / f"{split}.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rs)))
+        def write(d, rs, split=split):
+            os.makedirs(tmp_path / d, exist_ok=True)
+            open(tmp_path / d / f"{split}.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rs))
+
         write("sft", [{"question": r["chosen"][:1], "answer": r["chosen"][1:]} for r in part])
         write("prefs", [{"question": r["chosen"][:1], "good": r["chosen"][1:], "bad": r["rejected"][1:]} for r in part])
         write("prompts", [{"question": r["chosen"][:1]} for r in part])
@@ -180,8 +187,8 @@ def test_trl_formats_work_by_name_with_column_flags(tmp_path, monkeypatch):
     out = run_chain(tmp_path / "run", base, "toy",
                     ["--dataset", str(tmp_path / "sft"), "--prompt_column", "question", "--completion_column", "answer",
                      "--max_prompt_length", "64", *common, "--eval_fn", "None"],
-                    ["--dataset", str(tmp_path / "prefs"), "--dataset_format", "conversational", "--prompt_column", "question",
-                     "--chosen_column", "good", "--rejected_column", "bad", *common],
+                    ["--dataset", str(tmp_path / "prefs"), "--dataset_format", "conversational",
+                     "--prompt_column", "question", "--chosen_column", "good", "--rejected_column", "bad", *common],
                     ["--dataset", str(tmp_path / "prompts"), "--prompt_column", "question", "--max_prompt_length", "64",
                      "--gold_reward_fn", "None", *common])
     assert out["num_eval_prompts"] == 2
@@ -198,9 +205,10 @@ def test_chat_prompts_stop_at_the_end_of_turn_token(tmp_path):
     args = ppo.parse_args(["ultrafeedback"])
     assert ppo.stop_token_ids(args, tokenizer, chat=True) == [tokenizer.eos_token_id, im_end]
     assert ppo.stop_token_ids(args, tokenizer, chat=False) == [tokenizer.eos_token_id]
-    prompt = ppo.render_chat_prompt([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"}], tokenizer)
+    prompt = common.render_chat_prompt([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"}],
+                                       tokenizer)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # the old reply is dropped
-    assert ppo.render_chat_prompt("hi", tokenizer) == prompt  # a text prompt is one user turn
+    assert common.render_chat_prompt("hi", tokenizer) == prompt  # a text prompt is one user turn
     responses = torch.tensor([[5, im_end, 7, 8], [5, 6, 7, 8]])
     out, mask, ended = ppo.truncate_after_eos(responses, [tokenizer.eos_token_id, im_end], tokenizer.pad_token_id)
     assert ended.tolist() == [True, False] and mask[0].tolist() == [True, True, False, False]

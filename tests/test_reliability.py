@@ -1,4 +1,5 @@
-"""Reliability: checkpoints and resume (SIGKILL, SIGTERM, torchrun) and non-finite values (hostile input: test_hostile.py).
+"""Reliability: checkpoints and resume (SIGKILL, SIGTERM, torchrun) and non-finite values
+(hostile input: test_hostile.py).
 
 The resume tests run each stage three times as a subprocess: once uninterrupted, once killed as soon as
 its first checkpoint lands, and once resumed from that checkpoint. The resumed run must end with the same
@@ -22,7 +23,6 @@ from conftest import ROOT, one_thread
 import common
 import ppo
 import sft
-import train_rm
 
 TIMING_KEYS = ("wall_time_s", "train_time_s", "time_s", "run_name")
 
@@ -42,7 +42,8 @@ def launch(script: str, args: list[str], nproc: int = 1) -> subprocess.Popen:
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, script, *args]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               script, *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -83,7 +84,8 @@ def wait_for_checkpoint(proc: subprocess.Popen, checkpoint_dir: str, timeout: fl
     deadline = time.time() + timeout
     while not common.checkpoints(checkpoint_dir):
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended ({proc.returncode}) before its first checkpoint:\n{proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"the run ended ({proc.returncode}) before its first checkpoint:\n"
+                                 f"{proc.stderr.read()[-3000:]}")
         if time.time() > deadline:
             kill_tree(proc.pid, signal.SIGKILL)
             raise AssertionError("no checkpoint in time")
@@ -157,7 +159,8 @@ def test_sigkill_then_resume_is_bit_identical(stage, toy_dir, standin_rm, tmp_pa
 def test_sigterm_checkpoints_exits_and_resumes(toy_dir, tmp_path):
     """Preemption: SIGTERM makes the RM write a checkpoint at the end of the step and exit with 143."""
     def flags(name):
-        return ["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", os.path.join(toy_dir, "prefs"),
+        return ["--model_name_or_path", os.path.join(toy_dir, "base_model"),
+                "--dataset", os.path.join(toy_dir, "prefs"),
                 "--output_dir", str(tmp_path / name), "--run_name", str(tmp_path / "runs" / name),
                 "--batch_size", "16", "--num_train_epochs", "1", "--eval_every", "50", "--checkpoint_every", "30",
                 "--num_normalisation_prompts", "32"]
@@ -196,8 +199,10 @@ def test_torchrun_two_processes_resume(toy_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_resume_refuses_other_flags_and_missing_checkpoints(toy_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = lambda *extra: sft.parse_args(sft_flags(toy_dir, str(tmp_path / "o"), "t")[:-2] + ["--checkpoint_every", "0",
-                                         "--max_steps", "2", "--num_eval_samples", "0", "--num_logged_samples", "0", *extra])
+    def args(*extra):
+        return sft.parse_args(sft_flags(toy_dir, str(tmp_path / "o"), "t")[:-2]
+                              + ["--checkpoint_every", "0", "--max_steps", "2", "--num_eval_samples", "0",
+                                 "--num_logged_samples", "0", *extra])
     with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
         sft.main(args("--resume"))
     sft.main(args())

@@ -1,5 +1,6 @@
-"""train_rm.py: the Bradley-Terry loss, where the reward is read, the data formats, normalisation,
-FSDP2 on 2 processes, and one-line errors on bad input. Everything runs on the tiny toy task of conftest."""
+"""train_rm.py: the Bradley-Terry loss, the learning-rate schedule, the reward normalisation and the head's
+initialisation, where the reward is read, the data formats, end-to-end runs (normalisation, FSDP2 on 2 processes),
+and one-line errors on bad input. Everything runs on the tiny toy task of conftest."""
 
 import contextlib
 import json
@@ -8,9 +9,11 @@ import os
 import shutil
 
 import datasets
+import numpy as np
 import pytest
 import torch
-from conftest import run_script, run_script_expect_error
+from conftest import one_thread as one_torch_thread
+from conftest import ROOT, run_script_expect_error
 
 import common
 import train_rm
@@ -29,24 +32,15 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row) + "\n")
 
 
-@pytest.fixture(scope="module")
-def easy_prefs(toy_dir, tmp_path_factory):
-    """A hand-made easy set: chosen is a fluent toy completion, rejected the same text cut off mid-sentence
-    (last word and final "." dropped). Even the random base model can learn to tell them apart."""
-    out = str(tmp_path_factory.mktemp("easy") / "prefs")
-    for split, n in (("train", 512), ("validation", 128)):
-        rows = []
-        for line in open(os.path.join(toy_dir, "sft", f"{split}.jsonl")):
-            r = json.loads(line)
-            words = r["completion"].split()
-            if len(words) >= 3 and len(rows) < n:
-                rows.append({"prompt": r["prompt"], "chosen": r["completion"], "rejected": " ".join(words[:-2])})
-        write_jsonl(os.path.join(out, f"{split}.jsonl"), rows)
-    return out
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_for_this_module():
+    """In-process runs on one torch thread (conftest.one_thread)."""
+    with one_torch_thread():
+        yield
 
 
 @contextlib.contextmanager
-def one_thread():
+def one_omp_thread():
     """OMP_NUM_THREADS=1 for a subprocess: a 64-wide model gains nothing from 2 threads, and on a busy
     machine 2 spinning OpenMP threads per process make it several times slower (torchrun runs get the same)."""
     old = os.environ.get("OMP_NUM_THREADS")
@@ -62,11 +56,18 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained_rm(toy_dir, easy_prefs, tmp_path_factory):
-    """One tiny end-to-end run on the easy set (the random base model stands in for the SFT model)."""
-    out = str(tmp_path_factory.mktemp("rm") / "rm")
-    with one_thread():
-        run_script("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
-                   easy_prefs, "--output_dir", out, "--run_name", "test_rm_e2e", "--normalize_std", *TINY)
+    """One tiny end-to-end run on the easy set (the random base model stands in for the SFT model), in-process
+    (train_rm.py's command line runs in test_torchrun_two_processes_matches_one)."""
+    tmp = tmp_path_factory.mktemp("rm")
+    out = str(tmp / "rm")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # TensorBoard logs go to tmp/runs
+    try:
+        train_rm.main(train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
+                                           easy_prefs, "--output_dir", out, "--run_name", "test_rm_e2e",
+                                           "--normalize_std", *TINY]))
+    finally:
+        os.chdir(cwd)
     return out
 
 
@@ -83,8 +84,9 @@ def tiny_rm(toy_dir):
 def test_bradley_terry_loss_hand_values():
     zero = torch.zeros(3)
     assert train_rm.bradley_terry_loss(zero, zero).item() == pytest.approx(math.log(2))
-    assert train_rm.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0])).item() == pytest.approx(math.log1p(math.exp(-2)))
-    assert train_rm.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([2.0])).item() == pytest.approx(math.log1p(math.exp(2)))
+    two, nil = torch.tensor([2.0]), torch.tensor([0.0])
+    assert train_rm.bradley_terry_loss(two, nil).item() == pytest.approx(math.log1p(math.exp(-2)))
+    assert train_rm.bradley_terry_loss(nil, two).item() == pytest.approx(math.log1p(math.exp(2)))
     # the gradient raises the chosen reward and lowers the rejected one: dL/dr_c = -1/2, dL/dr_r = +1/2 at a tie
     r_chosen, r_rejected = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
     train_rm.bradley_terry_loss(r_chosen, r_rejected).backward()
@@ -93,6 +95,80 @@ def test_bradley_terry_loss_hand_values():
     one, nil = torch.tensor([1.0]), torch.tensor([0.0])
     assert train_rm.bradley_terry_loss(one, nil, margin=torch.tensor([1.0])).item() == pytest.approx(math.log(2))
     assert train_rm.bradley_terry_loss(one, nil, margin=torch.tensor([0.5])) > train_rm.bradley_terry_loss(one, nil)
+
+
+# ----------------------------------------------------------------------------------------------
+# The learning-rate schedule, reward normalisation and the head's initialisation
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule, middle", [("cosine", 0.5), ("linear", 0.5), ("constant", 1.0)])
+def test_train_rm_learning_rate_at_hand_values(schedule, middle):
+    """train_rm.learning_rate_at: linear warmup, then cosine / linear to 0 or constant, against hand values at
+    the warmup's start and end, the middle of the decay and the end (lr 1e-3, 10 warmup steps, 110 in all)."""
+    args = train_rm.Args(learning_rate=1e-3, warmup_steps=10, lr_schedule=schedule)
+    f = lambda step: train_rm.learning_rate_at(step, 110, args)  # noqa: E731
+    assert f(0) == pytest.approx(1e-4)  # warmup start
+    assert f(9) == pytest.approx(1e-3)  # warmup end
+    assert f(10) == pytest.approx(1e-3)  # decay start
+    assert f(60) == pytest.approx(1e-3 * middle)
+    assert f(85) == pytest.approx(1e-3 * {"cosine": 0.5 * (1 + math.cos(0.75 * math.pi)), "linear": 0.25,
+                                           "constant": 1.0}[schedule])
+    assert f(110) == pytest.approx(1e-3 if schedule == "constant" else 0.0, abs=1e-15)
+    no_warmup = train_rm.Args(learning_rate=1e-3, warmup_steps=0, lr_schedule=schedule)
+    assert train_rm.learning_rate_at(0, 110, no_warmup) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("schedule, end", [("cosine", 0.0), ("linear", 0.0), ("constant", 1e-3)])
+def test_train_rm_learning_rate_at_stays_at_the_end_past_total_steps(schedule, end):
+    """train_rm.learning_rate_at past total_steps keeps the rate of total_steps, as sft.cosine_with_warmup does:
+    0 for cosine and linear decay (progress capped at 1). Uncapped, cosine rose again and linear went negative."""
+    args = train_rm.Args(learning_rate=1e-3, warmup_steps=10, lr_schedule=schedule)
+    for step in (110, 111, 160, 210, 1000):
+        assert train_rm.learning_rate_at(step, 110, args) == pytest.approx(end, abs=1e-15)
+
+
+def test_reward_normalisation_against_numpy():
+    """train_rm.reward_normalisation from sums against numpy on known samples: the mean is np.mean, the std is
+    Bessel-corrected (n - 1, np.std(ddof=1)), and the third value, the raw std, is that std whatever
+    normalize_std (reward_std is then 1) and without the 1e-8 floor."""
+    r = np.array([1.0, 2.0, 3.0, 4.0, 10.0])  # mean 4; sum of squared deviations 50: std sqrt(12.5), not sqrt(10)
+    sums = (r.sum(), (r**2).sum(), float(len(r)))
+    mean, std, raw_std = train_rm.reward_normalisation(*sums, normalize_std=True)
+    assert mean == pytest.approx(np.mean(r)) == pytest.approx(4.0)
+    assert std == pytest.approx(np.std(r, ddof=1)) == pytest.approx(math.sqrt(12.5))
+    assert raw_std == pytest.approx(np.std(r, ddof=1))
+    mean, std, raw_std = train_rm.reward_normalisation(*sums, normalize_std=False)
+    assert (mean, std) == (pytest.approx(4.0), 1.0)
+    assert raw_std == pytest.approx(np.std(r, ddof=1))
+    # random samples at an offset, where E[r^2] - E[r]^2 cancels more
+    r = np.random.default_rng(0).normal(3.0, 0.5, size=1000)
+    mean, std, raw_std = train_rm.reward_normalisation(r.sum(), (r**2).sum(), float(len(r)), True)
+    assert mean == pytest.approx(np.mean(r), rel=1e-12)
+    assert std == raw_std == pytest.approx(np.std(r, ddof=1), rel=1e-9)
+    # equal rewards: the raw std is 0, and reward_std floors at 1e-8 rather than dividing by 0
+    mean, std, raw_std = train_rm.reward_normalisation(6.0, 12.0, 3.0, True)
+    assert (mean, raw_std) == (pytest.approx(2.0), pytest.approx(0.0, abs=1e-7))
+    assert 0 < std <= 1e-7 + 1e-8
+
+
+def test_rm_head_init_std(toy_dir, tmp_path, monkeypatch):
+    """train_rm.main initialises the fresh (1, d_model) scalar head with std 1/sqrt(d_model + 1) (Ziegler et al.
+    2019): torch.nn.init.normal_ records its calls during a 1-step run on the toy task (base model 64 wide)."""
+    calls = []
+    normal_ = torch.nn.init.normal_
+
+    def recording_normal_(tensor, mean=0.0, std=1.0, *args, **kwargs):
+        calls.append((tuple(tensor.shape), std))
+        return normal_(tensor, mean, std, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "normal_", recording_normal_)
+    monkeypatch.chdir(tmp_path)
+    args = train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"),
+                                "--dataset", os.path.join(toy_dir, "prefs"), "--output_dir", str(tmp_path / "rm"),
+                                "--run_name", "test_math_rm_init", "--num_train_pairs", "64", "--batch_size", "64",
+                                "--num_eval_pairs", "64", "--no_normalize", "--checkpoint_every", "0"])
+    train_rm.main(args)
+    head_calls = [std for shape, std in calls if shape == (1, 64)]
+    assert any(std == pytest.approx(1 / math.sqrt(64 + 1), rel=1e-12) for std in head_calls), calls
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +189,8 @@ def test_left_and_right_padding_give_the_same_reward(tiny_rm):
         right = train_rm.get_reward(model, *train_rm.right_pad(seqs, tokenizer.pad_token_id))
         left = train_rm.get_reward(model, *train_rm.left_pad(seqs, tokenizer.pad_token_id))
         # PPO's layout: left-padded prompt, then a response with padding after its EOS
-        both, _ = train_rm.left_pad([s + [tokenizer.pad_token_id] * k for k, s in enumerate(seqs)], tokenizer.pad_token_id)
+        both, _ = train_rm.left_pad([s + [tokenizer.pad_token_id] * k for k, s in enumerate(seqs)],
+                                    tokenizer.pad_token_id)
         ppo = train_rm.get_reward(model, both, (both != tokenizer.pad_token_id).long())
     assert alone.std() > 1e-4  # the texts really score differently
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
@@ -123,8 +200,8 @@ def test_left_and_right_padding_give_the_same_reward(tiny_rm):
 
 def test_concatenated_forward_equals_two_forwards(tiny_rm):
     model, tokenizer = tiny_rm
-    pairs = {"chosen_ids": encode(tokenizer, TEXTS), "rejected_ids": encode(tokenizer, ["it is a comedy about love .", "i", "stars ."]),
-             "margin": None}
+    pairs = {"chosen_ids": encode(tokenizer, TEXTS),
+             "rejected_ids": encode(tokenizer, ["it is a comedy about love .", "i", "stars ."]), "margin": None}
     with torch.no_grad():
         input_ids, attention_mask, index, _ = train_rm.pair_batch(pairs, [0, 1, 2], tokenizer.pad_token_id, "cpu")
         assert input_ids.shape[0] == 6 and index.tolist() == [0, 1, 2, 3, 4, 5]  # (2B, T): chosen then rejected
@@ -190,7 +267,8 @@ def test_implicit_prompt_and_conversational_formats(toy_dir):
         {"chosen": "i watched it <assistant> it is good .", "rejected": "i watched it <assistant> it is bad ."},
         {"chosen": "no marker here", "rejected": "another text"},  # no shared prompt: dropped
     ])})
-    args = make_args(toy_dir, dataset_format="implicit_prompt", implicit_prompt_marker="<assistant>", max_dropped_fraction=0.5)
+    args = make_args(toy_dir, dataset_format="implicit_prompt", implicit_prompt_marker="<assistant>",
+                     max_dropped_fraction=0.5)
     out = common.load_preference_split(args, hh, "train", tokenizer, None)
     assert out["prompt"] == ["i watched it <assistant>"]
     assert out["chosen_ids"] == [ids("i watched it <assistant> it is good .") + [eos]]
@@ -199,7 +277,8 @@ def test_implicit_prompt_and_conversational_formats(toy_dir):
     # conversational, both layouts: explicit prompt column, or whole conversations
     user = [{"role": "user", "content": "the plot was"}]
     good, bad = [{"role": "assistant", "content": "good ."}], [{"role": "assistant", "content": "bad ."}]
-    for rows in ([{"prompt": user, "chosen": good, "rejected": bad}], [{"chosen": user + good, "rejected": user + bad}]):
+    for rows in ([{"prompt": user, "chosen": good, "rejected": bad}],
+                 [{"chosen": user + good, "rejected": user + bad}]):
         conv = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
         args = make_args(toy_dir, dataset_format="conversational")
         out = common.load_preference_split(args, conv, "train", tokenizer, None)
@@ -267,10 +346,16 @@ def test_normalisation_gives_sft_samples_mean_zero(toy_dir, easy_prefs, trained_
     assert 0.7 < normalised.std().item() < 1.3
 
 
-def test_torchrun_two_processes_matches_one(toy_dir, easy_prefs, trained_rm, tmp_path):
-    out = str(tmp_path / "rm2")
-    run_script("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", easy_prefs,
-               "--output_dir", out, "--run_name", "test_rm_fsdp", *TINY, nproc=2)
+def two_process_runs(toy_dir, easy_prefs, tmp) -> list:
+    """train_rm.py on 2 processes, the TINY run of trained_rm without --normalize_std, its output in tmp / "rm2"
+    (conftest's two_process_runs launches it with the other stages' 2-process runs)."""
+    return [(os.path.join(ROOT, "train_rm.py"), ["--model_name_or_path", os.path.join(toy_dir, "base_model"),
+                                                 "--dataset", easy_prefs, "--output_dir", str(tmp / "rm2"),
+                                                 "--run_name", str(tmp / "tb_rm"), *TINY])]
+
+
+def test_torchrun_two_processes_matches_one(trained_rm, two_process_runs):
+    out = str(two_process_runs["dir"] / "rm2")
     two = json.load(open(os.path.join(out, "eval_results.json")))
     one = json.load(open(os.path.join(trained_rm, "eval_results.json")))
     # the same global batches, sharded over 2 ranks: the same model up to float reduction order
@@ -297,10 +382,11 @@ def test_evaluation_changes_no_training_number(toy_dir, easy_prefs, tmp_path, mo
     """Validation is a deterministic forward: evaluating every step or only at the end gives the same RM."""
     monkeypatch.chdir(tmp_path)
     runs = []
-    with one_thread():
+    with one_omp_thread():
         for every in ("1", "0"):
-            args = train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", easy_prefs,
-                                        "--output_dir", str(tmp_path / every), *TINY, "--eval_every", every])
+            args = train_rm.parse_args(["--model_name_or_path", os.path.join(toy_dir, "base_model"),
+                                        "--dataset", easy_prefs, "--output_dir", str(tmp_path / every), *TINY,
+                                        "--eval_every", every])
             runs.append(train_rm.main(args))
     assert len(runs[0]["val_accuracy_history"]) == runs[0]["steps"] and len(runs[1]["val_accuracy_history"]) == 1
     for key in ("val_accuracy", "val_loss", "reward_mean"):
@@ -310,7 +396,7 @@ def test_evaluation_changes_no_training_number(toy_dir, easy_prefs, tmp_path, mo
 
 
 def test_missing_column(toy_dir, tmp_path):
-    with one_thread():
+    with one_omp_thread():
         line = run_script_expect_error("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"),
                                        "--dataset", os.path.join(toy_dir, "prefs"), "--chosen_column", "preferred",
                                        "--output_dir", str(tmp_path / "rm"))

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import run_script, run_script_expect_error
+from conftest import ROOT, run_script_expect_error
 
 import common
 import sft
@@ -64,6 +64,19 @@ def test_cosine_with_warmup():
     assert math.isclose(f(12, 4, 20), 0.5)
     assert math.isclose(f(20, 4, 20), 0.0, abs_tol=1e-12)
     assert f(0, 0, 10) == 1.0  # no warmup
+
+
+def test_sft_cosine_with_warmup_hand_values():
+    """sft.cosine_with_warmup: (s + 1) / warmup during warmup, then 0.5 * (1 + cos(pi * progress)), against
+    hand values at the warmup's start and end, the middle of the decay and the end."""
+    f = sft.cosine_with_warmup
+    assert f(0, 10, 110) == pytest.approx(0.1)  # warmup start
+    assert f(9, 10, 110) == pytest.approx(1.0)  # warmup end
+    assert f(10, 10, 110) == pytest.approx(1.0)  # decay start: cos 0
+    assert f(35, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))  # a quarter of the decay
+    assert f(60, 10, 110) == pytest.approx(0.5)  # the middle
+    assert f(110, 10, 110) == pytest.approx(0.0, abs=1e-12)  # the end
+    assert f(200, 10, 110) == pytest.approx(0.0, abs=1e-12)  # past the end: stays 0
 
 
 def test_group_by_length_keeps_every_index_and_groups_lengths():
@@ -130,7 +143,8 @@ def test_empty_completion(toy_dir, in_tmp):
     rows[7]["completion"] = "  "
     write_jsonl(str(in_tmp / "data" / "train.jsonl"), rows)
     write_jsonl(str(in_tmp / "data" / "validation.jsonl"), read_rows(toy_dir, "validation", 20))
-    with pytest.raises(SystemExit, match=r"split 'train': 1 of 50 rows \(2.0%\) cannot be used \(1 with an empty completion; first: row 7\)"):
+    with pytest.raises(SystemExit, match=r"split 'train': 1 of 50 rows \(2.0%\) cannot be used "
+                                         r"\(1 with an empty completion; first: row 7\)"):
         sft.main(tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "data")))
 
 
@@ -220,16 +234,22 @@ def test_sft_end_to_end_and_deterministic(toy_dir, in_tmp, capsys):
     assert evaluated["train_loss"] is None and math.isclose(evaluated["val_loss"], metrics["val_loss"], rel_tol=1e-5)
 
 
-def test_sft_torchrun_two_processes(toy_dir, in_tmp):
-    args = tiny_args(toy_dir, in_tmp, gradient_accumulation_steps=2)
-    run_script("sft.py", *cli_flags(args, "model_name_or_path", "dataset", "output_dir", "max_steps", "batch_size",
-                                    "warmup_steps", "eval_every", "num_eval_samples", "max_new_tokens",
-                                    "gradient_accumulation_steps"), "--run_name=test_sft_torchrun", nproc=2)
-    with open(os.path.join(args.output_dir, "eval_results.json")) as f:
+def two_process_runs(toy_dir, tmp) -> list:
+    """sft.py on 2 processes with 2 micro-batches each, its output in tmp / "sft" (conftest's two_process_runs
+    launches it with the other stages' 2-process runs)."""
+    args = tiny_args(toy_dir, tmp, gradient_accumulation_steps=2)
+    flags = cli_flags(args, "model_name_or_path", "dataset", "output_dir", "max_steps", "batch_size", "warmup_steps",
+                      "eval_every", "num_eval_samples", "max_new_tokens", "gradient_accumulation_steps")
+    return [(os.path.join(ROOT, "sft.py"), [*flags, f"--run_name={tmp / 'tb_sft'}"])]
+
+
+def test_sft_torchrun_two_processes(toy_dir, in_tmp, two_process_runs):
+    output_dir = str(two_process_runs["dir"] / "sft")
+    with open(os.path.join(output_dir, "eval_results.json")) as f:
         results = json.load(f)
     assert results["world_size"] == 2 and results["num_eval_samples"] == 16
     assert results["val_loss"] < results["initial_val_loss"] - 0.5, results
-    check_saved_model_generates(args.output_dir)
+    check_saved_model_generates(output_dir)
 
     # The same global batches, split 2 processes x 2 micro-batches instead of 1 x 1, give the same
     # gradients: the loss is a token mean over the whole optimizer batch, not a mean of means.
@@ -241,7 +261,8 @@ def test_sft_torchrun_two_processes(toy_dir, in_tmp):
 
 def test_conversational_format_through_the_chat_template(toy_dir, in_tmp):
     for split, n in (("train", 400), ("validation", 40)):
-        rows = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        rows = [{"messages": [{"role": "user", "content": r["prompt"]},
+                              {"role": "assistant", "content": r["completion"]}]}
                 for r in read_rows(toy_dir, split, n)]
         write_jsonl(str(in_tmp / "chat" / f"{split}.jsonl"), rows)
     args = tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "chat"), max_prompt_length=20, eval_fn=None)

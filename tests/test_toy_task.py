@@ -102,7 +102,8 @@ def test_repetition_and_broken_text_are_penalised():
     assert repeated < clean and stutter < 0 and swapped < clean - 0.9
     assert reused == pytest.approx(math.tanh(2 / 3) - 0.25)
     # a sentence the prompt already said is a repeat too
-    assert gold_score_one("the cast was good .", "the cast was good .") < gold_score_one("the cast was good .", "i liked the plot .")
+    assert (gold_score_one("the cast was good .", "the cast was good .")
+            < gold_score_one("the cast was good .", "i liked the plot ."))
 
 
 def test_missing_ending():

@@ -1,4 +1,8 @@
-"""ppo.py: each equation on hand values, then tiny end-to-end runs (in-process, and torchrun with 2 processes)."""
+"""ppo.py end to end, on the toy task at test scale: one run's results, saved model and logs; the same numbers
+from the same seed, whatever the evaluation schedule, with or without reusing PPO's first forward; torchrun with 2
+processes against one; every option the ablations use, reward ensembles and functions, the critic warm-up, resume,
+the memory options; and the command line (presets, flags moved to grpo.py, one-line errors on bad input).
+ppo.py's equations are tested one by one in test_ppo_equations.py."""
 
 import importlib.util
 import json
@@ -9,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import one_thread, run_script
+from conftest import ROOT, one_thread
 
 import common
 import ppo
@@ -21,180 +25,6 @@ os.environ.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
 def _one_thread_for_this_module():
     with one_thread():
         yield
-
-
-# ----------------------------------------------------------------------------------------------
-# The equations
-# ----------------------------------------------------------------------------------------------
-def test_gae_hand_computed():
-    gamma, lam = 0.9, 0.8
-    rewards = torch.tensor([[0.1, -0.2, 1.0], [0.0, 1.0, 5.0]])
-    values = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.6, 9.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)  # row 2 ended after 2 tokens
-    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
-    # row 1: d2 = 1 - .2 = .8; d1 = -.2 + .9*.2 - .3 = -.32; d0 = .1 + .9*.3 - .5 = -.13
-    #        A2 = .8; A1 = -.32 + .72*.8 = .256; A0 = -.13 + .72*.256 = .05432
-    # row 2: V after the last real token is 0, and padding is ignored: d1 = 1 - .6 = .4; d0 = .9*.6 - .4 = .14
-    #        A1 = .4; A0 = .14 + .72*.4 = .428; A2 = 0
-    expected = torch.tensor([[0.05432, 0.256, 0.8], [0.428, 0.4, 0.0]])
-    torch.testing.assert_close(advantages, expected)
-    torch.testing.assert_close(returns, expected + values * mask)
-
-
-def test_gae_lambda_one_is_reward_to_go_minus_value():
-    torch.manual_seed(0)
-    rewards, values = torch.randn(4, 6), torch.randn(4, 6)
-    mask = torch.ones(4, 6, dtype=torch.bool)
-    advantages, returns = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
-    reward_to_go = rewards.flip(1).cumsum(1).flip(1)
-    torch.testing.assert_close(advantages, reward_to_go - values)
-    torch.testing.assert_close(returns, reward_to_go)
-
-
-def test_whiten_ignores_padding():
-    x = torch.tensor([[1.0, 2.0, 3.0, 1e6], [4.0, 5.0, -1e6, 7e5]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
-    kept = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    expected = (kept - kept.mean()) / torch.sqrt(kept.var() + 1e-8)  # unbiased variance, as ppo.whiten
-    out = ppo.whiten(x, mask)
-    torch.testing.assert_close(out[mask], expected)
-    assert (out[~mask] == 0).all()
-    # other padding values change nothing
-    torch.testing.assert_close(ppo.whiten(x.masked_fill(~mask, -3.0), mask), out)
-    # reward whitening scales but keeps the mean (Huang et al. 2024)
-    torch.testing.assert_close(ppo.whiten(x, mask, shift_mean=False)[mask], expected + kept.mean())
-
-
-def test_kl_estimators_match_known_kl():
-    torch.manual_seed(0)
-    p = torch.tensor([0.5, 0.2, 0.2, 0.1])
-    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
-    true_kl = (p * (p / q).log()).sum()
-    y = torch.multinomial(p, 400_000, replacement=True)
-    logp, logq = p.log()[y], q.log()[y]
-    k1 = ppo.kl_estimate(logp, logq, "k1")
-    k3 = ppo.kl_estimate(logp, logq, "k3")
-    for k in (k1, k3):
-        assert abs(k.mean() - true_kl) < 4 * k.std() / math.sqrt(len(k)) + 1e-4
-    assert (k3 >= 0).all() and (k1 < 0).any()  # k3 is never negative, k1 can be
-    assert k3.std() < k1.std()  # and k3 has the lower variance here
-    # Gaussians N(0,1) vs N(1,1): KL = 1/2
-    x = torch.randn(400_000)
-    logp, logq = -0.5 * x**2, -0.5 * (x - 1) ** 2
-    for est in ("k1", "k3"):
-        k = ppo.kl_estimate(logp, logq, est)
-        assert abs(k.mean() - 0.5) < 4 * k.std() / math.sqrt(len(k))
-
-
-def test_k2_loss_gradient_is_the_kl_gradient():
-    """As a loss term, E_pi[grad k2] = grad KL(pi || pi_ref); E_pi[grad k1] = 0 (exact sums over a categorical)."""
-    logits = torch.tensor([0.3, -1.0, 0.5, 2.0], requires_grad=True)
-    ref = torch.log_softmax(torch.tensor([0.0, 0.2, -0.4, 0.1]), 0)
-    logp = torch.log_softmax(logits, 0)
-    (grad_kl,) = torch.autograd.grad((logp.exp() * (logp - ref)).sum(), logits, retain_graph=True)
-    weights = logp.exp().detach()  # the sampling distribution, not differentiated
-    (grad_k2,) = torch.autograd.grad((weights * ppo.kl_estimate(logp, ref, "k2")).sum(), logits, retain_graph=True)
-    (grad_k1,) = torch.autograd.grad((weights * ppo.kl_estimate(logp, ref, "k1")).sum(), logits)
-    torch.testing.assert_close(grad_k2, grad_kl)
-    torch.testing.assert_close(grad_k1, torch.zeros(4), atol=1e-6, rtol=0)
-
-
-def test_truncate_after_eos_and_missing_eos_penalty():
-    EOS, PAD = 1, 0
-    responses = torch.tensor([
-        [5, 6, 1, 7, 8],   # EOS at 2: tokens after it become padding
-        [5, 6, 7, 8, 9],   # no EOS
-        [1, 5, 1, 6, 7],   # EOS first: the response is just EOS; a later EOS is padding too
-        [5, 6, 7, 8, 1],   # EOS at the very end
-    ])
-    out, mask, has_eos = ppo.truncate_after_eos(responses, EOS, PAD)
-    assert out.tolist() == [[5, 6, 1, 0, 0], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0], [5, 6, 7, 8, 1]]
-    assert mask.sum(1).tolist() == [3, 5, 1, 5]
-    assert has_eos.tolist() == [True, False, True, True]
-    scores = torch.tensor([0.5, 2.0, -0.25, 1.5])
-    assert ppo.apply_missing_eos_penalty(scores, has_eos, -1.0).tolist() == [0.5, -1.0, -0.25, 1.5]
-    assert ppo.apply_missing_eos_penalty(scores, has_eos, None).tolist() == scores.tolist()
-
-
-def test_kl_penalized_reward_at_the_last_real_token():
-    lengths = [3, 1, 4]
-    mask = torch.arange(4)[None] < torch.tensor(lengths)[:, None]
-    kl = torch.full((3, 4), 0.5)
-    scores = torch.tensor([2.0, -1.0, 3.0])
-    rewards = ppo.kl_penalized_rewards(scores, kl * mask, mask, kl_coef=0.1)
-    expected = torch.tensor([
-        [-0.05, -0.05, -0.05 + 2.0, 0.0],  # the score on the EOS at index 2, nothing after it
-        [-0.05 - 1.0, 0.0, 0.0, 0.0],
-        [-0.05, -0.05, -0.05, -0.05 + 3.0],
-    ])
-    torch.testing.assert_close(rewards, expected)
-    # even a KL left unmasked after EOS gives no reward there
-    torch.testing.assert_close(ppo.kl_penalized_rewards(scores, kl, mask, kl_coef=0.1), expected)
-
-
-def test_policy_loss_hand_values_and_clipping():
-    eps = 0.2
-    ratio = torch.tensor([[1.0, 1.5, 0.5, 1.5, 0.5, 1.1]])
-    adv = torch.tensor([[1.0, 1.0, 1.0, -1.0, -1.0, 2.0]])
-    old = torch.zeros(1, 6)
-    mask = torch.ones(1, 6, dtype=torch.bool)
-    loss, clipfrac, r = ppo.policy_loss(ratio.log(), old, adv, mask, eps)
-    # per token max(-A*r, -A*clip(r)):
-    #   r=1,A=1: -1 | r=1.5,A=1: max(-1.5,-1.2) = -1.2 (clipped) | r=.5,A=1: max(-.5,-.8) = -.5
-    #   r=1.5,A=-1: max(1.5,1.2) = 1.5 | r=.5,A=-1: max(.5,.8) = .8 (clipped) | r=1.1,A=2: -2.2
-    per_token = torch.tensor([-1.0, -1.2, -0.5, 1.5, 0.8, -2.2])
-    torch.testing.assert_close(loss, per_token.mean())
-    torch.testing.assert_close(clipfrac, torch.tensor(2 / 6))
-    torch.testing.assert_close(r, ratio)
-    # masked tokens do not count
-    mask2 = torch.tensor([[1, 1, 0, 0, 0, 0]], dtype=torch.bool)
-    loss2, clipfrac2, _ = ppo.policy_loss(ratio.log(), old, adv, mask2, eps)
-    torch.testing.assert_close(loss2, torch.tensor(-1.1))
-    torch.testing.assert_close(clipfrac2, torch.tensor(0.5))
-
-
-def test_value_loss_hand_values_and_clipping():
-    old = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
-    new = torch.tensor([[0.1, 0.5, -0.5, 1.0]])
-    returns = torch.tensor([[0.0, 1.0, 0.0, 3.0]])
-    mask = torch.ones(1, 4, dtype=torch.bool)
-    loss, clipfrac = ppo.value_loss(new, old, returns, mask, 0.2)
-    # V_clip = [.1, .2, -.2, 1]; per token max((V-R)^2, (V_clip-R)^2):
-    #   .01 | max(.25, .64) = .64 (clipped) | max(.25, .04) = .25 | 4
-    per_token = torch.tensor([0.01, 0.64, 0.25, 4.0])
-    torch.testing.assert_close(loss, 0.5 * per_token.mean())
-    torch.testing.assert_close(clipfrac, torch.tensor(0.25))
-
-
-def test_adaptive_kl_controller():
-    assert ppo.adaptive_kl_coef(0.1, 6.0, 6.0, 10000, 64) == pytest.approx(0.1)
-    assert ppo.adaptive_kl_coef(0.1, 60.0, 6.0, 10000, 100) == pytest.approx(0.1 * (1 + 0.2 * 0.01))  # error clipped
-    assert ppo.adaptive_kl_coef(0.1, 3.0, 6.0, 10000, 100) == pytest.approx(0.1 * (1 - 0.2 * 0.01))
-
-
-# ----------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------
-def test_left_padding_changes_nothing(toy_dir):
-    """Position ids count from the first real token: a left-padded sequence scores as the unpadded one."""
-    from common import load_causal_lm, load_reward_model, load_tokenizer
-
-    base = os.path.join(toy_dir, "base_model")
-    tok = load_tokenizer(base, "left")
-    policy = load_causal_lm(base, tok)
-    seq = torch.tensor([[10, 11, 12, 13, 14, 15]])
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
-    mask, padded_mask = torch.ones_like(seq), (padded != 0).long()
-    with torch.no_grad():
-        a, _ = ppo.policy_forward(policy, seq, mask, 2, 0.7)
-        b, _ = ppo.policy_forward(policy, padded, padded_mask, 2, 0.7)
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-        classifier = load_reward_model(base, tok)
-        scalar = ppo.ScalarModel(classifier, mean=0.5, std=2.0)
-        # the wrapper's output at the last token is the classifier's pooled score, normalised
-        pooled = classifier(input_ids=seq, attention_mask=mask).logits.squeeze(-1)
-        torch.testing.assert_close(scalar(seq, mask)[:, -1], (pooled - 0.5) / 2.0)
-        torch.testing.assert_close(scalar(padded, padded_mask)[:, -1], scalar(seq, mask)[:, -1], atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,35 +119,55 @@ def test_gold_reward_fn_is_called_and_logged(e2e):
     assert [e.step for e in acc.Scalars("eval/gold_score")] == [0, 160, 320]
 
 
-def test_same_seed_same_numbers(toy_dir, standin_rm, tmp_path, monkeypatch):
+SHORT_RUN = ("--no_save", "--eval_samples", "16", "--gold_reward_fn", "None")
+
+
+@pytest.fixture(scope="module")
+def short_runs(toy_dir, standin_rm, tmp_path_factory):
+    """The plain short runs that several tests compare with, run once: 2 updates (64 episodes), and 3 updates
+    (96 episodes) evaluated only at the end; neither saved nor scored by a gold function."""
+    tmp = tmp_path_factory.mktemp("short_runs")
+    cwd = os.getcwd()
+    os.chdir(tmp)  # TensorBoard logs go to tmp/runs
+    try:
+        return {
+            64: ppo.main(tiny_args(toy_dir, standin_rm, tmp / "o64", "--total_episodes", "64", *SHORT_RUN)),
+            96: ppo.main(tiny_args(toy_dir, standin_rm, tmp / "o96", "--total_episodes", "96", *SHORT_RUN,
+                                   "--eval_every", "0")),
+        }
+    finally:
+        os.chdir(cwd)
+
+
+def test_same_seed_same_numbers(toy_dir, standin_rm, short_runs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    runs = [ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / f"o{i}", "--total_episodes", "64", "--no_save",
-                               "--eval_samples", "16", "--gold_reward_fn", "None", "--run_name", f"r{i}"))
-            for i in range(2)]
+    again = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "64", *SHORT_RUN,
+                               "--run_name", "again"))
+    runs = [short_runs[64], again]
     strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in runs]
     assert strip[0] == strip[1]
     assert runs[0]["ppo"] == runs[1]["ppo"]
 
 
-def test_eval_every_changes_no_training_number(toy_dir, standin_rm, tmp_path, monkeypatch):
+def test_eval_every_changes_no_training_number(toy_dir, standin_rm, short_runs, tmp_path, monkeypatch):
     """Evaluation samples from its own forked RNG: evaluating after every update instead of only at the end
     leaves the training run bit-identical (results/sweep.py relies on this for its extra eval points)."""
     monkeypatch.chdir(tmp_path)
-    runs = [ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / f"o{e}", "--total_episodes", "96", "--no_save",
-                               "--eval_samples", "16", "--gold_reward_fn", "None", "--eval_every", e, "--run_name", f"e{e}"))
-            for e in ("1", "0")]
+    every_update = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "96", *SHORT_RUN,
+                                      "--eval_every", "1", "--run_name", "e1"))
+    runs = [every_update, short_runs[96]]  # the second: --eval_every 0
     strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in runs]
     assert len(strip[0]) == 3 and strip[0] == strip[1]
     assert runs[0]["ppo"] == runs[1]["ppo"] and runs[0]["sft"] == runs[1]["sft"]
 
 
-def test_reusing_the_first_forward_changes_no_number(toy_dir, standin_rm, tmp_path, monkeypatch):
+def test_reusing_the_first_forward_changes_no_number(toy_dir, standin_rm, short_runs, tmp_path, monkeypatch):
     """pi_old and V_old taken from PPO's first forward (one micro-batch per update) equal the separate
     no-grad recompute: the whole run is the same up to float rounding, only the speed differs."""
     monkeypatch.chdir(tmp_path)
-    runs = [ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "96", "--no_save",
-                               "--eval_samples", "16", "--gold_reward_fn", "None",
-                               *flag)) for flag in ([], ["--no_reuse_first_forward"])]
+    recompute = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "96", *SHORT_RUN,
+                                   "--eval_every", "0", "--no_reuse_first_forward"))
+    runs = [short_runs[96], recompute]  # the first reuses it (the default)
     strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in runs]
     for a, b in zip(*strip):
         # the critic's recompute can differ in the last bit, which flips a few value-clipping comparisons
@@ -361,19 +211,55 @@ def in_order(prompt_ids, batch_size, skip, generator):
 
 if __name__ == "__main__":
     ppo.generation_config, ppo.prompt_batches = greedy_full_length, in_order
-    out = ppo.main(ppo.parse_args())
+    args = ppo.parse_args()
+    out = ppo.main(args)
     if os.environ["RANK"] == "0":
-        print("RESULTS " + json.dumps({{k: out[k] for k in ("history", "sft", "ppo")}}))
+        results = {{k: out[k] for k in ("history", "sft", "ppo")}}
+        print(f"RESULTS {{args.output_dir}} {{json.dumps(results)}}", flush=True)
 """
 
-
-@pytest.mark.parametrize("extra", [
-    [],
+SAME_ROLLOUTS_RUNS = {
+    "plain": [],
     # the 7B memory recipe: int8 frozen models (replicated), the critic offloaded (nothing moves on CPU), LoRA
     # adapters sharded with the frozen base, activations recomputed
-    ["--frozen_dtype", "int8", "--offload_critic", "--lora_r", "8", "--gradient_checkpointing"],
-], ids=["plain", "memory_recipe"])
-def test_torchrun_trains_as_one_process(toy_dir, standin_rm, tmp_path, monkeypatch, extra):
+    "memory_recipe": ["--frozen_dtype", "int8", "--offload_critic", "--lora_r", "8", "--gradient_checkpointing"],
+}
+SAMPLED_ROLLOUTS_RUNS = {
+    # separate recompute, gradient accumulation; bf16 frozen models sharded by FSDP2
+    "extra0": ["--micro_batch_size", "8", "--num_ppo_epochs", "2", "--frozen_dtype", "bfloat16"],
+}
+
+
+def same_rollouts_flags(toy_dir, rm, extra):
+    return ["--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", rm,
+            "--dataset", os.path.join(toy_dir, "prompts"), "--total_episodes", "96", "--batch_size", "32",
+            "--response_length", "8", "--learning_rate", "3e-3", "--eval_samples", "32", "--eval_every", "0",
+            "--eval_temperature", "0", "--missing_eos_penalty", "None", *extra]
+
+
+def sampled_rollouts_flags(toy_dir, rm, extra):
+    return ["--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", rm,
+            "--dataset", os.path.join(toy_dir, "prompts"), "--total_episodes", "96", "--batch_size", "32",
+            "--response_length", "8", "--learning_rate", "3e-3", "--eval_samples", "32", "--eval_every", "0",
+            "--eval_temperature", "0", *extra]
+
+
+def two_process_runs(toy_dir, rm, tmp) -> list:
+    """ppo.py's 2-process runs (conftest's two_process_runs launches them with the other stages'): SAME_ROLLOUTS
+    with each of SAME_ROLLOUTS_RUNS, its output in tmp / name / "two" (rank 0 prints the results), then ppo.py as
+    its command line runs it with each of SAMPLED_ROLLOUTS_RUNS, its output in tmp / name / "ppo"."""
+    driver = tmp / "same_rollouts.py"
+    driver.write_text(SAME_ROLLOUTS.format(root=ROOT))
+    runs = [(str(driver), [*same_rollouts_flags(toy_dir, rm, extra), "--output_dir", str(tmp / name / "two"),
+                           "--run_name", str(tmp / name / "tb")]) for name, extra in SAME_ROLLOUTS_RUNS.items()]
+    runs += [(os.path.join(ROOT, "ppo.py"), [*sampled_rollouts_flags(toy_dir, rm, extra), "--output_dir",
+                                             str(tmp / name / "ppo"), "--run_name", str(tmp / name / "tb")])
+             for name, extra in SAMPLED_ROLLOUTS_RUNS.items()]
+    return runs
+
+
+@pytest.mark.parametrize("run", list(SAME_ROLLOUTS_RUNS))
+def test_torchrun_trains_as_one_process(toy_dir, standin_rm, two_process_runs, tmp_path, monkeypatch, run):
     """Two processes with FSDP2 train as one does, to float rounding, when they see the same data: greedy
     rollouts of full length (so that each rank's token mean weighs as one process's), the same prompts per
     update, and one micro-batch per rank (so the minibatch order cannot matter). Then every sum PPO takes
@@ -381,23 +267,20 @@ def test_torchrun_trains_as_one_process(toy_dir, standin_rm, tmp_path, monkeypat
     and so must the saved weights (with LoRA: merged from the gathered shards).
     Tolerance: 1e-4 relative on every logged value over 3 updates and on the final evaluation; measured
     differences are about 1e-6 (float32 sums in another order)."""
-    driver = tmp_path / "same_rollouts.py"
-    driver.write_text(SAME_ROLLOUTS.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    flags = ["--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", standin_rm,
-             "--dataset", os.path.join(toy_dir, "prompts"), "--total_episodes", "96", "--batch_size", "32",
-             "--response_length", "8", "--learning_rate", "3e-3", "--eval_samples", "32", "--eval_every", "0",
-             "--eval_temperature", "0", "--missing_eos_penalty", "None", *extra]
-    proc = run_script(str(driver), *flags, "--output_dir", str(tmp_path / "two"), "--run_name", str(tmp_path / "tb"),
-                      nproc=2)
-    two = json.loads(proc.stdout.split("RESULTS ")[1].splitlines()[0])
-    spec = importlib.util.spec_from_file_location("same_rollouts", driver)
+    extra = SAME_ROLLOUTS_RUNS[run]
+    flags = same_rollouts_flags(toy_dir, standin_rm, extra)
+    two_dir = two_process_runs["dir"] / run / "two"
+    (two,) = [json.loads(line.split(" ", 2)[2]) for line in two_process_runs["stdout"].splitlines()
+              if line.startswith(f"RESULTS {two_dir} ")]
+    spec = importlib.util.spec_from_file_location("same_rollouts", two_process_runs["dir"] / "same_rollouts.py")
     same = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(same)
     monkeypatch.setattr(ppo, "generation_config", same.greedy_full_length)
     monkeypatch.setattr(ppo, "prompt_batches", same.in_order)
     monkeypatch.chdir(tmp_path)
     with one_thread():
-        one = ppo.main(ppo.parse_args([*flags, "--output_dir", str(tmp_path / "one"), "--run_name", str(tmp_path / "tb1")]))
+        one = ppo.main(ppo.parse_args([*flags, "--output_dir", str(tmp_path / "one"),
+                                       "--run_name", str(tmp_path / "tb1")]))
     # not compared: timings, and val/ratio_var, a variance within each micro-batch (one process's 32 sequences,
     # each rank's 16), which by its definition differs by the variance between the ranks' means
     drop = ("time/", "eps", "val/ratio_var")
@@ -418,26 +301,18 @@ def test_torchrun_trains_as_one_process(toy_dir, standin_rm, tmp_path, monkeypat
     assert one["sft"] == pytest.approx(two["sft"], rel=1e-5, abs=1e-6)
     from safetensors.torch import load_file
 
-    weights = [load_file(tmp_path / run / "model.safetensors") for run in ("one", "two")]
+    weights = [load_file(path / "model.safetensors") for path in (tmp_path / "one", two_dir)]
     assert weights[0].keys() == weights[1].keys() and not any("lora" in k for k in weights[0])
     for name, w in weights[0].items():
         assert torch.allclose(w, weights[1][name], rtol=1e-4, atol=1e-6), name
 
 
-@pytest.mark.parametrize("extra", [
-    # separate recompute, gradient accumulation; bf16 frozen models sharded by FSDP2
-    ["--micro_batch_size", "8", "--num_ppo_epochs", "2", "--frozen_dtype", "bfloat16"],
-])
-def test_torchrun_two_processes(toy_dir, standin_rm, tmp_path, extra):
+@pytest.mark.parametrize("run", list(SAMPLED_ROLLOUTS_RUNS))
+def test_torchrun_two_processes(two_process_runs, run):
     """Two processes with FSDP2 train on rollouts sampled on each rank (other ones than one process would
     sample: their statistics are compared in test_torchrun_trains_as_one_process), save, and the saved policy
     loads as a plain HF model."""
-    out = tmp_path / "ppo"
-    flags = ["--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", standin_rm,
-             "--dataset", os.path.join(toy_dir, "prompts"), "--total_episodes", "96", "--batch_size", "32",
-             "--response_length", "8", "--learning_rate", "3e-3", "--eval_samples", "32", "--eval_every", "0",
-             "--eval_temperature", "0", *extra]
-    run_script("ppo.py", *flags, "--output_dir", str(out), "--run_name", str(tmp_path / "tb"), nproc=2)
+    out = two_process_runs["dir"] / run / "ppo"
     results = json.loads((out / "eval_results.json").read_text())
     assert results["num_eval_prompts"] == 32 and math.isfinite(results["final_kl"])
     assert "gold_win_rate" in results
@@ -451,7 +326,8 @@ def test_torchrun_two_processes(toy_dir, standin_rm, tmp_path, extra):
     ["--no_kl_in_reward", "--kl_loss_estimator", "k3"],
     ["--kl_estimator", "k3", "--adaptive_kl", "--kl_target", "1.0", "--kl_horizon", "100"],
     ["--whiten_rewards", "--no_whiten_advantages", "--critic_init", "sft", "--max_grad_norm", "0.5"],
-    ["--missing_eos_penalty", "-1.0", "--no_anneal_lr", "--eval_temperature", "0", "--local_rollout_forward_batch_size", "5"],
+    ["--missing_eos_penalty", "-1.0", "--no_anneal_lr", "--eval_temperature", "0",
+     "--local_rollout_forward_batch_size", "5"],
 ])
 def test_options_run(toy_dir, standin_rm, tmp_path, monkeypatch, extra):
     """Every switch the ablations use runs and gives finite numbers (two updates each)."""
@@ -484,7 +360,8 @@ def test_ensemble_and_loss_details_run(toy_dir, standin_rm, second_rm, tmp_path,
     real_build = ppo.build_models
     monkeypatch.setattr(ppo, "build_models", lambda *a: built.append(real_build(*a)) or built[-1])
     out = ppo.main(tiny_args(toy_dir, standin_rm, tmp_path / "o", "--total_episodes", "64", "--no_save",
-                             "--eval_samples", "16", "--gold_reward_fn", "None", "--reward_model", standin_rm, second_rm,
+                             "--eval_samples", "16", "--gold_reward_fn", "None",
+                             "--reward_model", standin_rm, second_rm,
                              "--dual_clip", "3", "--entropy_coef", "0.01", "--reward_clip", "1.0"))
     history = out["history"]
     assert len(history) == 2 and all(math.isfinite(v) for h in history for v in h.values())
@@ -513,7 +390,8 @@ def test_reward_fn_and_critic_warmup(toy_dir, tmp_path, monkeypatch):
                              "--critic_init", "sft", "--critic_warmup_updates", "2"))
     assert out["ppo"]["rm_score"] == pytest.approx(out["ppo"]["gold_score"])
     assert out["history"][1]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
-    saved, sft = load_file(tmp_path / "o" / "model.safetensors"), load_file(os.path.join(toy_dir, "base_model", "model.safetensors"))
+    saved = load_file(tmp_path / "o" / "model.safetensors")
+    sft = load_file(os.path.join(toy_dir, "base_model", "model.safetensors"))
     assert saved.keys() == sft.keys() and all(torch.equal(saved[k], sft[k]) for k in saved)
     assert any(not torch.equal(v, initial_critic[k]) for k, v in built[0].critic.state_dict().items())
 
@@ -533,24 +411,25 @@ def test_resume_inside_the_critic_warmup_is_exact(toy_dir, standin_rm, tmp_path,
         pass
 
     full = run("full")
-    real_save = ppo.save_or_stop
+    real_save = ppo.rl_save_or_stop
 
     def stop_after_the_first(step, *a):
         real_save(step, *a)
         if step == 1:
             raise Stop
 
-    monkeypatch.setattr(ppo, "save_or_stop", stop_after_the_first)
+    monkeypatch.setattr(ppo, "rl_save_or_stop", stop_after_the_first)
     with pytest.raises(Stop):
         run("cut")
-    monkeypatch.setattr(ppo, "save_or_stop", real_save)
+    monkeypatch.setattr(ppo, "rl_save_or_stop", real_save)
     resumed = run("cut", "--resume")
-    strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]] for r in (full, resumed)]
+    strip = [[{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in r["history"]]
+             for r in (full, resumed)]
     assert len(strip[1]) == 3 and strip[0] == strip[1]
     assert full["ppo"] == resumed["ppo"]
 
 
-def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkeypatch):
+def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, short_runs, tmp_path, monkeypatch):
     """Gradient checkpointing changes memory, not numbers; bf16 / int8 frozen models change them only by
     rounding; LoRA starts exactly at the reference (B = 0), so the first KL is 0. --offload_critic runs its moves
     (to where the critic already is, on CPU) and must change nothing; what it frees needs a GPU to be seen."""
@@ -562,7 +441,7 @@ def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkey
 
     def strip(out):
         return [{k: v for k, v in h.items() if not k.startswith(("time/", "eps"))} for h in out["history"]]
-    base = strip(run())
+    base = strip(short_runs[64])  # run() without flags
     # offloading moves the critic and its AdamW state (nowhere, on CPU: the path runs, nothing may change)
     assert strip(run("--offload_critic")) == base
     for flags in (["--gradient_checkpointing"],):
@@ -580,42 +459,6 @@ def test_memory_options_keep_the_algorithm(toy_dir, standin_rm, tmp_path, monkey
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # a plain model, the adapter folded in
     assert not any("lora" in name for name, _ in merged.named_parameters())
-
-
-def test_rm_with_its_own_tokenizer_is_fed_retokenised_text(toy_dir, standin_rm, tmp_path):
-    """An RM whose tokenizer numbers the words differently (and its embeddings permuted to match) must give
-    the same scores as the original RM: ppo.py decodes the text and re-tokenises it for the RM."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    import toy_task
-    from common import load_reward_model, load_tokenizer
-
-    tok = load_tokenizer(standin_rm, "left")
-    words = toy_task.vocabulary()
-    shuffled = [*words[:3], *reversed(words[3:])]  # keep <pad> <eos> <unk> first, reverse the rest
-    other = Tokenizer(models.WordLevel({w: i for i, w in enumerate(shuffled)}, unk_token="<unk>"))
-    other.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    rm_tok = PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    rm_tok.padding_side = "right"
-    original = load_reward_model(standin_rm, tok)
-    permuted = load_reward_model(standin_rm, tok)
-    old_ids = torch.tensor(tok.convert_tokens_to_ids(shuffled))
-    with torch.no_grad():
-        permuted.get_input_embeddings().weight.copy_(original.get_input_embeddings().weight[old_ids])
-    assert rm_tok.get_vocab() != tok.get_vocab()
-
-    queries, query_mask = ppo.left_pad([tok("the plot was")["input_ids"], tok("i")["input_ids"]], tok.pad_token_id, "cpu")
-    responses = torch.tensor([tok("good . <eos> film")["input_ids"], tok("loved the film and")["input_ids"]])
-    responses, response_mask, has_eos = ppo.truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
-    qr = torch.cat([queries, responses], 1)
-    am = torch.cat([query_mask, torch.ones_like(responses)], 1)
-    with torch.no_grad():
-        same = ppo.rm_scores(ppo.ScalarModel(original), qr, am, response_mask, queries.shape[1], tok, None, has_eos, 8)
-        other_scores = ppo.rm_scores(ppo.ScalarModel(permuted), qr, am, response_mask, queries.shape[1], tok,
-                                     (rm_tok, rm_tok.eos_token_id), has_eos, 8)
-    torch.testing.assert_close(other_scores, same, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(same[0], same[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,7 +512,7 @@ def test_flags_kept_or_moved_to_grpo():
 
     ppo_flags = {f.name for f in dataclasses.fields(ppo.Args)}
     moved = {flag.removeprefix("--") for flag in ppo.MOVED_TO_GRPO}
-    assert ppo_flags | moved == set(FLAGS_BEFORE_THE_SPLIT) and not ppo_flags & moved
+    assert ppo_flags | moved >= set(FLAGS_BEFORE_THE_SPLIT) and not ppo_flags & moved  # flags added since: fine
     assert moved <= {f.name for f in dataclasses.fields(grpo.Args)}
     for flag in ppo.MOVED_TO_GRPO:
         with pytest.raises(SystemExit, match=f"{flag}: .* in grpo.py now: python grpo.py {flag}"):

@@ -779,13 +779,14 @@ def run_phases(script, models, args, sizes: Sizes, tracked: bool = True) -> dict
     for name, phase in PHASES.items():
         if name == "train" and sizes.accumulation > 1:
             leave_gradients(models)
-        gc.collect()
         if tracked:
             tracker = new_tracker(models)
             with StepHooks(tracker, models) as depths, tracker:
                 phase(script, models, args, sizes, tracker)
             peaks[name] = tracker.peak(depths)
         else:
+            gc.collect()  # the allocator's count is the process's: the last phase's garbage must be gone (the tracker
+            # counts what it saw allocated, and collecting costs it a third of its time for the same numbers)
             with record_function(f"memory_plan:{name}"):
                 phase(script, models, args, sizes, None)
     return peaks
@@ -1021,6 +1022,7 @@ def measured_peaks(script, args, ranks: int) -> dict[str, int]:
     independent measurement. It counts only what is allocated while the profiler runs, so the profiler starts
     before the models are built."""
     mesh = start_fake_ranks(ranks, on_gpus(args))
+    gc.collect()  # an earlier run's models, freed while this one runs, would lower its count
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         models = build_models(script, validate_configs(), args, mesh, contextlib.nullcontext())
         reach_steady_state(models, args)

@@ -177,6 +177,10 @@ def two_process_runs(request, toy_dir, tmp_path_factory):
         runs += test_rm.two_process_runs(toy_dir, request.getfixturevalue("easy_prefs"), tmp)
     if "test_ppo_runs" in selected:
         runs += test_ppo_runs.two_process_runs(toy_dir, request.getfixturevalue("standin_rm"), tmp)
+    if "test_memory" in selected:
+        import test_memory
+
+        runs += test_memory.two_process_runs(toy_dir, request.getfixturevalue("standin_rm"), tmp)
     driver = tmp / "two_process_runs.py"
     driver.write_text(TWO_PROCESS_DRIVER.format(root=ROOT))
     proc = run_script(str(driver), json.dumps(runs), nproc=2, timeout=900)

@@ -19,17 +19,17 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing"), 
 
 
 def test_validate_agrees_with_a_real_run():
-    """What `--validate` checks, on three of its cases (all: `python results/memory_plan.py --validate`): every
+    """What `--validate` checks, on two of its cases (all seven: `python results/memory_plan.py --validate`): every
     phase's planned peak within 5% of the bytes the CPU allocator held in a real run of a small model, with the
-    model's own generate: one GPU in bf16 (FSDP2 over a group of one) with the rollout generated in chunks, two
-    ranks with int8 frozen models sharded, LoRA and gradient checkpointing, and grpo.py's update."""
+    model's own generate: one GPU in bf16 (FSDP2 over a group of one) with the rollout generated in chunks, and two
+    ranks with int8 frozen models sharded, LoRA and gradient checkpointing."""
     cases = [c for c in memory_plan.VALIDATE_CASES if (c[0], c[1], c[2]) in
-             {("ppo", 1, "bf16, chunks"), ("ppo", 2, "int8, LoRA, ckpt"), ("grpo", 1, "bf16, chunks")}]
+             {("ppo", 1, "bf16, chunks"), ("ppo", 2, "int8, LoRA, ckpt")}]
     try:
         rows = memory_plan.validation(cases)
     finally:
         memory_plan.stop_fake_ranks()
-    assert len(rows) == len(memory_plan.PHASES) * 3
+    assert len(rows) == len(memory_plan.PHASES) * 2
     assert all(abs(r["ratio"] - 1) <= memory_plan.VALIDATE_TOLERANCE for r in rows), rows
 
 
@@ -65,11 +65,12 @@ def test_shards_and_kv_cache():
     assert policy["optimizer state"] == pytest.approx(2 * policy["gradients"], rel=1e-3)  # AdamW's two fp32 moments
     assert all(p["gathered"] == 0 for p in one["phases"].values())
     assert all(p["gathered"] > 0 for p in (*one_bf16["phases"].values(), *eight["phases"].values()))
-    # at the phase's peak (the last token's step) the cache is whole, and the one layer's keys or values that HF's
+    # at its largest (the last token's step) the cache is whole, and the one layer's keys or values that HF's
     # DynamicCache is growing by concatenation are there twice: the old tensor and the new
     per_token = 2 * LAYERS * KV_HEADS * (HIDDEN // HEADS)  # keys and values of every layer
     for plan, sequences, size in ((one, 512, 4), (one_bf16, 512, 2), (eight, 64, 2), (chunks, 16, 2)):
         full = per_token * sequences * (4 + 60) * size
-        assert full <= plan["phases"]["generate"]["KV cache"] <= full * (1 + 1 / (2 * LAYERS))
+        cache = max(step["KV cache"] for step in plan["phases"]["generate"]["steps"].values())
+        assert full <= cache <= full * (1 + 1 / (2 * LAYERS))
     for plan in (one, eight):
         assert all(p["KV cache"] == 0 for name, p in plan["phases"].items() if name != "generate")

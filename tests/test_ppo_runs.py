@@ -220,7 +220,7 @@ if __name__ == "__main__":
 
 SAME_ROLLOUTS_RUNS = {
     "plain": [],
-    # the 7B memory recipe: int8 frozen models (replicated), the critic offloaded (nothing moves on CPU), LoRA
+    # the 7B memory recipe: int8 frozen models (sharded as int8), the critic offloaded (nothing moves on CPU), LoRA
     # adapters sharded with the frozen base, activations recomputed
     "memory_recipe": ["--frozen_dtype", "int8", "--offload_critic", "--lora_r", "8", "--gradient_checkpointing"],
 }

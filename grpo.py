@@ -635,7 +635,7 @@ def main(args: Args) -> dict:
             # each prompt k times in a row, on this rank: a GRPO / RLOO group never spans two ranks
             group_prompts = [prompt for prompt in next(batches) for _ in range(group_size)]
             queries, query_mask = left_pad(group_prompts, pad_token_id, device)  # (B, P), left-padded
-            # (B, T), sampled --generation_batch_size prompts at a time
+            # (B, T); --generation_batch_size prompts per generate call, chunks as Huang et al. 2024 (None: all)
             responses = generate(models.policy, queries, query_mask, rollout_config, args.generation_batch_size)
             # a response ends at its first EOS; what follows is padding, masked out of everything below
             responses, response_mask, has_eos = truncate_after_eos(responses, setup.stop_ids, pad_token_id)

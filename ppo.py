@@ -684,7 +684,7 @@ def main(args: Args) -> dict:
         with torch.no_grad():
             queries, query_mask = left_pad(next(batches), pad_token_id, device)  # (B, P), left-padded
             place_critic(models, args, "cpu", device)
-            # (B, T), sampled --generation_batch_size prompts at a time
+            # (B, T); --generation_batch_size prompts per generate call, chunks as Huang et al. 2024 (None: all)
             responses = generate(models.policy, queries, query_mask, rollout_config, args.generation_batch_size)
             place_critic(models, args, device, device)
             # a response ends at its first EOS; what follows is padding, masked out of everything below

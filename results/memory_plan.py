@@ -1164,7 +1164,7 @@ def reference_rows(r: dict) -> dict[str, float | None]:
     m, phases = r["models"], r["phases"].values()
     critic = m.get("critic", m.get("value head"))
     return {"policy: weights + gradients + AdamW": sum(m["policy"].values()),
-            "reference": m["reference"]["parameters"] if "reference" in m else 0,
+            "reference": m["reference"]["parameters"] if "reference" in m else None,  # LoRA: the policy, adapter off
             "reward model": m["reward model"]["parameters"],
             "critic: weights + gradients + AdamW": sum(critic.values()) if critic else None,
             "gathered bf16 copy of the model in use": max(p["gathered"] for p in phases),
@@ -1235,8 +1235,9 @@ def markdown(report: dict) -> str:
         "activations and KV cache. --mixed_precision none: no FSDP2, every model whole in --dtype.\n"
         "- generation: script.generate samples --generation_batch_size sequences per call (the presets: Huang et "
         "al.'s rollout forward batch), so the KV cache and the prefill's activations are one chunk's; without it, the "
-        "rank's whole batch at once. Evaluation samples --eval_batch_size prompts per call, no more than a chunk in "
-        "every preset, while no gradients are held: the generate phase bounds it.\n"
+        "rank's whole batch at once. The evaluation is not planned: it samples --eval_batch_size prompts per call (no "
+        "more than a generation chunk in every preset) and scores them in rollout-forward chunks, without "
+        "gradients.\n"
         "- --frozen_dtype int8 models are sharded by FSDP2 like the others, and gathered as int8 (one byte per "
         "parameter, half of bf16's); on one GPU they stay whole.\n"
         "- --offload_critic frees the critic's weights and AdamW state during generation only, so it lowers the "

@@ -92,13 +92,20 @@ class PromptFlags:
 class MemoryFlags:
     """How an RL stage holds its models: dtypes, compilation, recomputation, LoRA."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype the models are loaded in (FSDP2 on GPU computes in bf16 with fp32 weights anyway)"""
+    """dtype the models are loaded in: the trained weights and their AdamW state (see --mixed_precision)"""
+    mixed_precision: Literal["auto", "bf16", "none"] = "auto"
+    """bf16: forwards, backwards and generation in bfloat16 over --dtype weights, gradients reduced in float32
+    (FSDP2's mixed precision, on one process too: one GPU computes as N do); none: all in --dtype; auto: bf16 on
+    CUDA, none on CPU"""
+    generation_batch_size: int | None = None
+    """prompts per generate call of the rollout, per rank: the KV cache holds one chunk's (Huang et al. 2024
+    generate in chunks of their rollout forward batch). None: the rank's whole batch in one call"""
     compile: bool = False
     """torch.compile the trained models' training forwards"""
     frozen_dtype: Literal["same", "bfloat16", "float16", "int8"] = "same"
     """dtype of the frozen reference and reward model (same: --dtype). bf16 halves their weights; int8 (torchao's
-    weight-only int8 of their linear layers: `pip install torchao`) quarters them. Under torchrun int8 models are
-    replicated, not sharded: FSDP2 cannot split torchao's int8 tensors"""
+    weight-only int8 of their linear layers: `pip install torchao`) quarters them; under torchrun FSDP2 shards
+    int8 too, and gathers it as int8"""
     gradient_checkpointing: bool = False
     """recompute the trained models' activations in the backward pass instead of keeping them"""
     lora_r: int = 0
@@ -108,6 +115,13 @@ class MemoryFlags:
     """LoRA scale alpha (the update is alpha / r * B A)"""
     lora_target_modules: str = "all-linear"
     """modules that get an adapter (peft's names; all-linear: every linear layer but the LM head)"""
+    plan_memory: bool = False
+    """print the planned peak GPU memory of each phase for these flags, and the memory options that fit --gpu_gb,
+    then exit without training (results/memory_plan.py: no weights downloaded, no GPU used)"""
+    plan_gpus: int = 1
+    """--plan_memory: GPUs (processes) to plan for"""
+    gpu_gb: float = 80.0
+    """--plan_memory: memory of one GPU, GB (1e9 bytes) of tensors"""
 
 
 @dataclass
@@ -904,11 +918,15 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    """Read torchrun's environment. A plain `python script.py` (no WORLD_SIZE) touches no distributed code."""
+def setup_distributed(group_of_one: bool = False) -> Dist:
+    """Read torchrun's environment. A plain `python script.py` (no WORLD_SIZE) touches no distributed code, unless
+    `group_of_one`: a process group of one process, so that FSDP2's mixed precision runs on one GPU as on N."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if group_of_one:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1, device_id=device if device.type == "cuda" else None)
         return Dist(0, 1, 0, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -954,24 +972,30 @@ def transformer_blocks(model) -> list[torch.nn.Module]:
     return blocks
 
 
-def fsdp_wrap(model, device: torch.device):
-    """FSDP2: `fully_shard` each transformer block, then the root. bf16 compute on GPU, fp32 reduce.
+def fsdp_wrap(model, device: torch.device, bf16: bool | None = None):
+    """FSDP2: `fully_shard` each transformer block, then the root (a bare head: the root alone). With `bf16` (None:
+    on GPU) the mixed precision: bf16 all-gathers and compute over the stored weights, fp32 gradient reduction.
 
-    A no-op on a single process.
+    A no-op without a process group.
     """
     if not dist.is_initialized():
         return model.to(device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model.to(device)
-    mp = None
-    if device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if bf16 is None:
+        bf16 = device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
-    for block in transformer_blocks(model):
+    for block in transformer_blocks(model) if hasattr(model, "_no_split_modules") else []:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def bf16_compute(mixed_precision: str) -> bool:
+    """--mixed_precision: whether the models compute in bf16 over their stored weights (auto: on CUDA)."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and torch.cuda.is_available())
 
 
 
@@ -1089,11 +1113,16 @@ def unsharded(model):
 
 
 def quantize_int8(model):
-    """Weight-only int8 of every linear layer (torchao's Int8WeightOnlyConfig): each weight row stored as int8
-    with one scale, w = scale * q, dequantised in the matmul; activations stay in the model's dtype. CPU and CUDA."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    """Weight-only int8 of every linear layer: each weight row stored as int8 with one scale, w = scale * q (absmax /
+    127), dequantised in the matmul; activations stay in the model's dtype. CPU and CUDA. torchao's
+    Int8QuantizedTrainingLinearWeight (a prototype, used frozen here) rather than its Int8WeightOnlyConfig, because
+    FSDP2 can shard it: it splits by rows and all-gathers its int8 rows and scales (FSDP2's all-gather extension).
+    A scalar head (one row: nothing to save, and no row for a second rank) stays as it is."""
+    from torchao.prototype.quantized_training import int8_weight_only_quantized_training
+    from torchao.quantization import quantize_
 
-    quantize_(model, Int8WeightOnlyConfig())
+    quantize_(model, int8_weight_only_quantized_training(),
+              filter_fn=lambda m, _: isinstance(m, torch.nn.Linear) and m.out_features > 1)
     return model
 
 
@@ -1105,14 +1134,15 @@ def load_frozen(load, path: str, tokenizer, dtype: str, frozen_dtype: str):
     return model.eval().requires_grad_(False)
 
 
-def shard_frozen(model, frozen_dtype: str, device: torch.device):
-    """FSDP2 for a frozen model, except an int8 one: FSDP2 cannot split torchao's int8 tensors (no aten.split,
-    torchao 0.18), so each rank holds all of it, a quarter of fp32's bytes."""
+def shard_frozen(model, frozen_dtype: str, device: torch.device, bf16: bool | None = None):
+    """FSDP2 for a frozen model (fsdp_wrap): an int8 one too, its int8 rows sharded and gathered as int8 (1 byte per
+    parameter, half of bf16's). Without other processes an int8 model stays whole (FSDP2 2.13's one-rank shortcut
+    drops the scales of an all-gather extension) and computes in --dtype."""
     if model is None:
         return None
-    if frozen_dtype == "int8":
+    if frozen_dtype == "int8" and not (dist.is_initialized() and dist.get_world_size() > 1):
         return model.to(device)
-    return fsdp_wrap(model, device)
+    return fsdp_wrap(model, device, bf16)
 
 
 @contextlib.contextmanager
@@ -1529,7 +1559,10 @@ def run(main, parse_args) -> None:
     Bad input is caught earlier, by the checks before the first step, each with its own message."""
     try:
         try:
-            main(parse_args())
+            args = parse_args()
+            if getattr(args, "plan_memory", False):  # the planned GPU memory of these flags, instead of the run
+                return plan_memory(main, args)
+            main(args)
         except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one inside it
             print("interrupted: stopped at once; the last checkpoint (if any) is intact", file=sys.stderr)
             raise SystemExit(130) from None
@@ -1567,6 +1600,16 @@ def tell_torchrun(message: str) -> None:
         write_json(path, {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}})
     except OSError:
         pass  # the report then shows its link instead: nothing is lost
+
+
+def plan_memory(main, args) -> None:
+    """--plan_memory: results/memory_plan.py plans these flags on --plan_gpus GPUs of --gpu_gb, without weights or a
+    GPU, and prints each phase's peak, the memory options that fit, and last `planned peak: X.X GB per GPU`."""
+    sys.path.insert(0, os.path.join(PROJECT_ROOT, "results"))
+    import memory_plan
+
+    script = os.path.splitext(os.path.basename(sys.modules[main.__module__].__file__))[0]  # ppo, grpo
+    memory_plan.plan_command(importlib.import_module(script), args)
 
 
 def args_json(args) -> dict:

@@ -132,11 +132,11 @@ import torch.distributed as dist
 import common
 
 
-def the_first_runs_group(setup=common.setup_distributed):
+def the_first_runs_group(*args, setup=common.setup_distributed, **kwargs):
     # the first run sets the process group up, the later runs take it as it is: a second init_process_group in
     # the same processes can hang in gloo's rendezvous (one rank through it, the other still waiting)
     if not dist.is_initialized():
-        return setup()
+        return setup(*args, **kwargs)
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return common.Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
@@ -177,6 +177,10 @@ def two_process_runs(request, toy_dir, tmp_path_factory):
         runs += test_rm.two_process_runs(toy_dir, request.getfixturevalue("easy_prefs"), tmp)
     if "test_ppo_runs" in selected:
         runs += test_ppo_runs.two_process_runs(toy_dir, request.getfixturevalue("standin_rm"), tmp)
+    if "test_memory" in selected:
+        import test_memory
+
+        runs += test_memory.two_process_runs(toy_dir, request.getfixturevalue("standin_rm"), tmp)
     driver = tmp / "two_process_runs.py"
     driver.write_text(TWO_PROCESS_DRIVER.format(root=ROOT))
     proc = run_script(str(driver), json.dumps(runs), nproc=2, timeout=900)

@@ -220,7 +220,7 @@ if __name__ == "__main__":
 
 SAME_ROLLOUTS_RUNS = {
     "plain": [],
-    # the 7B memory recipe: int8 frozen models (replicated), the critic offloaded (nothing moves on CPU), LoRA
+    # the 7B memory recipe: int8 frozen models (sharded as int8), the critic offloaded (nothing moves on CPU), LoRA
     # adapters sharded with the frozen base, activations recomputed
     "memory_recipe": ["--frozen_dtype", "int8", "--offload_critic", "--lora_r", "8", "--gradient_checkpointing"],
 }
@@ -512,7 +512,7 @@ def test_flags_kept_or_moved_to_grpo():
 
     ppo_flags = {f.name for f in dataclasses.fields(ppo.Args)}
     moved = {flag.removeprefix("--") for flag in ppo.MOVED_TO_GRPO}
-    assert ppo_flags | moved == set(FLAGS_BEFORE_THE_SPLIT) and not ppo_flags & moved
+    assert ppo_flags | moved >= set(FLAGS_BEFORE_THE_SPLIT) and not ppo_flags & moved  # flags added since: fine
     assert moved <= {f.name for f in dataclasses.fields(grpo.Args)}
     for flag in ppo.MOVED_TO_GRPO:
         with pytest.raises(SystemExit, match=f"{flag}: .* in grpo.py now: python grpo.py {flag}"):

@@ -838,18 +838,8 @@ def main() -> None:
     if found:
         summary["resources"] = found
 
-    readme_path = os.path.join(HERE, "README.md")
-    text = open(readme_path).read()
-    for name, body in blocks.items():
-        text = replace_block(text, name, body)
-    with open(readme_path, "w") as f:
-        f.write(text)
     # groups whose logs are not here keep their last summary (each group's runs may live on another machine)
-    if "resources" in summary:
-        summary["resources"] = {**last_summary().get("resources", {}), **summary["resources"]}
-    summary = {**last_summary(), **summary}
-    with open(SUMMARY, "w") as f:
-        json.dump(summary, f, indent=1)
+    write_blocks(blocks, summary)
     print(f"wrote {FIGS}/*.png, results/sweep_summary.json and the blocks {sorted(blocks)} of results/README.md")
 
 

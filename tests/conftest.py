@@ -77,6 +77,19 @@ def standin_rm(toy_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def second_rm(standin_rm, tmp_path_factory):
+    """A second ensemble member: the stand-in RM with other stored statistics, so its normalised scores differ."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("member") / "rm2"
+    shutil.copytree(standin_rm, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(reward_mean=config["reward_mean"] + 0.5, reward_std=2.0 * config["reward_std"])
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python script ...` (or torchrun with nproc processes) from the repo root; fail loudly."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}

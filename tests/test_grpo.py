@@ -1,7 +1,6 @@
 """grpo.py: the critic-free estimators' equations against hand-computed values, the loss details that came with
 them, and short end-to-end runs of each estimator with each reward source. In-process, tiny models."""
 
-import json
 import math
 import os
 
@@ -103,19 +102,6 @@ def tiny_args(toy_dir, rm, output_dir, *extra):
         "--eval_samples", "16", "--eval_every", "5", "--sample_every", "5", "--no_save", "--gold_reward_fn", "None",
         *extra,
     ])
-
-
-@pytest.fixture(scope="module")
-def second_rm(standin_rm, tmp_path_factory):
-    """A second ensemble member: the stand-in RM with other stored statistics, so its normalised scores differ."""
-    import shutil
-
-    path = tmp_path_factory.mktemp("member") / "rm2"
-    shutil.copytree(standin_rm, path)
-    config = json.loads((path / "config.json").read_text())
-    config.update(reward_mean=config["reward_mean"] + 0.5, reward_std=2.0 * config["reward_std"])
-    (path / "config.json").write_text(json.dumps(config))
-    return str(path)
 
 
 @pytest.mark.parametrize("extra, ensemble", [

@@ -339,19 +339,6 @@ def test_options_run(toy_dir, standin_rm, tmp_path, monkeypatch, extra):
         assert out["history"][-1]["objective/kl_coef"] < 0.01
 
 
-@pytest.fixture(scope="module")
-def second_rm(standin_rm, tmp_path_factory):
-    """A second ensemble member: the stand-in RM with other stored statistics, so its normalised scores differ."""
-    import shutil
-
-    path = tmp_path_factory.mktemp("member") / "rm2"
-    shutil.copytree(standin_rm, path)
-    config = json.loads((path / "config.json").read_text())
-    config.update(reward_mean=config["reward_mean"] + 0.5, reward_std=2.0 * config["reward_std"])
-    (path / "config.json").write_text(json.dumps(config))
-    return str(path)
-
-
 def test_ensemble_and_loss_details_run(toy_dir, standin_rm, second_rm, tmp_path, monkeypatch):
     """An ensemble of two RMs with PPO's optional loss details on (dual clip, entropy bonus, reward clipping) trains
     two updates to finite numbers, with its critic (a value loss logged) and its members' disagreement logged."""

@@ -169,10 +169,13 @@ def test_a_published_model_is_planned_from_its_config_and_other_paths_are_refuse
     assert [(c.model_type, c.num_hidden_layers) for c in configs.rms] == [("qwen2", 28), ("llama", 32)]
     billions = [memory_plan.parameter_count(c) / 1e9 for c in (configs.sft, *configs.rms)]  # without the LM heads
     assert billions == pytest.approx([6.65, 7.07, 6.61], abs=0.01)
-    local = memory_plan.configs_of(ppo.parse_args(["--sft_model", os.path.join(toy_dir, "base_model")]))
-    assert local.sft.hidden_size == 64  # the dir's own config.json
-    with pytest.raises(SystemExit, match="'no/such-model' is neither a local model dir nor a published model"):
-        plan_output(ppo, ["--sft_model", "no/such-model"])
+    base_model = os.path.join(toy_dir, "base_model")
+    local = memory_plan.configs_of(ppo.parse_args(["--sft_model", base_model, "--reward_model", base_model]))
+    assert (local.sft.hidden_size, local.rms[0].hidden_size) == (64, 64)  # the dir's own config.json
+    with pytest.raises(SystemExit, match="--sft_model 'no/such-model' is neither a local model dir nor a published"):
+        plan_output(ppo, ["--sft_model", "no/such-model", "--reward_model", base_model])
+    with pytest.raises(SystemExit, match="--reward_model 'no/such-rm' is neither a local model dir nor a published"):
+        plan_output(ppo, ["--sft_model", base_model, "--reward_model", "no/such-rm"])
 
 
 def test_plan_memory_names_the_options_that_fit():

@@ -2,6 +2,7 @@
 and the stages' 2-process runs in one torchrun launch; and helpers to run a stage script."""
 
 import contextlib
+import inspect
 import json
 import os
 import subprocess
@@ -177,23 +178,14 @@ def two_process_runs(request, toy_dir, tmp_path_factory):
     """Every 2-process run of the selected tests in one torchrun launch: each start of a pair of processes costs
     seconds of imports. The runs are the test modules' own, given by their two_process_runs() with the flags
     they choose; each writes under dir / its name. Returns that dir and the launch's stdout."""
-    import test_ppo_runs
-    import test_rm
-    import test_sft
-
-    selected = {item.module.__name__ for item in request.session.items if "two_process_runs" in item.fixturenames}
+    selected = {item.module for item in request.session.items if "two_process_runs" in item.fixturenames}
     tmp = tmp_path_factory.mktemp("two_process_runs")
     runs = []
-    if "test_sft" in selected:
-        runs += test_sft.two_process_runs(toy_dir, tmp)
-    if "test_rm" in selected:
-        runs += test_rm.two_process_runs(toy_dir, request.getfixturevalue("easy_prefs"), tmp)
-    if "test_ppo_runs" in selected:
-        runs += test_ppo_runs.two_process_runs(toy_dir, request.getfixturevalue("standin_rm"), tmp)
-    if "test_memory" in selected:
-        import test_memory
-
-        runs += test_memory.two_process_runs(toy_dir, request.getfixturevalue("standin_rm"), tmp)
+    for module in sorted(selected, key=lambda m: m.__name__):
+        # each module's two_process_runs() names the session fixtures it needs; tmp is the launch's dir
+        wanted = inspect.signature(module.two_process_runs).parameters
+        runs += module.two_process_runs(**{name: tmp if name == "tmp" else request.getfixturevalue(name)
+                                           for name in wanted})
     driver = tmp / "two_process_runs.py"
     driver.write_text(TWO_PROCESS_DRIVER.format(root=ROOT))
     proc = run_script(str(driver), json.dumps(runs), nproc=2, timeout=900)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import one_thread, run_script
+from conftest import ROOT, one_thread
 
 import common
 import dpo
@@ -236,13 +236,18 @@ def test_precomputed_reference_gives_the_same_run(e2e, toy_dir, standin_rm, tmp_
     assert out["val_loss"] == pytest.approx(e2e["out"]["val_loss"], rel=1e-4)
 
 
-def test_torchrun_two_processes_train_as_one(e2e, toy_dir, standin_rm, tmp_path):
+def two_process_runs(toy_dir, standin_rm, tmp) -> list:
+    """dpo.py on 2 processes, its output in tmp / "dpo" (conftest's two_process_runs launches it with the other
+    stages' 2-process runs). The reference is precomputed, so that its gathered table is tested too."""
+    return [(os.path.join(ROOT, "dpo.py"), tiny_flags(toy_dir, standin_rm, tmp / "dpo", "--micro_batch_size", "16",
+                                                      "--precompute_ref_log_probs"))]
+
+
+def test_torchrun_two_processes_train_as_one(e2e, two_process_runs):
     """2 processes with FSDP2 on the same global batches (each rank half of every micro-batch split) train as one
     does: the saved weights to 1e-4 relative, every evaluation to 1e-4 (greedy samples; float sums in another order;
-    measured differences ~1e-6). The reference is precomputed here, so that its gathered table is tested too."""
-    out = tmp_path / "two"
-    flags = tiny_flags(toy_dir, standin_rm, out, "--micro_batch_size", "16", "--precompute_ref_log_probs")
-    run_script("dpo.py", *flags, nproc=2)
+    measured differences ~1e-6)."""
+    out = two_process_runs["dir"] / "dpo"
     two, one = results(out), results(e2e["dir"])
     assert two["num_eval_prompts"] == one["num_eval_prompts"] == 16
     for a, b in zip(two["history"], one["history"], strict=True):

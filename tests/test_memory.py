@@ -88,7 +88,8 @@ def bf16_flags(toy_dir, rm) -> list[str]:
             "--eval_temperature", "0", "--missing_eos_penalty", "None", "--mixed_precision", "bf16"]
 
 
-def two_process_runs(toy_dir, rm, tmp) -> list:
+def two_process_runs(toy_dir, standin_rm, tmp) -> list:
+    rm = standin_rm
     """This module's 2-process run (conftest's two_process_runs launches it with the other stages'):
     test_ppo_runs.SAME_ROLLOUTS in bf16, its output in tmp / "bf16" / "two"."""
     driver = tmp / "bf16_same_rollouts.py"

@@ -244,7 +244,8 @@ def sampled_rollouts_flags(toy_dir, rm, extra):
             "--eval_temperature", "0", *extra]
 
 
-def two_process_runs(toy_dir, rm, tmp) -> list:
+def two_process_runs(toy_dir, standin_rm, tmp) -> list:
+    rm = standin_rm
     """ppo.py's 2-process runs (conftest's two_process_runs launches them with the other stages'): SAME_ROLLOUTS
     with each of SAME_ROLLOUTS_RUNS, its output in tmp / name / "two" (rank 0 prints the results), then ppo.py as
     its command line runs it with each of SAMPLED_ROLLOUTS_RUNS, its output in tmp / name / "ppo"."""

@@ -118,17 +118,17 @@ def assert_same_weights(dir_a, dir_b) -> None:
 # ----------------------------------------------------------------------------------------------
 def sft_flags(toy_dir, out, tb) -> list[str]:
     return ["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", os.path.join(toy_dir, "sft"),
-            "--output_dir", out, "--run_name", tb, "--max_steps", "40", "--batch_size", "32", "--warmup_steps", "2",
-            "--eval_every", "10", "--num_eval_samples", "32", "--num_logged_samples", "2", "--max_new_tokens", "16",
-            "--checkpoint_every", "5"]
+            "--output_dir", out, "--run_name", tb, "--max_steps", "16", "--batch_size", "32", "--warmup_steps", "2",
+            "--eval_every", "8", "--num_eval_samples", "32", "--num_logged_samples", "2", "--max_new_tokens", "16",
+            "--checkpoint_every", "4"]
 
 
 def ppo_flags(toy_dir, rm, out, tb) -> list[str]:
     return ["--sft_model", os.path.join(toy_dir, "base_model"), "--reward_model", rm,
             "--dataset", os.path.join(toy_dir, "prompts"), "--output_dir", out, "--run_name", tb,
-            "--total_episodes", "640", "--batch_size", "32", "--response_length", "8", "--learning_rate", "3e-3",
+            "--total_episodes", "320", "--batch_size", "32", "--response_length", "8", "--learning_rate", "3e-3",
             "--adaptive_kl", "--kl_target", "0.5", "--kl_horizon", "200",  # beta moves: its state must resume too
-            "--eval_samples", "32", "--eval_every", "5", "--checkpoint_every", "4"]
+            "--eval_samples", "32", "--eval_every", "5", "--checkpoint_every", "3"]
 
 
 # SFT's SIGKILL and bit-identical resume: test_torchrun_two_processes_resume, on 2 processes (the suite's budget)
@@ -148,7 +148,7 @@ def test_sigkill_then_resume_is_bit_identical(stage, toy_dir, standin_rm, tmp_pa
     assert finish(proc)[0] == -signal.SIGKILL
     assert not os.path.exists(os.path.join(killed, "eval_results.json")), "the run finished before the kill"
     step = int(common.checkpoints(killed + "_checkpoints")[-1].rsplit("_", 1)[1])
-    assert step < (40 if stage == "sft" else 20)
+    assert step < (16 if stage == "sft" else 10)
 
     out = run_ok(script, killed_flags + ["--resume"])
     assert f"resumed from {killed}_checkpoints/step_{step}" in out
@@ -162,11 +162,11 @@ def test_sigterm_checkpoints_exits_and_resumes(toy_dir, tmp_path):
         return ["--model_name_or_path", os.path.join(toy_dir, "base_model"),
                 "--dataset", os.path.join(toy_dir, "prefs"),
                 "--output_dir", str(tmp_path / name), "--run_name", str(tmp_path / "runs" / name),
-                "--batch_size", "16", "--num_train_epochs", "1", "--eval_every", "50", "--checkpoint_every", "30",
-                "--num_normalisation_prompts", "32"]
+                "--batch_size", "16", "--num_train_pairs", "800", "--num_eval_pairs", "64", "--num_train_epochs", "1",
+                "--eval_every", "20", "--checkpoint_every", "10", "--num_normalisation_prompts", "32"]
     run_ok("train_rm.py", flags("whole"))
     proc = launch("train_rm.py", flags("stopped"))
-    wait_for_checkpoint(proc, str(tmp_path / "stopped_checkpoints"))  # step 30: training is under way
+    wait_for_checkpoint(proc, str(tmp_path / "stopped_checkpoints"))  # step 10: training is under way
     kill_tree(proc.pid, signal.SIGTERM)
     rc, out, err = finish(proc)
     assert rc == 143, err[-3000:]
@@ -177,11 +177,17 @@ def test_sigterm_checkpoints_exits_and_resumes(toy_dir, tmp_path):
     assert_same_weights(tmp_path / "stopped", tmp_path / "whole")
 
 
-def test_torchrun_two_processes_resume(toy_dir, tmp_path):
-    """FSDP2 over 2 CPU processes: DCP writes each rank's shards, and the resumed run matches bit for bit."""
+def two_process_runs(toy_dir, tmp) -> list:
+    """The uninterrupted 2-process SFT run of test_torchrun_two_processes_resume, its output in tmp / "sft_whole"
+    (conftest's two_process_runs launches it with the other stages' 2-process runs)."""
+    return [(os.path.join(ROOT, "sft.py"), sft_flags(toy_dir, str(tmp / "sft_whole"), str(tmp / "runs" / "sft_whole")))]
+
+
+def test_torchrun_two_processes_resume(toy_dir, tmp_path, two_process_runs):
+    """FSDP2 over 2 CPU processes: DCP writes each rank's shards, and the resumed run matches the uninterrupted one
+    bit for bit."""
     def flags(name):
         return sft_flags(toy_dir, str(tmp_path / name), str(tmp_path / "runs" / name))
-    run_ok("sft.py", flags("whole"), nproc=2)
     proc = launch("sft.py", flags("killed"), nproc=2)
     wait_for_checkpoint(proc, str(tmp_path / "killed_checkpoints"))
     kill_tree(proc.pid, signal.SIGKILL)  # both workers and torchrun
@@ -190,8 +196,9 @@ def test_torchrun_two_processes_resume(toy_dir, tmp_path):
     latest = common.checkpoints(str(tmp_path / "killed_checkpoints"))[-1]
     assert sorted(f for f in os.listdir(latest) if f.startswith("rank")) == ["rank0.pt", "rank1.pt"]
     run_ok("sft.py", flags("killed") + ["--resume"], nproc=2)
-    assert results(tmp_path / "killed") == results(tmp_path / "whole")
-    assert_same_weights(tmp_path / "killed", tmp_path / "whole")
+    whole = two_process_runs["dir"] / "sft_whole"
+    assert results(tmp_path / "killed") == results(whole)
+    assert_same_weights(tmp_path / "killed", whole)
 
 
 # ----------------------------------------------------------------------------------------------

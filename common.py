@@ -1037,7 +1037,8 @@ def prompts_of_split(args: PromptFlags, splits, split: str, tokenizer, model: st
                              "pass --prompt_format text, or use a tokenizer with one")
         texts = [render_chat_prompt(t, tokenizer) for t in texts]
     # rows that cannot be used are dropped with a count (common.drop_unusable: the same policy in every stage)
-    keep = drop_unusable(["without the prompt marker" if t is None else "with an empty prompt" if not t.strip() else None
+    keep = drop_unusable(["without the prompt marker" if t is None
+                          else "with an empty prompt" if not t.strip() else None
                           for t in texts], where, args.max_dropped_fraction)
     texts = [texts[i] for i in keep]
     ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]  # a rendered template has its own BOS
@@ -1108,7 +1109,7 @@ def unsharded(model):
     finally:
         for m in fsdp_modules:
             m.reshard()
-            # FSDP2's defaults: blocks reshard after forward; the root does not (its params are needed first in backward)
+            # FSDP2's defaults: blocks reshard after forward; the root does not (backward needs its params first)
             m.set_reshard_after_forward(m is not fsdp_modules[0], recurse=False)
 
 
@@ -1490,17 +1491,20 @@ def short_file(path: str) -> str | None:
         needed: dict[str, int] = {}
         for info in dcp.FileSystemReader(path).read_metadata().storage_data.values():
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-        return next((os.path.join(path, f) for f, n in needed.items() if os.path.getsize(os.path.join(path, f)) < n), None)
+        return next((os.path.join(path, f) for f, n in needed.items()
+                     if os.path.getsize(os.path.join(path, f)) < n), None)
     except Exception:  # no readable metadata: the caller names the dir
         return None
 
 
-def check_same_args(saved: dict, args: dict, ignore: tuple[str, ...] = ("resume", "overwrite", "checkpoint_every")) -> None:
+def check_same_args(saved: dict, args: dict,
+                    ignore: tuple[str, ...] = ("resume", "overwrite", "checkpoint_every")) -> None:
     """A resumed run must be the run that was checkpointed: same flags, or the numbers silently change
     (how often checkpoints are written changes none)."""
     for key in sorted(set(args) | set(saved)):
         if key not in ignore and saved.get(key) != args.get(key):
-            raise SystemExit(f"--resume: the checkpoint was made with --{key} {saved.get(key)!r}, not {args.get(key)!r}; "
+            raise SystemExit(f"--resume: the checkpoint was made with --{key} {saved.get(key)!r}, "
+                             f"not {args.get(key)!r}; "
                              "pass the same flags, or start a new run")
 
 
@@ -1514,7 +1518,8 @@ def catch_signals() -> dict:
             raise KeyboardInterrupt
         flag["stop"], flag["signal"] = True, signum
         if signum == signal.SIGINT:
-            print0("\nCtrl-C: stopping after this step with a checkpoint (press it again to stop at once)", file=sys.stderr)
+            print0("\nCtrl-C: stopping after this step with a checkpoint (press it again to stop at once)",
+                   file=sys.stderr)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

@@ -32,18 +32,19 @@ script's own functions:
   the AdamW step.
 AdamW's moments exist from the first update on, so every phase is planned in that steady state.
 
-Layers. A transformer's bytes grow linearly with its number of layers: each block adds the same weights,
-gradients, optimizer state, activations and KV cache, and the peak falls at the same step. So a model of L > 3
-layers is planned with 3 and with 4 layers, and the peak of each segment of a phase (between the starts and ends
-of the models' forwards, the backward's start and the optimizer step: as many at any depth) is extrapolated linearly
-to L (models of different depths: one plan more per depth); tests/test_memory.py checks the extrapolation against a
-whole plan.
+Layers. A transformer's blocks are alike: each adds the same weights, gradients, optimizer state and KV cache, and
+the bytes held while block j runs grow or shrink linearly in j. So a model of more than 4 layers is planned with 3
+and with 4 layers, and the peak of each step of a phase that holds the same tensors at any depth (before the blocks
+run, or while the first two or the last two blocks of a model run, in each segment between the models' forwards,
+the backward's start and the optimizer step: PeakOnly) is extrapolated linearly to the real depth; the phase's peak
+is its highest step's (models of different depths: one plan more per depth). The extrapolation equals whole plans of
+Pythia-1B and Pythia-6.9B; tests/test_memory.py checks it on a small model.
 
 Each phase's peak is split into parameters (this rank's resident weights: shards, or whole models), the bf16 copy
 FSDP2 gathers of the model in use, gradients, optimizer state, activations (every temporary included) and KV
 cache. The numbers are simulated: memory the CUDA caching allocator keeps cached or loses to fragmentation, the CUDA
 context and NCCL's buffers are not counted. --validate checks the accounting on small models run for real, with
-the models' real generate (sampling) in place of the stand-in (`validate`).
+the models' real generate (greedy, every token) in place of the stand-in (`validate`).
 """
 
 from __future__ import annotations
@@ -366,7 +367,7 @@ class WholeMemTracker(PeakOnly, MemTracker):
 class PPOMemTracker(PeakOnly, FSDPMemTracker):
     """torch's FSDPMemTracker, which files every tensor of an FSDP2 model and its optimizer under a category (shard,
     gathered weight, gradient, optimizer state, activation, ...) as it is made or freed, and keeps the snapshot of
-    the peak. It takes one FSDP root; PPO has four models, so the root it walks becomes a list of them."""
+    the peak. It takes one FSDP root; a script has up to five models, so the root it walks becomes a list of them."""
 
     def __init__(self, models):
         models_ = all_models(models)

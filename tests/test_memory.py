@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import ROOT, one_thread
 
@@ -205,12 +206,12 @@ def small(layers: int):
 
 
 def test_extrapolated_plan_equals_the_whole_plan():
-    """A deep model is planned with 3 and 4 layers and each step extrapolated: for 6 layers on 8 GPUs it equals the
-    plan of all 6 (results/README.md: the same for Pythia-1B and Pythia-6.9B at full depth, on 1 and 8 GPUs)."""
+    """A deep model is planned with 3 and 4 layers and each step extrapolated: for 5 layers on 8 GPUs it equals the
+    plan of all 5 (results/README.md: the same for Pythia-1B and Pythia-6.9B at full depth, on 1 and 8 GPUs)."""
     args = dataclasses.replace(ppo.Args(), batch_size=64, max_prompt_length=24, response_length=8, micro_batch_size=4,
                                local_rollout_forward_batch_size=8, generation_batch_size=8)
-    whole = memory_plan.settled(memory_plan.plan_runs(ppo, small(6), [args], 8)[0])
-    extrapolated = memory_plan.plan(ppo, small(6), args, 8)
+    whole = memory_plan.settled(memory_plan.plan_runs(ppo, small(5), [args], 8)[0])
+    extrapolated = memory_plan.plan(ppo, small(5), args, 8)
     for phase in memory_plan.PHASES:
         assert extrapolated["phases"][phase]["peak"] == pytest.approx(whole["phases"][phase]["peak"], rel=1e-3), phase
 
@@ -221,9 +222,12 @@ def test_int8_frozen_models_are_sharded_and_no_larger_than_bf16_shards():
     args = dataclasses.replace(ppo.Args(), batch_size=32, max_prompt_length=24, response_length=8,
                                local_rollout_forward_batch_size=8, micro_batch_size=4)
     int8 = dataclasses.replace(args, frozen_dtype="int8")
-    one, four = (memory_plan.plan_runs(ppo, small(2), [int8], n)[0] for n in (1, 4))
+    one, four = (memory_plan.model_bytes(memory_plan.build_models(ppo, small(2), int8, memory_plan.start_fake_ranks(n),
+                                                                  FakeTensorMode(allow_non_fake_inputs=True)))
+                 for n in (1, 4))
     for model in ("reference", "reward model"):
-        assert four["models"][model]["parameters"] == pytest.approx(one["models"][model]["parameters"] / 4, rel=0.05)
-    bf16 = memory_plan.plan_runs(ppo, small(2), [dataclasses.replace(args, frozen_dtype="bfloat16")], 4)[0]
+        assert four[model]["parameters"] == pytest.approx(one[model]["parameters"] / 4, rel=0.05)
+    four, bf16 = (memory_plan.plan_runs(ppo, small(2), [dataclasses.replace(args, frozen_dtype=d)], 4)[0]
+                  for d in ("int8", "bfloat16"))
     for phase in memory_plan.PHASES:
         assert four["phases"][phase]["peak"] <= bf16["phases"][phase]["peak"], phase

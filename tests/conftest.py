@@ -107,14 +107,22 @@ def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 300) -> s
     return proc
 
 
-def run_script_expect_error(script: str, *args: str, timeout: int = 120) -> str:
-    """Run a script that must fail; return its last stderr line (the one-line error)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode != 0, f"{script} {args} should have failed:\n{proc.stdout[-2000:]}"
+def script_command(script: str, *args: str) -> tuple[list[str], str, dict]:
+    """`python script ...` from the repo root: the command, its cwd and its environment."""
+    return [sys.executable, script, *args], ROOT, {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def last_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The last stderr line (the one-line error) of a run that must have failed."""
+    assert proc.returncode != 0, f"{proc.args} should have failed:\n{proc.stdout[-2000:]}"
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+def run_script_expect_error(script: str, *args: str, timeout: int = 120) -> str:
+    """Run a script that must fail; return its last stderr line (the one-line error)."""
+    cmd, cwd, env = script_command(script, *args)
+    return last_error_line(subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout))
 
 
 @pytest.fixture(scope="session")
@@ -171,6 +179,53 @@ if __name__ == "__main__":
         runpy.run_path(script, run_name="__main__")
     teardown()
 """
+
+
+class BackgroundRun:
+    """A subprocess started when the session starts; result() waits for it. Its output goes to files: a pipe that
+    nobody reads would fill and stop it."""
+
+    def __init__(self, cmd: list[str], cwd, env: dict, log_dir):
+        self.cwd = cwd
+        self.stdout, self.stderr = open(log_dir / "stdout.txt", "w+"), open(log_dir / "stderr.txt", "w+")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.stdout, stderr=self.stderr, text=True)
+
+    def result(self, timeout: int = 600) -> subprocess.CompletedProcess:
+        self.proc.wait(timeout=timeout)
+        outputs = []
+        for f in (self.stdout, self.stderr):
+            f.seek(0)
+            outputs.append(f.read())
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, *outputs)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stdout.close()
+        self.stderr.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_runs(request, tmp_path_factory):
+    """The slow single-process subprocess runs of the selected tests, all started when the session starts. They run
+    with one thread each, on the core that the in-process tests (one thread) leave idle. A module that has such
+    runs gives them by its background_runs(tmp): {name: (command, cwd, env)}, and its test asks this fixture for
+    [name].result(). Like two_process_runs(), background_runs() names the session fixtures it needs."""
+    modules = {item.module for item in request.session.items}
+    runs = {}
+    for module in sorted(modules, key=lambda m: m.__name__):
+        if not hasattr(module, "background_runs"):
+            continue
+        tmp = tmp_path_factory.mktemp(module.__name__)
+        wanted = inspect.signature(module.background_runs).parameters
+        fixtures = {name: tmp if name == "tmp" else request.getfixturevalue(name) for name in wanted}
+        for name, (cmd, cwd, env) in module.background_runs(**fixtures).items():
+            log_dir = tmp_path_factory.mktemp(name)
+            runs[name] = BackgroundRun(cmd, cwd, env, log_dir)
+    yield runs
+    for run in runs.values():
+        run.stop()
 
 
 @pytest.fixture(scope="session")

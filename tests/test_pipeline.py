@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_script_expect_error
+from conftest import ROOT
 
 PIPELINE = os.path.join(ROOT, "pipeline.py")
 TINY_TOY = "--toy_args=--n_sft 400 --n_prefs 400 --n_prompts 100 --hidden_size 32 --num_layers 1"
@@ -25,13 +25,24 @@ def run_pipeline(cwd, *args: str, timeout: int = 600) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-def test_pipeline_runs_every_stage_and_prints_the_summary(tmp_path):
-    # from tmp_path, with relative paths: the scripts are found beside pipeline.py, the outputs land here
-    proc = run_pipeline(
-        tmp_path, "--data_dir", "toy", "--models_dir", "models", TINY_TOY,
-        "--sft_args=--num_train_epochs 1 --num_eval_samples 16",
-        "--rm_args=--num_train_epochs 1 --num_normalisation_prompts 16",
-        "--ppo_args=--total_episodes 64 --batch_size 32 --eval_samples 16 --response_length 8")
+def background_runs(tmp) -> dict:
+    """The whole pipeline, and one whose first stage fails: started when the session starts (conftest's
+    background_runs), on the core the in-process tests leave idle."""
+    (tmp / "every_stage").mkdir()
+    # from a dir of its own, with relative paths: the scripts are found beside pipeline.py, the outputs land there
+    every_stage = [sys.executable, PIPELINE, "--data_dir", "toy", "--models_dir", "models", TINY_TOY,
+                   "--sft_args=--num_train_epochs 1 --num_eval_samples 16",
+                   "--rm_args=--num_train_epochs 1 --num_normalisation_prompts 16",
+                   "--ppo_args=--total_episodes 64 --batch_size 32 --eval_samples 16 --response_length 8"]
+    (tmp / "failing").mkdir()
+    failing = [sys.executable, PIPELINE, "--data_dir", "toy", "--models_dir", "m", "--toy_args=--no_such_flag 1"]
+    return {"pipeline_every_stage": (every_stage, tmp / "every_stage", ENV),
+            "pipeline_failing_stage": (failing, tmp / "failing", ENV)}
+
+
+def test_pipeline_runs_every_stage_and_prints_the_summary(background_runs):
+    run = background_runs["pipeline_every_stage"]
+    proc, tmp_path = run.result(), run.cwd
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     models = tmp_path / "models"
     for stage in ("sft", "rm", "ppo"):
@@ -52,12 +63,12 @@ def test_pipeline_runs_every_stage_and_prints_the_summary(tmp_path):
     assert "gold win rate vs SFT" in proc.stdout and "Bayes ceiling" in proc.stdout
 
 
-def test_pipeline_stops_at_a_failing_stage(tmp_path):
-    last_line = run_script_expect_error("pipeline.py", "--data_dir", str(tmp_path / "toy"),
-                                        "--models_dir", str(tmp_path / "m"),
-                                        "--toy_args=--no_such_flag 1")
-    assert "the toy task stage failed" in last_line
-    assert not (tmp_path / "m").exists()
+def test_pipeline_stops_at_a_failing_stage(background_runs):
+    run = background_runs["pipeline_failing_stage"]
+    proc = run.result()
+    assert proc.returncode == 1
+    assert "the toy task stage failed" in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+    assert not (run.cwd / "m").exists()
 
 
 # ----------------------------------------------------------------------------------------------

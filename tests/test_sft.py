@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT, run_script_expect_error
+from conftest import ROOT, last_error_line, script_command
 
 import common
 import sft
@@ -148,10 +148,19 @@ def test_empty_completion(toy_dir, in_tmp):
         sft.main(tiny_args(toy_dir, in_tmp, dataset=str(in_tmp / "data")))
 
 
-def test_nonexistent_dataset_path_one_line_from_the_cli(toy_dir, tmp_path):
-    line = run_script_expect_error("sft.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"),
-                                   "--dataset", str(tmp_path / "nope" / "sft"), "--output_dir", str(tmp_path / "out"))
-    assert line == f"dataset path '{tmp_path / 'nope' / 'sft'}' does not exist"
+def background_runs(toy_dir, tmp) -> dict:
+    """sft.py from the command line on a dataset path that does not exist: started when the session starts
+    (conftest's background_runs)."""
+    return {"sft_nonexistent_dataset": script_command(
+        "sft.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", str(tmp / "nope" / "sft"),
+        "--output_dir", str(tmp / "out"))}
+
+
+def test_nonexistent_dataset_path_one_line_from_the_cli(background_runs):
+    proc = background_runs["sft_nonexistent_dataset"].result()
+    missing = proc.args[proc.args.index("--dataset") + 1]
+    assert last_error_line(proc) == f"dataset path '{missing}' does not exist"
+    assert not os.path.exists(proc.args[proc.args.index("--output_dir") + 1])
 
 
 def test_long_prompts_rejected_by_default_and_truncated_by_flag(toy_dir, in_tmp, capsys):

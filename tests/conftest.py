@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -182,50 +183,59 @@ if __name__ == "__main__":
 
 
 class BackgroundRun:
-    """A subprocess started when the session starts; result() waits for it. Its output goes to files: a pipe that
-    nobody reads would fill and stop it."""
+    """A subprocess run in the background; result() waits for it. Its output goes to files: a pipe that nobody
+    reads would fill and stop it."""
 
     def __init__(self, cmd: list[str], cwd, env: dict, log_dir):
-        self.cwd = cwd
-        self.stdout, self.stderr = open(log_dir / "stdout.txt", "w+"), open(log_dir / "stderr.txt", "w+")
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.stdout, stderr=self.stderr, text=True)
+        self.cmd, self.cwd, self.env, self.log_dir = cmd, cwd, env, log_dir
+        self.proc, self.done = None, threading.Event()
+
+    def run(self) -> None:
+        with open(self.log_dir / "stdout.txt", "w") as out, open(self.log_dir / "stderr.txt", "w") as err:
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=out, stderr=err)
+            self.proc.wait()
+        self.done.set()
 
     def result(self, timeout: int = 600) -> subprocess.CompletedProcess:
-        self.proc.wait(timeout=timeout)
-        outputs = []
-        for f in (self.stdout, self.stderr):
-            f.seek(0)
-            outputs.append(f.read())
-        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, *outputs)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.stdout.close()
-        self.stderr.close()
+        assert self.done.wait(timeout), f"{self.cmd} did not finish in {timeout} s"
+        outputs = [(self.log_dir / name).read_text() for name in ("stdout.txt", "stderr.txt")]
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, *outputs)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def background_runs(request, tmp_path_factory):
-    """The slow single-process subprocess runs of the selected tests, all started when the session starts. They run
-    with one thread each, on the core that the in-process tests (one thread) leave idle. A module that has such
-    runs gives them by its background_runs(tmp): {name: (command, cwd, env)}, and its test asks this fixture for
-    [name].result(). Like two_process_runs(), background_runs() names the session fixtures it needs."""
+    """The slow single-process subprocess runs of the selected tests, run one after another in the background from
+    the start of the session (after the 2-process launch, which takes both cores): each has one thread, and takes
+    the core that the in-process tests (one thread) leave idle. A module that has such runs gives them by its
+    background_runs(): {name: (command, cwd, env)}; like two_process_runs(), it names the session fixtures it needs
+    (tmp: a dir of its own). Its test asks this fixture for [name].result()."""
     modules = {item.module for item in request.session.items}
+    if any("two_process_runs" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("two_process_runs")
     runs = {}
     for module in sorted(modules, key=lambda m: m.__name__):
         if not hasattr(module, "background_runs"):
             continue
-        tmp = tmp_path_factory.mktemp(module.__name__)
         wanted = inspect.signature(module.background_runs).parameters
-        fixtures = {name: tmp if name == "tmp" else request.getfixturevalue(name) for name in wanted}
+        fixtures = {name: tmp_path_factory.mktemp(module.__name__) if name == "tmp" else request.getfixturevalue(name)
+                    for name in wanted}
         for name, (cmd, cwd, env) in module.background_runs(**fixtures).items():
-            log_dir = tmp_path_factory.mktemp(name)
-            runs[name] = BackgroundRun(cmd, cwd, env, log_dir)
+            runs[name] = BackgroundRun(cmd, cwd, env, tmp_path_factory.mktemp(name))
+    stopping = threading.Event()
+
+    def run_all():
+        for run in runs.values():
+            if stopping.is_set():
+                return
+            run.run()
+    thread = threading.Thread(target=run_all, daemon=True)
+    thread.start()
     yield runs
+    stopping.set()
     for run in runs.values():
-        run.stop()
+        if run.proc is not None and run.proc.poll() is None:
+            run.proc.kill()
+    thread.join()
 
 
 @pytest.fixture(scope="session")

@@ -170,14 +170,31 @@ def wait_for_the_others():
     dist.barrier()
 
 
+class Crash(Exception):
+    pass
+
+
+def crash_after(save_checkpoint):
+    # a run that stops right after its first checkpoint, as if killed there: every rank raises at the same step
+    def save_then_crash(*args, **kwargs):
+        save_checkpoint(*args, **kwargs)
+        raise Crash
+    return save_then_crash
+
+
 if __name__ == "__main__":
     # each script as `torchrun script argv` runs it, one after the other in the same 2 processes, on one
     # process group (torn down after the last): the scripts import these two from common when they start
     teardown = common.teardown_distributed
     common.setup_distributed, common.teardown_distributed = the_first_runs_group, wait_for_the_others
-    for script, argv in json.loads(sys.argv[1]):
+    save_checkpoint = common.save_checkpoint
+    for script, argv, *crash in json.loads(sys.argv[1]):  # crash: ["crash after the first checkpoint"]
         sys.argv = [script, *argv]
-        runpy.run_path(script, run_name="__main__")
+        common.save_checkpoint = crash_after(save_checkpoint) if crash else save_checkpoint
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except Crash:
+            dist.barrier()
     teardown()
 """
 

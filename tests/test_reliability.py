@@ -187,27 +187,27 @@ def test_sigterm_checkpoints_exits_and_resumes(toy_dir, tmp_path, monkeypatch):
 
 
 def two_process_runs(toy_dir, tmp) -> list:
-    """The uninterrupted 2-process SFT run of test_torchrun_two_processes_resume, its output in tmp / "sft_whole"
-    (conftest's two_process_runs launches it with the other stages' 2-process runs)."""
-    return [(os.path.join(ROOT, "sft.py"), sft_flags(toy_dir, str(tmp / "sft_whole"), str(tmp / "runs" / "sft_whole")))]
-
-
-def test_torchrun_two_processes_resume(toy_dir, tmp_path, two_process_runs):
-    """FSDP2 over 2 CPU processes: DCP writes each rank's shards, and the resumed run matches the uninterrupted one
-    bit for bit."""
+    """SFT on 2 processes three times (conftest's two_process_runs launches them with the other stages' 2-process
+    runs): uninterrupted, in tmp / "sft_whole"; stopped right after its first checkpoint (conftest's driver raises
+    in every rank there, so that the run ends without its final save, as if killed), in tmp / "sft_killed"; and
+    that run again with --resume."""
     def flags(name):
-        return sft_flags(toy_dir, str(tmp_path / name), str(tmp_path / "runs" / name))
-    proc = launch("sft.py", flags("killed"), nproc=2)
-    wait_for_checkpoint(proc, str(tmp_path / "killed_checkpoints"))
-    kill_tree(proc.pid, signal.SIGKILL)  # both workers and torchrun
-    finish(proc)
-    assert not (tmp_path / "killed" / "eval_results.json").exists()
-    latest = common.checkpoints(str(tmp_path / "killed_checkpoints"))[-1]
+        return sft_flags(toy_dir, str(tmp / name), str(tmp / "runs" / name))
+    sft_py = os.path.join(ROOT, "sft.py")
+    return [(sft_py, flags("sft_whole")), (sft_py, flags("sft_killed"), "crash after the first checkpoint"),
+            (sft_py, flags("sft_killed") + ["--resume"])]
+
+
+def test_torchrun_two_processes_resume(two_process_runs):
+    """FSDP2 over 2 CPU processes: DCP writes each rank's shards, and the run resumed from its first checkpoint
+    matches the uninterrupted one bit for bit. (A process killed for real: test_sigkill_then_resume_is_bit_identical
+    on one process, and test_hostile's rank that dies under torchrun.)"""
+    whole, killed = two_process_runs["dir"] / "sft_whole", two_process_runs["dir"] / "sft_killed"
+    assert f"resumed from {killed}_checkpoints/step_4" in two_process_runs["stdout"]  # not a finished run's refusal
+    latest = common.checkpoints(f"{killed}_checkpoints")[-1]
     assert sorted(f for f in os.listdir(latest) if f.startswith("rank")) == ["rank0.pt", "rank1.pt"]
-    run_ok("sft.py", flags("killed") + ["--resume"], nproc=2)
-    whole = two_process_runs["dir"] / "sft_whole"
-    assert results(tmp_path / "killed") == results(whole)
-    assert_same_weights(tmp_path / "killed", whole)
+    assert results(killed) == results(whole)
+    assert_same_weights(killed, whole)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -200,23 +200,39 @@ if __name__ == "__main__":
 
 
 class BackgroundRun:
-    """A subprocess run in the background; result() waits for it. Its output goes to files: a pipe that nobody
-    reads would fill and stop it."""
+    """A subprocess (command, cwd, env), or a function that drives its own, run in the background; result() waits
+    for it and gives the finished process (subprocess.CompletedProcess), or the function's return value."""
 
-    def __init__(self, cmd: list[str], cwd, env: dict, log_dir):
-        self.cmd, self.cwd, self.env, self.log_dir = cmd, cwd, env, log_dir
-        self.proc, self.done = None, threading.Event()
+    live: list[subprocess.Popen] = []  # killed at the end of the session if still running
+
+    def __init__(self, work, log_dir):
+        self.work, self.log_dir = work, log_dir
+        self.cwd = None if callable(work) else work[1]
+        self.done, self.value, self.error = threading.Event(), None, None
 
     def run(self) -> None:
-        with open(self.log_dir / "stdout.txt", "w") as out, open(self.log_dir / "stderr.txt", "w") as err:
-            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=out, stderr=err)
-            self.proc.wait()
-        self.done.set()
+        try:
+            self.value = self.work() if callable(self.work) else self.run_command(*self.work)
+        except BaseException as e:  # raised again in the test that asks for the result
+            self.error = e
+        finally:
+            self.done.set()
 
-    def result(self, timeout: int = 600) -> subprocess.CompletedProcess:
-        assert self.done.wait(timeout), f"{self.cmd} did not finish in {timeout} s"
-        outputs = [(self.log_dir / name).read_text() for name in ("stdout.txt", "stderr.txt")]
-        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, *outputs)
+    def run_command(self, cmd: list[str], cwd, env: dict) -> subprocess.CompletedProcess:
+        # the output goes to files: a pipe that nobody reads would fill and stop the process
+        with open(self.log_dir / "stdout.txt", "w+") as out, open(self.log_dir / "stderr.txt", "w+") as err:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+            self.live.append(proc)
+            proc.wait()
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+    def result(self, timeout: int = 600):
+        assert self.done.wait(timeout), f"{self.work} did not finish in {timeout} s"
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -224,8 +240,8 @@ def background_runs(request, tmp_path_factory):
     """The slow single-process subprocess runs of the selected tests, run one after another in the background from
     the start of the session (after the 2-process launch, which takes both cores): each has one thread, and takes
     the core that the in-process tests (one thread) leave idle. A module that has such runs gives them by its
-    background_runs(): {name: (command, cwd, env)}; like two_process_runs(), it names the session fixtures it needs
-    (tmp: a dir of its own). Its test asks this fixture for [name].result()."""
+    background_runs(): {name: (command, cwd, env) or a function}; like two_process_runs(), it names the session
+    fixtures it needs (tmp: a dir of its own). Its test asks this fixture for [name].result()."""
     modules = {item.module for item in request.session.items}
     if any("two_process_runs" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("two_process_runs")
@@ -236,8 +252,8 @@ def background_runs(request, tmp_path_factory):
         wanted = inspect.signature(module.background_runs).parameters
         fixtures = {name: tmp_path_factory.mktemp(module.__name__) if name == "tmp" else request.getfixturevalue(name)
                     for name in wanted}
-        for name, (cmd, cwd, env) in module.background_runs(**fixtures).items():
-            runs[name] = BackgroundRun(cmd, cwd, env, tmp_path_factory.mktemp(name))
+        for name, work in module.background_runs(**fixtures).items():
+            runs[name] = BackgroundRun(work, tmp_path_factory.mktemp(name))
     stopping = threading.Event()
 
     def run_all():
@@ -249,9 +265,9 @@ def background_runs(request, tmp_path_factory):
     thread.start()
     yield runs
     stopping.set()
-    for run in runs.values():
-        if run.proc is not None and run.proc.poll() is None:
-            run.proc.kill()
+    for proc in BackgroundRun.live:
+        if proc.poll() is None:
+            proc.kill()
     thread.join()
 
 

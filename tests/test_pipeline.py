@@ -1,5 +1,6 @@
 """pipeline.py: the one-command toy pipeline, at test scale, run from a directory other than the repo's."""
 
+import functools
 import json
 import os
 import signal
@@ -23,21 +24,6 @@ def run_pipeline(cwd, *args: str, timeout: int = 600) -> subprocess.CompletedPro
     """`python /abs/path/pipeline.py ...` run from `cwd`, as a user elsewhere would."""
     return subprocess.run([sys.executable, PIPELINE, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def background_runs(tmp) -> dict:
-    """The whole pipeline, and one whose first stage fails: started when the session starts (conftest's
-    background_runs), on the core the in-process tests leave idle."""
-    (tmp / "every_stage").mkdir()
-    # from a dir of its own, with relative paths: the scripts are found beside pipeline.py, the outputs land there
-    every_stage = [sys.executable, PIPELINE, "--data_dir", "toy", "--models_dir", "models", TINY_TOY,
-                   "--sft_args=--num_train_epochs 1 --num_eval_samples 16",
-                   "--rm_args=--num_train_epochs 1 --num_normalisation_prompts 16",
-                   "--ppo_args=--total_episodes 64 --batch_size 32 --eval_samples 16 --response_length 8"]
-    (tmp / "failing").mkdir()
-    failing = [sys.executable, PIPELINE, "--data_dir", "toy", "--models_dir", "m", "--toy_args=--no_such_flag 1"]
-    return {"pipeline_every_stage": (every_stage, tmp / "every_stage", ENV),
-            "pipeline_failing_stage": (failing, tmp / "failing", ENV)}
 
 
 def test_pipeline_runs_every_stage_and_prints_the_summary(background_runs):
@@ -94,39 +80,68 @@ def sft_checkpoints(models) -> list[str]:
     return sorted(d for d in os.listdir(path) if d.startswith("step_") and not d.endswith(".tmp"))
 
 
-@pytest.mark.parametrize("sig, status", [
-    # Ctrl-C: the stage checkpoints and exits 130 (common.catch_signals), and the pipeline with it. SIGTERM takes
-    # the same handler here (pipeline.RunningStage.on_signal); a stage's own SIGTERM (exit 143) is
-    # test_reliability's test_sigterm_checkpoints_exits_and_resumes. One signal only: the suite's budget
-    (signal.SIGINT, 130),
-], ids=["SIGINT"])
-def test_a_signal_to_the_pipeline_checkpoints_the_running_stage(sig, status, tmp_path):
-    models = tmp_path / "models"
-    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+def interrupt_the_pipeline(tmp, sig: signal.Signals) -> dict:
+    """pipeline.py signalled once SFT is in its training loop; what it and the SFT stage did. Leaves nothing
+    running."""
+    models = tmp / "models"
+    with open(tmp / "out.txt", "w") as out, open(tmp / "err.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, PIPELINE, "--data_dir", "toy", "--models_dir", "models", TINY_TOY,
                                  "--sft_args=--num_train_epochs 50 --checkpoint_every 1 --num_eval_samples 16"],
-                                cwd=tmp_path, env=ENV, stdout=out, stderr=err)
+                                cwd=tmp, env=ENV, stdout=out, stderr=err)
     stage = None
     try:
         deadline = time.time() + 120
         while not sft_checkpoints(models):  # SFT's first step is done: it is in its training loop
             assert proc.poll() is None, (f"pipeline.py ended ({proc.returncode}):\n"
-                                         f"{(tmp_path / 'err.txt').read_text()[-3000:]}")
+                                         f"{(tmp / 'err.txt').read_text()[-3000:]}")
             assert time.time() < deadline, "SFT wrote no checkpoint in time"
             time.sleep(0.02)
         (stage,) = children(proc.pid)  # the SFT process
         os.kill(proc.pid, sig)  # pipeline.py only: it must pass the signal on
-        assert proc.wait(timeout=120) == status
+        proc.wait(timeout=120)
     finally:
         for pid in (proc.pid, stage):  # on failure, leave nothing running
             if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
-    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
-    assert not alive(stage), "the SFT stage outlived pipeline.py"
-    assert "Traceback" not in err, err[-3000:]
-    assert f"{sig.name}: checkpoint" in out  # the stage's own line
-    assert f"pipeline: {sig.name} stopped the SFT stage (exit {status})" in err
+    return {"status": proc.returncode, "stage_alive": alive(stage), "models": models,
+            "out": (tmp / "out.txt").read_text(), "err": (tmp / "err.txt").read_text()}
+
+
+def background_runs(tmp) -> dict:
+    """The whole pipeline, one whose first stage fails, and one interrupted by each signal of SIGNALS: run in the
+    background from the start of the session (conftest's background_runs), on the core the in-process tests leave
+    idle."""
+    for name in ("every_stage", "failing", *(sig.name for sig, _ in SIGNALS)):
+        (tmp / name).mkdir()
+    # from a dir of its own, with relative paths: the scripts are found beside pipeline.py, the outputs land there
+    every_stage = [sys.executable, PIPELINE, "--data_dir", "toy", "--models_dir", "models", TINY_TOY,
+                   "--sft_args=--num_train_epochs 1 --num_eval_samples 16",
+                   "--rm_args=--num_train_epochs 1 --num_normalisation_prompts 16",
+                   "--ppo_args=--total_episodes 64 --batch_size 32 --eval_samples 16 --response_length 8"]
+    failing = [sys.executable, PIPELINE, "--data_dir", "toy", "--models_dir", "m", "--toy_args=--no_such_flag 1"]
+    runs = {"pipeline_every_stage": (every_stage, tmp / "every_stage", ENV),
+            "pipeline_failing_stage": (failing, tmp / "failing", ENV)}
+    for sig, _ in SIGNALS:
+        runs[f"pipeline_{sig.name}"] = functools.partial(interrupt_the_pipeline, tmp / sig.name, sig)
+    return runs
+
+
+# Ctrl-C: the stage checkpoints and exits 130 (common.catch_signals), and the pipeline with it. SIGTERM takes the
+# same handler here (pipeline.RunningStage.on_signal); a stage's own SIGTERM (exit 143) is test_reliability's
+# test_sigterm_checkpoints_exits_and_resumes. One signal only: the suite's budget
+SIGNALS = [(signal.SIGINT, 130)]
+
+
+@pytest.mark.parametrize("sig, status", SIGNALS, ids=[sig.name for sig, _ in SIGNALS])
+def test_a_signal_to_the_pipeline_checkpoints_the_running_stage(sig, status, background_runs):
+    run = background_runs[f"pipeline_{sig.name}"].result()
+    models = run["models"]
+    assert run["status"] == status, run["err"][-3000:]
+    assert not run["stage_alive"], "the SFT stage outlived pipeline.py"
+    assert "Traceback" not in run["err"], run["err"][-3000:]
+    assert f"{sig.name}: checkpoint" in run["out"]  # the stage's own line
+    assert f"pipeline: {sig.name} stopped the SFT stage (exit {status})" in run["err"]
     assert sft_checkpoints(models)
     assert not (models / "sft" / "eval_results.json").exists() and not (models / "rm").exists()
 

@@ -8,6 +8,7 @@ each filesystem step of the final save and of a checkpoint save.
 """
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -777,18 +778,24 @@ def test_ctrl_c_before_training_is_one_line(toy_dir, standin_rm, tmp_path, monke
     assert "interrupted: stopped at once" in capsys.readouterr().err
 
 
-def test_a_second_run_into_the_same_output_dir_is_refused(toy_dir, tmp_path):
-    out = str(tmp_path / "out")
+def two_runs_into_one_output_dir(toy_dir, out: str) -> dict:
+    """A second sft.py started while the first holds the output dir; how the second ended."""
     first = launch("sft.py", long_sft(toy_dir, out))
     try:
         wait_for(lambda: os.path.exists(out + ".lock"), first)
         second = launch("sft.py", long_sft(toy_dir, out))
         _, err = second.communicate(timeout=120)
-        assert second.returncode == 1 and "Traceback" not in err
-        assert f"--output_dir '{out}' is in use by process {first.pid}" in err.strip().splitlines()[-1]
     finally:
         kill_tree(first.pid, signal.SIGKILL)
         first.wait()
+    return {"out": out, "first_pid": first.pid, "rc": second.returncode, "err": err}
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(background_runs):
+    run = background_runs["sft_two_runs_one_output_dir"].result()
+    assert run["rc"] == 1 and "Traceback" not in run["err"]
+    assert (f"--output_dir '{run['out']}' is in use by process {run['first_pid']}"
+            in run["err"].strip().splitlines()[-1])
 
 
 def test_a_stale_lock_is_taken_over_with_a_note(toy_dir, standin_rm, tmp_path, monkeypatch, capsys):
@@ -827,8 +834,8 @@ def is_worker(pid: int, out: str) -> bool:
     return "sft.py" in cmdline and out in cmdline and "torch.distributed.run" not in cmdline
 
 
-def test_torchrun_a_rank_that_dies_stops_the_other_promptly(toy_dir, tmp_path):
-    out = str(tmp_path / "out")
+def a_rank_dies(toy_dir, out: str) -> dict:
+    """sft.py on 2 processes; one worker killed once the run is training; how long the other took to stop."""
     proc = launch("sft.py", long_sft(toy_dir, out), nproc=2)
     try:
         wait_for(lambda: common.checkpoints(out + "_checkpoints"), proc, timeout=180)
@@ -840,6 +847,18 @@ def test_torchrun_a_rank_that_dies_stops_the_other_promptly(toy_dir, tmp_path):
         took = time.time() - t0
     finally:
         kill_tree(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0 and took < 30, took
-    ours = [line for line in err.splitlines() if "lost contact with rank" in line]
-    assert ours and "the process that stopped first printed why above" in ours[0], err[-3000:]
+    return {"rc": proc.returncode, "took": took, "err": err}
+
+
+def background_runs(toy_dir, tmp) -> dict:
+    """This module's runs of real processes that take seconds: run in the background from the start of the session
+    (conftest's background_runs), on the core the in-process tests leave idle."""
+    return {"sft_two_runs_one_output_dir": functools.partial(two_runs_into_one_output_dir, toy_dir, str(tmp / "out")),
+            "sft_a_rank_dies": functools.partial(a_rank_dies, toy_dir, str(tmp / "torchrun"))}
+
+
+def test_torchrun_a_rank_that_dies_stops_the_other_promptly(background_runs):
+    run = background_runs["sft_a_rank_dies"].result()
+    assert run["rc"] != 0 and run["took"] < 30, run["took"]
+    ours = [line for line in run["err"].splitlines() if "lost contact with rank" in line]
+    assert ours and "the process that stopped first printed why above" in ours[0], run["err"][-3000:]

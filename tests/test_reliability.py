@@ -6,6 +6,7 @@ its first checkpoint lands, and once resumed from that checkpoint. The resumed r
 eval_results.json and the same weights, bit for bit.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -132,58 +133,71 @@ def ppo_flags(toy_dir, rm, out, tb) -> list[str]:
             "--eval_samples", "32", "--eval_every", "5", "--checkpoint_every", "3"]
 
 
-def run_in_process(module, flags: list[str]) -> None:
-    """A stage run in this process (one torch thread, as the subprocesses' OMP_NUM_THREADS=1): its start costs no
-    imports. Only the run that is interrupted has to be a process of its own."""
-    module.main(module.parse_args(flags))
+def rm_flags(toy_dir, out, tb) -> list[str]:
+    return ["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", os.path.join(toy_dir, "prefs"),
+            "--output_dir", out, "--run_name", tb, "--batch_size", "16", "--num_train_pairs", "800",
+            "--num_eval_pairs", "64", "--num_train_epochs", "1", "--eval_every", "20", "--checkpoint_every", "10",
+            "--num_normalisation_prompts", "32"]
 
 
-# SFT's SIGKILL and bit-identical resume: test_torchrun_two_processes_resume, on 2 processes (the suite's budget)
-def test_sigkill_then_resume_is_bit_identical(toy_dir, standin_rm, tmp_path, monkeypatch, capsys):
+def interrupt(script: str, flags: list[str], out: str, sig: int) -> dict:
+    """Start a stage as a process of its own, signal it as soon as its first checkpoint lands, and say how it
+    ended."""
+    proc = launch(script, flags)
+    wait_for_checkpoint(proc, out + "_checkpoints")
+    kill_tree(proc.pid, sig)
+    rc, stdout, stderr = finish(proc)
+    return {"flags": flags, "out": out, "rc": rc, "stdout": stdout, "stderr": stderr,
+            "finished": os.path.exists(os.path.join(out, "eval_results.json")),
+            "checkpoints": common.checkpoints(out + "_checkpoints")}
+
+
+def background_runs(toy_dir, standin_rm, tmp) -> dict:
+    """The interrupted runs of the resume tests: run in the background from the start of the session (conftest's
+    background_runs), on the core the in-process tests leave idle. Each test runs the uninterrupted run and the
+    resumed one in-process (one torch thread, as these processes' OMP_NUM_THREADS=1): their starts cost no imports."""
+    killed, stopped = str(tmp / "killed"), str(tmp / "stopped")
+    return {"ppo_sigkill": functools.partial(interrupt, "ppo.py", ppo_flags(toy_dir, standin_rm, killed,
+                                                                            str(tmp / "runs" / "killed")),
+                                             killed, signal.SIGKILL),
+            "rm_sigterm": functools.partial(interrupt, "train_rm.py", rm_flags(toy_dir, stopped,
+                                                                               str(tmp / "runs" / "stopped")),
+                                            stopped, signal.SIGTERM)}
+
+
+# SFT's resume: test_torchrun_two_processes_resume, on 2 processes (the suite's budget)
+def test_sigkill_then_resume_is_bit_identical(toy_dir, standin_rm, background_runs, tmp_path, monkeypatch, capsys):
     """PPO killed right after its first checkpoint, resumed: the same results and weights as a run never killed."""
     monkeypatch.chdir(tmp_path)
-    def flags(name):
-        out = str(tmp_path / name)
-        return ppo_flags(toy_dir, standin_rm, out, str(tmp_path / "runs" / name)), out
-    whole_flags, whole = flags("whole")
-    run_in_process(ppo, whole_flags)
-
-    killed_flags, killed = flags("killed")
-    proc = launch("ppo.py", killed_flags)
-    wait_for_checkpoint(proc, killed + "_checkpoints")
-    kill_tree(proc.pid, signal.SIGKILL)
-    assert finish(proc)[0] == -signal.SIGKILL
-    assert not os.path.exists(os.path.join(killed, "eval_results.json")), "the run finished before the kill"
-    step = int(common.checkpoints(killed + "_checkpoints")[-1].rsplit("_", 1)[1])
+    whole = str(tmp_path / "whole")
+    ppo.main(ppo.parse_args(ppo_flags(toy_dir, standin_rm, whole, str(tmp_path / "runs" / "whole"))))
+    run = background_runs["ppo_sigkill"].result()
+    assert run["rc"] == -signal.SIGKILL
+    assert not run["finished"], "the run finished before the kill"
+    step = int(run["checkpoints"][-1].rsplit("_", 1)[1])
     assert step < 10
+    killed_flags, killed = run["flags"], run["out"]
 
     capsys.readouterr()
-    run_in_process(ppo, killed_flags + ["--resume"])
+    ppo.main(ppo.parse_args(killed_flags + ["--resume"]))
     assert f"resumed from {killed}_checkpoints/step_{step}" in capsys.readouterr().out
     assert results(killed) == results(whole)
     assert_same_weights(killed, whole)
 
 
-def test_sigterm_checkpoints_exits_and_resumes(toy_dir, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_exits_and_resumes(toy_dir, background_runs, tmp_path, monkeypatch):
     """Preemption: SIGTERM makes the RM write a checkpoint at the end of the step and exit with 143."""
     monkeypatch.chdir(tmp_path)
-    def flags(name):
-        return ["--model_name_or_path", os.path.join(toy_dir, "base_model"),
-                "--dataset", os.path.join(toy_dir, "prefs"),
-                "--output_dir", str(tmp_path / name), "--run_name", str(tmp_path / "runs" / name),
-                "--batch_size", "16", "--num_train_pairs", "800", "--num_eval_pairs", "64", "--num_train_epochs", "1",
-                "--eval_every", "20", "--checkpoint_every", "10", "--num_normalisation_prompts", "32"]
-    run_in_process(train_rm, flags("whole"))
-    proc = launch("train_rm.py", flags("stopped"))
-    wait_for_checkpoint(proc, str(tmp_path / "stopped_checkpoints"))  # step 10: training is under way
-    kill_tree(proc.pid, signal.SIGTERM)
-    rc, out, err = finish(proc)
-    assert rc == 143, err[-3000:]
-    assert "SIGTERM: checkpoint" in out and "Traceback" not in err
-    assert not (tmp_path / "stopped" / "eval_results.json").exists()
-    run_in_process(train_rm, flags("stopped") + ["--resume"])
-    assert results(tmp_path / "stopped") == results(tmp_path / "whole")
-    assert_same_weights(tmp_path / "stopped", tmp_path / "whole")
+    whole = str(tmp_path / "whole")
+    train_rm.main(train_rm.parse_args(rm_flags(toy_dir, whole, str(tmp_path / "runs" / "whole"))))
+    run = background_runs["rm_sigterm"].result()
+    assert run["rc"] == 143, run["stderr"][-3000:]
+    assert "SIGTERM: checkpoint" in run["stdout"] and "Traceback" not in run["stderr"]
+    assert not run["finished"]
+    train_rm.main(train_rm.parse_args(run["flags"] + ["--resume"]))
+    stopped = run["out"]
+    assert results(stopped) == results(whole)
+    assert_same_weights(stopped, whole)
 
 
 def two_process_runs(toy_dir, tmp) -> list:

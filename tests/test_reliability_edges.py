@@ -6,11 +6,12 @@ import math
 import os
 import signal
 import socket
+import sys
 
 import pytest
 import torch
 
-from conftest import one_thread
+from conftest import ROOT, one_thread
 
 import common
 import ppo
@@ -255,23 +256,26 @@ def test_our_line_goes_into_torchruns_error_file(tmp_path, monkeypatch):
         assert f.read() == written
 
 
-def test_torchrun_report_names_our_line(toy_dir, tmp_path):
-    """A path refused after the process group starts (rank 0 checks it, rank 1 stops with it), on 2 processes: our
-    line, then torchrun's report, whose root cause repeats it whichever rank torchrun saw stop first."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    notes = tmp_path / "notes.txt"
+def background_runs(toy_dir, tmp) -> dict:
+    """torchrun with a path refused after the process group starts: run in the background from the start of the
+    session (conftest's background_runs), on the core the in-process tests leave idle."""
+    notes = tmp / "notes.txt"
     notes.write_text("my notes")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "sft.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset",
-                           os.path.join(toy_dir, "sft"), "--output_dir", str(notes)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return {"torchrun_refused_output_dir": (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+         "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", os.path.join(toy_dir, "sft"),
+         "--output_dir", str(notes)], ROOT, env)}
+
+
+def test_torchrun_report_names_our_line(background_runs):
+    """A path refused after the process group starts (rank 0 checks it, rank 1 stops with it), on 2 processes: our
+    line, then torchrun's report, whose root cause repeats it whichever rank torchrun saw stop first."""
+    proc = background_runs["torchrun_refused_output_dir"].result()
+    notes = proc.args[proc.args.index("--output_dir") + 1]
     line = f"--output_dir '{notes}' is a file, not a dir; pick another --output_dir"
-    assert proc.returncode == 1 and notes.read_text() == "my notes"
+    with open(notes) as f:
+        assert proc.returncode == 1 and f.read() == "my notes"
     assert line in proc.stderr.split("ChildFailedError")[0], proc.stderr  # above the report
     failures, root_cause = proc.stderr.split("Root Cause")
     assert f"traceback : {line}" in root_cause, proc.stderr

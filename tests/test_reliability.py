@@ -120,8 +120,8 @@ def assert_same_weights(dir_a, dir_b) -> None:
 # ----------------------------------------------------------------------------------------------
 def sft_flags(toy_dir, out, tb) -> list[str]:
     return ["--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", os.path.join(toy_dir, "sft"),
-            "--output_dir", out, "--run_name", tb, "--max_steps", "16", "--batch_size", "32", "--warmup_steps", "2",
-            "--eval_every", "8", "--num_eval_samples", "32", "--num_logged_samples", "2", "--max_new_tokens", "16",
+            "--output_dir", out, "--run_name", tb, "--max_steps", "12", "--batch_size", "32", "--warmup_steps", "2",
+            "--eval_every", "6", "--num_eval_samples", "16", "--num_logged_samples", "2", "--max_new_tokens", "16",
             "--checkpoint_every", "4"]
 
 

@@ -107,15 +107,23 @@ def is_within(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
+MARKER = "rlhf_run.json"  # common.MARKER, read here without importing common (and torch): the refusal is instant
+
+
 def is_rebuildable(data_dir: str) -> bool:
     """Nothing there, an empty directory, or the task toy_task.py wrote (it carries toy_task's marker)."""
-    from common import read_marker
-
     if not os.path.lexists(data_dir):
         return True
     if not os.path.isdir(data_dir):
         return False
-    return not os.listdir(data_dir) or (read_marker(data_dir) or {}).get("stage") == "toy_task"
+    if not os.listdir(data_dir):
+        return True
+    try:
+        with open(os.path.join(data_dir, MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("stage") == "toy_task"
 
 
 # ----------------------------------------------------------------------------------------------

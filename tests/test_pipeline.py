@@ -171,3 +171,17 @@ def test_bad_flags_stop_before_any_stage(case, tmp_path):
     assert "===" not in proc.stdout  # no stage started
     assert sorted(os.listdir(tmp_path)) == ["mine"]
     assert (tmp_path / "mine" / "notes.txt").read_text() == "not the toy task"
+
+
+def test_pipeline_reads_the_marker_common_writes(tmp_path):
+    """pipeline.py reads the toy task's marker without importing common: the same file name, and a dir common
+    marked as toy_task's is one the rebuild may replace; one marked by another stage is not."""
+    import common
+    import pipeline
+
+    assert pipeline.MARKER == common.MARKER
+    for stage, rebuildable in (("toy_task", True), ("sft", False)):
+        marked = tmp_path / stage
+        marked.mkdir()
+        common.write_marker(str(marked), stage)
+        assert pipeline.is_rebuildable(str(marked)) == rebuildable

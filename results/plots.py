@@ -31,8 +31,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(os.path.dirname(HERE), "runs", "sweeps")
 FIGS = os.path.join(HERE, "figures")
 sys.path.insert(0, HERE)
-from sweep import (ABLATIONS, DPO_BETAS, DPO_EPOCHS, DPO_OVEROPT_BETAS, ENSEMBLE_BETAS, ENSEMBLE_SIZES,  # noqa: E402
-                   ESTIMATORS, GAO_PAIRS, GOLD_REWARD, GRPO_LOSS_DETAILS, LOSS_DETAILS, RM_PAIRS)
+from sweep import (ABLATIONS, DPO_BETAS, DPO_EPOCHS, DPO_LEARNING_RATES, DPO_OVEROPT_BETAS,  # noqa: E402
+                   ENSEMBLE_BETAS, ENSEMBLE_SIZES, ESTIMATORS, GAO_PAIRS, GOLD_REWARD, GRPO_LOSS_DETAILS, LOSS_DETAILS,
+                   RM_PAIRS)
 
 
 def save(fig, name: str) -> str:
@@ -479,6 +480,16 @@ def dpo_section(runs: dict[str, dict[int, dict]], summary: dict) -> tuple[str, d
         rows.append(f"| {b:g} | {len(f['gold'])} | {pm(f['gold'])} | {pm(f['rm'])} | {pm(f['kl'], 2)} | {pm(f['win'])} "
                     f"| {pm(f['length'], 1)} | {pm(f['val_accuracy'])} | {pm(f['peak'])} | {pm(f['peak_kl'], 2)} "
                     f"| {pm(f['peak_episodes'], 0)} |")
+    for lr in [lr for lr in DPO_LEARNING_RATES if f"beta0.1_lr{lr:g}" in runs]:  # another learning rate, β = 0.1
+        seeds = runs[f"beta0.1_lr{lr:g}"]
+        f = finals(seeds)
+        f["val_accuracy"] = [final(log, "eval/rewards/accuracies") for _, log in sorted(seeds.items())]
+        points = [peak_and_end(log) for _, log in sorted(seeds.items())]
+        f.update({k: [p[k] for p in points] for k in ("peak", "peak_kl", "peak_episodes")})
+        out[f"dpo/beta0.1_lr{lr:g}"] = f
+        rows.append(f"| 0.1, `--learning_rate {lr:g}` | {len(f['gold'])} | {pm(f['gold'])} | {pm(f['rm'])} "
+                    f"| {pm(f['kl'], 2)} | {pm(f['win'])} | {pm(f['length'], 1)} | {pm(f['val_accuracy'])} "
+                    f"| {pm(f['peak'])} | {pm(f['peak_kl'], 2)} | {pm(f['peak_episodes'], 0)} |")
     blocks = ["Final evaluation of each β (1 epoch, `dpo.py --beta β`, seeds 1-3), and its best evaluation on the "
               "way (every 375 steps):", "", *rows]
 

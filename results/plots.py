@@ -604,7 +604,8 @@ def plot_dpo_frontier(runs: dict, f_beta: dict, ppo_beta: dict, bon: dict | None
                 ax.errorbar([math.sqrt(statistics.mean(v["kl"])) for v in by_beta.values()],
                             [statistics.mean(v[key]) for v in by_beta.values()],
                             yerr=[mean_std(v[key])[1] for v in by_beta.values()], fmt=style, ms=6, capsize=3,
-                            mfc="none" if "DPO" in label else None, label=label + " (mean ± std, 3 seeds)")
+                            mfc="none" if "DPO" in label else None,
+                            label=f"{label} (mean ± std, {min(len(v[key]) for v in by_beta.values())} seeds)")
     start = statistics.mean(evaluations(log, "eval/gold_score")[0] for seeds in runs.values() for log in seeds.values())
     if bon:
         d = [math.sqrt(k) for k in bon["kl"]]

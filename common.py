@@ -92,13 +92,20 @@ class PromptFlags:
 class MemoryFlags:
     """How an RL stage holds its models: dtypes, compilation, recomputation, LoRA."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype the models are loaded in (FSDP2 on GPU computes in bf16 with fp32 weights anyway)"""
+    """dtype the models are loaded in: the trained weights and their AdamW state (see --mixed_precision)"""
+    mixed_precision: Literal["auto", "bf16", "none"] = "auto"
+    """bf16: forwards, backwards and generation in bfloat16 over --dtype weights, gradients reduced in float32
+    (FSDP2's mixed precision, on one process too: one GPU computes as N do); none: all in --dtype; auto: bf16 on
+    CUDA, none on CPU"""
+    generation_batch_size: int | None = None
+    """prompts per generate call of the rollout, per rank: the KV cache holds one chunk's (Huang et al. 2024
+    generate in chunks of their rollout forward batch). None: the rank's whole batch in one call"""
     compile: bool = False
     """torch.compile the trained models' training forwards"""
     frozen_dtype: Literal["same", "bfloat16", "float16", "int8"] = "same"
     """dtype of the frozen reference and reward model (same: --dtype). bf16 halves their weights; int8 (torchao's
-    weight-only int8 of their linear layers: `pip install torchao`) quarters them. Under torchrun int8 models are
-    replicated, not sharded: FSDP2 cannot split torchao's int8 tensors"""
+    weight-only int8 of their linear layers: `pip install torchao`) quarters them; under torchrun FSDP2 shards
+    int8 too, and gathers it as int8"""
     gradient_checkpointing: bool = False
     """recompute the trained models' activations in the backward pass instead of keeping them"""
     lora_r: int = 0
@@ -108,6 +115,13 @@ class MemoryFlags:
     """LoRA scale alpha (the update is alpha / r * B A)"""
     lora_target_modules: str = "all-linear"
     """modules that get an adapter (peft's names; all-linear: every linear layer but the LM head)"""
+    plan_memory: bool = False
+    """print the planned peak GPU memory of each phase for these flags, and the memory options that fit --gpu_gb,
+    then exit without training (results/memory_plan.py: no weights downloaded, no GPU used)"""
+    plan_gpus: int = 1
+    """--plan_memory: GPUs (processes) to plan for"""
+    gpu_gb: float = 80.0
+    """--plan_memory: memory of one GPU, GB (1e9 bytes) of tensors"""
 
 
 @dataclass
@@ -191,12 +205,14 @@ def local_files_key(path: str) -> str:
             if not os.path.isfile(file):  # a FIFO would block the read
                 continue
             with open(file, "rb") as f:
-                digest.update(f"{os.path.relpath(file, path)}\0{hashlib.file_digest(f, 'sha256').hexdigest()}\0".encode())
+                file_hash = hashlib.file_digest(f, "sha256").hexdigest()
+                digest.update(f"{os.path.relpath(file, path)}\0{file_hash}\0".encode())
     return "files-" + digest.hexdigest()[:16]
 
 
 def json_files(path: str) -> list[str]:
-    return sorted(f for f in glob.glob(os.path.join(path, "**", "*.json*"), recursive=True) if f.endswith((".jsonl", ".json")))
+    return sorted(f for f in glob.glob(os.path.join(path, "**", "*.json*"), recursive=True)
+                  if f.endswith((".jsonl", ".json")))
 
 
 def all_utf8(path: str) -> bool:
@@ -225,7 +241,8 @@ def find_bad_line(path: str) -> str | None:
             try:
                 json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as e:
-                return f"{file}, line {number}: not UTF-8 (byte {line[e.start]:#x} at column {e.start + 1}); re-encode the file as UTF-8"
+                return (f"{file}, line {number}: not UTF-8 (byte {line[e.start]:#x} at column {e.start + 1}); "
+                        "re-encode the file as UTF-8")
             except ValueError as e:
                 return f"{file}, line {number}: not valid JSON ({e}); fix or remove that line"
     return None
@@ -259,8 +276,8 @@ def check_unknown_tokens(token_ids: list[list[int]], tokenizer, where: str) -> N
     total = sum(len(ids) for ids in token_ids)
     unknown = [sum(t == unk for t in ids) for ids in token_ids]
     if total and sum(unknown) / total > 0.5:
-        raise SystemExit(f"{where}: {sum(unknown) / total:.0%} of the tokens are '{tokenizer.unk_token}': the tokenizer "
-                         "does not cover this text; check the tokenizer and the file's encoding")
+        raise SystemExit(f"{where}: {sum(unknown) / total:.0%} of the tokens are '{tokenizer.unk_token}': "
+                         "the tokenizer does not cover this text; check the tokenizer and the file's encoding")
     mostly = [i for i, (n, ids) in enumerate(zip(unknown, token_ids)) if ids and n / len(ids) > 0.5]
     if mostly:
         print0(f"warning: {where}: {len(mostly)} of {len(token_ids)} rows are mostly '{tokenizer.unk_token}' "
@@ -294,7 +311,8 @@ def prompt_head(tokenizer, chat: bool) -> list[int]:
     first user message (BOS, the default system turn of Qwen's template, the user header)."""
     sentinel = "SENTINEL_7f3a"
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
+                                             add_generation_prompt=True)
         return tokenizer(text.split(sentinel, 1)[0], add_special_tokens=False)["input_ids"]
     with_specials = tokenizer(sentinel)["input_ids"]
     plain = tokenizer(sentinel, add_special_tokens=False)["input_ids"]
@@ -308,14 +326,16 @@ def fit_prompts(ids: list[list[int]], max_length: int, truncate: bool, head: lis
     if not too_long:
         return ids
     if not truncate:
-        raise SystemExit(f"{where}: {len(too_long)} of {len(ids)} prompts are longer than max_prompt_length={max_length} "
-                         f"tokens (longest: {max(len(ids[i]) for i in too_long)}); raise --max_prompt_length, or pass "
+        raise SystemExit(f"{where}: {len(too_long)} of {len(ids)} prompts are longer than "
+                         f"max_prompt_length={max_length} tokens (longest: {max(len(ids[i]) for i in too_long)}); "
+                         "raise --max_prompt_length, or pass "
                          "--truncate_long_prompts")
     if len(head) >= max_length:
         raise SystemExit(f"--max_prompt_length {max_length} leaves no room after the {len(head)} tokens every prompt "
                          "starts with (BOS, chat template header); raise it")
+    after_head = f" after the {len(head)} they start with" if head else ""
     print0(f"warning: {where}: {len(too_long)} of {len(ids)} prompts are longer than max_prompt_length={max_length} "
-           f"tokens; keeping their last tokens{f' after the {len(head)} they start with' if head else ''} (--truncate_long_prompts)")
+           f"tokens; keeping their last tokens{after_head} (--truncate_long_prompts)")
     cut = []
     for x in ids:
         keep = kept_head(x, head) if len(x) > max_length else []
@@ -338,7 +358,8 @@ def kept_head(x: list[int], head: list[int]) -> list[int]:
 
 def check_flags(args, at_least_1=(), positive=(), non_negative=()) -> None:
     """Numeric flags in range before anything runs; None means 'off' and passes."""
-    rules = ((at_least_1, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"))
+    rules = ((at_least_1, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
+             (non_negative, lambda v: v >= 0, ">= 0"))
     for names, ok, rule in rules:
         for name in names:
             value = getattr(args, name)
@@ -370,7 +391,8 @@ def check_model_dir(path: str, what: str, tokenizer: bool = True, reward_model: 
         raise SystemExit(f"{what} '{path}' has no weights (model.safetensors); give the dir that save_pretrained wrote")
     for file in glob.glob(os.path.join(path, "*.safetensors")):
         check_safetensors(file, what)
-    if tokenizer and not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json")
+    if tokenizer and not any(os.path.isfile(os.path.join(path, f)) for f in tokenizer_files):
         raise SystemExit(f"{what} '{path}' has no tokenizer files (tokenizer.json, tokenizer_config.json); save the "
                          "tokenizer into it with tokenizer.save_pretrained")
     if reward_model:
@@ -437,8 +459,8 @@ def end_of_turn_tokens(tokenizer) -> list[int]:
     stopped at EOS only, so a chat model's response ran on past its turn).
     """
     sentinel = "SENTINEL_7f3a"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}],
-                                         tokenize=False)
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False)
     after = text.split(sentinel, 1)[1] if sentinel in text else ""
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return [i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in special][:1]
@@ -464,9 +486,11 @@ def _prepare(model, tokenizer, name_or_path: str):
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         if len(tokenizer) - rows != 1 or tokenizer.pad_token_id != rows:  # more than the pad we added
-            raise SystemExit(f"model '{name_or_path}' has {rows} embedding rows, but its tokenizer has {len(tokenizer)} "
-                             "tokens: the tokenizer does not belong to this model; pair them as they were trained")
-        print0(f"note: grew the embeddings of '{name_or_path}' from {rows} to {len(tokenizer)} rows, for the added pad token")
+            raise SystemExit(f"model '{name_or_path}' has {rows} embedding rows, but its tokenizer has "
+                             f"{len(tokenizer)} tokens: the tokenizer does not belong to this model; pair them as they "
+                             "were trained")
+        print0(f"note: grew the embeddings of '{name_or_path}' from {rows} to {len(tokenizer)} rows, "
+               "for the added pad token")
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
@@ -506,7 +530,8 @@ def load_reward_model(name_or_path: str, tokenizer, dtype: str = "float32"):
     reward is read at the wrong position (TRL's "RM stuck near 60%" bug).
     """
     check_path(name_or_path, "model")
-    model = from_pretrained(AutoModelForSequenceClassification, name_or_path, "model", num_labels=1, dtype=DTYPES[dtype])
+    model = from_pretrained(AutoModelForSequenceClassification, name_or_path, "model", num_labels=1,
+                            dtype=DTYPES[dtype])
     return _prepare(model, tokenizer, name_or_path)
 
 
@@ -645,7 +670,8 @@ def write_errors(path: str, intact: str):
         if read_marker(path) is not None or path.endswith(".tmp"):
             shutil.rmtree(path, ignore_errors=True)
         problem = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or type(e).__name__
-        raise SystemExit(f"cannot write '{e.filename if isinstance(e.filename, str) else path}': {problem}; {intact}; the "
+        where = e.filename if isinstance(e.filename, str) else path
+        raise SystemExit(f"cannot write '{where}': {problem}; {intact}; the "
                          f"partial write ({path}) was removed. Free space (or fix the permissions) and run again, with "
                          "--resume where a checkpoint exists") from None
 
@@ -671,7 +697,8 @@ def check_output_path(path: str, flag: str, inputs: dict[str, str]) -> None:
     """Refuse an output path that is a protected dir, overlaps an input or another run, or cannot be written."""
     real = os.path.realpath(path)
     home = os.path.realpath(os.path.expanduser("~"))
-    protected = {"/": "the filesystem root", home: "your home directory", os.path.realpath(os.getcwd()): "the current directory",
+    protected = {"/": "the filesystem root", home: "your home directory",
+                 os.path.realpath(os.getcwd()): "the current directory",
                  os.path.realpath(PROJECT_ROOT): "this project's own directory"}
     for place, name in protected.items():
         if real == place or place.startswith(real.rstrip(os.sep) + os.sep):
@@ -682,7 +709,8 @@ def check_output_path(path: str, flag: str, inputs: dict[str, str]) -> None:
         other = os.path.realpath(given)
         if real == other or other.startswith(real + os.sep) or real.startswith(other + os.sep):
             relation = "is" if real == other else "contains" if other.startswith(real + os.sep) else "lies inside"
-            raise SystemExit(f"{flag} '{path}' {relation} the {what} '{given}', which this run reads; pick another {flag}")
+            raise SystemExit(f"{flag} '{path}' {relation} the {what} '{given}', which this run reads; "
+                             f"pick another {flag}")
     parent = os.path.dirname(real)
     while parent != os.path.dirname(parent):  # inside another run (its marker is in an ancestor)?
         marker = read_marker(parent)
@@ -737,7 +765,7 @@ class OutputLock:
                     continue
                 raise SystemExit(f"{flag} '{output_dir}' is in use by process {holder.get('pid')} on "
                                  f"{holder.get('host')} ({holder.get('command')}); wait for it to finish, or pick "
-                                 f"another {flag} (delete '{self.path}' if that run is gone)")
+                                 f"another {flag} (delete '{self.path}' if that run is gone)") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             break
@@ -793,19 +821,20 @@ def prepare_output(output_dir: str, checkpoint_dir: str, stage: str, inputs: dic
         if finished and resume and (message := finished_run(output_dir, checkpoint_dir, stage)):
             raise SystemExit(message)
         if finished and not overwrite and not resume:
-            raise SystemExit(f"'{output_dir}' holds a finished run; pass --overwrite to replace it, or pick another --output_dir")
+            raise SystemExit(f"'{output_dir}' holds a finished run; pass --overwrite to replace it, "
+                             "or pick another --output_dir")
         owner = (check_own_dir(checkpoint_dir, "--checkpoint_dir", stage, "checkpoints") or {}).get("output_dir")
         if owner is not None and owner != os.path.realpath(output_dir):
-            raise SystemExit(f"--checkpoint_dir '{checkpoint_dir}' holds the checkpoints of the run in '{owner}', not of "
-                             f"--output_dir '{output_dir}'; pick another --checkpoint_dir")
+            raise SystemExit(f"--checkpoint_dir '{checkpoint_dir}' holds the checkpoints of the run in '{owner}', "
+                             f"not of --output_dir '{output_dir}'; pick another --checkpoint_dir")
         RUNS[os.path.realpath(output_dir)] = checkpoint_dir
         for leftover in glob.glob(os.path.join(checkpoint_dir, "step_*.tmp")):
             shutil.rmtree(leftover)  # an interrupted checkpoint save, in our own marked dir
         if resume:
             check_resume(checkpoint_dir, args, world_size)
         elif checkpoints(checkpoint_dir) and not overwrite:
-            raise SystemExit(f"'{checkpoint_dir}' holds checkpoints of an unfinished run; pass --resume to continue it, "
-                             "or --overwrite to start over")
+            raise SystemExit(f"'{checkpoint_dir}' holds checkpoints of an unfinished run; pass --resume to continue "
+                             "it, or --overwrite to start over")
 
     on_rank0(check)
 
@@ -834,7 +863,8 @@ def final_checkpoint(output_dir: str) -> dict:
 
 def finished_run(output_dir: str, checkpoint_dir: str, stage: str) -> str | None:
     """--resume on a finished run: the line saying so, or None when the latest checkpoint is not the one the run
-    ended at: a newer run's (--overwrite over the finished one, stopped before its final save), which --resume continues.
+    ended at: a newer run's (--overwrite over the finished one, stopped before its final save), which --resume
+    continues.
 
     A finished run is a result: re-evaluating it would rewrite its eval_results.json with another wall time."""
     final = read_marker(output_dir).get("final_checkpoint") or {}  # none: saved before this was kept
@@ -888,11 +918,15 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    """Read torchrun's environment. A plain `python script.py` (no WORLD_SIZE) touches no distributed code."""
+def setup_distributed(group_of_one: bool = False) -> Dist:
+    """Read torchrun's environment. A plain `python script.py` (no WORLD_SIZE) touches no distributed code, unless
+    `group_of_one`: a process group of one process, so that FSDP2's mixed precision runs on one GPU as on N."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if group_of_one:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                    world_size=1, device_id=device if device.type == "cuda" else None)
         return Dist(0, 1, 0, device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -938,24 +972,30 @@ def transformer_blocks(model) -> list[torch.nn.Module]:
     return blocks
 
 
-def fsdp_wrap(model, device: torch.device):
-    """FSDP2: `fully_shard` each transformer block, then the root. bf16 compute on GPU, fp32 reduce.
+def fsdp_wrap(model, device: torch.device, bf16: bool | None = None):
+    """FSDP2: `fully_shard` each transformer block, then the root (a bare head: the root alone). With `bf16` (None:
+    on GPU) the mixed precision: bf16 all-gathers and compute over the stored weights, fp32 gradient reduction.
 
-    A no-op on a single process.
+    A no-op without a process group.
     """
     if not dist.is_initialized():
         return model.to(device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model.to(device)
-    mp = None
-    if device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if bf16 is None:
+        bf16 = device.type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs = {"mp_policy": mp} if mp is not None else {}
-    for block in transformer_blocks(model):
+    for block in transformer_blocks(model) if hasattr(model, "_no_split_modules") else []:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def bf16_compute(mixed_precision: str) -> bool:
+    """--mixed_precision: whether the models compute in bf16 over their stored weights (auto: on CUDA)."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and torch.cuda.is_available())
 
 
 
@@ -967,7 +1007,8 @@ def load_prompts(args: PromptFlags, tokenizer, model: str) -> tuple[dict[str, tu
     """({split: (prompt texts, their token ids)} for the train and eval splits, whether they are chat), or a
     one-line error."""
     splits = load_dataset(args.dataset)
-    out = {split: prompts_of_split(args, splits, split, tokenizer, model) for split in (args.train_split, args.eval_split)}
+    out = {split: prompts_of_split(args, splits, split, tokenizer, model)
+           for split in (args.train_split, args.eval_split)}
     return out, is_chat(args, list(splits[args.train_split][args.prompt_column][:1]))
 
 
@@ -996,7 +1037,8 @@ def prompts_of_split(args: PromptFlags, splits, split: str, tokenizer, model: st
                              "pass --prompt_format text, or use a tokenizer with one")
         texts = [render_chat_prompt(t, tokenizer) for t in texts]
     # rows that cannot be used are dropped with a count (common.drop_unusable: the same policy in every stage)
-    keep = drop_unusable(["without the prompt marker" if t is None else "with an empty prompt" if not t.strip() else None
+    keep = drop_unusable(["without the prompt marker" if t is None
+                          else "with an empty prompt" if not t.strip() else None
                           for t in texts], where, args.max_dropped_fraction)
     texts = [texts[i] for i in keep]
     ids = tokenizer(texts, add_special_tokens=not chat)["input_ids"]  # a rendered template has its own BOS
@@ -1067,16 +1109,21 @@ def unsharded(model):
     finally:
         for m in fsdp_modules:
             m.reshard()
-            # FSDP2's defaults: blocks reshard after forward; the root does not (its params are needed first in backward)
+            # FSDP2's defaults: blocks reshard after forward; the root does not (backward needs its params first)
             m.set_reshard_after_forward(m is not fsdp_modules[0], recurse=False)
 
 
 def quantize_int8(model):
-    """Weight-only int8 of every linear layer (torchao's Int8WeightOnlyConfig): each weight row stored as int8
-    with one scale, w = scale * q, dequantised in the matmul; activations stay in the model's dtype. CPU and CUDA."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    """Weight-only int8 of every linear layer: each weight row stored as int8 with one scale, w = scale * q (absmax /
+    127), dequantised in the matmul; activations stay in the model's dtype. CPU and CUDA. torchao's
+    Int8QuantizedTrainingLinearWeight (a prototype, used frozen here) rather than its Int8WeightOnlyConfig, because
+    FSDP2 can shard it: it splits by rows and all-gathers its int8 rows and scales (FSDP2's all-gather extension).
+    A scalar head (one row: nothing to save, and no row for a second rank) stays as it is."""
+    from torchao.prototype.quantized_training import int8_weight_only_quantized_training
+    from torchao.quantization import quantize_
 
-    quantize_(model, Int8WeightOnlyConfig())
+    quantize_(model, int8_weight_only_quantized_training(),
+              filter_fn=lambda m, _: isinstance(m, torch.nn.Linear) and m.out_features > 1)
     return model
 
 
@@ -1088,14 +1135,15 @@ def load_frozen(load, path: str, tokenizer, dtype: str, frozen_dtype: str):
     return model.eval().requires_grad_(False)
 
 
-def shard_frozen(model, frozen_dtype: str, device: torch.device):
-    """FSDP2 for a frozen model, except an int8 one: FSDP2 cannot split torchao's int8 tensors (no aten.split,
-    torchao 0.18), so each rank holds all of it, a quarter of fp32's bytes."""
+def shard_frozen(model, frozen_dtype: str, device: torch.device, bf16: bool | None = None):
+    """FSDP2 for a frozen model (fsdp_wrap): an int8 one too, its int8 rows sharded and gathered as int8 (1 byte per
+    parameter, half of bf16's). Without other processes an int8 model stays whole (FSDP2 2.13's one-rank shortcut
+    drops the scales of an all-gather extension) and computes in --dtype."""
     if model is None:
         return None
-    if frozen_dtype == "int8":
+    if frozen_dtype == "int8" and not (dist.is_initialized() and dist.get_world_size() > 1):
         return model.to(device)
-    return fsdp_wrap(model, device)
+    return fsdp_wrap(model, device, bf16)
 
 
 @contextlib.contextmanager
@@ -1162,7 +1210,8 @@ def call_fn(fn, prompts: list[str], completions: list[str], flag: str) -> list[f
 def markdown_table(rows, header) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c).replace("|", "\\|") for c in row) + " |")
+        cells = (f"{c:.3f}" if isinstance(c, float) else str(c).replace("|", "\\|") for c in row)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -1279,7 +1328,8 @@ def rl_final_report(args, setup, models, progress, writer, start_time: float, me
     rate, the saved policy (atomically, with eval_results.json) and the summary table."""
     device, sft_metrics, eval_metrics = setup.dist.device, progress.sft_metrics, progress.eval_metrics
     num_eval_prompts = int(all_reduce_sum(torch.tensor([len(setup.eval_ids)], device=device)).item())
-    final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}  # grpo.py's trained policy too
+    # the trained policy under "ppo", grpo.py's too
+    final = {"sft": sft_metrics, "ppo": eval_metrics, "num_eval_prompts": num_eval_prompts}
     if setup.gold_fn is not None:
         wins = gold_wins(progress.eval_golds, progress.sft_golds)
         totals = all_reduce_sum(torch.tensor([wins, float(len(progress.sft_golds))], dtype=torch.float64,
@@ -1385,7 +1435,8 @@ def save_checkpoint(checkpoint_dir: str, step: int, model: torch.nn.Module, opti
                 write_marker(checkpoint_dir, stage, "checkpoints", **({"output_dir": owner[0]} if owner else {}))
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            write_json(os.path.join(tmp, "meta.json"), {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+            write_json(os.path.join(tmp, "meta.json"), {"step": step, "world_size": world_size,
                                                         "args": state.get("args"), "id": uuid.uuid4().hex})
     if dist.is_initialized():
         dist.barrier()
@@ -1440,17 +1491,20 @@ def short_file(path: str) -> str | None:
         needed: dict[str, int] = {}
         for info in dcp.FileSystemReader(path).read_metadata().storage_data.values():
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-        return next((os.path.join(path, f) for f, n in needed.items() if os.path.getsize(os.path.join(path, f)) < n), None)
+        return next((os.path.join(path, f) for f, n in needed.items()
+                     if os.path.getsize(os.path.join(path, f)) < n), None)
     except Exception:  # no readable metadata: the caller names the dir
         return None
 
 
-def check_same_args(saved: dict, args: dict, ignore: tuple[str, ...] = ("resume", "overwrite", "checkpoint_every")) -> None:
+def check_same_args(saved: dict, args: dict,
+                    ignore: tuple[str, ...] = ("resume", "overwrite", "checkpoint_every")) -> None:
     """A resumed run must be the run that was checkpointed: same flags, or the numbers silently change
     (how often checkpoints are written changes none)."""
     for key in sorted(set(args) | set(saved)):
         if key not in ignore and saved.get(key) != args.get(key):
-            raise SystemExit(f"--resume: the checkpoint was made with --{key} {saved.get(key)!r}, not {args.get(key)!r}; "
+            raise SystemExit(f"--resume: the checkpoint was made with --{key} {saved.get(key)!r}, "
+                             f"not {args.get(key)!r}; "
                              "pass the same flags, or start a new run")
 
 
@@ -1464,7 +1518,8 @@ def catch_signals() -> dict:
             raise KeyboardInterrupt
         flag["stop"], flag["signal"] = True, signum
         if signum == signal.SIGINT:
-            print0("\nCtrl-C: stopping after this step with a checkpoint (press it again to stop at once)", file=sys.stderr)
+            print0("\nCtrl-C: stopping after this step with a checkpoint (press it again to stop at once)",
+                   file=sys.stderr)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -1509,7 +1564,10 @@ def run(main, parse_args) -> None:
     Bad input is caught earlier, by the checks before the first step, each with its own message."""
     try:
         try:
-            main(parse_args())
+            args = parse_args()
+            if getattr(args, "plan_memory", False):  # the planned GPU memory of these flags, instead of the run
+                return plan_memory(main, args)
+            main(args)
         except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one inside it
             print("interrupted: stopped at once; the last checkpoint (if any) is intact", file=sys.stderr)
             raise SystemExit(130) from None
@@ -1523,8 +1581,8 @@ def run(main, parse_args) -> None:
                 raise
             others = [r for r in range(dist.get_world_size()) if r != dist.get_rank()]
             raise SystemExit(f"rank {dist.get_rank()}: lost contact with rank{'s' if len(others) > 1 else ''} "
-                             f"{', '.join(map(str, others))} of this run ({first_line(e)[:160]}); the process that stopped "
-                             "first printed why above") from None
+                             f"{', '.join(map(str, others))} of this run ({first_line(e)[:160]}); the process that "
+                             "stopped first printed why above") from None
     except SystemExit as e:  # the one-line message goes on a line of its own, not after an open progress bar
         from tqdm import tqdm
 
@@ -1547,6 +1605,16 @@ def tell_torchrun(message: str) -> None:
         write_json(path, {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}})
     except OSError:
         pass  # the report then shows its link instead: nothing is lost
+
+
+def plan_memory(main, args) -> None:
+    """--plan_memory: results/memory_plan.py plans these flags on --plan_gpus GPUs of --gpu_gb, without weights or a
+    GPU, and prints each phase's peak, the memory options that fit, and last `planned peak: X.X GB per GPU`."""
+    sys.path.insert(0, os.path.join(PROJECT_ROOT, "results"))
+    import memory_plan
+
+    script = os.path.splitext(os.path.basename(sys.modules[main.__module__].__file__))[0]  # ppo, grpo
+    memory_plan.plan_command(importlib.import_module(script), args)
 
 
 def args_json(args) -> dict:

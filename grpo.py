@@ -58,8 +58,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 import presets
-from common import (Dist, EvalFlags, MemoryFlags, PromptFlags, ResumeFlags, all_reduce_mean, args_json, call_fn,
-                    catch_signals, check_finite, check_flags, check_model_dir, end_of_turn_tokens, flags_given,
+from common import (Dist, EvalFlags, MemoryFlags, PromptFlags, ResumeFlags, all_reduce_mean, args_json, bf16_compute,
+                    call_fn, catch_signals, check_finite, check_flags, check_model_dir, end_of_turn_tokens, flags_given,
                     fsdp_wrap, latest_checkpoint, load_causal_lm, load_checkpoint, load_fn, load_frozen, load_prompts,
                     load_reward_model, load_tokenizer, markdown_table, mean_of, parse_args_with_presets, prepare_output,
                     print0, retokenized, rl_clip_grad_norm_or_stop, rl_final_report, rl_save_or_stop, run,
@@ -506,12 +506,16 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float, stop_t
     )
 
 
-def generate(policy, queries, query_mask, config) -> torch.Tensor:
-    """Sample responses for left-padded queries (B, P) -> (B, T<=max_new_tokens); generation stops when all ended."""
+def generate(policy, queries, query_mask, config, batch_size: int | None = None) -> torch.Tensor:
+    """Sample responses for left-padded queries (B, P) -> (B, T<=max_new_tokens), `batch_size` queries per call (None:
+    all at once), so that the KV cache holds one chunk's; a chunk stops when all its responses ended, then is padded."""
     policy.eval()  # with gradient checkpointing, training mode would switch off the KV cache
+    chunk = batch_size or len(queries)
     with unsharded(policy):  # FSDP2: one all-gather for the whole generation, not one per token
-        out = policy.generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
-    return out[:, queries.shape[1]:]
+        out = [policy.generate(input_ids=queries[i:i + chunk], attention_mask=query_mask[i:i + chunk],
+                               generation_config=config)[:, queries.shape[1]:] for i in range(0, len(queries), chunk)]
+    width = max(o.shape[1] for o in out)
+    return torch.cat([nn.functional.pad(o, (0, width - o.shape[1]), value=config.pad_token_id) for o in out])
 
 
 def rm_scores(reward_model, query_responses, attention_mask, response_mask, context_length: int,
@@ -631,7 +635,8 @@ def main(args: Args) -> dict:
             # each prompt k times in a row, on this rank: a GRPO / RLOO group never spans two ranks
             group_prompts = [prompt for prompt in next(batches) for _ in range(group_size)]
             queries, query_mask = left_pad(group_prompts, pad_token_id, device)  # (B, P), left-padded
-            responses = generate(models.policy, queries, query_mask, rollout_config)  # (B, T)
+            # (B, T); --generation_batch_size prompts per generate call, chunks as Huang et al. 2024 (None: all)
+            responses = generate(models.policy, queries, query_mask, rollout_config, args.generation_batch_size)
             # a response ends at its first EOS; what follows is padding, masked out of everything below
             responses, response_mask, has_eos = truncate_after_eos(responses, setup.stop_ids, pad_token_id)
             query_responses = torch.cat([queries, responses], 1)  # (B, P + T)
@@ -771,8 +776,8 @@ def check_args(args: Args) -> None:
     """Every numeric flag in range, before anything loads (None leaves a flag off)."""
     check_flags(args, at_least_1=("total_episodes", "batch_size", "response_length", "local_rollout_forward_batch_size",
                                   "num_ppo_epochs", "num_minibatches", "micro_batch_size", "eval_batch_size",
-                                  "max_prompt_length", "samples_per_prompt"),
-                positive=("temperature", "learning_rate", "adam_eps", "cliprange", "cliprange_high"),
+                                  "max_prompt_length", "samples_per_prompt", "generation_batch_size", "plan_gpus"),
+                positive=("temperature", "learning_rate", "adam_eps", "cliprange", "cliprange_high", "gpu_gb"),
                 non_negative=("kl_coef", "eval_temperature", "weight_decay", "max_grad_norm", "eval_every",
                               "eval_samples", "sample_every", "num_sample_rows", "checkpoint_every", "lora_r",
                               "lora_alpha", "max_dropped_fraction", "uwo_coef"))
@@ -795,7 +800,7 @@ def set_up(args: Args) -> Setup:
     """Check every flag, start the processes, derive the sizes, check the models and the output dirs, and read
     the prompts: everything that can fail, before any model is loaded."""
     check_args(args)
-    processes = setup_distributed()
+    processes = setup_distributed(group_of_one=bf16_compute(args.mixed_precision))  # --mixed_precision bf16
     seed_everything(args.seed, processes.rank)
     if args.batch_size % processes.world_size:
         raise SystemExit(f"batch_size {args.batch_size} is not divisible by the {processes.world_size} processes")
@@ -863,9 +868,10 @@ def build_models(args: Args, setup: Setup) -> Models:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # FSDP2's root is the module every call goes through: with LoRA the HF model inside peft's wrapper, since
     # generate() bypasses the wrapper's forward (a block would otherwise initialise as a root of its own)
-    fsdp_wrap(policy.get_base_model() if args.lora_r else policy, device)
-    ref_policy = shard_frozen(ref_policy, args.frozen_dtype, device)
-    reward.models = [shard_frozen(m, args.frozen_dtype, device) for m in reward.models]
+    bf16 = bf16_compute(args.mixed_precision)  # FSDP2's mixed precision, on one process too
+    fsdp_wrap(policy.get_base_model() if args.lora_r else policy, device, bf16)
+    ref_policy = shard_frozen(ref_policy, args.frozen_dtype, device, bf16)
+    reward.models = [shard_frozen(m, args.frozen_dtype, device, bf16) for m in reward.models]
     # the trained model in a ModuleDict, as ppo.py's, so that DCP names every parameter the optimizer holds
     trainables = nn.ModuleDict({"policy": policy})
     params = [p for p in trainables.parameters() if p.requires_grad]  # LoRA: the adapters only

@@ -82,11 +82,12 @@ def stage_flags(args: Args, stage: str) -> list[str]:
     try:
         flags = shlex.split(getattr(args, f"{stage}_args"))
     except ValueError as e:  # e.g. an unclosed quote
-        raise SystemExit(f"pipeline: {flag}: {e}; give the stage's flags as one quoted string, e.g. {flag}='--seed 2'") from None
+        raise SystemExit(f"pipeline: {flag}: {e}; give the stage's flags as one quoted string, "
+                         f"e.g. {flag}='--seed 2'") from None
     if any(f.startswith("--") and f[2:].split("=", 1)[0].replace("-", "_") == own for f in flags):
         where = "--data_dir" if stage == "toy" else "--models_dir"
-        raise SystemExit(f"pipeline: {flag} sets --{own}, which pipeline.py sets itself (the next stages read it there); "
-                         f"pass {where} to pipeline.py instead")
+        raise SystemExit(f"pipeline: {flag} sets --{own}, which pipeline.py sets itself "
+                         f"(the next stages read it there); pass {where} to pipeline.py instead")
     return flags
 
 
@@ -94,8 +95,8 @@ def check_dirs(data_dir: str, models_dir: str) -> None:
     """toy_task.py --overwrite deletes --data_dir before it rebuilds it: refuse any directory that holds
     something else, and a --models_dir that overlaps it."""
     if is_within(data_dir, models_dir) or is_within(models_dir, data_dir):
-        raise SystemExit(f"pipeline: --data_dir '{data_dir}' and --models_dir '{models_dir}' overlap; toy_task.py rebuilds "
-                         "--data_dir from scratch, so give them separate directories")
+        raise SystemExit(f"pipeline: --data_dir '{data_dir}' and --models_dir '{models_dir}' overlap; "
+                         "toy_task.py rebuilds --data_dir from scratch, so give them separate directories")
     if is_within(os.getcwd(), data_dir) or is_within(HERE, data_dir) or not is_rebuildable(data_dir):
         raise SystemExit(f"pipeline: --data_dir '{data_dir}' holds files that are not toy_task.py's, which its rebuild "
                          "(toy_task.py --overwrite) would delete; pick a new directory")
@@ -202,8 +203,10 @@ def exit_stopped(name: str, code: int, signum: int, resumable: bool) -> NoReturn
 # ----------------------------------------------------------------------------------------------
 # The stages, and the summary
 # ----------------------------------------------------------------------------------------------
-def run_stage(name: str, script: str, flags: list[str], nproc: int, running: RunningStage, resumable: bool = True) -> float:
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+def run_stage(name: str, script: str, flags: list[str], nproc: int, running: RunningStage,
+              resumable: bool = True) -> float:
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                    f"--nproc_per_node={nproc}"]
     cmd = launcher + [os.path.join(HERE, script)] + flags  # the child's cwd is ours: its paths mean what ours do
     print(f"\n=== {name}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
@@ -264,11 +267,12 @@ def main(args: Args) -> dict:
     sft_dir, rm_dir, ppo_dir = (os.path.join(args.models_dir, d) for d in ("sft", "rm", "ppo"))
     s, p = str(args.seed), args.run_prefix
     times = {}
-    times["toy_task"] = run_stage("toy task", "toy_task.py", ["--out_dir", args.data_dir, "--overwrite", *extra["toy"]], 1,
-                                  running, resumable=False)
+    times["toy_task"] = run_stage("toy task", "toy_task.py", ["--out_dir", args.data_dir, "--overwrite", *extra["toy"]],
+                                  1, running, resumable=False)
     times["sft"] = run_stage("SFT", "sft.py", [
         "--dataset", f"{args.data_dir}/sft", "--model_name_or_path", f"{args.data_dir}/base_model",
-        "--output_dir", sft_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_sft", *extra["sft"]], args.nproc, running)
+        "--output_dir", sft_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_sft",
+        *extra["sft"]], args.nproc, running)
     times["rm"] = run_stage("reward model", "train_rm.py", [
         "--dataset", f"{args.data_dir}/prefs", "--model_name_or_path", sft_dir,
         "--output_dir", rm_dir, "--seed", s, "--overwrite",
@@ -280,7 +284,8 @@ def main(args: Args) -> dict:
             "--seed", s, "--overwrite", "--run_name", f"{p}_dpo", *extra["dpo"]], args.nproc, running)
     times["ppo"] = run_stage("PPO", "ppo.py", [
         "--sft_model", sft_dir, "--reward_model", rm_dir, "--dataset", f"{args.data_dir}/prompts",
-        "--output_dir", ppo_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_ppo", *extra["ppo"]], args.nproc, running)
+        "--output_dir", ppo_dir, "--seed", s, "--overwrite", "--run_name", f"{p}_ppo",
+        *extra["ppo"]], args.nproc, running)
 
     rm, ppo = read_json(f"{rm_dir}/eval_results.json"), read_json(f"{ppo_dir}/eval_results.json")
     dpo = read_json(os.path.join(args.models_dir, "dpo", "eval_results.json")) if args.dpo else None
@@ -288,7 +293,8 @@ def main(args: Args) -> dict:
     print_table(rows, ppo["num_eval_prompts"])
     total = sum(times.values())
     print("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s")
-    summary = {"rows": rows, "wall_time_s": times, "total_wall_time_s": total, "rm": rm, "ppo": {k: ppo[k] for k in ("sft", "ppo", "gold_win_rate", "num_eval_prompts")}}
+    summary = {"rows": rows, "wall_time_s": times, "total_wall_time_s": total, "rm": rm,
+               "ppo": {k: ppo[k] for k in ("sft", "ppo", "gold_win_rate", "num_eval_prompts")}}
     if dpo is not None:
         summary["dpo"] = {k: dpo[k] for k in ("sft", "dpo", "gold_win_rate", "num_eval_prompts", "val_accuracy")}
     with open(os.path.join(args.models_dir, "pipeline_summary.json"), "w") as f:

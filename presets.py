@@ -213,6 +213,8 @@ PPO = {
             temperature=0.7,
             missing_eos_penalty=-1.0,
             local_rollout_forward_batch_size=64,
+            # Huang et al. 2024 sample the rollout in chunks of their forward batch too: the KV cache holds 64
+            generation_batch_size=64,
             kl_coef=0.05,
             num_ppo_epochs=4,
             num_minibatches=1,
@@ -245,6 +247,7 @@ PPO = {
             response_length=128,
             micro_batch_size=8,
             local_rollout_forward_batch_size=32,
+            generation_batch_size=32,
             learning_rate=3e-6,
             weight_decay=0.01,
             max_grad_norm=1.0,
@@ -274,6 +277,7 @@ PPO = {
             response_length=256,
             micro_batch_size=4,
             local_rollout_forward_batch_size=16,
+            generation_batch_size=16,
             learning_rate=1e-6,
             weight_decay=0.01,
             max_grad_norm=1.0,
@@ -285,6 +289,19 @@ PPO = {
     ),
 }
 
+
+# Pythia-6.9B at the TL;DR settings, as Huang et al. 2024 ran it (benchmark.sbatch, sbatches/ppo_left_padding6b.sbatch):
+# the same batch of 512 episodes, lengths and hyperparameters, split for its size: micro-batches of 1 sequence (8 GPUs
+# x 64 accumulation x 1), rollout forwards and generation chunks of 4, evaluation 4 prompts at a time
+PPO["pythia-tldr-6.9b"] = ("Pythia-6.9B on TL;DR, Huang et al. 2024 (8 GPUs)",
+                           {**PPO["pythia-tldr"][1], "micro_batch_size": 1, "local_rollout_forward_batch_size": 4,
+                            "generation_batch_size": 4, "eval_batch_size": 4})
+SFT["pythia-tldr-6.9b"] = ("Pythia-6.9B on TL;DR, Huang et al. 2024 (8 GPUs)",
+                           {**SFT["pythia-tldr"][1], "model_name_or_path": "EleutherAI/pythia-6.9b-deduped",
+                            "eval_batch_size": 4})
+REWARD_MODEL["pythia-tldr-6.9b"] = ("Pythia-6.9B RM on TL;DR preferences, Huang et al. 2024 (8 GPUs)",
+                                    {**REWARD_MODEL["pythia-tldr"][1], "micro_batch_size": 1, "eval_batch_size": 4,
+                                     "generation_batch_size": 4})
 
 # grpo.py: PPO's presets, data and sizes alike, without the critic; each prompt sampled 4 times (a batch of 512
 # episodes is 128 prompts), the KL as GRPO's k3 loss term (grpo.py's defaults)

@@ -51,7 +51,8 @@ def load(run_dir: str) -> dict:
     texts = {}
     for t in ea.Tags().get("tensors", []):
         if t.endswith("/text_summary"):
-            texts[t.removesuffix("/text_summary")] = [(e.step, e.tensor_proto.string_val[0].decode()) for e in ea.Tensors(t)]
+            texts[t.removesuffix("/text_summary")] = [(e.step, e.tensor_proto.string_val[0].decode())
+                                                      for e in ea.Tensors(t)]
     return {"scalars": scalars, "texts": texts}
 
 
@@ -107,7 +108,8 @@ def training_seconds(log: dict) -> list[tuple[int, float]]:
 def gold_within(log: dict, budget: float) -> float:
     """The gold score of the last evaluation reached within `budget` seconds of updates (the SFT one at 0 s)."""
     elapsed = dict(training_seconds(log))
-    golds = [(step, g) for step, g in log["scalars"]["eval/gold_score"] if step == 0 or elapsed.get(step, math.inf) <= budget]
+    golds = [(step, g) for step, g in log["scalars"]["eval/gold_score"]
+             if step == 0 or elapsed.get(step, math.inf) <= budget]
     return golds[-1][1]
 
 
@@ -159,8 +161,8 @@ def flag_rows(runs: dict[str, dict[int, dict]], flags: dict[str, list[str]], bas
         f = finals(runs[name])
         summary[f"{group}/{name}"] = f
         delta = f" | {statistics.mean(f['gold']) - statistics.mean(base['gold']):+.3f}" if base else ""
-        rows.append(f"| {name} | `{' '.join(flags[name])}` | {len(f['gold'])} | {pm(f['gold'])}{delta} | {pm(f['win'])} "
-                    f"| {pm(f['kl'], 2)} |")
+        rows.append(f"| {name} | `{' '.join(flags[name])}` | {len(f['gold'])} | {pm(f['gold'])}{delta} "
+                    f"| {pm(f['win'])} | {pm(f['kl'], 2)} |")
     return rows
 
 
@@ -180,16 +182,19 @@ def plot_training_curves(default: dict[int, dict]) -> str:
 
 
 def plot_frontier(beta: dict[str, dict[int, dict]], fits: dict | None = None) -> str:
-    """Gold and RM score vs √KL, one curve per β; with `fits`, the main RM's Gao et al. fits (gao_fit) on the gold panel."""
+    """Gold and RM score vs √KL, one curve per β; with `fits`, the main RM's Gao et al. fits (gao_fit) on the
+    gold panel."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     order = sorted(beta, key=lambda n: float(n.removeprefix("beta")))
     for i, name in enumerate(order):
         x, kl, _ = curve(beta[name], "eval/kl")
         for ax, tag in zip(axes, ("eval/gold_score", "eval/rm_score")):
             _, y, _ = curve(beta[name], tag)
-            ax.plot([math.sqrt(max(k, 0.0)) for k in kl], y, "o-", ms=3, color=f"C{i}", label=f"β = {name.removeprefix('beta')}")
+            ax.plot([math.sqrt(max(k, 0.0)) for k in kl], y, "o-", ms=3, color=f"C{i}",
+                    label=f"β = {name.removeprefix('beta')}")
     if fits:  # fitted to gains over the starting policy, so drawn from where the curves start (SFT, mean over seeds)
-        start = statistics.mean(log["scalars"]["eval/gold_score"][0][1] for runs in beta.values() for log in runs.values())
+        start = statistics.mean(log["scalars"]["eval/gold_score"][0][1]
+                                for runs in beta.values() for log in runs.values())
         for form, style, what in (("rl", "k--", "PPO at β = 0"), ("bon", "k:", "best-of-n")):
             if form in fits:
                 e = fits[form]
@@ -201,7 +206,8 @@ def plot_frontier(beta: dict[str, dict[int, dict]], fits: dict | None = None) ->
     for ax in axes:
         ax.set_xlabel("√KL(π ‖ π_ref)  (nats^½, per response)")
         ax.legend(fontsize=8)
-    fig.suptitle("one curve per β: evaluations every 1280 episodes, mean over seeds (Gao et al. 2022 axes)", fontsize=10)
+    fig.suptitle("one curve per β: evaluations every 1280 episodes, mean over seeds (Gao et al. 2022 axes)",
+                 fontsize=10)
     return save(fig, "kl_frontier.png")
 
 
@@ -216,16 +222,19 @@ def plot_rm_size(rm_rows: list[dict]) -> str:
     axes[0].set_title("RM accuracy vs data")
     rm_rows = [r for r in rm_rows if r["seeds"] > 0]
     acc = [r["val_accuracy"] for r in rm_rows]
-    axes[1].errorbar(acc, [r["ppo_gold"][0] for r in rm_rows], yerr=[r["ppo_gold"][1] for r in rm_rows], fmt="o-", capsize=3)
+    axes[1].errorbar(acc, [r["ppo_gold"][0] for r in rm_rows], yerr=[r["ppo_gold"][1] for r in rm_rows], fmt="o-",
+                     capsize=3)
     for r in rm_rows:
-        axes[1].annotate(f"{r['pairs']}", (r["val_accuracy"], r["ppo_gold"][0]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        axes[1].annotate(f"{r['pairs']}", (r["val_accuracy"], r["ppo_gold"][0]), textcoords="offset points",
+                         xytext=(4, -10), fontsize=8)
     axes[1].set_xlabel("RM validation accuracy")
     axes[1].set_ylabel("final gold score of PPO (held-out)")
     axes[1].set_title("PPO's gold score vs RM quality")
     return save(fig, "rm_size.png")
 
 
-ENSEMBLE_NAMES = ["single"] + [f"{how}{n}" for n in sorted(ENSEMBLE_SIZES, reverse=True) for how in ("mean", "min", "uwo")]
+ENSEMBLE_NAMES = ["single"] + [f"{how}{n}" for n in sorted(ENSEMBLE_SIZES, reverse=True)
+                               for how in ("mean", "min", "uwo")]
 
 
 def peak_and_end(log: dict) -> dict[str, float]:
@@ -242,8 +251,9 @@ def median_over_updates(log: dict, tag: str) -> float:
 
 
 def ensembles_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
-    rows = ["| reward | β | seeds | gold at the end | per seed | KL at the end | best gold on the way | its KL | its episodes "
-            "| drop from best to end | s / update | score phase (s) | peak RSS (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| reward | β | seeds | gold at the end | per seed | KL at the end | best gold on the way | its KL "
+            "| its episodes | drop from best to end | s / update | score phase (s) | peak RSS (GiB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for b in ENSEMBLE_BETAS:
         for name in ENSEMBLE_NAMES:
@@ -260,14 +270,14 @@ def ensembles_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
             summary[f"ensembles/{key}"] = f
             reward = "single RM (models/rm)" if name == "single" else f"{name[:-1]} of {name[-1]}"
             per_seed = ", ".join(f"{x:.2f}" for x in f["end"])
-            rows.append(f"| {reward} | {b:g} | {len(seeds)} | {pm(f['end'])} | {per_seed} | {pm(f['end_kl'], 1)} | {pm(f['peak'])} "
-                        f"| {pm(f['peak_kl'], 1)} | {pm(f['peak_episodes'], 0)} | {pm(f['drop'])} "
+            rows.append(f"| {reward} | {b:g} | {len(seeds)} | {pm(f['end'])} | {per_seed} | {pm(f['end_kl'], 1)} "
+                        f"| {pm(f['peak'])} | {pm(f['peak_kl'], 1)} | {pm(f['peak_episodes'], 0)} | {pm(f['drop'])} "
                         f"| {pm(f['update_seconds'], 2)} | {pm(f['score_seconds'], 3)} "
                         f"| {pm(f['peak_rss_gib'], 3) if f['peak_rss_gib'] else '-'} |")
     cost = runs_of("ensembles_cost")
     if cost:  # 1, 3, 5 RMs on the same short run, one run at a time on an idle machine
-        rows += ["", "What the members cost on the same short run (seed 1, 1280 episodes at β = 0.05, one run at a time; "
-                 "medians over its 20 updates):", "",
+        rows += ["", "What the members cost on the same short run (seed 1, 1280 episodes at β = 0.05, "
+                 "one run at a time; medians over its 20 updates):", "",
                  "| reward | RMs | s / update | score phase (s) | peak RSS (GiB) |", "|---|---|---|---|---|"]
         for name in [n for n in ("single", "mean3", "mean5") if n in cost]:
             log = cost[name][1]
@@ -276,8 +286,8 @@ def ensembles_table(runs: dict[str, dict[int, dict]]) -> tuple[str, dict]:
                  "score_seconds": median_over_updates(log, "time/score"),
                  "peak_rss_gib": used["peak_rss_gib"] if used else math.nan}
             summary[f"ensembles_cost/{name}"] = f
-            rows.append(f"| {name} | {1 if name == 'single' else name[-1]} | {f['update_seconds']:.3f} | {f['score_seconds']:.3f} "
-                        f"| {f['peak_rss_gib']:.3f} |")
+            rows.append(f"| {name} | {1 if name == 'single' else name[-1]} | {f['update_seconds']:.3f} "
+                        f"| {f['score_seconds']:.3f} | {f['peak_rss_gib']:.3f} |")
     return "\n".join(rows), summary
 
 
@@ -290,13 +300,16 @@ def plot_ensembles(runs: dict[str, dict[int, dict]]) -> str:
                 continue
             x, kl, _ = curve(runs[key], "eval/kl")
             _, gold, _ = curve(runs[key], "eval/gold_score")
-            style = dict(color="k", lw=2) if name == "single" else dict(color=f"C{i}", ls="-" if name.endswith("5") else ":")
-            axes[0, col].plot([math.sqrt(max(k, 0.0)) for k in kl], gold, marker="o", ms=2, label=f"{name} (mean)", **style)
+            style = (dict(color="k", lw=2) if name == "single"
+                     else dict(color=f"C{i}", ls="-" if name.endswith("5") else ":"))
+            axes[0, col].plot([math.sqrt(max(k, 0.0)) for k in kl], gold, marker="o", ms=2, label=f"{name} (mean)",
+                              **style)
             axes[1, col].plot(x, gold, marker="o", ms=2, label=f"{name} (mean)", **style)
             for log in runs[key].values():  # each seed, faint: the mean hides runs that collapse and runs that do not
                 steps, golds = zip(*log["scalars"]["eval/gold_score"])
                 kls = dict(log["scalars"]["eval/kl"])
-                axes[0, col].plot([math.sqrt(max(kls[t], 0.0)) for t in steps], golds, "-", lw=0.7, alpha=0.3, color=style["color"])
+                axes[0, col].plot([math.sqrt(max(kls[t], 0.0)) for t in steps], golds, "-", lw=0.7, alpha=0.3,
+                                  color=style["color"])
                 axes[1, col].plot(steps, golds, "-", lw=0.7, alpha=0.3, color=style["color"])
         axes[0, col].set_title(f"β = {b:g}: gold vs √KL (seed mean; each seed faint)")
         axes[0, col].set_xlabel("√KL(π ‖ π_ref)  (nats^½, per response)")
@@ -337,7 +350,8 @@ RL_FIT_MAX_KL = 16.0
 
 
 def rl_points(seeds: dict[int, dict], max_kl: float = RL_FIT_MAX_KL) -> tuple[list[float], list[float]]:
-    """(√KL, gold gain over the run's own first evaluation) at every evaluation after the start up to max_kl, all seeds."""
+    """(√KL, gold gain over the run's own first evaluation) at every evaluation after the start up to max_kl,
+    all seeds."""
     d, r = [], []
     for log in seeds.values():
         golds, kls = log["scalars"]["eval/gold_score"], dict(log["scalars"]["eval/kl"])
@@ -351,33 +365,40 @@ def rl_points(seeds: dict[int, dict], max_kl: float = RL_FIT_MAX_KL) -> tuple[li
 
 def gao_fits(gao: dict, bon: dict | None) -> tuple[str, dict, dict]:
     """One row per proxy: its RL runs at β = 0 and its best-of-n on the SFT policy, each fitted."""
-    proxies = [(f"{n} pairs", f"rm_{n}", gao.get(f"pairs{n}_beta0"), os.path.join("sweeps", "rm_size", f"rm_{n}")) for n in GAO_PAIRS]
-    proxies.append(("240000 pairs (models/rm)", "rm_240000", gao.get("pairs240000_beta0"), os.path.join("models", "rm")))
+    proxies = [(f"{n} pairs", f"rm_{n}", gao.get(f"pairs{n}_beta0"), os.path.join("sweeps", "rm_size", f"rm_{n}"))
+               for n in GAO_PAIRS]
+    proxies.append(("240000 pairs (models/rm)", "rm_240000", gao.get("pairs240000_beta0"),
+                    os.path.join("models", "rm")))
     n_max = max(ENSEMBLE_SIZES)  # RL at beta 0 for the mean only; best-of-n for each way to combine
     proxies += [(f"ensemble: {how} of {n_max}", f"{how}{n_max}", gao.get(f"{how}{n_max}_beta0"), None)
                 for how in ("mean", "min", "uwo")]
-    rows = [f"| proxy reward | RM val accuracy | best-of-n α | β | R² | points | RL α | β | R² | points (3 seeds, KL ≤ {RL_FIT_MAX_KL:g}) |",
+    rows = ["| proxy reward | RM val accuracy | best-of-n α | β | R² | points | RL α | β | R² "
+            f"| points (3 seeds, KL ≤ {RL_FIT_MAX_KL:g}) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     summary, drawn = {}, {}
     for label, bon_key, rl_runs, rm_dir in proxies:
-        acc = json.load(open(os.path.join(rm_dir, "eval_results.json")))["val_accuracy"] if rm_dir and os.path.isdir(rm_dir) else None
+        acc = (json.load(open(os.path.join(rm_dir, "eval_results.json")))["val_accuracy"]
+               if rm_dir and os.path.isdir(rm_dir) else None)
         entry, cells = {}, []
         if bon and bon_key in bon["proxies"]:
             gold = bon["proxies"][bon_key]["gold"]
             d = [math.sqrt(k) for k in bon["kl"][1:]]
             r = [g - gold[0] for g in gold[1:]]  # n = 1 is the SFT policy itself
             entry["bon"] = {**fit_gao(d, r, "bon"), "d": d, "r": r}
-            cells += [f"{entry['bon']['alpha']:.3f}", f"{entry['bon']['beta']:.3f}", f"{entry['bon']['r2']:.3f}", str(entry["bon"]["points"])]
+            cells += [f"{entry['bon']['alpha']:.3f}", f"{entry['bon']['beta']:.3f}", f"{entry['bon']['r2']:.3f}",
+                      str(entry["bon"]["points"])]
         else:
             cells += ["not run"] * 4
         if rl_runs:
             d, r = rl_points(rl_runs)
             entry["rl"] = {**fit_gao(d, r, "rl"), "d": d, "r": r, "all": rl_points(rl_runs, math.inf)}
-            cells += [f"{entry['rl']['alpha']:.3f}", f"{entry['rl']['beta']:.3f}", f"{entry['rl']['r2']:.3f}", str(entry["rl"]["points"])]
+            cells += [f"{entry['rl']['alpha']:.3f}", f"{entry['rl']['beta']:.3f}", f"{entry['rl']['r2']:.3f}",
+                      str(entry["rl"]["points"])]
         else:
             cells += ["not run"] * 4
         if entry:
-            summary[f"gao_fit/{bon_key}"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("d", "r", "all")} for k, v in entry.items()}
+            summary[f"gao_fit/{bon_key}"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("d", "r", "all")}
+                                             for k, v in entry.items()}
             drawn[bon_key] = (label, entry)
         rows.append(f"| {label} | {f'{acc:.3f}' if acc is not None else '-'} | " + " | ".join(cells) + " |")
     if bon:  # the best-of-n scores themselves, with their standard errors over prompts
@@ -391,7 +412,8 @@ def gao_fits(gao: dict, bon: dict | None) -> tuple[str, dict, dict]:
         for name, c in bon["proxies"].items():
             g = c["gold"]
             cells = [f"{g[i]:.3f}" + (f" ± {c['gold_se'][i]:.3f}" if i == len(g) - 1 else "") for i in shown]
-            delta = f"{g[-1] - base['gold'][-1]:+.3f} ± {c['minus_rm_240000_se'][-1]:.3f}" if base and name != "rm_240000" else ""
+            delta = (f"{g[-1] - base['gold'][-1]:+.3f} ± {c['minus_rm_240000_se'][-1]:.3f}"
+                     if base and name != "rm_240000" else "")
             rows.append(f"| {name} | " + " | ".join(cells) + f" | {bon['n'][g.index(max(g))]} | {delta} |")
     return "\n".join(rows), summary, drawn
 
@@ -420,7 +442,8 @@ def plot_gao(drawn: dict, frontier: dict | None) -> str:
         ax.set_ylabel("gold score gain over SFT (held-out)")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
-    fig.suptitle("Gao et al. 2022's functional forms fitted by least squares (lines) to the toy task (points)", fontsize=10)
+    fig.suptitle("Gao et al. 2022's functional forms fitted by least squares (lines) to the toy task (points)",
+                 fontsize=10)
     return save(fig, "gao_fit.png")
 
 
@@ -686,12 +709,14 @@ def main() -> None:
     if os.path.exists(pipeline):  # the main job's table (python pipeline.py)
         shutil.copy(pipeline, os.path.join(HERE, "toy_pipeline", "pipeline_summary.json"))
         for stage in ("sft", "rm", "ppo"):
-            shutil.copy(os.path.join("models", stage, "eval_results.json"), os.path.join(HERE, "toy_pipeline", f"{stage}.json"))
+            shutil.copy(os.path.join("models", stage, "eval_results.json"),
+                        os.path.join(HERE, "toy_pipeline", f"{stage}.json"))
         res = json.load(open(pipeline))
         rows = ["| held-out prompts: " + str(res["ppo"]["num_eval_prompts"]) + " | SFT | PPO |", "|---|---|---|"]
         rows += [f"| {name} | {a} | {b} |" for name, a, b in res["rows"][:-1]]
         times = ", ".join(f"{k} {v:.0f} s" for k, v in res["wall_time_s"].items())
-        blocks["pipeline"] = "\n".join(rows) + f"\n\n{res['rows'][-1][0]}.\n\nWall time: {times}; total {res['total_wall_time_s']:.0f} s."
+        blocks["pipeline"] = "\n".join(rows) + (f"\n\n{res['rows'][-1][0]}.\n\nWall time: {times}; "
+                                                f"total {res['total_wall_time_s']:.0f} s.")
     beta = runs_of("beta")
     default = beta.get("beta0.05", {})
     base = finals(default) if default else None  # the default rows: beta 0.05, seeds 1-3
@@ -700,20 +725,23 @@ def main() -> None:
         plot_training_curves(default)
 
     if beta:
-        rows = ["| β | gold score | RM score | KL (nats) | gold win rate vs SFT | response length | EOS rate |", "|---|---|---|---|---|---|---|"]
+        rows = ["| β | gold score | RM score | KL (nats) | gold win rate vs SFT | response length | EOS rate |",
+                "|---|---|---|---|---|---|---|"]
         for name in sorted(beta, key=lambda n: float(n.removeprefix("beta"))):
             f = finals(beta[name])
             summary[f"beta/{name}"] = f
-            rows.append(f"| {name.removeprefix('beta')} | {pm(f['gold'])} | {pm(f['rm'])} | {pm(f['kl'], 2)} | {pm(f['win'])} "
-                        f"| {pm(f['length'], 1)} | {pm(f['eos'])} |")
+            rows.append(f"| {name.removeprefix('beta')} | {pm(f['gold'])} | {pm(f['rm'])} | {pm(f['kl'], 2)} "
+                        f"| {pm(f['win'])} | {pm(f['length'], 1)} | {pm(f['eos'])} |")
         blocks["beta"] = "\n".join(rows)
         # what over-optimisation looks like: the final held-out samples at beta 0 next to the default
         samples = []
-        for name, pick in (("beta0", "the seed with the lowest final gold score"), ("beta0.05", "seed 1, the default run")):
+        for name, pick in (("beta0", "the seed with the lowest final gold score"),
+                           ("beta0.05", "seed 1, the default run")):
             if name in beta:
                 runs = beta[name]
                 seed = min(runs, key=lambda k: final(runs[k], "eval/gold_score")) if name == "beta0" else min(runs)
-                samples.append(f"β = {name.removeprefix('beta')}, seed {seed} ({pick}), final evaluation, first held-out prompts:\n\n"
+                samples.append(f"β = {name.removeprefix('beta')}, seed {seed} ({pick}), final evaluation, "
+                               "first held-out prompts:\n\n"
                                + last_samples(runs[seed], 6))
         blocks["samples"] = "\n\n".join(samples)
 
@@ -726,7 +754,8 @@ def main() -> None:
             f = finals(ablations[name])
             summary[f"ablations/{name}"] = f
             rows.append(f"| {name} | `{' '.join(ABLATIONS[name])}` | {len(f['gold'])} | {pm(f['gold'])} "
-                        f"| {statistics.mean(f['gold']) - statistics.mean(base['gold']):+.3f} | {pm(f['win'])} | {pm(f['kl'], 2)} |")
+                        f"| {statistics.mean(f['gold']) - statistics.mean(base['gold']):+.3f} | {pm(f['win'])} "
+                        f"| {pm(f['kl'], 2)} |")
         blocks["ablations"] = "\n".join(rows)
 
     rm_runs = runs_of("rm_size")
@@ -735,15 +764,18 @@ def main() -> None:
         rm_rows = []
         for n in sorted(int(re.search(r"rm_(\d+)", d).group(1)) for d in rm_dirs):
             res = json.load(open(os.path.join("sweeps", "rm_size", f"rm_{n}", "eval_results.json")))
-            f = finals(rm_runs[f"pairs{n}"]) if f"pairs{n}" in rm_runs else {k: [math.nan] for k in ("gold", "win", "kl")}
+            f = (finals(rm_runs[f"pairs{n}"]) if f"pairs{n}" in rm_runs
+                 else {k: [math.nan] for k in ("gold", "win", "kl")})
             rm_rows.append({"pairs": n, "val_accuracy": res["val_accuracy"], "bayes_ceiling": res["bayes_ceiling"],
                             "rm_raw_std": res["normalisation"]["raw_std"],
                             "ppo_gold": mean_std(f["gold"]), "ppo_win": mean_std(f["win"]), "ppo_kl": mean_std(f["kl"]),
                             "seeds": len(f["gold"]) if f"pairs{n}" in rm_runs else 0})
         full = json.load(open(os.path.join("models", "rm", "eval_results.json")))
-        rm_rows.append({"pairs": full["train_pairs"], "val_accuracy": full["val_accuracy"], "bayes_ceiling": full["bayes_ceiling"],
+        rm_rows.append({"pairs": full["train_pairs"], "val_accuracy": full["val_accuracy"],
+                        "bayes_ceiling": full["bayes_ceiling"],
                         "rm_raw_std": full["normalisation"]["raw_std"],
-                        "ppo_gold": mean_std(base["gold"]), "ppo_win": mean_std(base["win"]), "ppo_kl": mean_std(base["kl"]),
+                        "ppo_gold": mean_std(base["gold"]), "ppo_win": mean_std(base["win"]),
+                        "ppo_kl": mean_std(base["kl"]),
                         "seeds": len(default)})
         plot_rm_size(rm_rows)
         summary["rm_size"] = rm_rows
@@ -767,12 +799,14 @@ def main() -> None:
         gae = finals(estimators["gae"])
         rows = ["| variant | flag | seeds | gold score | Δ gold vs default | gold win rate vs SFT | KL (nats) |",
                 "|---|---|---|---|---|---|---|",
-                f"| **default** (estimators/gae) | | {len(gae['gold'])} | {pm(gae['gold'])} | | {pm(gae['win'])} | {pm(gae['kl'], 2)} |"]
+                f"| **default** (estimators/gae) | | {len(gae['gold'])} | {pm(gae['gold'])} | | {pm(gae['win'])} "
+                f"| {pm(gae['kl'], 2)} |"]
         blocks["loss_details"] = "\n".join(rows + flag_rows(loss_details, LOSS_DETAILS, gae, "loss_details", summary))
     grpo_details = runs_of("grpo_loss_details")
     if grpo_details and "grpo" in estimators:  # grpo.py's default flags: the estimators group's grpo runs
         grpo = finals(estimators["grpo"])
-        rows = ["| variant | flag | seeds | gold score | Δ gold vs grpo.py's default | gold win rate vs SFT | KL (nats) |",
+        rows = ["| variant | flag | seeds | gold score | Δ gold vs grpo.py's default | gold win rate vs SFT "
+                "| KL (nats) |",
                 "|---|---|---|---|---|---|---|",
                 f"| **default** (estimators/grpo) | | {len(grpo['gold'])} | {pm(grpo['gold'])} | | {pm(grpo['win'])} "
                 f"| {pm(grpo['kl'], 2)} |"]
@@ -780,7 +814,8 @@ def main() -> None:
                                                                   "grpo_loss_details", summary))
     gold_reward = runs_of("gold_reward")
     if gold_reward:
-        rows = ["| reward, β | flags | seeds | gold score | gold win rate vs SFT | KL (nats) |", "|---|---|---|---|---|---|"]
+        rows = ["| reward, β | flags | seeds | gold score | gold win rate vs SFT | KL (nats) |",
+                "|---|---|---|---|---|---|"]
         blocks["gold_reward"] = "\n".join(rows + flag_rows(gold_reward, GOLD_REWARD, None, "gold_reward", summary))
 
     ensembles = runs_of("ensembles")
@@ -796,8 +831,10 @@ def main() -> None:
         summary.update(gao_summary)
         frontier = None
         if bon:  # the β sweep's final points, as gains over the SFT policy's gold score on the same prompts
-            betas = {k: v for k, v in {**last_summary(), **summary}.items() if k.startswith("beta/beta") and k != "beta/beta0"}
-            sft = json.load(open(os.path.join(HERE, "toy_pipeline", "pipeline_summary.json")))["ppo"]["sft"]["gold_score"]
+            betas = {k: v for k, v in {**last_summary(), **summary}.items()
+                     if k.startswith("beta/beta") and k != "beta/beta0"}
+            sft = json.load(open(os.path.join(HERE, "toy_pipeline",
+                                              "pipeline_summary.json")))["ppo"]["sft"]["gold_score"]
             frontier = {"d": [math.sqrt(statistics.mean(v["kl"])) for v in betas.values()],
                         "r": [statistics.mean(v["gold"]) - sft for v in betas.values()]}
         plot_gao(drawn, frontier)

@@ -14,8 +14,8 @@ eval_results.json already exists is skipped, and a run interrupted after a check
 
 The beta runs evaluate on the 512 held-out prompts every 20 updates (--eval_every 20), the others only
 before and after training. Evaluation samples from its own seed (ppo.py forks the RNG), so this changes no
-training number; it only adds the points of the KL-reward curves. The default rows are therefore the same runs as `python pipeline.py --seed N`, up
-to the thread count (floating-point sums in another order).
+training number; it only adds the points of the KL-reward curves. The default rows are therefore the same
+runs as `python pipeline.py --seed N`, up to the thread count (floating-point sums in another order).
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
     """Stages of (output dir, command); the runs within one stage are independent."""
     stages: list[list[tuple[str, list[str]]]] = []
     if "beta" in args.groups:
-        stages.append([ppo_run(args, "beta", f"beta{b:g}", s, ["--kl_coef", str(b)]) for b in BETAS for s in args.seeds])
+        stages.append([ppo_run(args, "beta", f"beta{b:g}", s, ["--kl_coef", str(b)])
+                       for b in BETAS for s in args.seeds])
     if "ablations" in args.groups:
         stages.append([ppo_run(args, "ablations", n, s, f) for n, f in ABLATIONS.items() for s in args.seeds])
     rms = [(f"{args.out_dir}/rm_size/rm_{n}", [sys.executable, "train_rm.py", "--num_train_pairs", str(n),
@@ -161,7 +162,8 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
         stages.append([ppo_run(args, "estimators_memory", n, 1, [*f, "--total_episodes", str(MEMORY_EPISODES)])
                        for n, f in ESTIMATORS.items()])
     members = [f"{args.out_dir}/ensembles/rm_s{m}" for m in ENSEMBLE_SEEDS]
-    if {"ensembles", "gao", "ensembles_cost"} & set(args.groups):  # the members: seeds 1-5, each on a bootstrap resample
+    # the members: seeds 1-5, each on a bootstrap resample
+    if {"ensembles", "gao", "ensembles_cost"} & set(args.groups):
         stages.append([(path, [sys.executable, "train_rm.py", "--seed", str(m), "--bootstrap", "--output_dir", path,
                                "--run_name", f"sweeps/ensembles/rm_s{m}"]) for m, path in zip(ENSEMBLE_SEEDS, members)])
     if "gao" in args.groups:  # every RM size, and the mean of the 5 members, at beta 0 for the same episodes
@@ -261,7 +263,8 @@ def main(args: Args) -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             for out, seconds, rc in pool.map(lambda oc: execute(*oc, args.threads), stage):
                 done += 1
-                status = "skipped (done)" if seconds == 0 and rc == 0 else f"{seconds:.0f} s" if rc == 0 else f"FAILED rc={rc}, see {out}.log"
+                status = ("skipped (done)" if seconds == 0 and rc == 0 else f"{seconds:.0f} s" if rc == 0
+                          else f"FAILED rc={rc}, see {out}.log")
                 print(f"[{done}/{total}] {out}: {status}", flush=True)
                 if rc != 0:
                     raise SystemExit(f"sweep: {out} failed; see {out}.log")

@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny toy task and a stand-in reward model built once per test session, and helpers to run a stage script."""
+"""Shared fixtures, built once per test session: a tiny toy task, a stand-in reward model, an easy preference set,
+and the stages' 2-process runs in one torchrun launch; and helpers to run a stage script."""
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -82,17 +84,104 @@ def run_script(script: str, *args: str, nproc: int = 1, timeout: int = 300) -> s
         cmd = [sys.executable, script, *args]
     else:
         env["OMP_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script,
+               *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
     return proc
 
 
 def run_script_expect_error(script: str, *args: str, timeout: int = 120) -> str:
     """Run a script that must fail; return its last stderr line (the one-line error)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode != 0, f"{script} {args} should have failed:\n{proc.stdout[-2000:]}"
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+@pytest.fixture(scope="session")
+def easy_prefs(toy_dir, tmp_path_factory):
+    """A hand-made easy preference set: chosen is a fluent toy completion, rejected the same text cut off
+    mid-sentence (last word and final "." dropped). Even the random base model can learn to tell them apart."""
+    out = tmp_path_factory.mktemp("easy") / "prefs"
+    out.mkdir()
+    for split, n in (("train", 512), ("validation", 128)):
+        rows = []
+        for line in open(os.path.join(toy_dir, "sft", f"{split}.jsonl")):
+            r = json.loads(line)
+            words = r["completion"].split()
+            if len(words) >= 3 and len(rows) < n:
+                rows.append({"prompt": r["prompt"], "chosen": r["completion"], "rejected": " ".join(words[:-2])})
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages on 2 processes: the torchrun runs of the whole session in one launch
+# ----------------------------------------------------------------------------------------------
+TWO_PROCESS_DRIVER = """
+import json, os, runpy, sys
+sys.path.insert(0, {root!r})
+import torch
+import torch.distributed as dist
+
+import common
+
+
+def the_first_runs_group(*args, setup=common.setup_distributed, **kwargs):
+    # the first run sets the process group up, the later runs take it as it is: a second init_process_group in
+    # the same processes can hang in gloo's rendezvous (one rank through it, the other still waiting)
+    if not dist.is_initialized():
+        return setup(*args, **kwargs)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return common.Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def wait_for_the_others():
+    # a run still ends with every rank waiting for the others; the group stays up for the next run
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    # each script as `torchrun script argv` runs it, one after the other in the same 2 processes, on one
+    # process group (torn down after the last): the scripts import these two from common when they start
+    teardown = common.teardown_distributed
+    common.setup_distributed, common.teardown_distributed = the_first_runs_group, wait_for_the_others
+    for script, argv in json.loads(sys.argv[1]):
+        sys.argv = [script, *argv]
+        runpy.run_path(script, run_name="__main__")
+    teardown()
+"""
+
+
+@pytest.fixture(scope="session")
+def two_process_runs(request, toy_dir, tmp_path_factory):
+    """Every 2-process run of the selected tests in one torchrun launch: each start of a pair of processes costs
+    seconds of imports. The runs are the test modules' own, given by their two_process_runs() with the flags
+    they choose; each writes under dir / its name. Returns that dir and the launch's stdout."""
+    import test_ppo_runs
+    import test_rm
+    import test_sft
+
+    selected = {item.module.__name__ for item in request.session.items if "two_process_runs" in item.fixturenames}
+    tmp = tmp_path_factory.mktemp("two_process_runs")
+    runs = []
+    if "test_sft" in selected:
+        runs += test_sft.two_process_runs(toy_dir, tmp)
+    if "test_rm" in selected:
+        runs += test_rm.two_process_runs(toy_dir, request.getfixturevalue("easy_prefs"), tmp)
+    if "test_ppo_runs" in selected:
+        runs += test_ppo_runs.two_process_runs(toy_dir, request.getfixturevalue("standin_rm"), tmp)
+    if "test_memory" in selected:
+        import test_memory
+
+        runs += test_memory.two_process_runs(toy_dir, request.getfixturevalue("standin_rm"), tmp)
+    driver = tmp / "two_process_runs.py"
+    driver.write_text(TWO_PROCESS_DRIVER.format(root=ROOT))
+    proc = run_script(str(driver), json.dumps(runs), nproc=2, timeout=900)
+    return {"dir": tmp, "stdout": proc.stdout}

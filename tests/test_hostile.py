@@ -99,7 +99,8 @@ class Ctx:
         self.out = str(tmp_path / "out")
 
     def sft(self, *extra):
-        return sft, ["--model_name_or_path", self.base, "--dataset", os.path.join(self.toy, "sft"), "--output_dir", self.out,
+        return sft, ["--model_name_or_path", self.base, "--dataset", os.path.join(self.toy, "sft"), "--output_dir",
+                     self.out,
                      "--max_steps", "2", "--batch_size", "32", "--num_eval_samples", "0", "--num_logged_samples", "0",
                      "--run_name", str(self.tmp / "tb"), *extra]
 
@@ -109,13 +110,16 @@ class Ctx:
                           "--num_normalisation_prompts", "8", "--run_name", str(self.tmp / "tb"), *extra]
 
     def ppo(self, *extra):
-        return ppo, ["--sft_model", self.base, "--reward_model", self.rm, "--dataset", os.path.join(self.toy, "prompts"),
+        return ppo, ["--sft_model", self.base, "--reward_model", self.rm, "--dataset",
+                     os.path.join(self.toy, "prompts"),
                      "--output_dir", self.out, "--total_episodes", "64", "--batch_size", "32", "--response_length", "8",
                      "--eval_samples", "16", "--run_name", str(self.tmp / "tb"), *extra]
 
     def grpo(self, *extra):
-        return grpo, ["--sft_model", self.base, "--reward_model", self.rm, "--dataset", os.path.join(self.toy, "prompts"),
-                      "--output_dir", self.out, "--total_episodes", "64", "--batch_size", "32", "--response_length", "8",
+        return grpo, ["--sft_model", self.base, "--reward_model", self.rm, "--dataset",
+                      os.path.join(self.toy, "prompts"),
+                      "--output_dir", self.out, "--total_episodes", "64", "--batch_size", "32", "--response_length",
+                      "8",
                       "--eval_samples", "16", "--run_name", str(self.tmp / "tb"), *extra]
 
     def dpo(self, *extra):
@@ -145,110 +149,237 @@ def bad_rows(c, name, rows):
 CATALOGUE = {
     "flags": {
         "sft --batch_size 0": (lambda c: c.sft("--batch_size", "0"), "--batch_size 0: must be >= 1"),
-        "sft --gradient_accumulation_steps 0": (lambda c: c.sft("--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps 0: must be >= 1"),
+        "sft --gradient_accumulation_steps 0": (lambda c: c.sft("--gradient_accumulation_steps", "0"),
+                                                "--gradient_accumulation_steps 0: must be >= 1"),
         "sft --eval_every 0": (lambda c: c.sft("--eval_every", "0"), "--eval_every 0: must be >= 1"),
         "sft --learning_rate -1": (lambda c: c.sft("--learning_rate", "-1"), "--learning_rate -1.0: must be > 0"),
         "sft --learning_rate nan": (lambda c: c.sft("--learning_rate", "nan"), "--learning_rate nan: must be > 0"),
         "sft --seed -1": (lambda c: c.sft("--seed", "-1"), "--seed -1: must be in [0, 2^31)"),
-        "sft --temperature 0 (fails at start, not at the final sampling)": (lambda c: c.sft("--temperature", "0"), "--temperature 0.0: must be > 0"),
+        "sft --temperature 0 (fails at start, not at the final sampling)": (lambda c: c.sft("--temperature", "0"),
+                                                                            "--temperature 0.0: must be > 0"),
         "sft --eval_batch_size 0": (lambda c: c.sft("--eval_batch_size", "0"), "--eval_batch_size 0: must be >= 1"),
         "sft --max_steps -3": (lambda c: c.sft("--max_steps", "-3"), "--max_steps -3: must be >= 0"),
-        "sft batch size does not divide": (lambda c: c.sft("--batch_size", "32", "--gradient_accumulation_steps", "3"), "must be divisible by"),
+        "sft batch size does not divide": (lambda c: c.sft("--batch_size", "32", "--gradient_accumulation_steps", "3"),
+                                           "must be divisible by"),
         "rm --num_train_pairs 0": (lambda c: c.rm_("--num_train_pairs", "0"), "--num_train_pairs 0: must be >= 1"),
         "rm --log_every 0": (lambda c: c.rm_("--log_every", "0"), "--log_every 0: must be >= 1"),
         "rm --temperature 0": (lambda c: c.rm_("--temperature", "0"), "--temperature 0.0: must be > 0"),
         "rm --batch_size -4": (lambda c: c.rm_("--batch_size", "-4"), "--batch_size -4: must be >= 1"),
         "rm --max_grad_norm -1": (lambda c: c.rm_("--max_grad_norm", "-1"), "--max_grad_norm -1.0: must be >= 0"),
-        "rm batch size does not divide": (lambda c: c.rm_("--batch_size", "64", "--micro_batch_size", "48"), "must be divisible by"),
-        "ppo --learning_rate -0.001": (lambda c: c.ppo("--learning_rate", "-0.001"), "--learning_rate -0.001: must be > 0"),
-        "ppo --local_rollout_forward_batch_size 0": (lambda c: c.ppo("--local_rollout_forward_batch_size", "0"), "--local_rollout_forward_batch_size 0: must be >= 1"),
+        "rm batch size does not divide": (lambda c: c.rm_("--batch_size", "64", "--micro_batch_size", "48"),
+                                          "must be divisible by"),
+        "ppo --learning_rate -0.001": (lambda c: c.ppo("--learning_rate", "-0.001"),
+                                       "--learning_rate -0.001: must be > 0"),
+        "ppo --local_rollout_forward_batch_size 0": (lambda c: c.ppo("--local_rollout_forward_batch_size", "0"),
+                                                     "--local_rollout_forward_batch_size 0: must be >= 1"),
         "ppo --eval_batch_size 0": (lambda c: c.ppo("--eval_batch_size", "0"), "--eval_batch_size 0: must be >= 1"),
         "ppo --micro_batch_size 0": (lambda c: c.ppo("--micro_batch_size", "0"), "--micro_batch_size 0: must be >= 1"),
         "ppo --lam 1.5": (lambda c: c.ppo("--lam", "1.5"), "--lam 1.5: must be in [0, 1]"),
         "ppo --temperature 0": (lambda c: c.ppo("--temperature", "0"), "--temperature 0.0: must be > 0"),
         "ppo --kl_coef -0.1": (lambda c: c.ppo("--kl_coef", "-0.1"), "--kl_coef -0.1: must be >= 0"),
         "ppo fewer episodes than a batch": (lambda c: c.ppo("--total_episodes", "10"), "less than one batch"),
-        "unknown preset": (lambda c: (ppo, ["pythia-7b-tldr", *c.ppo()[1]]), "unknown preset 'pythia-7b-tldr'; the presets are toy, pythia-tldr"),
-        "grpo with one sample per prompt": (lambda c: c.grpo("--samples_per_prompt", "1"), "pass --samples_per_prompt 2 or more"),
-        "grpo batch not divisible by samples_per_prompt": (lambda c: c.grpo("--advantage_estimator", "rloo", "--samples_per_prompt", "3"), "not divisible by --samples_per_prompt 3"),
+        "unknown preset": (lambda c: (ppo, ["pythia-7b-tldr", *c.ppo()[1]]),
+                           "unknown preset 'pythia-7b-tldr'; the presets are toy, pythia-tldr"),
+        "grpo with one sample per prompt": (lambda c: c.grpo("--samples_per_prompt", "1"),
+                                            "pass --samples_per_prompt 2 or more"),
+        "grpo batch not divisible by samples_per_prompt": (
+            lambda c: c.grpo("--advantage_estimator", "rloo", "--samples_per_prompt", "3"),
+            "not divisible by --samples_per_prompt 3"),
         "ppo --dual_clip 1": (lambda c: c.ppo("--dual_clip", "1.0"), "--dual_clip 1.0: must be > 1"),
         "grpo --cliprange_high 0": (lambda c: c.grpo("--cliprange_high", "0"), "--cliprange_high 0.0: must be > 0"),
-        "ppo --advantage_estimator, moved to grpo.py": (lambda c: c.ppo("--advantage_estimator", "grpo"), "are in grpo.py now: python grpo.py --advantage_estimator"),
-        "ppo --samples_per_prompt=4, moved to grpo.py": (lambda c: c.ppo("--samples_per_prompt=4"), "are in grpo.py now"),
-        "grpo --reward_fn and --reward_model both": (lambda c: c.grpo("--reward_fn", "toy_task:gold_score"), "give exactly one"),
-        "ppo --reward_fn and --reward_model both": (lambda c: c.ppo("--reward_fn", "toy_task:gold_score"), "give exactly one (--reward_fn needs --reward_model None)"),
-        "ppo neither --reward_fn nor --reward_model": (lambda c: c.ppo("--reward_model", "None"), "no reward: give --reward_model PATH or --reward_fn"),
-        "ppo --reward_fn that cannot be imported": (lambda c: c.ppo("--reward_model", "None", "--reward_fn", "no_such_module_xyz:f", "--critic_init", "sft"), "--reward_fn 'no_such_module_xyz:f' cannot be imported"),
-        "ppo --reward_fn with an explicit critic from the RM": (lambda c: c.ppo("--reward_model", "None", "--reward_fn", "toy_task:gold_score", "--critic_init", "rm"), "pass --critic_init sft"),
+        "ppo --advantage_estimator, moved to grpo.py": (lambda c: c.ppo("--advantage_estimator", "grpo"),
+                                                        "are in grpo.py now: python grpo.py --advantage_estimator"),
+        "ppo --samples_per_prompt=4, moved to grpo.py": (lambda c: c.ppo("--samples_per_prompt=4"),
+                                                         "are in grpo.py now"),
+        "grpo --reward_fn and --reward_model both": (lambda c: c.grpo("--reward_fn", "toy_task:gold_score"),
+                                                     "give exactly one"),
+        "ppo --reward_fn and --reward_model both": (lambda c: c.ppo("--reward_fn", "toy_task:gold_score"),
+                                                    "give exactly one (--reward_fn needs --reward_model None)"),
+        "ppo neither --reward_fn nor --reward_model": (lambda c: c.ppo("--reward_model", "None"),
+                                                       "no reward: give --reward_model PATH or --reward_fn"),
+        "ppo --reward_fn that cannot be imported": (
+            lambda c: c.ppo("--reward_model", "None", "--reward_fn", "no_such_module_xyz:f", "--critic_init", "sft"),
+            "--reward_fn 'no_such_module_xyz:f' cannot be imported"),
+        "ppo --reward_fn with an explicit critic from the RM": (
+            lambda c: c.ppo("--reward_model", "None", "--reward_fn", "toy_task:gold_score", "--critic_init", "rm"),
+            "pass --critic_init sft"),
     },
     "paths": {
         "--output_dir .": (lambda c: c.sft("--output_dir", "."), "is or contains the current directory"),
         "--output_dir /": (lambda c: c.rm_("--output_dir", "/"), "is or contains the filesystem root"),
-        "--output_dir the project root": (lambda c: c.ppo("--output_dir", ROOT), "is or contains this project's own directory"),
-        "--output_dir home": (lambda c: c.sft("--output_dir", os.path.expanduser("~")), "is or contains your home directory"),
+        "--output_dir the project root": (lambda c: c.ppo("--output_dir", ROOT),
+                                          "is or contains this project's own directory"),
+        "--output_dir home": (lambda c: c.sft("--output_dir", os.path.expanduser("~")),
+                              "is or contains your home directory"),
         "ppo --output_dir models, holding its own inputs": (lambda c: ppo_into_models(c), "contains the SFT model"),
-        "sft --output_dir = the dataset dir": (lambda c: c.sft("--output_dir", os.path.join(c.toy, "sft")), "is the dataset"),
-        "rm --output_dir inside the model dir": (lambda c: c.rm_("--output_dir", os.path.join(c.base, "rm")), "lies inside the model"),
-        "--output_dir inside the toy task's dir": (lambda c: c.sft("--output_dir", os.path.join(c.toy, "new_sft")), "lies inside the toy_task run dir"),
-        "output dir holds someone's notes": (lambda c: notes_in(c.out) or c.sft(), "is not empty and was not written by sft"),
-        "output dir holds someone's notes, with --overwrite": (lambda c: notes_in(c.out) or c.sft("--overwrite"), "is not empty and was not written by sft"),
-        "output dir holds another stage's run": (lambda c: c.marked_run(c.out, "sft") and c.ppo("--overwrite"), "holds the run of sft, not of ppo"),
-        "output dir holds a finished run": (lambda c: c.marked_run(c.out, "sft") and c.sft(), "holds a finished run; pass --overwrite"),
+        "sft --output_dir = the dataset dir": (lambda c: c.sft("--output_dir", os.path.join(c.toy, "sft")),
+                                               "is the dataset"),
+        "rm --output_dir inside the model dir": (lambda c: c.rm_("--output_dir", os.path.join(c.base, "rm")),
+                                                 "lies inside the model"),
+        "--output_dir inside the toy task's dir": (lambda c: c.sft("--output_dir", os.path.join(c.toy, "new_sft")),
+                                                   "lies inside the toy_task run dir"),
+        "output dir holds someone's notes": (lambda c: notes_in(c.out) or c.sft(),
+                                             "is not empty and was not written by sft"),
+        "output dir holds someone's notes, with --overwrite": (lambda c: notes_in(c.out) or c.sft("--overwrite"),
+                                                               "is not empty and was not written by sft"),
+        "output dir holds another stage's run": (lambda c: c.marked_run(c.out, "sft") and c.ppo("--overwrite"),
+                                                 "holds the run of sft, not of ppo"),
+        "output dir holds a finished run": (lambda c: c.marked_run(c.out, "sft") and c.sft(),
+                                            "holds a finished run; pass --overwrite"),
         "output path is a file": (lambda c: notes_file(c.out) or c.sft(), "is a file, not a dir"),
-        "output's parent is a file": (lambda c: notes_file(str(c.tmp / "f")) or c.sft("--output_dir", str(c.tmp / "f" / "out")), "is a file, so the dir cannot be made"),
+        "output's parent is a file": (
+            lambda c: notes_file(str(c.tmp / "f")) or c.sft("--output_dir", str(c.tmp / "f" / "out")),
+            "is a file, so the dir cannot be made"),
         "output under /proc": (lambda c: c.sft("--output_dir", "/proc/rlhf_out"), "cannot write in '/proc'"),
-        "checkpoint dir holds someone's files": (lambda c: notes_in(str(c.tmp / "ck")) or c.sft("--checkpoint_dir", str(c.tmp / "ck")), "--checkpoint_dir"),
-        "checkpoint dir inside the output dir": (lambda c: c.sft("--checkpoint_dir", os.path.join(c.out, "ck")), "lies inside the output dir"),
-        "a foreign {out}.tmp in the way of the atomic save": (lambda c: notes_in(c.out + ".tmp") or c.sft(), "is in the way of the atomic save"),
-        "dataset path that does not exist": (lambda c: c.sft("--dataset", str(c.tmp / "no_such_dir")), "does not exist"),
-        "hub name that does not exist (offline)": (lambda c: c.rm_("--dataset", "no-such-org/no-such-preferences"), "cannot load dataset 'no-such-org/no-such-preferences'"),
-        "rm --prompt_dataset missing: fails before training": (lambda c: c.rm_("--prompt_dataset", str(c.tmp / "nope")), "prompt dataset path"),
-        "rm --bayes_ceiling_file not JSON": (lambda c: notes_file(str(c.tmp / "ceiling.json")) or c.rm_("--bayes_ceiling_file", str(c.tmp / "ceiling.json")), "has no number \"bayes_accuracy\""),
+        "checkpoint dir holds someone's files": (
+            lambda c: notes_in(str(c.tmp / "ck")) or c.sft("--checkpoint_dir", str(c.tmp / "ck")),
+            "--checkpoint_dir"),
+        "checkpoint dir inside the output dir": (lambda c: c.sft("--checkpoint_dir", os.path.join(c.out, "ck")),
+                                                 "lies inside the output dir"),
+        "a foreign {out}.tmp in the way of the atomic save": (lambda c: notes_in(c.out + ".tmp") or c.sft(),
+                                                              "is in the way of the atomic save"),
+        "dataset path that does not exist": (lambda c: c.sft("--dataset", str(c.tmp / "no_such_dir")),
+                                             "does not exist"),
+        "hub name that does not exist (offline)": (lambda c: c.rm_("--dataset", "no-such-org/no-such-preferences"),
+                                                   "cannot load dataset 'no-such-org/no-such-preferences'"),
+        "rm --prompt_dataset missing: fails before training": (lambda c: c.rm_("--prompt_dataset", str(c.tmp / "nope")),
+                                                               "prompt dataset path"),
+        "rm --bayes_ceiling_file not JSON": (
+            lambda c: notes_file(str(c.tmp / "ceiling.json"))
+                      or c.rm_("--bayes_ceiling_file", str(c.tmp / "ceiling.json")),
+            "has no number \"bayes_accuracy\""),
     },
     "models": {
-        "model dir without config.json": (lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", remove=["config.json"])), "has no config.json"),
-        "config.json is not JSON": (lambda c: c.sft("--model_name_or_path", broken_config(c)), "config.json is not valid JSON"),
-        "model dir without weights": (lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", remove=["model.safetensors"])), "has no weights"),
-        "truncated model.safetensors": (lambda c: c.sft("--model_name_or_path", truncated_weights(c)), "is truncated or corrupt"),
-        "model dir without tokenizer files": (lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", remove=["tokenizer.json", "tokenizer_config.json"])), "has no tokenizer files"),
-        "ppo SFT model without tokenizer files": (lambda c: c.ppo("--sft_model", copy_model(c.base, c.tmp / "m", remove=["tokenizer.json", "tokenizer_config.json"])), "SFT model"),
-        "model path is a file": (lambda c: notes_file(str(c.tmp / "m")) or c.sft("--model_name_or_path", str(c.tmp / "m")), "is a file, not a model dir"),
-        "ppo --reward_model is a causal LM (the SFT model)": (lambda c: c.ppo("--reward_model", c.base), "not a reward model"),
-        "ppo reward model with num_labels=2": (lambda c: c.ppo("--reward_model", copy_model(c.rm, c.tmp / "rm2", config_edit=lambda d: d.update(id2label={"0": "a", "1": "b"}))), "has 2 outputs"),
-        "tokenizer without a pad token": (lambda c: c.sft("--model_name_or_path", edit_tokenizer_config(c, pad_token=None)), "has no pad token, which would mask the real EOS out of the loss; pass --add_pad_token"),
-        "PAD == EOS": (lambda c: c.sft("--model_name_or_path", edit_tokenizer_config(c, pad_token="<eos>")), "pads with its EOS token, which would mask the real EOS out of the loss; pass --add_pad_token"),
-        "model config without EOS": (lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", config_edit=lambda d: d.update(eos_token_id=None), remove=["generation_config.json"])), "has no eos_token_id"),
-        "embeddings smaller than the tokenizer": (lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", tokenizer_edit=add_words)), "embedding rows, but its tokenizer has"),
-        "an ensemble member with another tokenizer": (lambda c: c.ppo("--reward_model", c.rm, swapped_vocab_rm(c)), "has another vocabulary than the policy"),
-        "RM vocabulary differs, re-tokenising off": (lambda c: c.ppo("--reward_model", swapped_vocab_rm(c), "--no_rm_retokenize"), "differs from the policy's"),
+        "model dir without config.json": (
+            lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", remove=["config.json"])),
+            "has no config.json"),
+        "config.json is not JSON": (lambda c: c.sft("--model_name_or_path", broken_config(c)),
+                                    "config.json is not valid JSON"),
+        "model dir without weights": (
+            lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", remove=["model.safetensors"])),
+            "has no weights"),
+        "truncated model.safetensors": (lambda c: c.sft("--model_name_or_path", truncated_weights(c)),
+                                        "is truncated or corrupt"),
+        "model dir without tokenizer files": (
+            lambda c: c.sft("--model_name_or_path",
+                            copy_model(c.base, c.tmp / "m", remove=["tokenizer.json", "tokenizer_config.json"])),
+            "has no tokenizer files"),
+        "ppo SFT model without tokenizer files": (
+            lambda c: c.ppo("--sft_model",
+                            copy_model(c.base, c.tmp / "m", remove=["tokenizer.json", "tokenizer_config.json"])),
+            "SFT model"),
+        "model path is a file": (
+            lambda c: notes_file(str(c.tmp / "m")) or c.sft("--model_name_or_path", str(c.tmp / "m")),
+            "is a file, not a model dir"),
+        "ppo --reward_model is a causal LM (the SFT model)": (lambda c: c.ppo("--reward_model", c.base),
+                                                              "not a reward model"),
+        "ppo reward model with num_labels=2": (
+            lambda c: c.ppo("--reward_model",
+                            copy_model(c.rm, c.tmp / "rm2",
+                                       config_edit=lambda d: d.update(id2label={"0": "a", "1": "b"}))),
+            "has 2 outputs"),
+        "tokenizer without a pad token": (
+            lambda c: c.sft("--model_name_or_path", edit_tokenizer_config(c, pad_token=None)),
+            "has no pad token, which would mask the real EOS out of the loss; pass --add_pad_token"),
+        "PAD == EOS": (lambda c: c.sft("--model_name_or_path", edit_tokenizer_config(c, pad_token="<eos>")),
+                       "pads with its EOS token, which would mask the real EOS out of the loss; pass --add_pad_token"),
+        "model config without EOS": (
+            lambda c: c.sft("--model_name_or_path",
+                            copy_model(c.base, c.tmp / "m", config_edit=lambda d: d.update(eos_token_id=None),
+                                       remove=["generation_config.json"])),
+            "has no eos_token_id"),
+        "embeddings smaller than the tokenizer": (
+            lambda c: c.sft("--model_name_or_path", copy_model(c.base, c.tmp / "m", tokenizer_edit=add_words)),
+            "embedding rows, but its tokenizer has"),
+        "an ensemble member with another tokenizer": (lambda c: c.ppo("--reward_model", c.rm, swapped_vocab_rm(c)),
+                                                      "has another vocabulary than the policy"),
+        "RM vocabulary differs, re-tokenising off": (
+            lambda c: c.ppo("--reward_model", swapped_vocab_rm(c), "--no_rm_retokenize"),
+            "differs from the policy's"),
     },
     "data rows": {
         "missing column": (lambda c: c.rm_("--chosen_column", "preferred"), "has no column 'preferred'"),
-        "empty prompt": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40 + [{"prompt": "", "completion": "good ."}])), "1 with an empty prompt; first: row 40"),
-        "empty completion": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40 + [{"prompt": "the plot", "completion": " "}])), "1 with an empty completion; first: row 40"),
+        "empty prompt": (
+            lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40
+                                                  + [{"prompt": "", "completion": "good ."}])),
+            "1 with an empty prompt; first: row 40"),
+        "empty completion": (
+            lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40
+                                                  + [{"prompt": "the plot", "completion": " "}])),
+            "1 with an empty completion; first: row 40"),
         "prompt longer than the limit": (lambda c: c.ppo("--max_prompt_length", "2"), "longer than max_prompt_length"),
-        "chosen == rejected in every row": (lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "the plot", "chosen": "was good .", "rejected": "was good ."}] * 80)), "80 of 80 rows (100.0%) cannot be used (80 with chosen == rejected"),
-        "null chosen": (lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "the plot", "chosen": "was good .", "rejected": "was bad ."}] * 80 + [{"prompt": "the plot", "chosen": None, "rejected": "was bad ."}])), "row 80: column 'chosen' is null"),
-        "numeric chosen": (lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "the plot", "chosen": 3, "rejected": "was bad ."}] * 80)), "column 'chosen' is a int, not text"),
-        "null margin": (lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "p", "chosen": "good .", "rejected": "bad .", "m": 1.0}] * 80 + [{"prompt": "p", "chosen": "good .", "rejected": "bad .", "m": None}]), "--margin_column", "m"), "column 'm' is None, not a finite number"),
-        "null completion (sft)": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40 + [{"prompt": "the plot", "completion": None}])), "column 'completion' is null"),
-        "null prompt (ppo)": (lambda c: c.ppo("--dataset", bad_rows(c, "d", [{"prompt": "the plot was"}] * 40 + [{"prompt": None}])), "row 40: column 'prompt' is null"),
+        "chosen == rejected in every row": (
+            lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "the plot", "chosen": "was good .",
+                                                            "rejected": "was good ."}] * 80)),
+            "80 of 80 rows (100.0%) cannot be used (80 with chosen == rejected"),
+        "null chosen": (
+            lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "the plot", "chosen": "was good .",
+                                                            "rejected": "was bad ."}] * 80
+                                                  + [{"prompt": "the plot", "chosen": None, "rejected": "was bad ."}])),
+            "row 80: column 'chosen' is null"),
+        "numeric chosen": (
+            lambda c: c.rm_("--dataset",
+                            bad_rows(c, "d", [{"prompt": "the plot", "chosen": 3, "rejected": "was bad ."}] * 80)),
+            "column 'chosen' is a int, not text"),
+        "null margin": (
+            lambda c: c.rm_("--dataset", bad_rows(c, "d", [{"prompt": "p", "chosen": "good .", "rejected": "bad .",
+                                                            "m": 1.0}] * 80
+                                                  + [{"prompt": "p", "chosen": "good .", "rejected": "bad .",
+                                                      "m": None}]),
+                            "--margin_column", "m"),
+            "column 'm' is None, not a finite number"),
+        "null completion (sft)": (
+            lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "the plot was", "completion": "good ."}] * 40
+                                                  + [{"prompt": "the plot", "completion": None}])),
+            "column 'completion' is null"),
+        "null prompt (ppo)": (
+            lambda c: c.ppo("--dataset", bad_rows(c, "d", [{"prompt": "the plot was"}] * 40 + [{"prompt": None}])),
+            "row 40: column 'prompt' is null"),
         "non-UTF-8 bytes": (lambda c: c.sft("--dataset", latin1_rows(c)), "line 3: not UTF-8"),
-        "a JSON line cut in half": (lambda c: c.sft("--dataset", bad_rows(c, "d", ['{"prompt": "the plot was", "completion": "good ."}'] * 5 + ['{"prompt": "the plo'])), "train.jsonl, line 6: not valid JSON"),
+        "a JSON line cut in half": (
+            lambda c: c.sft("--dataset", bad_rows(c, "d", ['{"prompt": "the plot was", "completion": "good ."}'] * 5
+                                                  + ['{"prompt": "the plo'])),
+            "train.jsonl, line 6: not valid JSON"),
         "an empty train.jsonl": (lambda c: c.sft("--dataset", empty_train(c)), "train.jsonl' is empty"),
-        "a message without content": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"messages": [{"role": "user", "content": "the plot"}, {"role": "assistant", "content": "good ."}]}] * 40 + [{"messages": [{"role": "user"}, {"role": "assistant", "content": "good ."}]}])), "row 40: message 0 has no text 'content'"),
-        "text the tokenizer maps to <unk>": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "zzz qqq xxx", "completion": "www vvv"}] * 40)), "of the tokens are '<unk>'"),
-        "implicit-prompt text without the marker": (lambda c: c.sft("--dataset", bad_rows(c, "d", [{"chosen": "no marker here"}] * 40), "--dataset_format", "implicit_prompt", "--completion_column", "chosen"), "(40 without the prompt marker; first: row 0), more than --max_dropped_fraction 0.01"),
+        "a message without content": (
+            lambda c: c.sft("--dataset", bad_rows(c, "d", [{"messages": [{"role": "user", "content": "the plot"},
+                                                                         {"role": "assistant", "content": "good ."}]}]
+                                                  * 40 + [{"messages": [{"role": "user"},
+                                                                        {"role": "assistant", "content": "good ."}]}])),
+            "row 40: message 0 has no text 'content'"),
+        "text the tokenizer maps to <unk>": (
+            lambda c: c.sft("--dataset", bad_rows(c, "d", [{"prompt": "zzz qqq xxx", "completion": "www vvv"}] * 40)),
+            "of the tokens are '<unk>'"),
+        "implicit-prompt text without the marker": (
+            lambda c: c.sft("--dataset", bad_rows(c, "d", [{"chosen": "no marker here"}] * 40), "--dataset_format",
+                            "implicit_prompt", "--completion_column", "chosen"),
+            "(40 without the prompt marker; first: row 0), more than --max_dropped_fraction 0.01"),
     },
     "checkpoints": {
         "--resume without checkpoints": (lambda c: c.sft("--resume"), "--resume: no checkpoint in"),
-        "checkpoints of an unfinished run, no --resume": (lambda c: unfinished_sft(c) and c.sft("--checkpoint_every", "1"), "holds checkpoints of an unfinished run; pass --resume"),
-        "--resume with another flag": (lambda c: unfinished_sft(c) and c.sft("--checkpoint_every", "1", "--resume", "--learning_rate", "1e-3"), "--resume: the checkpoint was made with --learning_rate 0.003, not 0.001"),
-        "--resume after adding --value_head_on_policy": (lambda c: unfinished_ppo(c) and c.ppo(*PPO_CHECKPOINTED, "--resume", "--value_head_on_policy"), "--resume: the checkpoint was made with --value_head_on_policy False, not True"),
-        "a truncated checkpoint shard": (lambda c: unfinished_sft(c, damage=truncate_shard) and c.sft("--checkpoint_every", "1", "--resume"), "__0_0.distcp' cannot be read"),
-        "a deleted rank0.pt": (lambda c: unfinished_sft(c, damage=lambda p: os.remove(os.path.join(p, "rank0.pt"))) and c.sft("--checkpoint_every", "1", "--resume"), "is incomplete (no rank0.pt)"),
-        "an unreadable meta.json": (lambda c: unfinished_sft(c, damage=lambda p: notes_file(os.path.join(p, "meta.json"))) and c.sft("--checkpoint_every", "1", "--resume"), "is unreadable"),
-        "a checkpoint of 2 processes, resumed on 1": (lambda c: unfinished_sft(c, damage=two_process_meta) and c.sft("--checkpoint_every", "1", "--resume"), "was written by 2 processes, not 1"),
+        "checkpoints of an unfinished run, no --resume": (
+            lambda c: unfinished_sft(c) and c.sft("--checkpoint_every", "1"),
+            "holds checkpoints of an unfinished run; pass --resume"),
+        "--resume with another flag": (
+            lambda c: unfinished_sft(c) and c.sft("--checkpoint_every", "1", "--resume", "--learning_rate", "1e-3"),
+            "--resume: the checkpoint was made with --learning_rate 0.003, not 0.001"),
+        "--resume after adding --value_head_on_policy": (
+            lambda c: unfinished_ppo(c) and c.ppo(*PPO_CHECKPOINTED, "--resume", "--value_head_on_policy"),
+            "--resume: the checkpoint was made with --value_head_on_policy False, not True"),
+        "a truncated checkpoint shard": (
+            lambda c: unfinished_sft(c, damage=truncate_shard) and c.sft("--checkpoint_every", "1", "--resume"),
+            "__0_0.distcp' cannot be read"),
+        "a deleted rank0.pt": (
+            lambda c: unfinished_sft(c, damage=lambda p: os.remove(os.path.join(p, "rank0.pt")))
+                      and c.sft("--checkpoint_every", "1", "--resume"),
+            "is incomplete (no rank0.pt)"),
+        "an unreadable meta.json": (
+            lambda c: unfinished_sft(c, damage=lambda p: notes_file(os.path.join(p, "meta.json")))
+                      and c.sft("--checkpoint_every", "1", "--resume"),
+            "is unreadable"),
+        "a checkpoint of 2 processes, resumed on 1": (
+            lambda c: unfinished_sft(c, damage=two_process_meta) and c.sft("--checkpoint_every", "1", "--resume"),
+            "was written by 2 processes, not 1"),
     },
 }
 
@@ -421,7 +552,8 @@ def test_hostile_input(cls, name, toy_dir, standin_rm, tmp_path, monkeypatch):
     assert expected in code, code
     assert "\n" not in code.strip(), code
     after = snapshot(tmp_path, toy_dir, standin_rm)
-    assert {p: h for p, h in after.items() if p in before} == before, "a file that existed before was changed or deleted"
+    assert {p: h for p, h in after.items() if p in before} == before, \
+        "a file that existed before was changed or deleted"
     assert set(before) <= set(after)
     assert {p: sorted(os.listdir(p)) for p in protected} == listing
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import one_thread as one_torch_thread
-from conftest import run_script, run_script_expect_error
+from conftest import ROOT, run_script_expect_error
 
 import common
 import train_rm
@@ -30,22 +30,6 @@ def write_jsonl(path, rows):
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-
-
-@pytest.fixture(scope="module")
-def easy_prefs(toy_dir, tmp_path_factory):
-    """A hand-made easy set: chosen is a fluent toy completion, rejected the same text cut off mid-sentence
-    (last word and final "." dropped). Even the random base model can learn to tell them apart."""
-    out = str(tmp_path_factory.mktemp("easy") / "prefs")
-    for split, n in (("train", 512), ("validation", 128)):
-        rows = []
-        for line in open(os.path.join(toy_dir, "sft", f"{split}.jsonl")):
-            r = json.loads(line)
-            words = r["completion"].split()
-            if len(words) >= 3 and len(rows) < n:
-                rows.append({"prompt": r["prompt"], "chosen": r["completion"], "rejected": " ".join(words[:-2])})
-        write_jsonl(os.path.join(out, f"{split}.jsonl"), rows)
-    return out
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -362,10 +346,16 @@ def test_normalisation_gives_sft_samples_mean_zero(toy_dir, easy_prefs, trained_
     assert 0.7 < normalised.std().item() < 1.3
 
 
-def test_torchrun_two_processes_matches_one(toy_dir, easy_prefs, trained_rm, tmp_path):
-    out = str(tmp_path / "rm2")
-    run_script("train_rm.py", "--model_name_or_path", os.path.join(toy_dir, "base_model"), "--dataset", easy_prefs,
-               "--output_dir", out, "--run_name", "test_rm_fsdp", *TINY, nproc=2)
+def two_process_runs(toy_dir, easy_prefs, tmp) -> list:
+    """train_rm.py on 2 processes, the TINY run of trained_rm without --normalize_std, its output in tmp / "rm2"
+    (conftest's two_process_runs launches it with the other stages' 2-process runs)."""
+    return [(os.path.join(ROOT, "train_rm.py"), ["--model_name_or_path", os.path.join(toy_dir, "base_model"),
+                                                 "--dataset", easy_prefs, "--output_dir", str(tmp / "rm2"),
+                                                 "--run_name", str(tmp / "tb_rm"), *TINY])]
+
+
+def test_torchrun_two_processes_matches_one(trained_rm, two_process_runs):
+    out = str(two_process_runs["dir"] / "rm2")
     two = json.load(open(os.path.join(out, "eval_results.json")))
     one = json.load(open(os.path.join(trained_rm, "eval_results.json")))
     # the same global batches, sharded over 2 ranks: the same model up to float reduction order

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import run_script, run_script_expect_error
+from conftest import ROOT, run_script_expect_error
 
 import common
 import sft
@@ -234,16 +234,22 @@ def test_sft_end_to_end_and_deterministic(toy_dir, in_tmp, capsys):
     assert evaluated["train_loss"] is None and math.isclose(evaluated["val_loss"], metrics["val_loss"], rel_tol=1e-5)
 
 
-def test_sft_torchrun_two_processes(toy_dir, in_tmp):
-    args = tiny_args(toy_dir, in_tmp, gradient_accumulation_steps=2)
-    run_script("sft.py", *cli_flags(args, "model_name_or_path", "dataset", "output_dir", "max_steps", "batch_size",
-                                    "warmup_steps", "eval_every", "num_eval_samples", "max_new_tokens",
-                                    "gradient_accumulation_steps"), "--run_name=test_sft_torchrun", nproc=2)
-    with open(os.path.join(args.output_dir, "eval_results.json")) as f:
+def two_process_runs(toy_dir, tmp) -> list:
+    """sft.py on 2 processes with 2 micro-batches each, its output in tmp / "sft" (conftest's two_process_runs
+    launches it with the other stages' 2-process runs)."""
+    args = tiny_args(toy_dir, tmp, gradient_accumulation_steps=2)
+    flags = cli_flags(args, "model_name_or_path", "dataset", "output_dir", "max_steps", "batch_size", "warmup_steps",
+                      "eval_every", "num_eval_samples", "max_new_tokens", "gradient_accumulation_steps")
+    return [(os.path.join(ROOT, "sft.py"), [*flags, f"--run_name={tmp / 'tb_sft'}"])]
+
+
+def test_sft_torchrun_two_processes(toy_dir, in_tmp, two_process_runs):
+    output_dir = str(two_process_runs["dir"] / "sft")
+    with open(os.path.join(output_dir, "eval_results.json")) as f:
         results = json.load(f)
     assert results["world_size"] == 2 and results["num_eval_samples"] == 16
     assert results["val_loss"] < results["initial_val_loss"] - 0.5, results
-    check_saved_model_generates(args.output_dir)
+    check_saved_model_generates(output_dir)
 
     # The same global batches, split 2 processes x 2 micro-batches instead of 1 x 1, give the same
     # gradients: the loss is a token mean over the whole optimizer batch, not a mean of means.

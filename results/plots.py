@@ -572,21 +572,31 @@ def dpo_section(runs: dict[str, dict[int, dict]], summary: dict) -> tuple[str, d
         plot_dpo_overopt(over)
 
     # cost, one run at a time on the same machine
-    cost = [(name, runs[name][1]) for name in ("cost_ppo", "cost_dpo", "cost_dpo_precompute") if name in runs]
-    if cost:
-        rows = ["| run | command | wall time (s) | CPU time (s) | peak RSS (GiB) | gold score | KL (nats) |",
+    names = ("cost_rm", "cost_ppo", "cost_dpo", "cost_dpo_precompute")
+    used = {name: resources(os.path.join("sweeps", "dpo", f"{name}_s1")) for name in names}
+    used = {name: u for name, u in used.items() if u and os.path.isdir(os.path.join("sweeps", "dpo", f"{name}_s1"))}
+    if used:
+        rows = ["| run | command (seed 1) | wall time (s) | CPU time (s) | peak RSS (GiB) | gold score | KL (nats) |",
                 "|---|---|---|---|---|---|---|"]
-        commands = {"cost_ppo": "ppo.py --eval_every 0", "cost_dpo": "dpo.py --eval_every 0",
+        commands = {"cost_rm": "train_rm.py", "cost_ppo": "ppo.py --eval_every 0", "cost_dpo": "dpo.py --eval_every 0",
                     "cost_dpo_precompute": "dpo.py --eval_every 0 --precompute_ref_log_probs"}
-        for name, log in cost:
-            used = resources(os.path.join("sweeps", "dpo", f"{name}_s1")) or {}
-            out[f"dpo/{name}"] = {**used, "gold": final(log, "eval/gold_score"), "kl": final(log, "eval/kl")}
-            cpu = f"{used['cpu_seconds']:.0f}" if "cpu_seconds" in used else "-"
-            rows.append(f"| {name} | `{commands[name]}` (seed 1) | {used.get('wall_seconds', math.nan):.0f} | {cpu} | "
-                        f"{used.get('peak_rss_gib', math.nan):.3f} | {final(log, 'eval/gold_score'):.3f} "
-                        f"| {final(log, 'eval/kl'):.2f} |")
-        blocks += ["", "What each costs to its final model, evaluation before and after training included, one run at "
-                   "a time (`--jobs 1 --threads 1`; `sweeps/dpo/<run>_s1.resources.json`):", "", *rows]
+        for name, u in used.items():
+            out[f"dpo/{name}"] = dict(u)
+            scores = "| - | -"
+            if name in runs:
+                log = runs[name][1]
+                out[f"dpo/{name}"].update(gold=final(log, "eval/gold_score"), kl=final(log, "eval/kl"))
+                scores = f"| {final(log, 'eval/gold_score'):.3f} | {final(log, 'eval/kl'):.2f}"
+            rows.append(f"| {name} | `{commands[name]}` | {u['wall_seconds']:.0f} "
+                        f"| {u.get('cpu_seconds', math.nan):.0f} | {u['peak_rss_gib']:.3f} {scores} |")
+        if {"cost_rm", "cost_ppo"} <= set(used):  # what DPO replaces: the RM stage and the PPO stage
+            rm, ppo_ = used["cost_rm"], used["cost_ppo"]
+            rows.append(f"| RM + PPO | `train_rm.py && ppo.py` | {rm['wall_seconds'] + ppo_['wall_seconds']:.0f} "
+                        f"| {rm.get('cpu_seconds', math.nan) + ppo_.get('cpu_seconds', math.nan):.0f} "
+                        f"| {max(rm['peak_rss_gib'], ppo_['peak_rss_gib']):.3f} | | |")
+        blocks += ["", "What each costs to its final model, its evaluations included, one run at a time (`--jobs 1 "
+                   "--threads 1`; `sweeps/dpo/<run>_s1.resources.json`; CPU time is user + system time of the process, "
+                   "less sensitive than wall time to the other jobs on the machine):", "", *rows]
 
     # the RM-size study's pairs
     data = {n: runs[f"pairs{n}"] for n in RM_PAIRS if f"pairs{n}" in runs}

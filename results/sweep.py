@@ -192,6 +192,7 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
             "data": [dpo(f"pairs{n}", s, [*DPO_EVAL, "--dataset", f"{args.out_dir}/dpo/prefs_{n}"])
                      for n in RM_PAIRS for s in args.seeds],
             "cost": [ppo_run(args, "dpo", "cost_ppo", 1, ["ppo.py", "--eval_every", "0"]),
+                     ppo_run(args, "dpo", "cost_rm", 1, ["train_rm.py"]),  # the stage DPO replaces besides PPO
                      dpo("cost_dpo", 1, ["--eval_every", "0"]),
                      dpo("cost_dpo_precompute", 1, ["--eval_every", "0", "--precompute_ref_log_probs"])],
             "epochs": [dpo(f"epochs{DPO_EPOCHS}_beta{b:g}", s, [*DPO_EVAL, "--beta", str(b), "--num_train_epochs",

@@ -31,8 +31,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = os.path.join(os.path.dirname(HERE), "runs", "sweeps")
 FIGS = os.path.join(HERE, "figures")
 sys.path.insert(0, HERE)
-from sweep import (ABLATIONS, DPO_BETAS, DPO_EPOCHS, DPO_OVEROPT_BETAS, ENSEMBLE_BETAS, ENSEMBLE_SIZES,  # noqa: E402
-                   ESTIMATORS, GAO_PAIRS, GOLD_REWARD, GRPO_LOSS_DETAILS, LOSS_DETAILS, RM_PAIRS)
+from sweep import (ABLATIONS, DPO_BETAS, DPO_EPOCHS, DPO_LEARNING_RATES, DPO_OVEROPT_BETAS,  # noqa: E402
+                   ENSEMBLE_BETAS, ENSEMBLE_SIZES, ESTIMATORS, GAO_PAIRS, GOLD_REWARD, GRPO_LOSS_DETAILS, LOSS_DETAILS,
+                   RM_PAIRS)
 
 
 def save(fig, name: str) -> str:
@@ -502,6 +503,16 @@ def dpo_section(runs: dict[str, dict[int, dict]], summary: dict) -> tuple[str, d
         rows.append(f"| {b:g} | {len(f['gold'])} | {pm(f['gold'])} | {pm(f['rm'])} | {pm(f['kl'], 2)} | {pm(f['win'])} "
                     f"| {pm(f['length'], 1)} | {pm(f['val_accuracy'])} | {pm(f['peak'])} | {pm(f['peak_kl'], 2)} "
                     f"| {pm(f['peak_episodes'], 0)} |")
+    for lr in [lr for lr in DPO_LEARNING_RATES if f"beta0.1_lr{lr:g}" in runs]:  # another learning rate, β = 0.1
+        seeds = runs[f"beta0.1_lr{lr:g}"]
+        f = finals(seeds)
+        f["val_accuracy"] = [final(log, "eval/rewards/accuracies") for _, log in sorted(seeds.items())]
+        points = [peak_and_end(log) for _, log in sorted(seeds.items())]
+        f.update({k: [p[k] for p in points] for k in ("peak", "peak_kl", "peak_episodes")})
+        out[f"dpo/beta0.1_lr{lr:g}"] = f
+        rows.append(f"| 0.1, `--learning_rate {lr:g}` | {len(f['gold'])} | {pm(f['gold'])} | {pm(f['rm'])} "
+                    f"| {pm(f['kl'], 2)} | {pm(f['win'])} | {pm(f['length'], 1)} | {pm(f['val_accuracy'])} "
+                    f"| {pm(f['peak'])} | {pm(f['peak_kl'], 2)} | {pm(f['peak_episodes'], 0)} |")
     blocks = ["Final evaluation of each β (1 epoch, `dpo.py --beta β`, seeds 1-3), and its best evaluation on the "
               "way (every 375 steps):", "", *rows]
 
@@ -561,21 +572,31 @@ def dpo_section(runs: dict[str, dict[int, dict]], summary: dict) -> tuple[str, d
         plot_dpo_overopt(over)
 
     # cost, one run at a time on the same machine
-    cost = [(name, runs[name][1]) for name in ("cost_ppo", "cost_dpo", "cost_dpo_precompute") if name in runs]
-    if cost:
-        rows = ["| run | command | wall time (s) | CPU time (s) | peak RSS (GiB) | gold score | KL (nats) |",
+    names = ("cost_rm", "cost_ppo", "cost_dpo", "cost_dpo_precompute")
+    used = {name: resources(os.path.join("sweeps", "dpo", f"{name}_s1")) for name in names}
+    used = {name: u for name, u in used.items() if u and os.path.isdir(os.path.join("sweeps", "dpo", f"{name}_s1"))}
+    if used:
+        rows = ["| run | command (seed 1) | wall time (s) | CPU time (s) | peak RSS (GiB) | gold score | KL (nats) |",
                 "|---|---|---|---|---|---|---|"]
-        commands = {"cost_ppo": "ppo.py --eval_every 0", "cost_dpo": "dpo.py --eval_every 0",
+        commands = {"cost_rm": "train_rm.py", "cost_ppo": "ppo.py --eval_every 0", "cost_dpo": "dpo.py --eval_every 0",
                     "cost_dpo_precompute": "dpo.py --eval_every 0 --precompute_ref_log_probs"}
-        for name, log in cost:
-            used = resources(os.path.join("sweeps", "dpo", f"{name}_s1")) or {}
-            out[f"dpo/{name}"] = {**used, "gold": final(log, "eval/gold_score"), "kl": final(log, "eval/kl")}
-            cpu = f"{used['cpu_seconds']:.0f}" if "cpu_seconds" in used else "-"
-            rows.append(f"| {name} | `{commands[name]}` (seed 1) | {used.get('wall_seconds', math.nan):.0f} | {cpu} | "
-                        f"{used.get('peak_rss_gib', math.nan):.3f} | {final(log, 'eval/gold_score'):.3f} "
-                        f"| {final(log, 'eval/kl'):.2f} |")
-        blocks += ["", "What each costs to its final model, evaluation before and after training included, one run at "
-                   "a time (`--jobs 1 --threads 1`; `sweeps/dpo/<run>_s1.resources.json`):", "", *rows]
+        for name, u in used.items():
+            out[f"dpo/{name}"] = dict(u)
+            scores = "| - | -"
+            if name in runs:
+                log = runs[name][1]
+                out[f"dpo/{name}"].update(gold=final(log, "eval/gold_score"), kl=final(log, "eval/kl"))
+                scores = f"| {final(log, 'eval/gold_score'):.3f} | {final(log, 'eval/kl'):.2f}"
+            rows.append(f"| {name} | `{commands[name]}` | {u['wall_seconds']:.0f} "
+                        f"| {u.get('cpu_seconds', math.nan):.0f} | {u['peak_rss_gib']:.3f} {scores} |")
+        if {"cost_rm", "cost_ppo"} <= set(used):  # what DPO replaces: the RM stage and the PPO stage
+            rm, ppo_ = used["cost_rm"], used["cost_ppo"]
+            rows.append(f"| RM + PPO | `train_rm.py && ppo.py` | {rm['wall_seconds'] + ppo_['wall_seconds']:.0f} "
+                        f"| {rm.get('cpu_seconds', math.nan) + ppo_.get('cpu_seconds', math.nan):.0f} "
+                        f"| {max(rm['peak_rss_gib'], ppo_['peak_rss_gib']):.3f} | | |")
+        blocks += ["", "What each costs to its final model, its evaluations included, one run at a time (`--jobs 1 "
+                   "--threads 1`; `sweeps/dpo/<run>_s1.resources.json`; CPU time is user + system time of the process, "
+                   "less sensitive than wall time to the other jobs on the machine):", "", *rows]
 
     # the RM-size study's pairs
     data = {n: runs[f"pairs{n}"] for n in RM_PAIRS if f"pairs{n}" in runs}
@@ -616,7 +637,8 @@ def plot_dpo_frontier(runs: dict, f_beta: dict, ppo_beta: dict, bon: dict | None
                 ax.errorbar([math.sqrt(statistics.mean(v["kl"])) for v in by_beta.values()],
                             [statistics.mean(v[key]) for v in by_beta.values()],
                             yerr=[mean_std(v[key])[1] for v in by_beta.values()], fmt=style, ms=6, capsize=3,
-                            mfc="none" if "DPO" in label else None, label=label + " (mean ± std, 3 seeds)")
+                            mfc="none" if "DPO" in label else None,
+                            label=f"{label} (mean ± std, {min(len(v[key]) for v in by_beta.values())} seeds)")
     start = statistics.mean(evaluations(log, "eval/gold_score")[0] for seeds in runs.values() for log in seeds.values())
     if bon:
         d = [math.sqrt(k) for k in bon["kl"]]

@@ -106,6 +106,7 @@ DPO_BETAS = (0.01, 0.03, 0.1, 0.3, 1.0)  # 0.1 is dpo.py's default (Rafailov et 
 DPO_EVAL = ["--eval_every", "375", "--num_eval_pairs", "4096"]
 DPO_EPOCHS = 3
 DPO_OVEROPT_BETAS = (0.03, 0.3)
+DPO_LEARNING_RATES = (1e-3,)  # beside dpo.py's 3e-4, at its default beta 0.1
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Args:
     """print the commands only"""
     dpo_parts: list[str] = field(default_factory=lambda: ["frontier", "data", "cost", "epochs"])
     """the parts of the dpo group to run, in this order: frontier (the beta sweep), data (the RM-size study's pairs),
-    cost (beside ppo.py's), epochs (over-optimisation along DPO_EPOCHS epochs)"""
+    cost (beside ppo.py's), epochs (over-optimisation along DPO_EPOCHS epochs), lr (other learning rates)"""
 
 
 def ppo_run(args: Args, group: str, name: str, seed: int, flags: list[str], script: str = "ppo.py"):
@@ -191,11 +192,14 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
             "data": [dpo(f"pairs{n}", s, [*DPO_EVAL, "--dataset", f"{args.out_dir}/dpo/prefs_{n}"])
                      for n in RM_PAIRS for s in args.seeds],
             "cost": [ppo_run(args, "dpo", "cost_ppo", 1, ["ppo.py", "--eval_every", "0"]),
+                     ppo_run(args, "dpo", "cost_rm", 1, ["train_rm.py"]),  # the stage DPO replaces besides PPO
                      dpo("cost_dpo", 1, ["--eval_every", "0"]),
                      dpo("cost_dpo_precompute", 1, ["--eval_every", "0", "--precompute_ref_log_probs"])],
             "epochs": [dpo(f"epochs{DPO_EPOCHS}_beta{b:g}", s, [*DPO_EVAL, "--beta", str(b), "--num_train_epochs",
                                                                  str(DPO_EPOCHS), "--precompute_ref_log_probs"])
                        for b in DPO_OVEROPT_BETAS for s in args.seeds],
+            "lr": [dpo(f"beta0.1_lr{lr:g}", s, [*DPO_EVAL, "--learning_rate", str(lr)])
+                   for lr in DPO_LEARNING_RATES for s in args.seeds],
         }
         stages += [parts[p] for p in args.dpo_parts]
     return stages

@@ -242,7 +242,9 @@ def background_runs(request, tmp_path_factory):
     the core that the in-process tests (one thread) leave idle. A module that has such runs gives them by its
     background_runs(): {name: (command, cwd, env) or a function}; like two_process_runs(), it names the session
     fixtures it needs (tmp: a dir of its own). Its test asks this fixture for [name].result()."""
-    modules = {item.module for item in request.session.items}
+    # the modules of the selected tests that take this fixture by name (it is autouse: every test has it)
+    modules = {item.module for item in request.session.items
+               if "background_runs" in inspect.signature(item.function).parameters}
     if any("two_process_runs" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("two_process_runs")
     runs = {}

@@ -117,8 +117,8 @@ class Args(ResumeFlags):  # + --checkpoint_dir, --resume, --overwrite
     samples and measures KL on, as PPO trains it; 1.0 in the presets: the raw model, as TRL and Huang et al. 2024"""
     precompute_ref_log_probs: bool = False
     """compute log pi_ref of every training pair once before training, instead of one reference forward per step. Off
-    by default: in one epoch both make the same reference forwards (toy task, results/ section 6: 353 s of CPU on the
-    fly, 375 s precomputed, the same model up to rounding); from a second epoch on the table saves them"""
+    by default: in one epoch both make the same reference forwards (toy task, results/ section 6: 392 s of CPU on the
+    fly, 434 s precomputed, the same model up to rounding); from a second epoch on the table saves them"""
 
     # optimisation
     learning_rate: float = 3e-4

@@ -199,6 +199,13 @@ if __name__ == "__main__":
 """
 
 
+def call_with_fixtures(hook, request, tmp):
+    """A test module's hook (two_process_runs, background_runs) called with the session fixtures its parameters
+    name, and tmp for the parameter named tmp."""
+    return hook(**{name: tmp if name == "tmp" else request.getfixturevalue(name)
+                   for name in inspect.signature(hook).parameters})
+
+
 class BackgroundRun:
     """A subprocess (command, cwd, env), or a function that drives its own, run in the background; result() waits
     for it and gives the finished process (subprocess.CompletedProcess), or the function's return value."""
@@ -251,10 +258,8 @@ def background_runs(request, tmp_path_factory):
     for module in sorted(modules, key=lambda m: m.__name__):
         if not hasattr(module, "background_runs"):
             continue
-        wanted = inspect.signature(module.background_runs).parameters
-        fixtures = {name: tmp_path_factory.mktemp(module.__name__) if name == "tmp" else request.getfixturevalue(name)
-                    for name in wanted}
-        for name, work in module.background_runs(**fixtures).items():
+        tmp = tmp_path_factory.mktemp(module.__name__)
+        for name, work in call_with_fixtures(module.background_runs, request, tmp).items():
             runs[name] = BackgroundRun(work, tmp_path_factory.mktemp(name))
     stopping = threading.Event()
 
@@ -282,10 +287,7 @@ def two_process_runs(request, toy_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_process_runs")
     runs = []
     for module in sorted(selected, key=lambda m: m.__name__):
-        # each module's two_process_runs() names the session fixtures it needs; tmp is the launch's dir
-        wanted = inspect.signature(module.two_process_runs).parameters
-        runs += module.two_process_runs(**{name: tmp if name == "tmp" else request.getfixturevalue(name)
-                                           for name in wanted})
+        runs += call_with_fixtures(module.two_process_runs, request, tmp)  # tmp: the launch's dir
     driver = tmp / "two_process_runs.py"
     driver.write_text(TWO_PROCESS_DRIVER.format(root=ROOT))
     proc = run_script(str(driver), json.dumps(runs), nproc=2, timeout=900)

@@ -1,8 +1,9 @@
 """Reliability: checkpoints and resume (SIGKILL, SIGTERM, torchrun) and non-finite values
 (hostile input: test_hostile.py).
 
-The resume tests run each stage three times as a subprocess: once uninterrupted, once killed as soon as
-its first checkpoint lands, and once resumed from that checkpoint. The resumed run must end with the same
+The resume tests run a stage three times: once uninterrupted, once stopped as soon as its first checkpoint
+lands (a process of its own, killed or sent SIGTERM, in conftest's background runs; on 2 processes, stopped by
+conftest's torchrun driver), and once resumed from that checkpoint. The resumed run must end with the same
 eval_results.json and the same weights, bit for bit.
 """
 
@@ -52,12 +53,6 @@ def launch(script: str, args: list[str], nproc: int = 1) -> subprocess.Popen:
 def finish(proc: subprocess.Popen, timeout: int = 240) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
-
-
-def run_ok(script: str, args: list[str], nproc: int = 1) -> str:
-    rc, out, err = finish(launch(script, args, nproc))
-    assert rc == 0, f"{script} {args} failed ({rc}):\n{out[-2000:]}\n{err[-4000:]}"
-    return out
 
 
 def kill_tree(pid: int, sig: int) -> None:

@@ -90,7 +90,7 @@ def build_models(args: Args, workdir: str) -> dict[str, str]:
     model.config.reward_mean, model.config.reward_std = 0.0, 1.0
     model.save_pretrained(rm)
     tokenizer.save_pretrained(rm)
-    # prompts of exactly `prompt_length` words (no padding), as in the config
+    # prompts of exactly `prompt_length` words (no padding): every rollout of the same shape
     words = [w for w in toy_task.vocabulary() if not w.startswith("<")]
     rng = random.Random(0)
     data = os.path.join(workdir, "prompts")

@@ -94,7 +94,7 @@ EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"]
               "ensembles": ["--eval_every", "20"], "gao": ["--eval_every", "5"],
               "estimators_memory": ["--eval_every", "0"], "ensembles_cost": ["--eval_every", "0"],
               "dpo": []}  # each dpo run names its own (DPO_EVAL)
-# DPO (dpo.py, issue 26): the SFT model trained on the RM's own preference pairs, in the RM's batches (seed s orders
+# DPO (dpo.py): the SFT model trained on the RM's own preference pairs, in the RM's batches (seed s orders
 # them as train_rm.py --seed s does), evaluated on PPO's held-out prompts as PPO is. Four parts, in order of priority:
 # the beta frontier (1 epoch, evaluated every 375 steps: 5 points a run; 4096 validation pairs for the implicit
 # reward's accuracy); the RM-size study's pairs: the exact subsets train_rm.py --num_train_pairs n trained on (seed 1),

@@ -4,10 +4,12 @@ and the stages' 2-process runs in one torchrun launch; and helpers to run a stag
 import contextlib
 import inspect
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import threading
+import traceback
 
 import pytest
 import torch
@@ -242,16 +244,76 @@ class BackgroundRun:
         return self.value
 
 
+class Worker:
+    """One spawned process (one torch thread) that calls functions for the background runs, one at a time: for work
+    that holds the GIL, such as fake tensors' Python per op, which a thread of the test process would take from the
+    tests. Started by its first call; its imports are paid once for the session."""
+
+    process, pipe = None, None
+
+    @classmethod
+    def call(cls, function, *args):
+        if cls.process is None:
+            spawn = multiprocessing.get_context("spawn")  # not fork: this process has threads, and torch's state
+            cls.pipe, theirs = spawn.Pipe()
+            cls.process = spawn.Process(target=serve, args=(theirs,), daemon=True)
+            cls.process.start()
+            theirs.close()
+        cls.pipe.send((function, args))
+        try:
+            ok, value = cls.pipe.recv()
+        except EOFError:
+            cls.process.join(10)
+            raise AssertionError(f"the worker process died in {function.__name__} (exit {cls.process.exitcode})") \
+                from None
+        if not ok:
+            raise AssertionError(f"{function.__name__} failed in the worker process:\n{value}")
+        return value
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.process is not None:
+            cls.process.kill()
+            cls.process.join()
+
+
+def serve(pipe) -> None:
+    """The worker's loop: (function, args) in, (True, its value) or (False, the traceback) out."""
+    torch.set_num_threads(1)
+    while True:
+        function, args = pipe.recv()
+        try:
+            pipe.send((True, function(*args)))
+        except Exception:
+            pipe.send((False, traceback.format_exc()))
+
+
+def in_the_worker(function, *args):
+    """A background run that is function(*args) called in the Worker process. function: defined at the top level
+    of a module the worker can import (a test module, or one of the project's), and args and its value picklable."""
+    return lambda: Worker.call(function, *args)
+
+
+def reads_a_background_run(item) -> bool:
+    return "background_runs" in inspect.signature(item.function).parameters
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The tests that read a background run's result go last, in their order: the others run in this process while
+    the background runs take the other core, so that few tests wait for one."""
+    items.sort(key=reads_a_background_run)  # stable: the order within each part is kept
+
+
 @pytest.fixture(scope="session", autouse=True)
 def background_runs(request, tmp_path_factory):
-    """The slow single-process subprocess runs of the selected tests, run one after another in the background from
-    the start of the session (after the 2-process launch, which takes both cores): each has one thread, and takes
-    the core that the in-process tests (one thread) leave idle. A module that has such runs gives them by its
-    background_runs(): {name: (command, cwd, env) or a function}; like two_process_runs(), it names the session
-    fixtures it needs (tmp: a dir of its own). Its test asks this fixture for [name].result()."""
+    """The slow work of the selected tests that needs no test process: runs of the scripts in a process of their
+    own, and the planner's fake-tensor plans (in_the_worker), one after another in the background from the start of
+    the session (after the 2-process launch, which takes both cores): each has one thread, and takes the core that
+    the in-process tests (one thread) leave idle. A module that has such runs gives them by its background_runs():
+    {name: (command, cwd, env), a function, or in_the_worker(function, ...)}; like two_process_runs(), it names the
+    session fixtures it needs (tmp: a dir of its own). Its test asks this fixture for [name].result()."""
     # the modules of the selected tests that take this fixture by name (it is autouse: every test has it)
-    modules = {item.module for item in request.session.items
-               if "background_runs" in inspect.signature(item.function).parameters}
+    modules = {item.module for item in request.session.items if reads_a_background_run(item)}
     if any("two_process_runs" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("two_process_runs")
     runs = {}
@@ -275,6 +337,7 @@ def background_runs(request, tmp_path_factory):
     for proc in BackgroundRun.live:
         if proc.poll() is None:
             proc.kill()
+    Worker.stop()  # a call in progress ends with an EOFError in the thread
     thread.join()
 
 

@@ -1,8 +1,7 @@
-"""Memory at real scale (issue 25): the rollout generated in chunks, one process computing in bf16 as N processes do,
-and `--plan_memory`, the planner's answer before a run (results/memory_plan.py)."""
+"""Memory at real scale: the rollout generated in chunks, one process computing in bf16 as N processes do, and
+`--plan_memory`, the planner's answer before a run (results/memory_plan.py; its own checks: test_memory_plan.py)."""
 
 import contextlib
-import dataclasses
 import importlib.util
 import io
 import json
@@ -12,7 +11,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import ROOT, one_thread
 
@@ -178,56 +176,3 @@ def test_a_published_model_is_planned_from_its_config_and_other_paths_are_refuse
         plan_output(ppo, ["--sft_model", "no/such-model", "--reward_model", base_model])
     with pytest.raises(SystemExit, match="--reward_model 'no/such-rm' is neither a local model dir nor a published"):
         plan_output(ppo, ["--sft_model", base_model, "--reward_model", "no/such-rm"])
-
-
-def test_plan_memory_names_the_options_that_fit():
-    """A run that does not fit gets the memory options, added one after another until it fits; a step whose
-    weights, gradients and AdamW state alone exceed the GPU is ruled out without a plan (here: every step before
-    LoRA, on a model whose 50k-token embeddings hold most of its weights)."""
-    args = dataclasses.replace(ppo.Args(), batch_size=32, max_prompt_length=24, response_length=8,
-                               local_rollout_forward_batch_size=8, micro_batch_size=4)
-    configs = memory_plan.Configs(memory_plan.pythia(64, 2, 4, 50000), [memory_plan.pythia(64, 2, 4, 50000)])
-    budget = 75e6  # planned: 257 MB as it is, 134 MB with LoRA, 71 MB with the value head in place of the critic
-    found, lines = memory_plan.fitting_options(ppo, configs, args, 1, budget)
-    assert found is not None and found["plan"]["peak"] <= budget, lines
-    steps = ["--generation_batch_size", "--frozen_dtype", "--gradient_checkpointing", "--offload_critic", "--lora_r",
-             "--value_head_on_policy"]
-    assert [ln.split()[1] for ln in lines[:-1]] == steps, lines
-    assert all("alone hold over" in ln for ln in lines[:4]) and "alone hold over" not in lines[4]
-    assert lines[-1] == f"fits one {budget / 1e9:g} GB GPU with: " + " ".join(found["flags"])
-    assert "--offload_critic" not in found["flags"]  # no critic left to move
-
-
-# ----------------------------------------------------------------------------------------------
-# The planner's own checks
-# ----------------------------------------------------------------------------------------------
-def small(layers: int):
-    return memory_plan.Configs(memory_plan.pythia(64, layers, 4, 256), [memory_plan.pythia(64, layers, 4, 256)])
-
-
-def test_extrapolated_plan_equals_the_whole_plan():
-    """A deep model is planned with 3 and 4 layers and each step extrapolated: for 5 layers on 8 GPUs it equals the
-    plan of all 5 (results/README.md: the same for Pythia-1B and Pythia-6.9B at full depth, on 1 and 8 GPUs)."""
-    args = dataclasses.replace(ppo.Args(), batch_size=64, max_prompt_length=24, response_length=8, micro_batch_size=4,
-                               local_rollout_forward_batch_size=8, generation_batch_size=8)
-    whole = memory_plan.settled(memory_plan.plan_runs(ppo, small(5), [args], 8)[0])
-    extrapolated = memory_plan.plan(ppo, small(5), args, 8)
-    for phase in memory_plan.PHASES:
-        assert extrapolated["phases"][phase]["peak"] == pytest.approx(whole["phases"][phase]["peak"], rel=1e-3), phase
-
-
-def test_int8_frozen_models_are_sharded_and_no_larger_than_bf16_shards():
-    """Under FSDP2 an int8 reference and RM are sharded like the other models (4 ranks: a quarter of one GPU's
-    bytes each) and gathered as int8, so every phase holds no more than with bf16 shards."""
-    args = dataclasses.replace(ppo.Args(), batch_size=32, max_prompt_length=24, response_length=8,
-                               local_rollout_forward_batch_size=8, micro_batch_size=4)
-    int8 = dataclasses.replace(args, frozen_dtype="int8")
-    one, four = (memory_plan.model_bytes(memory_plan.build_models(ppo, small(2), int8, memory_plan.start_fake_ranks(n),
-                                                                  FakeTensorMode(allow_non_fake_inputs=True)))
-                 for n in (1, 4))
-    for model in ("reference", "reward model"):
-        assert four[model]["parameters"] == pytest.approx(one[model]["parameters"] / 4, rel=0.05)
-    four, bf16 = (memory_plan.plan_runs(ppo, small(2), [dataclasses.replace(args, frozen_dtype=d)], 4)[0]
-                  for d in ("int8", "bfloat16"))
-    for phase in memory_plan.PHASES:
-        assert four["phases"][phase]["peak"] <= bf16["phases"][phase]["peak"], phase

@@ -1,5 +1,5 @@
-"""Issue 24's edges: a finished run left alone by --resume, a full disk at the final save, two runs sharing one
-checkpoint dir, and entropy_from_logits on -inf logits. Each test failed on the code before its fix."""
+"""Reliability at the edges: a finished run left alone by --resume, a full disk at the final save, two runs sharing
+one checkpoint dir, and entropy_from_logits on -inf logits. Each test failed on the code before its fix."""
 
 import json
 import math

@@ -262,10 +262,10 @@ class Worker:
         cls.pipe.send((function, args))
         try:
             ok, value = cls.pipe.recv()
-        except EOFError:
-            cls.process.join(10)
-            raise AssertionError(f"the worker process died in {function.__name__} (exit {cls.process.exitcode})") \
-                from None
+        except (EOFError, ConnectionError):  # it died: no answer will come; the next call starts another
+            process, cls.process = cls.process, None
+            process.join(10)
+            raise AssertionError(f"the worker process died in {function.__name__} (exit {process.exitcode})") from None
         if not ok:
             raise AssertionError(f"{function.__name__} failed in the worker process:\n{value}")
         return value

@@ -2,6 +2,7 @@
 and the stages' 2-process runs in one torchrun launch; and helpers to run a stage script."""
 
 import contextlib
+import importlib
 import inspect
 import json
 import multiprocessing
@@ -252,13 +253,19 @@ class Worker:
     process, pipe = None, None
 
     @classmethod
+    def start(cls, modules: list[str]) -> None:
+        """Start the process, which imports these modules (those of the functions it will call) while this one
+        goes on."""
+        spawn = multiprocessing.get_context("spawn")  # not fork: this process has threads, and torch's state
+        cls.pipe, theirs = spawn.Pipe()
+        cls.process = spawn.Process(target=serve, args=(theirs, modules), daemon=True)
+        cls.process.start()
+        theirs.close()
+
+    @classmethod
     def call(cls, function, *args):
         if cls.process is None:
-            spawn = multiprocessing.get_context("spawn")  # not fork: this process has threads, and torch's state
-            cls.pipe, theirs = spawn.Pipe()
-            cls.process = spawn.Process(target=serve, args=(theirs,), daemon=True)
-            cls.process.start()
-            theirs.close()
+            cls.start([function.__module__])
         cls.pipe.send((function, args))
         try:
             ok, value = cls.pipe.recv()
@@ -277,9 +284,11 @@ class Worker:
             cls.process.join()
 
 
-def serve(pipe) -> None:
+def serve(pipe, modules: list[str]) -> None:
     """The worker's loop: (function, args) in, (True, its value) or (False, the traceback) out."""
     torch.set_num_threads(1)
+    for module in modules:
+        importlib.import_module(module)
     while True:
         function, args = pipe.recv()
         try:
@@ -288,10 +297,15 @@ def serve(pipe) -> None:
             pipe.send((False, traceback.format_exc()))
 
 
-def in_the_worker(function, *args):
+class in_the_worker:  # noqa: N801 (read as a function: in_the_worker(function, *args))
     """A background run that is function(*args) called in the Worker process. function: defined at the top level
     of a module the worker can import (a test module, or one of the project's), and args and its value picklable."""
-    return lambda: Worker.call(function, *args)
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __call__(self):
+        return Worker.call(self.function, *self.args)
 
 
 def reads_a_background_run(item) -> bool:
@@ -314,8 +328,6 @@ def background_runs(request, tmp_path_factory):
     session fixtures it needs (tmp: a dir of its own). Its test asks this fixture for [name].result()."""
     # the modules of the selected tests that take this fixture by name (it is autouse: every test has it)
     modules = {item.module for item in request.session.items if reads_a_background_run(item)}
-    if any("two_process_runs" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("two_process_runs")
     runs = {}
     for module in sorted(modules, key=lambda m: m.__name__):
         if not hasattr(module, "background_runs"):
@@ -323,6 +335,11 @@ def background_runs(request, tmp_path_factory):
         tmp = tmp_path_factory.mktemp(module.__name__)
         for name, work in call_with_fixtures(module.background_runs, request, tmp).items():
             runs[name] = BackgroundRun(work, tmp_path_factory.mktemp(name))
+    in_worker = [run.work for run in runs.values() if isinstance(run.work, in_the_worker)]
+    if in_worker:  # its imports take seconds of one core, which the 2-process launch leaves partly idle
+        Worker.start(sorted({work.function.__module__ for work in in_worker}))
+    if any("two_process_runs" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("two_process_runs")
     stopping = threading.Event()
 
     def run_all():

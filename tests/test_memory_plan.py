@@ -1,8 +1,8 @@
 """results/memory_plan.py's own checks: its plan agrees with the bytes a real run of a small model holds
 (--validate); the fake-tensor accounting has the structure FSDP2, int8 shards and the KV cache give it; a deep model
 planned from shallow ones equals its whole plan; and the search for the options that fit. Fake tensors cost Python
-per op, so the plans are made in conftest's worker process, in the background, while the other tests run; the tests
-here check what they return."""
+per op, so the larger plans are made in conftest's worker process, in the background, while the other tests run;
+the tests here check what they return."""
 
 import dataclasses
 import os
@@ -11,7 +11,7 @@ import sys
 import pytest
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import ROOT, in_the_worker
+from conftest import ROOT, in_the_worker, one_thread
 
 sys.path.insert(0, os.path.join(ROOT, "results"))
 
@@ -22,12 +22,18 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing"), 
               pytest.mark.filterwarnings("ignore:.*returned a view tensor")]  # FSDP2 on logits, used out of place
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():  # the other core is the background's
+        yield
+
+
 def background_runs() -> dict:
-    """The plans and measurements this module checks, made by the functions below in conftest's worker process."""
+    """The larger plans and measurements this module checks, made by the functions below in conftest's worker
+    process (the two smallest are made in the test process, which the background work would otherwise outlast)."""
     return {name: in_the_worker(function) for name, function in (
         ("validation", validated_cases), ("extrapolation", whole_and_extrapolated_plans),
-        ("shards_and_kv_cache", shard_and_kv_cache_plans), ("int8", int8_and_bf16_plans),
-        ("fitting_options", options_for_a_small_gpu))}
+        ("shards_and_kv_cache", shard_and_kv_cache_plans))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,10 +154,10 @@ def int8_and_bf16_plans() -> dict:
     return {"bytes on 1": one, "bytes on 4": four, **plans}
 
 
-def test_int8_frozen_models_are_sharded_and_no_larger_than_bf16_shards(background_runs):
+def test_int8_frozen_models_are_sharded_and_no_larger_than_bf16_shards():
     """Under FSDP2 an int8 reference and RM are sharded like the other models (4 ranks: a quarter of one GPU's
     bytes each) and gathered as int8, so every phase holds no more than with bf16 shards."""
-    plans = background_runs["int8"].result()
+    plans = int8_and_bf16_plans()
     for model in ("reference", "reward model"):
         assert plans["bytes on 4"][model]["parameters"] == pytest.approx(plans["bytes on 1"][model]["parameters"] / 4,
                                                                          rel=0.05)
@@ -176,11 +182,11 @@ def options_for_a_small_gpu() -> tuple[dict | None, list[str]]:
         memory_plan.stop_fake_ranks()
 
 
-def test_plan_memory_names_the_options_that_fit(background_runs):
+def test_plan_memory_names_the_options_that_fit():
     """A run that does not fit gets the memory options, added one after another until it fits; a step whose
     weights, gradients and AdamW state alone exceed the GPU is ruled out without a plan (here: every step before
     LoRA, on a model whose 50k-token embeddings hold most of its weights)."""
-    found, lines = background_runs["fitting_options"].result()
+    found, lines = options_for_a_small_gpu()
     assert found is not None and found["plan"]["peak"] <= BUDGET, lines
     steps = ["--generation_batch_size", "--frozen_dtype", "--gradient_checkpointing", "--offload_critic", "--lora_r",
              "--value_head_on_policy"]

@@ -566,6 +566,11 @@ def dpo_section(runs: dict[str, dict[int, dict]], summary: dict) -> tuple[str, d
             out[f"dpo/epochs{DPO_EPOCHS}_beta{b:g}"] = {k: [p[k] for p in points] for k in points[0]}
             rows.append(f"| {b:g} | best on the way | {pm([p['peak_episodes'] for p in points], 0)} | | "
                         f"{pm([p['peak'] for p in points])} | | {pm([p['peak_kl'] for p in points], 2)} | |")
+            if ppo_beta:  # PPO's frontier at the KL where DPO ended, each PPO seed's line at the DPO runs' mean KL
+                kl = statistics.mean(evaluations(log, "eval/kl")[steps[-1]] for log in logs)
+                ppo_gold = [gold_at_kl(c, kl) for c in frontier_points(ppo_beta)]
+                out[f"dpo/epochs{DPO_EPOCHS}_beta{b:g}"]["ppo_gold_at_end_kl"] = ppo_gold
+                rows.append(f"| {b:g} | PPO's β sweep at the end's KL | | | {pm_nan(ppo_gold)} | | {kl:.2f} | |")
         blocks += ["", f"Gold, RM score and KL along {DPO_EPOCHS} epochs (`--num_train_epochs {DPO_EPOCHS}`, the "
                    "reference precomputed; evaluated every 375 steps, shown at the end of each epoch; the cosine "
                    "schedule spans the 3 epochs):", "", *rows]

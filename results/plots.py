@@ -493,26 +493,23 @@ def dpo_section(runs: dict[str, dict[int, dict]], summary: dict) -> tuple[str, d
     f_beta = {}
     rows = ["| β | seeds | gold score | RM score | KL (nats) | gold win rate vs SFT | response length "
             "| implicit reward's val accuracy | best gold on the way | its KL | its step |", "|---" * 11 + "|"]
+    def one_epoch_row(label: str, name: str) -> dict:
+        """A one-epoch run's finals over its seeds, with its best evaluation on the way, as a row of the β table."""
+        seeds = runs[name]
+        f = finals(seeds)
+        f["val_accuracy"] = [final(log, "eval/rewards/accuracies") for _, log in sorted(seeds.items())]
+        points = [peak_and_end(log) for _, log in sorted(seeds.items())]
+        f.update({k: [p[k] for p in points] for k in ("peak", "peak_kl", "peak_episodes")})
+        out[f"dpo/{name}"] = f
+        rows.append(f"| {label} | {len(f['gold'])} | {pm(f['gold'])} | {pm(f['rm'])} | {pm(f['kl'], 2)} "
+                    f"| {pm(f['win'])} | {pm(f['length'], 1)} | {pm(f['val_accuracy'])} | {pm(f['peak'])} "
+                    f"| {pm(f['peak_kl'], 2)} | {pm(f['peak_episodes'], 0)} |")
+        return f
+
     for b in [b for b in DPO_BETAS if f"beta{b:g}" in runs]:
-        seeds = runs[f"beta{b:g}"]
-        f = finals(seeds)
-        f["val_accuracy"] = [final(log, "eval/rewards/accuracies") for _, log in sorted(seeds.items())]
-        points = [peak_and_end(log) for _, log in sorted(seeds.items())]
-        f.update({k: [p[k] for p in points] for k in ("peak", "peak_kl", "peak_episodes")})
-        out[f"dpo/beta{b:g}"] = f_beta[f"beta{b:g}"] = f
-        rows.append(f"| {b:g} | {len(f['gold'])} | {pm(f['gold'])} | {pm(f['rm'])} | {pm(f['kl'], 2)} | {pm(f['win'])} "
-                    f"| {pm(f['length'], 1)} | {pm(f['val_accuracy'])} | {pm(f['peak'])} | {pm(f['peak_kl'], 2)} "
-                    f"| {pm(f['peak_episodes'], 0)} |")
+        f_beta[f"beta{b:g}"] = one_epoch_row(f"{b:g}", f"beta{b:g}")
     for lr in [lr for lr in DPO_LEARNING_RATES if f"beta0.1_lr{lr:g}" in runs]:  # another learning rate, β = 0.1
-        seeds = runs[f"beta0.1_lr{lr:g}"]
-        f = finals(seeds)
-        f["val_accuracy"] = [final(log, "eval/rewards/accuracies") for _, log in sorted(seeds.items())]
-        points = [peak_and_end(log) for _, log in sorted(seeds.items())]
-        f.update({k: [p[k] for p in points] for k in ("peak", "peak_kl", "peak_episodes")})
-        out[f"dpo/beta0.1_lr{lr:g}"] = f
-        rows.append(f"| 0.1, `--learning_rate {lr:g}` | {len(f['gold'])} | {pm(f['gold'])} | {pm(f['rm'])} "
-                    f"| {pm(f['kl'], 2)} | {pm(f['win'])} | {pm(f['length'], 1)} | {pm(f['val_accuracy'])} "
-                    f"| {pm(f['peak'])} | {pm(f['peak_kl'], 2)} | {pm(f['peak_episodes'], 0)} |")
+        one_epoch_row(f"0.1, `--learning_rate {lr:g}`", f"beta0.1_lr{lr:g}")
     blocks = ["Final evaluation of each β (1 epoch, `dpo.py --beta β`, seeds 1-3), and its best evaluation on the "
               "way (every 375 steps):", "", *rows]
 

@@ -95,13 +95,14 @@ EVAL_EVERY = {"beta": ["--eval_every", "20"], "ablations": ["--eval_every", "0"]
               "estimators_memory": ["--eval_every", "0"], "ensembles_cost": ["--eval_every", "0"],
               "dpo": []}  # each dpo run names its own (DPO_EVAL)
 # DPO (dpo.py): the SFT model trained on the RM's own preference pairs, in the RM's batches (seed s orders
-# them as train_rm.py --seed s does), evaluated on PPO's held-out prompts as PPO is. Four parts, in order of priority:
+# them as train_rm.py --seed s does), evaluated on PPO's held-out prompts as PPO is. Five parts, in order of priority:
 # the beta frontier (1 epoch, evaluated every 375 steps: 5 points a run; 4096 validation pairs for the implicit
 # reward's accuracy); the RM-size study's pairs: the exact subsets train_rm.py --num_train_pairs n trained on (seed 1),
-# written out as dataset dirs (pref_subsets), so that every seed of DPO trains on those pairs; the cost of ppo.py's and
-# dpo.py's defaults (seed 1, evaluated before and after training, one run at a time), with the reference on the fly
-# and precomputed; over-optimisation along DPO_EPOCHS epochs for a small and a large beta (the reference precomputed
-# once: the same numbers up to rounding, cheaper from the second epoch)
+# written out as dataset dirs (pref_subsets), so that every seed of DPO trains on those pairs; the cost of
+# train_rm.py's, ppo.py's and dpo.py's defaults (seed 1, evaluated before and after training, one run at a time),
+# with the reference on the fly and precomputed; over-optimisation along DPO_EPOCHS epochs for a small and a large
+# beta (the reference precomputed once: the same numbers up to rounding, cheaper from the second epoch); another
+# learning rate at beta 0.1
 DPO_BETAS = (0.01, 0.03, 0.1, 0.3, 1.0)  # 0.1 is dpo.py's default (Rafailov et al. 2023)
 DPO_EVAL = ["--eval_every", "375", "--num_eval_pairs", "4096"]
 DPO_EPOCHS = 3

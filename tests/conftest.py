@@ -248,7 +248,8 @@ class BackgroundRun:
 class Worker:
     """One spawned process (one torch thread) that calls functions for the background runs, one at a time: for work
     that holds the GIL, such as fake tensors' Python per op, which a thread of the test process would take from the
-    tests. Started by its first call; its imports are paid once for the session."""
+    tests. Started by the background_runs fixture before the 2-process launch (else by its first call); its imports
+    are paid once for the session."""
 
     process, pipe = None, None
 
@@ -280,8 +281,9 @@ class Worker:
     @classmethod
     def stop(cls) -> None:
         if cls.process is not None:
-            cls.process.kill()
-            cls.process.join()
+            process, cls.process = cls.process, None  # a later call starts another, as after a death
+            process.kill()
+            process.join()
 
 
 def serve(pipe, modules: list[str]) -> None:

@@ -868,4 +868,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] not in ([], ["dpo"]):  # anything else would rewrite every block from the logs on this machine
+        raise SystemExit(f"results/plots.py: unknown arguments {' '.join(sys.argv[1:])!r}; run it with none (every "
+                         "block) or with 'dpo' (the dpo block alone)")
     main_dpo() if sys.argv[1:] == ["dpo"] else main()

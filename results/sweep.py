@@ -202,6 +202,9 @@ def plan(args: Args) -> list[list[tuple[str, list[str]]]]:
             "lr": [dpo(f"beta0.1_lr{lr:g}", s, [*DPO_EVAL, "--learning_rate", str(lr)])
                    for lr in DPO_LEARNING_RATES for s in args.seeds],
         }
+        unknown = [p for p in args.dpo_parts if p not in parts]
+        if unknown:
+            raise SystemExit(f"--dpo_parts {' '.join(unknown)}: no such part; the parts are {', '.join(parts)}")
         stages += [parts[p] for p in args.dpo_parts]
     return stages
 
